@@ -1,0 +1,9 @@
+"""The engine: masked softmax attention and mean substitution.
+
+:mod:`~qkvmean.engine.api` validates and dispatches to a backend (:mod:`~qkvmean.engine.cpu`
+today); :mod:`~qkvmean.engine.reference` is the plain numpy reference of the same functions.
+"""
+
+from .api import BACKENDS, ablate, attention, attention_weights, mean_substitute
+
+__all__ = ["BACKENDS", "ablate", "attention", "attention_weights", "mean_substitute"]

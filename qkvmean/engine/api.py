@@ -1,0 +1,418 @@
+"""Public engine API: validation, flattening, fast-path selection and backend dispatch.
+
+Everything a kernel could trip over is checked here, in Python, before any kernel runs:
+a Numba kernel that reads out of bounds corrupts memory instead of raising.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import config
+from . import cpu
+from .modes import MODE_SHARED_ROW, MODE_UNIFORM
+
+BACKENDS = {"cpu": cpu}
+
+OVER = ("tokens", "causal")
+TARGETS = ("q", "k", "v")
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _backend(device):
+    try:
+        return BACKENDS[device]
+    except (KeyError, TypeError):
+        raise ValueError(f"device must be one of {sorted(BACKENDS)}, got {device!r}") from None
+
+
+def _float_array(x, name):
+    """``x`` as an ndarray of a supported float dtype, or a TypeError saying how to fix it."""
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of floats: {exc}") from None
+    if arr.dtype not in _FLOATS:
+        raise TypeError(
+            f"{name} must have dtype float16, float32 or float64, got {arr.dtype}; "
+            f"convert it with {name}.astype(np.float32)"
+        )
+    if arr.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (..., seq, dim), got shape {arr.shape}"
+        )
+    return arr
+
+
+def _compute_dtype(*arrays):
+    """float64 if any input is float64, else float32 (float16 is computed in float32)."""
+    if any(a.dtype == np.float64 for a in arrays):
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _check_bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_choice(value, name, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _check_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a positive real number, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale!r}")
+    return scale
+
+
+def _check_lengths(lengths, batch, seq, batched):
+    """``(batch,)`` int64 valid-token counts in ``[0, seq]``."""
+    if lengths is None:
+        return np.full(batch, seq, dtype=np.int64)
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
+    if not batched and arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.shape != (batch,):
+        raise ValueError(
+            f"lengths must have shape ({batch},), one count per input, got shape {arr.shape}"
+        )
+    bad = np.flatnonzero((arr < 0) | (arr > seq))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"lengths[{i}] = {int(arr[i])} is outside [0, {seq}]: each length must be "
+            f"between 0 and the sequence length {seq}"
+        )
+    return arr.astype(np.int64)
+
+
+def _check_heads(heads, shape):
+    """Boolean mask over the head axis (-3), or None for all heads."""
+    if heads is None:
+        return None
+    if len(shape) < 4:
+        raise ValueError(
+            f"heads needs arrays with a head axis at -3 (ndim >= 4, e.g. (batch, head, seq, "
+            f"dim)), got shape {shape}; pass heads=None to substitute everywhere"
+        )
+    n_heads = shape[-3]
+    items = [heads] if isinstance(heads, (numbers.Integral, np.integer)) else heads
+    try:
+        items = list(items)
+    except TypeError:
+        raise TypeError(
+            f"heads must be None, an int or a sequence of ints, got {heads!r}"
+        ) from None
+    mask = np.zeros(n_heads, dtype=np.bool_)
+    for h in items:
+        if isinstance(h, (bool, np.bool_)):
+            raise TypeError(f"heads must contain ints, got {h!r}")
+        try:
+            h = operator.index(h)
+        except TypeError:
+            raise TypeError(f"heads must contain ints, got {h!r}") from None
+        if not -n_heads <= h < n_heads:
+            raise ValueError(
+                f"head index {h} is out of range for {n_heads} heads (axis -3); "
+                f"use 0..{n_heads - 1}"
+            )
+        mask[h] = True
+    return mask
+
+
+def _contiguous(arr, dtype, name, shape):
+    """C-contiguous copy (or view) of ``arr`` in ``dtype``, with every value finite."""
+    out = np.ascontiguousarray(arr, dtype=dtype)
+    bad, biggest = cpu.scan_finite(out.reshape(-1))
+    if bad >= 0:
+        index = tuple(int(i) for i in np.unravel_index(bad, shape))
+        value = out.reshape(-1)[bad]
+        raise ValueError(f"{name} contains {value} at index {index}; all values must be finite")
+    return out, float(biggest)
+
+
+@dataclass
+class _Prepared:
+    """Validated inputs, flattened to ``(batch * group, seq, dim)``."""
+
+    shape: tuple  # the caller's q shape
+    batched: bool  # False when the caller passed a bare (seq, dim) array
+    batch: int
+    group: int
+    lengths: np.ndarray
+    q: np.ndarray | None
+    k: np.ndarray | None
+    v: np.ndarray | None
+    scale: float
+    causal: bool
+
+
+def _flat(arr, batched):
+    batch = arr.shape[0] if batched else 1
+    group = int(np.prod(arr.shape[1:-2], dtype=np.int64)) if batched else 1
+    return arr.reshape(batch * group, arr.shape[-2], arr.shape[-1]), batch, group
+
+
+def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, q_name="q"):
+    q = _float_array(q, q_name)
+    if k is not None:
+        k = _float_array(k, "k")
+        if k.ndim != q.ndim:
+            raise ValueError(f"k has {k.ndim} dimensions but q has {q.ndim}; they must match")
+        if k.shape[-1] != q.shape[-1]:
+            raise ValueError(
+                f"k has head_dim {k.shape[-1]} but q has {q.shape[-1]}: q and k must share "
+                "their last dimension"
+            )
+        if k.shape[-2] != q.shape[-2]:
+            raise ValueError(
+                f"k has sequence length {k.shape[-2]} but q has {q.shape[-2]}: q and k must "
+                "have the same seq axis (-2)"
+            )
+        if k.shape != q.shape:
+            raise ValueError(
+                f"k has shape {k.shape} but q has {q.shape}: batch and group axes must match"
+            )
+        if q.shape[-1] == 0:
+            raise ValueError("q and k have head_dim 0; attention needs head_dim >= 1")
+    if need_v:
+        v = _float_array(v, "v")
+        if v.ndim != q.ndim:
+            raise ValueError(f"v has {v.ndim} dimensions but q has {q.ndim}; they must match")
+        if v.shape[-2] != q.shape[-2]:
+            raise ValueError(
+                f"v has sequence length {v.shape[-2]} but q has {q.shape[-2]}: v must have "
+                "the same seq axis (-2) as q and k (its last axis may differ)"
+            )
+        if v.shape[:-2] != q.shape[:-2]:
+            raise ValueError(
+                f"v has shape {v.shape} but q has {q.shape}: batch and group axes must match"
+            )
+    causal = _check_bool(causal, "causal")
+    scale = _check_scale(scale, q.shape[-1]) if k is not None else 1.0
+    batched = q.ndim > 2
+    batch = q.shape[0] if batched else 1
+    lengths = _check_lengths(lengths, batch, q.shape[-2], batched)
+
+    dtype = _compute_dtype(*(a for a in (q, k, v) if a is not None))
+    qc, q_max = _contiguous(q, dtype, q_name, q.shape)
+    kc = vc = None
+    if k is not None:
+        kc, k_max = _contiguous(k, dtype, "k", k.shape)
+        # Every logit is bounded by dim * max|q| * max|k| * max(scale, 1); keep that
+        # finite so no score overflows to inf (and no weight becomes NaN).
+        bound = q.shape[-1] * q_max * k_max * max(scale, 1.0)
+        if bound > float(np.finfo(dtype).max) / 4:
+            raise ValueError(
+                f"q and k are too large for {dtype}: max|q| = {q_max:.3g}, max|k| = "
+                f"{k_max:.3g}, so dot products can overflow; rescale them or pass float64"
+            )
+    if need_v:
+        vc, _ = _contiguous(v, dtype, "v", v.shape)
+
+    (qf, b, g) = _flat(qc, batched)
+    return _Prepared(
+        shape=q.shape,
+        batched=batched,
+        batch=b,
+        group=g,
+        lengths=lengths,
+        q=qf,
+        k=_flat(kc, batched)[0] if kc is not None else None,
+        v=_flat(vc, batched)[0] if vc is not None else None,
+        scale=scale,
+        causal=causal,
+    )
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def _run_attention(p, backend, modes, with_output):
+    if modes is None:
+        modes = np.zeros(p.group, dtype=np.int8)
+    w, o = backend.attention(
+        p.q, p.k, p.v, p.lengths, p.group, modes, p.causal, p.scale, config.ROW_BLOCK, with_output
+    )
+    weights = w.reshape(p.shape[:-1] + (p.shape[-2],))
+    if not with_output:
+        return weights
+    return weights, o.reshape(p.shape[:-1] + (p.v.shape[-1],))
+
+
+def attention_weights(q, k, *, lengths=None, causal=False, scale=None, device="cpu"):
+    """Masked softmax attention weights.
+
+    Parameters
+    ----------
+    q, k : array_like, shape ``(batch, *group, seq, dim)``
+        Queries and keys (``group`` is any number of axes, e.g. layer and head). A bare
+        ``(seq, dim)`` pair is one unbatched input.
+    lengths : array_like of int, shape ``(batch,)``, optional
+        Valid tokens per input; positions at or after it are padding. Default: all valid.
+    causal : bool
+        Allow key ``j`` for query ``i`` only when ``j <= i``.
+    scale : float, optional
+        Logit scale, default ``1 / sqrt(dim)``.
+    device : str
+        Backend; ``"cpu"`` (Numba, all cores).
+
+    Returns
+    -------
+    ndarray, shape ``q.shape[:-1] + (seq,)``
+        ``A[..., i, j]``; masked entries and rows of padded queries are exactly 0.
+        float64 for float64 input, else float32.
+
+    Examples
+    --------
+    >>> import numpy as np, qkvmean
+    >>> q = np.ones((1, 3, 4), np.float32)
+    >>> qkvmean.attention_weights(q, q, causal=True)[0]
+    array([[1.        , 0.        , 0.        ],
+           [0.5       , 0.5       , 0.        ],
+           [0.33333334, 0.33333334, 0.33333334]], dtype=float32)
+    """
+    backend = _backend(device)
+    p = _prepare(q, k, lengths=lengths, causal=causal, scale=scale, need_v=False)
+    return _run_attention(p, backend, None, with_output=False)
+
+
+def attention(q, k, v, *, lengths=None, causal=False, scale=None, device="cpu"):
+    """Masked softmax attention: ``(weights, output)`` with ``output = weights @ v``.
+
+    Same conventions as :func:`attention_weights`; ``v`` has shape
+    ``(batch, *group, seq, dim_v)`` (``dim_v`` may differ from ``dim``). Outputs of padded
+    query rows are 0.
+
+    Examples
+    --------
+    >>> import numpy as np, qkvmean
+    >>> q = np.zeros((1, 2, 4)); v = np.array([[[1.0], [3.0]]])
+    >>> qkvmean.attention(q, q, v)[1][0, :, 0]
+    array([2., 2.])
+    """
+    backend = _backend(device)
+    p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=True)
+    return _run_attention(p, backend, None, with_output=True)
+
+
+def mean_substitute(x, *, over="tokens", lengths=None, device="cpu"):
+    """Replace every valid position of ``x`` by the mean over tokens.
+
+    Parameters
+    ----------
+    x : array_like, shape ``(batch, *group, seq, dim)``
+    over : {"tokens", "causal"}
+        ``tokens``: mean over the valid tokens of the same input and group;
+        ``causal``: prefix mean over tokens ``t <= i``.
+    lengths : array_like of int, shape ``(batch,)``, optional
+        Valid tokens per input; padded positions are returned unchanged.
+
+    Examples
+    --------
+    >>> import numpy as np, qkvmean
+    >>> x = np.array([[[1.0], [3.0], [8.0]]])
+    >>> qkvmean.mean_substitute(x, lengths=[2])[0, :, 0]
+    array([2., 2., 8.])
+    >>> qkvmean.mean_substitute(x, over="causal")[0, :, 0]
+    array([1., 2., 4.])
+    """
+    backend = _backend(device)
+    over = _check_choice(over, "over", OVER)
+    p = _prepare(x, lengths=lengths, causal=False, scale=None, need_v=False, q_name="x")
+    select = np.ones(p.group, dtype=np.bool_)
+    out = backend.mean_substitute(p.q, p.lengths, p.group, select, over == "causal")
+    return out.reshape(p.shape)
+
+
+def _group_select(p, head_mask):
+    """Per flattened group: is its head selected for substitution?"""
+    if head_mask is None or p.group == 0:
+        return np.ones(p.group, dtype=np.bool_)
+    # The head axis is the last group axis, so flattened group g has head g % n_heads.
+    return np.tile(head_mask, p.group // head_mask.size)
+
+
+def ablate(
+    q,
+    k,
+    v,
+    *,
+    target,
+    over="tokens",
+    heads=None,
+    lengths=None,
+    causal=False,
+    scale=None,
+    device="cpu",
+):
+    """Attention after mean substitution of ``target`` in the selected heads.
+
+    Parameters
+    ----------
+    q, k, v : array_like
+        As for :func:`attention`.
+    target : {"q", "k", "v"}
+        The tensor replaced by its mean (see :func:`mean_substitute`).
+    over : {"tokens", "causal"}
+        Mean over all valid tokens, or the prefix mean over ``t <= i``.
+    heads : int or sequence of int, optional
+        Indices on axis -3 (the head axis; needs ndim >= 4). Default: every head.
+    lengths, causal, scale, device
+        As for :func:`attention`.
+
+    Returns
+    -------
+    weights, output : ndarray
+        As for :func:`attention`.
+
+    Examples
+    --------
+    >>> import numpy as np, qkvmean
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.normal(size=(3, 1, 2, 4, 8))
+    >>> w, _ = qkvmean.ablate(q, k, v, target="k", lengths=[3])
+    >>> w[0, 0, 0]
+    array([0.33333333, 0.33333333, 0.33333333, 0.        ])
+    """
+    backend = _backend(device)
+    target = _check_choice(target, "target", TARGETS)
+    over = _check_choice(over, "over", OVER)
+    p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=True)
+    select = _group_select(p, _check_heads(heads, p.shape))
+    prefix = over == "causal"
+    modes = np.zeros(p.group, dtype=np.int8)
+    fast = config.FAST_PATHS and not prefix
+    if target == "q":
+        if fast and not p.causal:
+            modes[select] = MODE_SHARED_ROW
+        p.q = backend.mean_substitute(p.q, p.lengths, p.group, select, prefix)
+    elif target == "k":
+        if fast:
+            # Identical valid keys give uniform rows; k is not needed at all.
+            modes[select] = MODE_UNIFORM
+        else:
+            p.k = backend.mean_substitute(p.k, p.lengths, p.group, select, prefix)
+    else:
+        # The weights never see v: they are the baseline weights.
+        p.v = backend.mean_substitute(p.v, p.lengths, p.group, select, prefix)
+    return _run_attention(p, backend, modes, with_output=True)

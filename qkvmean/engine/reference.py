@@ -1,0 +1,113 @@
+"""Plain numpy reference of the engine, written to be obviously right, not fast.
+
+Same names and signatures as the public API (:mod:`qkvmean.engine.api`). Everything is
+computed in float64 from the given values and cast to the API's result dtype at the end
+(float64 for float64 input, float32 otherwise), so for float32 input this is the exact
+answer to within float64 rounding. It does not validate its input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _result_dtype(*arrays):
+    return np.float64 if any(np.asarray(a).dtype == np.float64 for a in arrays) else np.float32
+
+
+def _batched(x, lengths):
+    """View a bare ``(seq, dim)`` input as a batch of one; default lengths to full."""
+    x = np.asarray(x, dtype=np.float64)
+    bare = x.ndim == 2
+    if bare:
+        x = x[None]
+        if lengths is not None:
+            lengths = np.reshape(lengths, 1)
+    if lengths is None:
+        lengths = np.full(x.shape[0], x.shape[-2])
+    return x, np.asarray(lengths), bare
+
+
+def allowed_mask(n_valid, seq, causal):
+    """``allowed[i, j]``: may query ``i`` attend to key ``j``? (SPEC section 2)"""
+    i = np.arange(seq)[:, None]
+    j = np.arange(seq)[None, :]
+    allowed = (i < n_valid) & (j < n_valid)
+    if causal:
+        allowed &= j <= i
+    return allowed
+
+
+def attention_weights(q, k, *, lengths=None, causal=False, scale=None):
+    dtype = _result_dtype(q, k)
+    q, lengths, bare = _batched(q, lengths)
+    k, _, _ = _batched(k, None)
+    if scale is None:
+        scale = 1.0 / np.sqrt(q.shape[-1])
+    seq = q.shape[-2]
+    weights = np.zeros(q.shape[:-1] + (seq,))
+    for b in range(q.shape[0]):
+        allowed = allowed_mask(lengths[b], seq, causal)
+        scores = scale * (q[b] @ np.swapaxes(k[b], -1, -2))
+        scores = np.where(allowed, scores, -np.inf)
+        row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+        row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # rows with nothing allowed
+        e = np.where(allowed, np.exp(scores - row_max), 0.0)
+        total = e.sum(axis=-1, keepdims=True)
+        weights[b] = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    if bare:
+        weights = weights[0]
+    return weights.astype(dtype)
+
+
+def attention(q, k, v, *, lengths=None, causal=False, scale=None):
+    dtype = _result_dtype(q, k, v)
+    weights = attention_weights(q, k, lengths=lengths, causal=causal, scale=scale)
+    output = weights.astype(np.float64) @ np.asarray(v, dtype=np.float64)
+    return weights.astype(dtype), output.astype(dtype)
+
+
+def mean_substitute(x, *, over="tokens", lengths=None):
+    dtype = _result_dtype(x)
+    x, lengths, bare = _batched(x, lengths)
+    out = x.copy()
+    for b in range(x.shape[0]):
+        n = lengths[b]
+        if n == 0:
+            continue
+        valid = x[b, ..., :n, :]
+        if over == "tokens":
+            out[b, ..., :n, :] = valid.mean(axis=-2, keepdims=True)
+        elif over == "causal":
+            counts = np.arange(1, n + 1)[:, None]
+            out[b, ..., :n, :] = np.cumsum(valid, axis=-2) / counts
+        else:
+            raise ValueError(f"unknown over {over!r}")
+    if bare:
+        out = out[0]
+    return out.astype(dtype)
+
+
+def substitute(q, k, v, *, target, over="tokens", heads=None, lengths=None):
+    """``(q, k, v)`` in float64 with ``target`` mean-substituted in the selected heads.
+
+    The substituted tensor is rounded to the compute dtype first, as the API holds it.
+    """
+    dtype = _result_dtype(q, k, v)
+    tensors = {"q": np.asarray(q), "k": np.asarray(k), "v": np.asarray(v)}
+    x = tensors[target].astype(dtype)
+    substituted = mean_substitute(x, over=over, lengths=lengths).astype(np.float64)
+    if heads is not None:
+        heads = np.atleast_1d(np.asarray(heads, dtype=np.intp))
+        mixed = x.astype(np.float64)
+        mixed[..., heads, :, :] = substituted[..., heads, :, :]
+        substituted = mixed
+    tensors[target] = substituted
+    return tuple(tensors[name].astype(np.float64) for name in "qkv")
+
+
+def ablate(q, k, v, *, target, over="tokens", heads=None, lengths=None, causal=False, scale=None):
+    dtype = _result_dtype(q, k, v)
+    q2, k2, v2 = substitute(q, k, v, target=target, over=over, heads=heads, lengths=lengths)
+    weights, output = attention(q2, k2, v2, lengths=lengths, causal=causal, scale=scale)
+    return weights.astype(dtype), output.astype(dtype)
