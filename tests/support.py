@@ -1,0 +1,139 @@
+"""Shared strategies and error bounds for the engine tests.
+
+The reference computes in float64 from the same inputs, so it is the exact answer to
+within float64 rounding. The kernels round in the compute dtype; the bounds below say how
+far that rounding can move each weight, so that a test tolerates exactly what floating
+point allows and nothing more (a wrong mask, a wrong row or a missing normalisation is
+off by orders of magnitude more).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import strategies as st
+
+from qkvmean import config
+
+
+@dataclass
+class Case:
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    lengths: np.ndarray
+    causal: bool
+    scale: float | None
+    row_block: int
+
+    @property
+    def kw(self):
+        return dict(lengths=self.lengths, causal=self.causal, scale=self.scale)
+
+
+def _values(rng, shape, kind, magnitude, dtype):
+    if kind == "integers":  # ties and exactly equal logits
+        x = rng.integers(-3, 4, size=shape) * magnitude
+    else:
+        x = rng.normal(size=shape) * magnitude
+    return x.astype(dtype)
+
+
+def _maybe_strided(x, strided):
+    """A non-contiguous view with the same values, when asked."""
+    if not strided or x.ndim < 2:
+        return x
+    padded = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+    padded[..., ::2] = x
+    view = padded[..., ::2]
+    assert not view.flags.c_contiguous or x.shape[-1] <= 1 or x.size == 0
+    return view
+
+
+@st.composite
+def cases(draw, dtypes=(np.float32, np.float64), min_heads=1, max_seq=9, head_axis=False):
+    """Random attention inputs: shapes, group axes, lengths (0..seq), masks, magnitudes."""
+    batch = draw(st.integers(0 if not head_axis else 1, 3))
+    group = draw(st.lists(st.integers(1, 3), min_size=1 if head_axis else 0, max_size=2))
+    if head_axis:
+        group[-1] = max(group[-1], min_heads)
+    seq = draw(st.integers(0, max_seq))
+    dim = draw(st.integers(1, 8))
+    dim_v = draw(st.integers(0, 5))
+    lengths = np.array(
+        draw(st.lists(st.integers(0, seq), min_size=batch, max_size=batch)), dtype=np.int64
+    )
+    dtype = draw(st.sampled_from(dtypes))
+    kind = draw(st.sampled_from(["normal", "integers"]))
+    # logits span 1e-4 .. 1e4 (with the default scale, |logit| ~ magnitude**2)
+    magnitude = 10.0 ** draw(st.floats(-2, 2))
+    scale = draw(st.one_of(st.none(), st.floats(0.05, 4.0)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    strided = draw(st.booleans())
+    shape = (batch, *group, seq)
+    q = _maybe_strided(_values(rng, (*shape, dim), kind, magnitude, dtype), strided)
+    k = _maybe_strided(_values(rng, (*shape, dim), kind, magnitude, dtype), strided)
+    v = _values(rng, (*shape, dim_v), "normal", 1.0, dtype)
+    return Case(q, k, v, lengths, draw(st.booleans()), scale, draw(st.sampled_from([1, 3, 32])))
+
+
+@contextlib.contextmanager
+def patched(**values):
+    """Temporarily set attributes of :mod:`qkvmean.config`."""
+    old = {name: getattr(config, name) for name in values}
+    for name, value in values.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(config, name, value)
+
+
+def unit_roundoff(dtype):
+    return float(np.finfo(np.dtype(dtype)).eps) / 2
+
+
+def weight_tolerance(w_ref, q, k, scale, dtype):
+    """Elementwise bound on |computed - exact| weights for float64 ``q``, ``k``.
+
+    Each logit ``scale * q_i . k_j`` summed in ``dtype`` is off by at most
+    ``(dim + 2) u scale sum_d |q_id k_jd|``; with every logit of a row off by at most
+    ``delta``, each weight moves by a factor within ``exp(+-2 delta)``. A few more units
+    of roundoff cover exp, the subtraction of the row max and the normalisation.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    u = unit_roundoff(dtype)
+    dim = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / np.sqrt(dim)
+    logit_err = (dim + 2) * u * scale * (np.abs(q) @ np.swapaxes(np.abs(k), -1, -2))
+    delta = logit_err.max(axis=-1, keepdims=True, initial=0.0)
+    return w_ref * np.expm1(2 * delta) + 16 * u
+
+
+def output_tolerance(w_ref, w_tol, v, dtype):
+    """Bound on |computed - exact| outputs given the weight bound ``w_tol``."""
+    v = np.abs(np.asarray(v, dtype=np.float64))
+    seq = v.shape[-2]
+    u = unit_roundoff(dtype)
+    return w_tol @ v + (seq + 2) * u * (np.asarray(w_ref, np.float64) @ v) + 16 * u
+
+
+def assert_within(actual, expected, tol, what):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if expected.ndim == 0:  # a scalar stands for every element
+        expected = np.full(actual.shape, expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = np.abs(actual - expected)
+    bad = err > tol
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{what}: |{actual[idx]} - {expected[idx]}| = {err[idx]:.3g} > tolerance "
+            f"{np.broadcast_to(tol, err.shape)[idx]:.3g} at {idx} ({bad.sum()} elements)"
+        )

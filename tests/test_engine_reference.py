@@ -1,0 +1,151 @@
+"""Every engine function against the numpy reference, on random inputs (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from support import (
+    assert_within,
+    cases,
+    output_tolerance,
+    patched,
+    unit_roundoff,
+    weight_tolerance,
+)
+
+import qkvmean
+from qkvmean.engine import reference as ref
+
+
+def _allowed(case):
+    """Boolean mask of allowed (query, key) pairs, broadcast to the weights' shape."""
+    seq = case.q.shape[-2]
+    masks = [ref.allowed_mask(n, seq, case.causal) for n in case.lengths]
+    masks = np.array(masks, dtype=bool).reshape((len(case.lengths), seq, seq))
+    extra = case.q.ndim - 3
+    return masks.reshape((len(case.lengths),) + (1,) * extra + (seq, seq))
+
+
+def _check_weights(w, w_ref, q, k, case):
+    assert w.dtype == w_ref.dtype
+    assert w.shape == case.q.shape[:-1] + (case.q.shape[-2],)
+    tol = weight_tolerance(w_ref, q, k, case.scale, w.dtype)
+    assert_within(w, w_ref, tol, "weights")
+    # masked entries and padded rows are exactly zero, not merely small
+    allowed = np.broadcast_to(_allowed(case), w.shape)
+    assert np.all(w[~allowed] == 0.0)
+    return tol
+
+
+@given(cases())
+def test_attention_weights_matches_reference(case):
+    with patched(ROW_BLOCK=case.row_block):
+        w = qkvmean.attention_weights(case.q, case.k, **case.kw)
+    w_ref = ref.attention_weights(case.q, case.k, **case.kw)
+    _check_weights(w, w_ref, case.q, case.k, case)
+
+
+@given(cases())
+def test_attention_matches_reference(case):
+    with patched(ROW_BLOCK=case.row_block):
+        w, o = qkvmean.attention(case.q, case.k, case.v, **case.kw)
+    w_ref, o_ref = ref.attention(case.q, case.k, case.v, **case.kw)
+    tol = _check_weights(w, w_ref, case.q, case.k, case)
+    assert o.shape == case.v.shape and o.dtype == o_ref.dtype
+    assert_within(o, o_ref, output_tolerance(w_ref, tol, case.v, o.dtype), "output")
+
+
+@given(cases(), st.sampled_from(["tokens", "causal"]))
+def test_mean_substitute_matches_reference(case, over):
+    x = case.q
+    out = qkvmean.mean_substitute(x, over=over, lengths=case.lengths)
+    expected = ref.mean_substitute(x, over=over, lengths=case.lengths)
+    assert out.shape == x.shape and out.dtype == expected.dtype
+    # Both sum in float64 (in different orders: at most (seq - 1) float64 roundoffs of
+    # max|x| apart), then round the mean once to the result dtype.
+    seq = x.shape[-2]
+    scale = np.abs(np.asarray(x, np.float64)).max(initial=0.0)
+    tol = (2 * unit_roundoff(out.dtype) + (seq + 2) * unit_roundoff(np.float64)) * scale
+    assert_within(out, expected, tol, f"mean over {over}")
+
+
+def _heads_strategy():
+    return st.one_of(st.none(), st.lists(st.integers(-3, 2), min_size=0, max_size=3))
+
+
+@given(
+    cases(head_axis=True, min_heads=3),
+    st.sampled_from(["q", "k", "v"]),
+    st.sampled_from(["tokens", "causal"]),
+    _heads_strategy(),
+    st.booleans(),
+)
+def test_ablate_matches_reference(case, target, over, heads, fast):
+    with patched(ROW_BLOCK=case.row_block, FAST_PATHS=fast):
+        w, o = qkvmean.ablate(
+            case.q, case.k, case.v, target=target, over=over, heads=heads, **case.kw
+        )
+    w_ref, o_ref = ref.ablate(
+        case.q, case.k, case.v, target=target, over=over, heads=heads, **case.kw
+    )
+    # the bounds use the substituted tensors, as the kernels saw them
+    q2, k2, v2 = ref.substitute(
+        case.q, case.k, case.v, target=target, over=over, heads=heads, lengths=case.lengths
+    )
+    tol = _check_weights(w, w_ref, q2, k2, case)
+    assert_within(o, o_ref, output_tolerance(w_ref, tol, v2, o.dtype), f"mean-{target} output")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unbatched_seq_dim_input(dtype):
+    rng = np.random.default_rng(1)
+    q, k, v = rng.normal(size=(3, 6, 4)).astype(dtype)
+    w, o = qkvmean.attention(q, k, v, lengths=4, causal=True)
+    w_ref, o_ref = ref.attention(q, k, v, lengths=4, causal=True)
+    assert w.shape == (6, 6) and o.shape == (6, 4)
+    tol = weight_tolerance(w_ref, q, k, None, dtype)
+    assert_within(w, w_ref, tol, "weights")
+    assert_within(o, o_ref, output_tolerance(w_ref, tol, v, dtype), "output")
+
+
+def test_float16_is_computed_in_float32():
+    rng = np.random.default_rng(2)
+    q, k, v = rng.normal(size=(3, 2, 3, 5, 8)).astype(np.float16)
+    w, o = qkvmean.attention(q, k, v)
+    assert w.dtype == np.float32 and o.dtype == np.float32
+    w32, o32 = qkvmean.attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32))
+    np.testing.assert_array_equal(w, w32)
+    np.testing.assert_array_equal(o, o32)
+
+
+def test_mixed_precision_promotes_to_float64():
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(2, 4, 8))
+    w = qkvmean.attention_weights(q.astype(np.float32), q)
+    assert w.dtype == np.float64
+
+
+def test_long_rows_and_many_blocks_match_reference():
+    """Sequences longer than a row block, padded and causal, in both dtypes."""
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        q, k, v = (rng.normal(size=(3, 2, 3, 200, 16)) * 3).astype(dtype)
+        lengths = np.array([200, 77])
+        w, o = qkvmean.attention(q, k, v, lengths=lengths, causal=True)
+        w_ref, o_ref = ref.attention(q, k, v, lengths=lengths, causal=True)
+        tol = weight_tolerance(w_ref, q, k, None, dtype)
+        assert_within(w, w_ref, tol, "weights")
+        assert_within(o, o_ref, output_tolerance(w_ref, tol, v, dtype), "output")
+
+
+def test_empty_inputs_give_zero_rows():
+    q = np.ones((2, 3, 4, 5), np.float32)
+    w, o = qkvmean.attention(q, q, q, lengths=[0, 0])
+    assert w.shape == (2, 3, 4, 4) and not w.any() and not o.any()
+    w, o = qkvmean.attention(np.ones((2, 3, 0, 5)), np.ones((2, 3, 0, 5)), np.ones((2, 3, 0, 2)))
+    assert w.shape == (2, 3, 0, 0) and o.shape == (2, 3, 0, 2)
+    assert qkvmean.attention_weights(np.ones((0, 4, 5)), np.ones((0, 4, 5))).shape == (0, 4, 4)
+    w, _ = qkvmean.ablate(q, q, q, target="k", lengths=[0, 2], heads=[1])
+    assert not w[0].any() and np.all(w[1, :, :2, :2] == 0.5)
