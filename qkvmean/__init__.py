@@ -10,6 +10,13 @@
 
 from . import config  # noqa: F401  (chooses a thread-safe Numba threading layer first)
 from ._version import __version__
-from .engine import ablate, attention, attention_weights, mean_substitute
+from .engine import ablate, attention, attention_weights, conditions, mean_substitute
 
-__all__ = ["__version__", "ablate", "attention", "attention_weights", "mean_substitute"]
+__all__ = [
+    "__version__",
+    "ablate",
+    "attention",
+    "attention_weights",
+    "conditions",
+    "mean_substitute",
+]

@@ -129,8 +129,10 @@ def assert_within(actual, expected, tol, what):
     if expected.ndim == 0:  # a scalar stands for every element
         expected = np.full(actual.shape, expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    err = np.abs(actual - expected)
-    bad = err > tol
+    same = actual == expected  # also matches equal infinities
+    with np.errstate(invalid="ignore"):
+        err = np.where(same, 0.0, np.abs(actual - expected))
+    bad = ~(err <= tol)  # NaN anywhere is a failure
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise AssertionError(

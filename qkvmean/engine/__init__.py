@@ -4,6 +4,26 @@
 today); :mod:`~qkvmean.engine.reference` is the plain numpy reference of the same functions.
 """
 
-from .api import BACKENDS, ablate, attention, attention_weights, mean_substitute
+from .api import (
+    BACKENDS,
+    CONDITIONS,
+    METRICS,
+    Conditions,
+    ablate,
+    attention,
+    attention_weights,
+    conditions,
+    mean_substitute,
+)
 
-__all__ = ["BACKENDS", "ablate", "attention", "attention_weights", "mean_substitute"]
+__all__ = [
+    "BACKENDS",
+    "CONDITIONS",
+    "METRICS",
+    "Conditions",
+    "ablate",
+    "attention",
+    "attention_weights",
+    "conditions",
+    "mean_substitute",
+]

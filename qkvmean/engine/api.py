@@ -250,7 +250,7 @@ def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, q_name="q"):
 def _run_attention(p, backend, modes, with_output):
     if modes is None:
         modes = np.zeros(p.group, dtype=np.int8)
-    w, o = backend.attention(
+    w, o, _ = backend.attention(
         p.q, p.k, p.v, p.lengths, p.group, modes, p.causal, p.scale, config.ROW_BLOCK, with_output
     )
     weights = w.reshape(p.shape[:-1] + (p.shape[-2],))
@@ -352,6 +352,27 @@ def _group_select(p, head_mask):
     return np.tile(head_mask, p.group // head_mask.size)
 
 
+def _substitute(p, backend, target, over, select):
+    """Substitute ``target`` of prepared inputs in place; return the per-group modes."""
+    prefix = over == "causal"
+    modes = np.zeros(p.group, dtype=np.int8)
+    fast = config.FAST_PATHS and not prefix
+    if target == "q":
+        if fast and not p.causal:
+            modes[select] = MODE_SHARED_ROW
+        p.q = backend.mean_substitute(p.q, p.lengths, p.group, select, prefix)
+    elif target == "k":
+        if fast:
+            # Identical valid keys give uniform rows; k is not needed at all.
+            modes[select] = MODE_UNIFORM
+        else:
+            p.k = backend.mean_substitute(p.k, p.lengths, p.group, select, prefix)
+    elif p.v is not None:
+        # The weights never see v: they are the baseline weights.
+        p.v = backend.mean_substitute(p.v, p.lengths, p.group, select, prefix)
+    return modes
+
+
 def ablate(
     q,
     k,
@@ -399,20 +420,121 @@ def ablate(
     over = _check_choice(over, "over", OVER)
     p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=True)
     select = _group_select(p, _check_heads(heads, p.shape))
-    prefix = over == "causal"
-    modes = np.zeros(p.group, dtype=np.int8)
-    fast = config.FAST_PATHS and not prefix
-    if target == "q":
-        if fast and not p.causal:
-            modes[select] = MODE_SHARED_ROW
-        p.q = backend.mean_substitute(p.q, p.lengths, p.group, select, prefix)
-    elif target == "k":
-        if fast:
-            # Identical valid keys give uniform rows; k is not needed at all.
-            modes[select] = MODE_UNIFORM
-        else:
-            p.k = backend.mean_substitute(p.k, p.lengths, p.group, select, prefix)
-    else:
-        # The weights never see v: they are the baseline weights.
-        p.v = backend.mean_substitute(p.v, p.lengths, p.group, select, prefix)
+    modes = _substitute(p, backend, target, over, select)
     return _run_attention(p, backend, modes, with_output=True)
+
+
+CONDITIONS = ("baseline", "mean_q", "mean_k", "mean_v")
+METRICS = ("entropy", "kl_from_baseline", "top_key_mass", "top_key_index")
+
+
+@dataclass
+class Conditions:
+    """Attention maps of the baseline and each substitution, with their metrics.
+
+    ``weights[name]`` has shape ``q.shape[:-1] + (seq,)``; ``metrics[metric]`` has shape
+    ``(len(names),) + q.shape[:-2]`` (one value per condition, input and group).
+    """
+
+    names: list
+    weights: dict
+    metrics: dict
+
+
+def conditions(
+    q,
+    k,
+    v=None,
+    *,
+    targets=TARGETS,
+    over="tokens",
+    heads=None,
+    lengths=None,
+    causal=False,
+    scale=None,
+    device="cpu",
+):
+    """Baseline and mean-substituted attention weights, with per-head metrics.
+
+    Each map is computed once; its metrics in the same kernel pass, while the rows are
+    in cache: ``entropy`` (mean over valid query rows of ``-sum a log a``, nats),
+    ``kl_from_baseline`` (mean over valid rows of ``KL(baseline || condition)``),
+    ``top_key_mass`` (the largest mean weight of one key column over the valid rows) and
+    ``top_key_index`` (that column). Inputs with no valid token get 0, 0, 0 and -1.
+    Metrics are computed in the compute precision (float32 or float64) from the weights
+    as returned.
+
+    Parameters
+    ----------
+    q, k, v : array_like
+        As for :func:`attention`; ``v`` is only validated (the weights never see it),
+        and may be None.
+    targets : sequence of {"q", "k", "v"}
+        Substitutions to run after the baseline, in this order.
+    over, heads, lengths, causal, scale, device
+        As for :func:`ablate`.
+
+    Returns
+    -------
+    Conditions
+        ``names`` (``"baseline"``, then ``"mean_<target>"``), ``weights``, ``metrics``.
+
+    Examples
+    --------
+    >>> import numpy as np, qkvmean
+    >>> q, k = np.random.default_rng(0).normal(size=(2, 1, 4, 6, 8))
+    >>> c = qkvmean.conditions(q, k, targets=["k"], lengths=[4])
+    >>> c.names, c.metrics["entropy"].shape
+    (['baseline', 'mean_k'], (2, 1, 4))
+    >>> round(float(c.metrics["entropy"][1, 0, 0]), 6) == round(float(np.log(4)), 6)
+    True
+    """
+    backend = _backend(device)
+    over = _check_choice(over, "over", OVER)
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"targets must be a sequence of 'q', 'k', 'v', got {targets!r}")
+    targets = [_check_choice(t, "targets", TARGETS) for t in targets]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"targets has a duplicate: {targets!r}")
+    p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=v is not None)
+    select = _group_select(p, _check_heads(heads, p.shape))
+    original = (p.q, p.k, p.v)
+    lead = p.shape[:-2]
+    names, weights, per_pair = [], {}, []
+
+    def run(name, modes, base):
+        w, _, rows = backend.attention(
+            p.q,
+            p.k,
+            None,
+            p.lengths,
+            p.group,
+            modes,
+            p.causal,
+            p.scale,
+            config.ROW_BLOCK,
+            False,
+            metrics=True,
+            base=base,
+        )
+        names.append(name)
+        weights[name] = w.reshape(lead + (p.shape[-2], p.shape[-2]))
+        per_pair.append(backend.reduce_metrics(rows, p.lengths, p.group))
+        return w, rows
+
+    w0, rows0 = run("baseline", np.zeros(p.group, dtype=np.int8), None)
+    base = (w0, rows0[0])  # baseline weights and row entropies
+    for target in targets:
+        if target == "v":
+            # v never reaches the weights: mean-V maps and metrics are the baseline's
+            names.append("mean_v")
+            weights["mean_v"] = weights["baseline"]
+            per_pair.append(per_pair[0][:1] + (np.zeros_like(per_pair[0][1]),) + per_pair[0][2:])
+            continue
+        p.q, p.k, p.v = original
+        run(f"mean_{target}", _substitute(p, backend, target, over, select), base)
+    metrics = {
+        name: np.stack([m[i] for m in per_pair]).reshape((len(names),) + lead)
+        for i, name in enumerate(METRICS)
+    }
+    return Conditions(names=names, weights=weights, metrics=metrics)

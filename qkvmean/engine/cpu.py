@@ -17,6 +17,8 @@ writes inside the parallel loop.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit, prange
 
@@ -70,10 +72,40 @@ def _output_row(w, v, o, bg, i, jmax):
 
 
 @njit(**_JIT)
-def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1):
-    """Serial worker: weights (and outputs) of query rows ``i0:i1`` of pair ``bg``."""
+def _row_metrics(w, base, base_ent, row_ent, row_kl, colsum, with_kl, bg, blk, i, jmax):
+    """Entropy, KL(baseline || this row) and column sums of the finished row ``w[bg, i]``.
+
+    ``row_ent[bg, i] = -sum_j a_j log a_j``; ``row_kl[bg, i] = sum_j p_j log p_j -
+    sum_j p_j log a_j`` with ``p = base[bg, i]`` and ``base_ent[bg, i] = -sum_j p_j log p_j``
+    from the baseline pass. Both use the same ``log a_j``, so a row equal to its baseline
+    has a KL of exactly 0. A weight that underflowed to 0 where the baseline has mass gives
+    an infinite KL, as the stored maps do.
+    """
+    ent = 0.0
+    cross = 0.0
+    for j in range(jmax):
+        a = w[bg, i, j]
+        colsum[bg, blk, j] += a
+        if a > 0.0:
+            la = np.log(np.float64(a))
+            ent -= a * la
+            if with_kl:
+                cross += base[bg, i, j] * la
+        elif with_kl and base[bg, i, j] > 0.0:
+            cross = -np.inf
+    row_ent[bg, i] = ent
+    if with_kl:
+        row_kl[bg, i] = -base_ent[bg, i] - cross
+
+
+@njit(**_JIT)
+def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, blk):
+    """Serial worker: weights (and outputs, metrics) of query rows ``i0:i1`` of pair ``bg``."""
     n_keys = w.shape[2]
     first = -1  # first valid row of this block, for MODE_SHARED_ROW
+    if mx.with_metrics:
+        for j in range(n_keys):
+            mx.colsum[bg, blk, j] = 0.0
     for i in range(i0, i1):
         if i >= n:  # padded query: the whole row is masked
             for j in range(n_keys):
@@ -96,21 +128,71 @@ def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0
             first = i
         if with_output:
             _output_row(w, v, o, bg, i, jmax)
+        if mx.with_metrics:
+            _row_metrics(
+                w,
+                mx.base,
+                mx.base_ent,
+                mx.row_ent,
+                mx.row_kl,
+                mx.colsum,
+                mx.with_kl,
+                bg,
+                blk,
+                i,
+                jmax,
+            )
 
 
 @njit(parallel=True, **_JIT)
-def attention_kernel(q, kt, v, lengths, group, modes, causal, scale, row_block, w, o, with_output):
+def attention_kernel(
+    q, kt, v, lengths, group, modes, causal, scale, row_block, w, o, with_output, mx
+):
     """Parallel driver: one task per ``(pair, block of row_block query rows)``."""
     n_pairs = q.shape[0]
     n_rows = q.shape[1]
     n_blocks = (n_rows + row_block - 1) // row_block
     for task in prange(n_pairs * n_blocks):
         bg = task // n_blocks
-        i0 = (task - bg * n_blocks) * row_block
+        blk = task - bg * n_blocks
+        i0 = blk * row_block
         i1 = min(i0 + row_block, n_rows)
         n = lengths[bg // group]
         mode = modes[bg % group]
-        _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1)
+        _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, blk)
+
+
+@njit(parallel=True, **_JIT)
+def reduce_metrics_kernel(
+    row_ent, row_kl, colsum, lengths, group, out_ent, out_kl, out_mass, out_index
+):
+    """Per pair: means over valid rows, and the key column with the largest mean weight."""
+    for bg in prange(row_ent.shape[0]):
+        n = lengths[bg // group]
+        if n == 0:  # no valid rows: nothing attends anywhere
+            out_ent[bg] = 0.0
+            out_kl[bg] = 0.0
+            out_mass[bg] = 0.0
+            out_index[bg] = -1
+            continue
+        ent = 0.0
+        kl = 0.0
+        for i in range(n):
+            ent += row_ent[bg, i]
+            kl += row_kl[bg, i]
+        out_ent[bg] = ent / n
+        out_kl[bg] = kl / n
+        best = -1.0
+        best_j = 0
+        for j in range(n):
+            total = 0.0
+            for blk in range(colsum.shape[1]):
+                total += colsum[bg, blk, j]
+            if total > best:
+                best = total
+                best_j = j
+        out_mass[bg] = best / n
+        out_index[bg] = best_j
 
 
 @njit(parallel=True, **_JIT)
@@ -165,8 +247,33 @@ def scan_finite(flat):
 name = "cpu"
 
 
-def attention(q, k, v, lengths, group, modes, causal, scale, row_block, with_output):
-    """Weights ``(BG, N, N)`` and outputs ``(BG, N, E)`` (or None) of flattened inputs."""
+class Metrics(NamedTuple):
+    """Per-row metric buffers for :func:`attention_kernel` (empty arrays when unused)."""
+
+    with_metrics: bool
+    with_kl: bool
+    base: np.ndarray  # (BG, N, N) baseline weights, for the KL
+    base_ent: np.ndarray  # (BG, N) baseline row entropies
+    row_ent: np.ndarray  # (BG, N) out
+    row_kl: np.ndarray  # (BG, N) out
+    colsum: np.ndarray  # (BG, n_blocks, N) out: per-task column sums
+
+
+def _no_metrics(dtype):
+    return Metrics(
+        False, False, np.empty((0, 0, 0), dtype), *(np.empty((0, 0)),) * 3, np.empty((0, 0, 0))
+    )
+
+
+def attention(
+    q, k, v, lengths, group, modes, causal, scale, row_block, with_output, metrics=False, base=None
+):
+    """Weights ``(BG, N, N)``, outputs ``(BG, N, E)`` or None, and row metrics or None.
+
+    With ``metrics``, also returns ``(row_ent, row_kl, colsum)`` for
+    :func:`reduce_metrics`; ``base`` (the baseline weights and row entropies, from a
+    metrics call without ``base``) adds the KL from the baseline.
+    """
     n_pairs, n_rows, _ = q.shape
     kt = np.ascontiguousarray(k.transpose(0, 2, 1))
     w = np.empty((n_pairs, n_rows, n_rows), dtype=q.dtype)
@@ -175,6 +282,20 @@ def attention(q, k, v, lengths, group, modes, causal, scale, row_block, with_out
     else:
         v = np.empty((n_pairs, n_rows, 0), dtype=q.dtype)
         o = np.empty((0, 0, 0), dtype=q.dtype)
+    if metrics:
+        n_blocks = (n_rows + row_block - 1) // row_block
+        with_kl = base is not None
+        mx = Metrics(
+            True,
+            with_kl,
+            base[0] if with_kl else np.empty((0, 0, 0), q.dtype),
+            base[1] if with_kl else np.empty((0, 0)),
+            np.zeros((n_pairs, n_rows)),
+            np.zeros((n_pairs, n_rows)),
+            np.empty((n_pairs, n_blocks, n_rows)),
+        )
+    else:
+        mx = _no_metrics(q.dtype)
     with config.kernel_guard():
         attention_kernel(
             q,
@@ -189,8 +310,25 @@ def attention(q, k, v, lengths, group, modes, causal, scale, row_block, with_out
             w,
             o,
             with_output,
+            mx,
         )
-    return w, (o if with_output else None)
+    rows = (mx.row_ent, mx.row_kl, mx.colsum) if metrics else None
+    return w, (o if with_output else None), rows
+
+
+def reduce_metrics(rows, lengths, group):
+    """``(entropy, kl, top_key_mass, top_key_index)`` per pair from the row metrics."""
+    row_ent, row_kl, colsum = rows
+    n_pairs = row_ent.shape[0]
+    out = (
+        np.empty(n_pairs),
+        np.empty(n_pairs),
+        np.empty(n_pairs),
+        np.empty(n_pairs, dtype=np.int64),
+    )
+    with config.kernel_guard():
+        reduce_metrics_kernel(row_ent, row_kl, colsum, lengths, group, *out)
+    return out
 
 
 def mean_substitute(x, lengths, group, select, prefix):

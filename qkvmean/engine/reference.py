@@ -8,6 +8,8 @@ answer to within float64 rounding. It does not validate its input.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 
@@ -111,3 +113,74 @@ def ablate(q, k, v, *, target, over="tokens", heads=None, lengths=None, causal=F
     q2, k2, v2 = substitute(q, k, v, target=target, over=over, heads=heads, lengths=lengths)
     weights, output = attention(q2, k2, v2, lengths=lengths, causal=causal, scale=scale)
     return weights.astype(dtype), output.astype(dtype)
+
+
+def metrics(weights, baseline, lengths):
+    """Per-(input, group) metrics of finished maps ``(batch, *group, seq, seq)``.
+
+    ``entropy``: mean over valid rows of ``-sum a log a``; ``kl_from_baseline``: mean over
+    valid rows of ``sum p log(p / a)``, ``p`` the baseline; ``top_key_mass`` and
+    ``top_key_index``: the largest column mean over valid rows and its column. An input
+    with no valid token gets 0, 0, 0, -1.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    baseline = np.asarray(baseline, dtype=np.float64)
+    lead = weights.shape[:-2]
+    out = {
+        "entropy": np.zeros(lead),
+        "kl_from_baseline": np.zeros(lead),
+        "top_key_mass": np.zeros(lead),
+        "top_key_index": np.full(lead, -1, dtype=np.int64),
+    }
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        a = weights[b, ..., :n, :n]
+        p = baseline[b, ..., :n, :n]
+        log_a = np.log(np.where(a > 0, a, 1.0))  # 0 where a == 0: 0 log 0 = 0
+        log_p = np.log(np.where(p > 0, p, 1.0))
+        out["entropy"][b] = -(a * log_a).sum(-1).mean(-1)
+        # where the baseline has mass and the condition has none, KL is infinite
+        log_ratio = np.where(a > 0, log_p - log_a, np.inf)
+        kl_terms = np.where(p > 0, p * np.where(p > 0, log_ratio, 0.0), 0.0)
+        out["kl_from_baseline"][b] = kl_terms.sum(-1).mean(-1)
+        column_mean = a.mean(axis=-2)
+        out["top_key_mass"][b] = column_mean.max(axis=-1)
+        out["top_key_index"][b] = column_mean.argmax(axis=-1)
+    return out
+
+
+def conditions(
+    q,
+    k,
+    v=None,
+    *,
+    targets=("q", "k", "v"),
+    over="tokens",
+    heads=None,
+    lengths=None,
+    causal=False,
+    scale=None,
+):
+    """Baseline and mean-substituted maps with their metrics, from the functions above."""
+    q_arr = np.asarray(q)
+    if lengths is None:
+        lengths = np.full(q_arr.shape[0], q_arr.shape[-2])
+    v = np.zeros(q_arr.shape, q_arr.dtype) if v is None else v
+    weights = {"baseline": attention_weights(q, k, lengths=lengths, causal=causal, scale=scale)}
+    for target in targets:
+        weights[f"mean_{target}"], _ = ablate(
+            q,
+            k,
+            v,
+            target=target,
+            over=over,
+            heads=heads,
+            lengths=lengths,
+            causal=causal,
+            scale=scale,
+        )
+    names = list(weights)
+    per_condition = [metrics(weights[name], weights["baseline"], lengths) for name in names]
+    stacked = {m: np.stack([c[m] for c in per_condition]) for m in per_condition[0]}
+    return SimpleNamespace(names=names, weights=weights, metrics=stacked)

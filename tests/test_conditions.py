@@ -1,0 +1,111 @@
+"""``qkvmean.conditions``: every map against the reference, every metric against the maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from support import assert_within, cases, patched, unit_roundoff, weight_tolerance
+
+import qkvmean
+from qkvmean.engine import reference as ref
+
+TARGET_LISTS = st.sampled_from([["q", "k", "v"], ["k"], ["v", "q"], []])
+
+
+def _check_metrics_against_maps(c, lengths):
+    """The kernel's metrics equal those computed (in float64) from the returned maps."""
+    for index, name in enumerate(c.names):
+        w = c.weights[name]
+        expected = ref.metrics(w, c.weights["baseline"], lengths)
+        seq = w.shape[-1]
+        # The same float64 terms summed in another order: each term is at most
+        # |log a| <= 104 (the smallest float32 subnormal) times a weight.
+        tol = 4 * (seq + 2) * unit_roundoff(np.float64) * 110
+        for metric in ("entropy", "kl_from_baseline", "top_key_mass"):
+            e = expected[metric]
+            bound = np.where(np.isfinite(e), tol * (1 + np.abs(np.where(np.isfinite(e), e, 0))), 0)
+            assert_within(c.metrics[metric][index], expected[metric], bound, f"{name} {metric}")
+        # the chosen column's mean is the largest (ties may pick another column)
+        got = c.metrics["top_key_index"][index]
+        assert np.array_equal(got < 0, expected["top_key_index"] < 0)
+        for b, n in enumerate(lengths):
+            if n == 0:
+                continue
+            col_mean = w[b, ..., :n, :n].astype(np.float64).mean(axis=-2)
+            chosen = np.take_along_axis(col_mean, got[b][..., None], axis=-1)[..., 0]
+            assert_within(chosen, col_mean.max(axis=-1), tol, f"{name} top key column")
+
+
+@given(
+    cases(head_axis=True, min_heads=2),
+    TARGET_LISTS,
+    st.sampled_from(["tokens", "causal"]),
+    st.one_of(st.none(), st.lists(st.integers(0, 1), min_size=1, max_size=2)),
+)
+def test_conditions_maps_match_reference_and_metrics_match_maps(case, targets, over, heads):
+    kw = dict(targets=targets, over=over, heads=heads, **case.kw)
+    with patched(ROW_BLOCK=case.row_block):
+        c = qkvmean.conditions(case.q, case.k, case.v, **kw)
+    r = ref.conditions(case.q, case.k, case.v, **kw)
+    assert c.names == r.names == ["baseline"] + [f"mean_{t}" for t in targets]
+    for name in c.names:
+        target = name[-1] if name != "baseline" else None
+        q2, k2 = case.q, case.k
+        if target in ("q", "k"):
+            q2, k2, _ = ref.substitute(
+                case.q,
+                case.k,
+                case.v,
+                target=target,
+                over=over,
+                heads=heads,
+                lengths=case.lengths,
+            )
+        tol = weight_tolerance(r.weights[name], q2, k2, case.scale, c.weights[name].dtype)
+        assert_within(c.weights[name], r.weights[name], tol, name)
+    _check_metrics_against_maps(c, case.lengths)
+    for metric in c.metrics:
+        assert c.metrics[metric].shape == (len(c.names),) + case.q.shape[:-2]
+
+
+def test_metric_values_on_known_maps():
+    """Uniform rows have entropy log(n); a condition equal to the baseline has KL 0."""
+    rng = np.random.default_rng(5)
+    q, k, v = rng.normal(size=(3, 2, 3, 7, 4)).astype(np.float32)
+    c = qkvmean.conditions(q, k, v, lengths=[7, 4])
+    mean_k = c.names.index("mean_k")
+    np.testing.assert_allclose(c.metrics["entropy"][mean_k, 0], np.log(7), rtol=1e-6)
+    np.testing.assert_allclose(c.metrics["entropy"][mean_k, 1], np.log(4), rtol=1e-6)
+    np.testing.assert_allclose(c.metrics["top_key_mass"][mean_k, 1], 1 / 4, rtol=1e-6)
+    mean_v = c.names.index("mean_v")
+    assert np.all(c.metrics["kl_from_baseline"][mean_v] == 0.0)
+    assert np.all(c.metrics["kl_from_baseline"][0] == 0.0)
+    # KL from the baseline to the uniform rows is log(n) - H(baseline), row by row
+    w0 = c.weights["baseline"].astype(np.float64)
+    row_h = -(w0 * np.log(np.where(w0 > 0, w0, 1))).sum(-1)
+    expected = np.log(7) - row_h[0].mean(-1)
+    np.testing.assert_allclose(c.metrics["kl_from_baseline"][mean_k, 0], expected, rtol=1e-5)
+
+
+def test_empty_input_metrics_are_zero_and_index_minus_one():
+    q = np.ones((2, 3, 5, 4), np.float32)
+    c = qkvmean.conditions(q, q, lengths=[0, 5])
+    assert np.all(c.metrics["entropy"][:, 0] == 0)
+    assert np.all(c.metrics["top_key_index"][:, 0] == -1)
+    assert np.all(c.metrics["top_key_index"][:, 1] >= 0)
+
+
+@pytest.mark.parametrize(
+    ("targets", "exc", "match"),
+    [
+        ("qk", TypeError, r"targets must be a sequence"),
+        (["q", "x"], ValueError, r"targets must be one of"),
+        (["q", "q"], ValueError, r"targets has a duplicate"),
+    ],
+)
+def test_bad_targets(targets, exc, match):
+    q = np.ones((1, 2, 3, 4), np.float32)
+    with pytest.raises(exc, match=match):
+        qkvmean.conditions(q, q, targets=targets)
