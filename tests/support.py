@@ -41,19 +41,26 @@ def _values(rng, shape, kind, magnitude, dtype):
     return x.astype(dtype)
 
 
-def _maybe_strided(x, strided):
-    """A non-contiguous view with the same values, when asked."""
-    if not strided or x.ndim < 2:
-        return x
-    padded = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
-    padded[..., ::2] = x
-    view = padded[..., ::2]
-    assert not view.flags.c_contiguous or x.shape[-1] <= 1 or x.size == 0
-    return view
+LAYOUTS = ("c", "strided", "fortran", "reversed")
+
+
+def _layout(x, layout):
+    """The same values as ``x`` in another memory layout (a view where possible)."""
+    if layout == "strided":  # every other element of a wider array
+        wide = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if layout == "fortran":
+        return np.asfortranarray(x)
+    if layout == "reversed":  # negative strides on the sequence axis
+        return x[..., ::-1, :].copy()[..., ::-1, :]
+    return x
 
 
 @st.composite
-def cases(draw, dtypes=(np.float32, np.float64), min_heads=1, max_seq=9, head_axis=False):
+def cases(
+    draw, dtypes=(np.float16, np.float32, np.float64), min_heads=1, max_seq=9, head_axis=False
+):
     """Random attention inputs: shapes, group axes, lengths (0..seq), masks, magnitudes."""
     batch = draw(st.integers(0 if not head_axis else 1, 3))
     group = draw(st.lists(st.integers(1, 3), min_size=1 if head_axis else 0, max_size=2))
@@ -71,11 +78,11 @@ def cases(draw, dtypes=(np.float32, np.float64), min_heads=1, max_seq=9, head_ax
     magnitude = 10.0 ** draw(st.floats(-2, 2))
     scale = draw(st.one_of(st.none(), st.floats(0.05, 4.0)))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    strided = draw(st.booleans())
+    layout = draw(st.sampled_from(LAYOUTS))
     shape = (batch, *group, seq)
-    q = _maybe_strided(_values(rng, (*shape, dim), kind, magnitude, dtype), strided)
-    k = _maybe_strided(_values(rng, (*shape, dim), kind, magnitude, dtype), strided)
-    v = _values(rng, (*shape, dim_v), "normal", 1.0, dtype)
+    q = _layout(_values(rng, (*shape, dim), kind, magnitude, dtype), layout)
+    k = _layout(_values(rng, (*shape, dim), kind, magnitude, dtype), layout)
+    v = _layout(_values(rng, (*shape, dim_v), "normal", 1.0, dtype), layout)
     return Case(q, k, v, lengths, draw(st.booleans()), scale, draw(st.sampled_from([1, 3, 32])))
 
 

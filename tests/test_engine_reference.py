@@ -149,3 +149,46 @@ def test_empty_inputs_give_zero_rows():
     assert qkvmean.attention_weights(np.ones((0, 4, 5)), np.ones((0, 4, 5))).shape == (0, 4, 4)
     w, _ = qkvmean.ablate(q, q, q, target="k", lengths=[0, 2], heads=[1])
     assert not w[0].any() and np.all(w[1, :, :2, :2] == 0.5)
+
+
+@pytest.mark.parametrize(("dtype", "bar"), [(np.float32, 2e-5), (np.float64, 1e-10)])
+def test_acceptance_accuracy_on_typical_inputs(dtype, bar):
+    """The acceptance bar: |error| < 2e-5 (float32) / 1e-10 (float64) for typical inputs."""
+    rng = np.random.default_rng(11)
+    q, k = (rng.normal(size=(2, 4, 6, 300, 64)) * 1.5).astype(dtype)
+    v = rng.normal(size=(4, 6, 300, 48)).astype(dtype)
+    lengths = np.array([300, 1, 177, 0])
+    for causal in (False, True):
+        w, o = qkvmean.attention(q, k, v, lengths=lengths, causal=causal)
+        w_ref, o_ref = ref.attention(q, k, v, lengths=lengths, causal=causal)
+        assert np.abs(w - w_ref).max() < bar
+        assert np.abs(o - o_ref).max() < bar * 10
+        for target in "qkv":
+            w, o = qkvmean.ablate(q, k, v, target=target, lengths=lengths, causal=causal)
+            w_ref, o_ref = ref.ablate(q, k, v, target=target, lengths=lengths, causal=causal)
+            assert np.abs(w - w_ref).max() < bar
+            assert np.abs(o - o_ref).max() < bar * 10
+
+
+def test_big_endian_input_is_accepted():
+    rng = np.random.default_rng(12)
+    q, k = rng.normal(size=(2, 2, 3, 5, 4)).astype(np.float32)
+    w = qkvmean.attention_weights(q.astype(">f4"), k.astype(">f4"))
+    np.testing.assert_array_equal(w, qkvmean.attention_weights(q, k))
+
+
+def test_empty_batch_with_empty_lengths_list():
+    w = qkvmean.attention_weights(np.ones((0, 3, 2)), np.ones((0, 3, 2)), lengths=[])
+    assert w.shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("over", ["tokens", "causal"])
+def test_mean_of_values_near_the_float64_limit_does_not_overflow(over):
+    big = np.finfo(np.float64).max / 2
+    x = np.array([[[big], [big], [big / 2]]])
+    out = qkvmean.mean_substitute(x, over=over)
+    expected = [big / 6 * 5] * 3 if over == "tokens" else [big, big, big / 6 * 5]
+    np.testing.assert_allclose(out[0, :, 0], expected, rtol=1e-15)
+    z = np.zeros((1, 3, 1))
+    w, o = qkvmean.ablate(z, z, x, target="v", over=over)
+    assert np.all(np.isfinite(w)) and np.all(np.isfinite(o))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 
-def test_four_threads_at_once_match_one_call_each():
+
+# "default" lets qkvmean pick a thread-safe layer; "workqueue" forces the unsafe one, which
+# qkvmean must then serialise with its lock.
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_four_threads_at_once_match_one_call_each(layer):
     # In a subprocess: an unsafe threading layer aborts the interpreter, which must show
     # up as a failed test rather than take pytest down with it.
     script = textwrap.dedent(
@@ -49,8 +55,16 @@ def test_four_threads_at_once_match_one_call_each():
         print("layer", numba.threading_layer())
         """
     )
+    env = dict(os.environ)
+    env.pop("NUMBA_THREADING_LAYER", None)
+    if layer != "default":
+        env["NUMBA_THREADING_LAYER"] = layer
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "layer" in proc.stdout
+    used = proc.stdout.split()[-1]
+    if layer == "default":
+        assert used in ("tbb", "omp")
+    else:
+        assert used == layer

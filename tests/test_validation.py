@@ -324,6 +324,31 @@ BAD = [
         ValueError,
         r"q and k are too large for float32: .* rescale them or pass float64",
     ),
+    (
+        "k-none",
+        "attention_weights",
+        (Q, None),
+        {},
+        TypeError,
+        r"k is required: pass an array of floats, not None",
+    ),
+    ("v-none", "attention", (Q, Q, None), {}, TypeError, r"v is required"),
+    (
+        "scale-huge-int",
+        "attention_weights",
+        (Q, Q),
+        {"scale": 10**400},
+        ValueError,
+        r"scale must be finite and > 0, got inf",
+    ),
+    (
+        "scale-beyond-float32",
+        "attention_weights",
+        (Q, Q),
+        {"scale": 1e39},
+        ValueError,
+        r"scale = 1e\+39 is too large for float32; pass float64",
+    ),
     ("dim-zero", "attention_weights", (Q[..., :0], Q[..., :0]), {}, ValueError, r"head_dim 0"),
 ]
 

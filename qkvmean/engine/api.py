@@ -21,7 +21,6 @@ BACKENDS = {"cpu": cpu}
 
 OVER = ("tokens", "causal")
 TARGETS = ("q", "k", "v")
-_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -36,11 +35,14 @@ def _backend(device):
 
 def _float_array(x, name):
     """``x`` as an ndarray of a supported float dtype, or a TypeError saying how to fix it."""
+    if x is None:
+        raise TypeError(f"{name} is required: pass an array of floats, not None")
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:  # ragged lists and the like
         raise TypeError(f"{name} must be an array of floats: {exc}") from None
-    if arr.dtype not in _FLOATS:
+    # any byte order (h5py hands over big-endian datasets as they are stored)
+    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4, 8):
         raise TypeError(
             f"{name} must have dtype float16, float32 or float64, got {arr.dtype}; "
             f"convert it with {name}.astype(np.float32)"
@@ -76,7 +78,10 @@ def _check_scale(scale, head_dim):
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a positive real number, got {scale!r}")
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except OverflowError:  # an int beyond float range
+        scale = math.inf
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be finite and > 0, got {scale!r}")
     return scale
@@ -87,6 +92,8 @@ def _check_lengths(lengths, batch, seq, batched):
     if lengths is None:
         return np.full(batch, seq, dtype=np.int64)
     arr = np.asarray(lengths)
+    if arr.size == 0 and arr.dtype.kind == "f":  # [] for an empty batch
+        arr = arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
     if not batched and arr.ndim == 0:
@@ -164,6 +171,20 @@ class _Prepared:
     v: np.ndarray | None
     scale: float
     causal: bool
+    max_abs: dict  # largest |value| of each tensor, for the overflow guards
+
+    def substitute(self, backend, name, select, prefix):
+        """Mean-substitute tensor ``name`` ("q", "k" or "v") for the selected groups."""
+        x = getattr(self, name)
+        # Sums of values near the float64 limit overflow though their mean fits: sum
+        # them scaled by an exact power of two instead.
+        seq = max(x.shape[1], 1)
+        shrink = 1.0
+        if self.max_abs[name] * seq > float(np.finfo(np.float64).max) / 4:
+            shrink = 2.0 ** -math.ceil(math.log2(seq))
+        setattr(
+            self, name, backend.mean_substitute(x, self.lengths, self.group, select, prefix, shrink)
+        )
 
 
 def _flat(arr, batched):
@@ -172,9 +193,9 @@ def _flat(arr, batched):
     return arr.reshape(batch * group, arr.shape[-2], arr.shape[-1]), batch, group
 
 
-def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, q_name="q"):
+def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, need_k=True, q_name="q"):
     q = _float_array(q, q_name)
-    if k is not None:
+    if need_k:
         k = _float_array(k, "k")
         if k.ndim != q.ndim:
             raise ValueError(f"k has {k.ndim} dimensions but q has {q.ndim}; they must match")
@@ -216,18 +237,22 @@ def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, q_name="q"):
     dtype = _compute_dtype(*(a for a in (q, k, v) if a is not None))
     qc, q_max = _contiguous(q, dtype, q_name, q.shape)
     kc = vc = None
+    k_max = v_max = 0.0
     if k is not None:
         kc, k_max = _contiguous(k, dtype, "k", k.shape)
         # Every logit is bounded by dim * max|q| * max|k| * max(scale, 1); keep that
         # finite so no score overflows to inf (and no weight becomes NaN).
+        limit = float(np.finfo(dtype).max) / 4
+        if scale > limit:
+            raise ValueError(f"scale = {scale:.3g} is too large for {dtype}; pass float64 inputs")
         bound = q.shape[-1] * q_max * k_max * max(scale, 1.0)
-        if bound > float(np.finfo(dtype).max) / 4:
+        if bound > limit:
             raise ValueError(
                 f"q and k are too large for {dtype}: max|q| = {q_max:.3g}, max|k| = "
                 f"{k_max:.3g}, so dot products can overflow; rescale them or pass float64"
             )
     if need_v:
-        vc, _ = _contiguous(v, dtype, "v", v.shape)
+        vc, v_max = _contiguous(v, dtype, "v", v.shape)
 
     (qf, b, g) = _flat(qc, batched)
     return _Prepared(
@@ -241,6 +266,7 @@ def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, q_name="q"):
         v=_flat(vc, batched)[0] if vc is not None else None,
         scale=scale,
         causal=causal,
+        max_abs={"q": q_max, "k": k_max, "v": v_max},
     )
 
 
@@ -338,10 +364,12 @@ def mean_substitute(x, *, over="tokens", lengths=None, device="cpu"):
     """
     backend = _backend(device)
     over = _check_choice(over, "over", OVER)
-    p = _prepare(x, lengths=lengths, causal=False, scale=None, need_v=False, q_name="x")
+    p = _prepare(
+        x, lengths=lengths, causal=False, scale=None, need_v=False, need_k=False, q_name="x"
+    )
     select = np.ones(p.group, dtype=np.bool_)
-    out = backend.mean_substitute(p.q, p.lengths, p.group, select, over == "causal")
-    return out.reshape(p.shape)
+    p.substitute(backend, "q", select, over == "causal")
+    return p.q.reshape(p.shape)
 
 
 def _group_select(p, head_mask):
@@ -360,16 +388,16 @@ def _substitute(p, backend, target, over, select):
     if target == "q":
         if fast and not p.causal:
             modes[select] = MODE_SHARED_ROW
-        p.q = backend.mean_substitute(p.q, p.lengths, p.group, select, prefix)
+        p.substitute(backend, "q", select, prefix)
     elif target == "k":
         if fast:
             # Identical valid keys give uniform rows; k is not needed at all.
             modes[select] = MODE_UNIFORM
         else:
-            p.k = backend.mean_substitute(p.k, p.lengths, p.group, select, prefix)
+            p.substitute(backend, "k", select, prefix)
     elif p.v is not None:
         # The weights never see v: they are the baseline weights.
-        p.v = backend.mean_substitute(p.v, p.lengths, p.group, select, prefix)
+        p.substitute(backend, "v", select, prefix)
     return modes
 
 

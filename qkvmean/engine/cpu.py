@@ -196,11 +196,12 @@ def reduce_metrics_kernel(
 
 
 @njit(parallel=True, **_JIT)
-def mean_substitute_kernel(x, lengths, group, select, prefix, acc, out):
+def mean_substitute_kernel(x, lengths, group, select, prefix, shrink, acc, out):
     """Replace the valid rows of the selected groups by their (prefix) mean.
 
     ``acc`` is a preallocated ``(BG, D)`` float64 scratch array: one accumulator row per
-    pair, so the mean is summed in float64 without allocating inside the loop.
+    pair, so the mean is summed in float64 without allocating inside the loop. Values are
+    summed times ``shrink``, an exact power of two (1 unless the sum could overflow).
     """
     n_pairs, n_rows, dim = x.shape
     for bg in prange(n_pairs):
@@ -212,15 +213,15 @@ def mean_substitute_kernel(x, lengths, group, select, prefix, acc, out):
         if prefix:
             for t in range(n):
                 for d in range(dim):
-                    acc[bg, d] += x[bg, t, d]
-                    out[bg, t, d] = acc[bg, d] / (t + 1)
+                    acc[bg, d] += x[bg, t, d] * shrink
+                    out[bg, t, d] = acc[bg, d] / (t + 1) / shrink
         else:
             for t in range(n):
                 for d in range(dim):
-                    acc[bg, d] += x[bg, t, d]
+                    acc[bg, d] += x[bg, t, d] * shrink
             for t in range(n):
                 for d in range(dim):
-                    out[bg, t, d] = acc[bg, d] / n
+                    out[bg, t, d] = acc[bg, d] / n / shrink
         for t in range(n, n_rows):
             for d in range(dim):
                 out[bg, t, d] = x[bg, t, d]
@@ -331,10 +332,10 @@ def reduce_metrics(rows, lengths, group):
     return out
 
 
-def mean_substitute(x, lengths, group, select, prefix):
+def mean_substitute(x, lengths, group, select, prefix, shrink=1.0):
     """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true."""
     out = np.empty_like(x)
     acc = np.empty((x.shape[0], x.shape[2]), dtype=np.float64)
     with config.kernel_guard():
-        mean_substitute_kernel(x, lengths, group, select, prefix, acc, out)
+        mean_substitute_kernel(x, lengths, group, select, prefix, float(shrink), acc, out)
     return out
