@@ -8,12 +8,161 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ._version import __version__
 
 
 class UsageError(Exception):
     """Bad input from the user: reported on one line, exit status 2."""
+
+
+def _csv(kind):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if kind is int:
+            try:
+                return [int(t) for t in items]
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected comma-separated integers, got {text!r}"
+                ) from None
+        return items
+
+    return parse
+
+
+def _heads(text):
+    return None if text.strip().lower() == "all" else _csv(int)(text)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _add_run(sub):
+    p = sub.add_parser(
+        "run",
+        help="compute attention maps and metrics into an HDF5 store",
+        description=(
+            "Compute baseline and mean-substituted attention maps, with metrics, for every "
+            "input, and write them to a store. Resumable: after an interruption, run the "
+            "same command with --resume."
+        ),
+    )
+    src = p.add_argument_group("input")
+    src.add_argument(
+        "--qkv",
+        metavar="FILE.h5[:/GROUP]",
+        required=True,
+        help="raw Q/K/V: datasets q, k, v of shape (batch, [layer,] head, seq, dim), "
+        "optional lengths (batch,) and attribute causal",
+    )
+    p.add_argument("--out", "-o", metavar="STORE.h5", required=True, help="the store to write")
+    what = p.add_argument_group("what to compute")
+    what.add_argument(
+        "--targets",
+        type=_csv(str),
+        default=["q", "k", "v"],
+        help="tensors to mean-substitute, comma-separated (default: q,k,v)",
+    )
+    what.add_argument(
+        "--over",
+        choices=["tokens", "causal"],
+        default="tokens",
+        help="mean over all valid tokens, or the causal prefix mean (default: tokens)",
+    )
+    what.add_argument(
+        "--heads",
+        type=_heads,
+        default=None,
+        help="heads to substitute, comma-separated, or 'all' (default: all)",
+    )
+    what.add_argument(
+        "--causal",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="causal mask (default: the input's causal attribute, else off)",
+    )
+    what.add_argument(
+        "--scale",
+        type=_positive_float,
+        default=None,
+        help="logit scale (default: 1/sqrt(head dim))",
+    )
+    out = p.add_argument_group("store")
+    out.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="dtype of the stored maps (default: float32)",
+    )
+    out.add_argument(
+        "--compression",
+        default="deflate",
+        metavar="{deflate[:L],lzf,none}",
+        help="map compression; deflate (with shuffle, level 1) is readable by "
+        "every HDF5 tool (default: deflate)",
+    )
+    out.add_argument(
+        "--maps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store the maps; --no-maps stores metrics only (default: --maps)",
+    )
+    runp = p.add_argument_group("running")
+    runp.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="inputs per batch (default: about 64 MB of maps per batch)",
+    )
+    runp.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="compute threads (default: all cores)",
+    )
+    runp.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run of the same command"
+    )
+    runp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing store (or an interrupted run's parts)",
+    )
+    runp.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    p.set_defaults(func=cmd_run)
+
+
+def _add_inspect(sub):
+    p = sub.add_parser(
+        "inspect",
+        help="summarise a store",
+        description="Print what a store holds: source, shapes, conditions, configuration, "
+        "completeness, size on disk and compression ratio.",
+    )
+    p.add_argument("store", metavar="STORE.h5")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +174,79 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"qkvmean {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(sub)
+    _add_inspect(sub)
     return parser
+
+
+def _set_threads(n):
+    if n is None:
+        return
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    if n > limit:
+        raise UsageError(f"--threads {n} exceeds the {limit} threads available (NUMBA_NUM_THREADS)")
+    numba.set_num_threads(n)
+
+
+def cmd_run(args) -> int:
+    from . import pipeline
+
+    options = pipeline.Options(
+        targets=args.targets,
+        over=args.over,
+        heads=args.heads,
+        causal=args.causal,
+        scale=args.scale,
+        map_dtype=args.dtype,
+        compression=args.compression,
+        maps=args.maps,
+    )
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; choose one")
+    options.check()
+    _set_threads(args.threads)
+    source = pipeline.QKVSource(args.qkv, options)
+    try:
+        summary = pipeline.run(
+            source,
+            Path(args.out),
+            options,
+            batch_size=args.batch_size,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            show_progress=False if args.quiet else None,
+        )
+    finally:
+        source.close()
+    if not args.quiet:
+        print(summary.line())
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from .io.store import open_store
+    from .pipeline import inspect_partial, partial_dir
+
+    path = Path(args.store)
+    if not path.exists() and partial_dir(path).exists():
+        info = inspect_partial(path)
+    else:
+        with open_store(path) as store:
+            info = store.summary()
+    if args.json:
+        print(json.dumps(info, indent=1, sort_keys=True))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            print(f"{key:<{width}}  {value}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from .io import InputError
+
     try:
         return args.func(args)
-    except UsageError as exc:
+    except (UsageError, InputError) as exc:
         print(f"qkvmean {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"qkvmean {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        print(f"qkvmean {args.command}: failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

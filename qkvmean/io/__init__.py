@@ -1,0 +1,5 @@
+"""Files: the HDF5 store (:mod:`.store`) and the inputs it is made from (:mod:`.qkv`)."""
+
+
+class InputError(ValueError):
+    """An input file, dataset or option that cannot be used; the message says which."""

@@ -1,0 +1,198 @@
+"""Raw Q/K/V handed over by another tool as HDF5 (SPEC section 5).
+
+``FILE.h5[:/group]`` holds datasets ``q``, ``k``, ``v`` of shape
+``(batch, layer, head, seq, dim)`` or ``(batch, head, seq, dim)`` (``v`` may have its own
+``dim``), an optional ``lengths`` ``(batch,)`` and an optional ``causal`` attribute on the
+group (or the file's root). Everything is checked when the file is opened, except the
+values themselves, which are checked batch by batch as they are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..engine import cpu
+from . import InputError
+
+_FLOATS = ("float16", "float32", "float64")
+
+
+def split_spec(spec: str):
+    """``"path.h5:/group"`` → ``(Path("path.h5"), "/group")``; the group defaults to ``/``."""
+    path, sep, group = str(spec).rpartition(":")
+    if sep and group.startswith("/") and path:
+        return Path(path), group
+    return Path(spec), "/"
+
+
+class QKVInput:
+    """An opened, checked raw Q/K/V input. Read it with :meth:`read` batch by batch."""
+
+    def __init__(self, spec: str):
+        self.spec = str(spec)
+        self.path, self.group_name = split_spec(spec)
+        where = f"{self.path}"
+        if not self.path.exists():
+            raise InputError(f"{where}: no such file")
+        if self.path.is_dir():
+            raise InputError(f"{where}: is a directory, not an HDF5 file")
+        try:
+            ok = h5py.is_hdf5(self.path)
+        except OSError as exc:
+            raise InputError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        if not ok:
+            raise InputError(f"{where}: not an HDF5 file")
+        self._f = h5py.File(self.path, "r")
+        try:
+            self._check()
+        except Exception:
+            self._f.close()
+            raise
+
+    def where(self, name=None):
+        loc = f"{self.path}:{self.group_name}"
+        if name:
+            loc += ("" if loc.endswith("/") else "/") + name
+        return loc
+
+    def _check(self):
+        if self.group_name not in self._f:
+            raise InputError(f"{self.path}: no group {self.group_name!r} in the file")
+        group = self._f[self.group_name]
+        if not isinstance(group, h5py.Group):
+            raise InputError(f"{self.where()}: is a dataset, not a group")
+        self.group = group
+        dsets = {}
+        for name in ("q", "k", "v"):
+            if name not in group:
+                raise InputError(
+                    f"{self.where()}: missing dataset {name!r} (need q, k and v of shape "
+                    "(batch, [layer,] head, seq, dim))"
+                )
+            d = group[name]
+            if not isinstance(d, h5py.Dataset):
+                raise InputError(f"{self.where(name)}: is a group, not a dataset")
+            if d.dtype.kind != "f" or d.dtype.name not in _FLOATS:
+                raise InputError(
+                    f"{self.where(name)}: dtype {d.dtype} is not float16, float32 or float64"
+                )
+            if d.ndim not in (4, 5):
+                raise InputError(
+                    f"{self.where(name)}: shape {d.shape} must be (batch, layer, head, seq, "
+                    "dim) or (batch, head, seq, dim)"
+                )
+            dsets[name] = d
+        q, k, v = dsets["q"], dsets["k"], dsets["v"]
+        if k.shape != q.shape:
+            raise InputError(
+                f"{self.where('k')}: shape {k.shape} differs from q's {q.shape}; q and k "
+                "must have the same shape"
+            )
+        if v.ndim != q.ndim or v.shape[:-1] != q.shape[:-1]:
+            raise InputError(
+                f"{self.where('v')}: shape {v.shape} does not match q's {q.shape} (only the "
+                "last axis may differ)"
+            )
+        if q.shape[-1] == 0:
+            raise InputError(f"{self.where('q')}: head dim is 0")
+        if q.shape[-2] == 0:
+            raise InputError(f"{self.where('q')}: sequence length is 0; nothing to attend to")
+        if q.shape[0] == 0:
+            raise InputError(f"{self.where('q')}: holds no inputs (batch axis is 0)")
+        self.q, self.k, self.v = q, k, v
+        self.rank = q.ndim
+        self.n_inputs = q.shape[0]
+        self.n_layers = q.shape[1] if self.rank == 5 else 1
+        self.n_heads, self.seq, self.dim = q.shape[-3:]
+        self.dim_v = v.shape[-1]
+        self.lengths = self._read_lengths(group)
+        causal = group.attrs.get("causal", self._f.attrs.get("causal"))
+        if causal is not None:
+            try:
+                causal = bool(np.asarray(causal).item())
+            except (ValueError, TypeError):
+                raise InputError(
+                    f"{self.where()}: attribute causal = {causal!r} is not a boolean"
+                ) from None
+        self.causal_attr = causal
+
+    def _read_lengths(self, group):
+        if "lengths" not in group:
+            return np.full(self.n_inputs, self.seq, dtype=np.int64)
+        d = group["lengths"]
+        if not isinstance(d, h5py.Dataset) or d.dtype.kind not in "iu":
+            raise InputError(f"{self.where('lengths')}: must be an integer dataset")
+        if d.shape != (self.n_inputs,):
+            raise InputError(
+                f"{self.where('lengths')}: shape {d.shape}, expected ({self.n_inputs},) "
+                "(one count per input)"
+            )
+        lengths = d[...].astype(np.int64)
+        bad = np.flatnonzero((lengths < 0) | (lengths > self.seq))
+        if bad.size:
+            i = int(bad[0])
+            raise InputError(
+                f"{self.where('lengths')}: input {i} has length {lengths[i]}, outside "
+                f"0..{self.seq} (the sequence length)"
+            )
+        return lengths
+
+    def chunk_inputs(self) -> int:
+        """Inputs per chunk of the q dataset along the batch axis (1 if contiguous)."""
+        chunks = self.q.chunks
+        return chunks[0] if chunks else 1
+
+    def identity(self) -> dict:
+        """What a resumed run must find unchanged: shapes, dtypes, lengths, causal and a
+        SHA-256 of the first and last inputs' values."""
+        digest = hashlib.sha256()
+        digest.update(self.lengths.tobytes())
+        for name in ("q", "k", "v"):
+            d = getattr(self, name)
+            for index in sorted({0, self.n_inputs - 1}):
+                digest.update(np.ascontiguousarray(d[index]).tobytes())
+        return {
+            "shapes": {n: list(getattr(self, n).shape) for n in ("q", "k", "v")},
+            "dtypes": {n: getattr(self, n).dtype.name for n in ("q", "k", "v")},
+            "causal_attr": self.causal_attr,
+            "sha256": digest.hexdigest(),
+        }
+
+    def read(self, start: int, stop: int):
+        """Inputs ``start:stop`` as ``(q, k, v)``, each ``(n, layer, head, seq, dim)``.
+
+        Values are checked here: a NaN or infinity names the input it is in.
+        """
+        out = []
+        for name in ("q", "k", "v"):
+            x = getattr(self, name)[start:stop]
+            if self.rank == 4:
+                x = x[:, None]
+            # float16 is computed in float32 anyway (and Numba has no float16 arithmetic)
+            x = np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float16 else x.dtype)
+            bad, _ = cpu.scan_finite(x.reshape(-1))
+            if bad >= 0:
+                index = np.unravel_index(bad, x.shape)
+                b = start + int(index[0])
+                pos = tuple(int(i) for i in index[1:])
+                if self.rank == 4:
+                    pos = pos[1:]
+                raise InputError(
+                    f"{self.where(name)}: input {b} contains {x.reshape(-1)[bad]} at "
+                    f"{pos}; all values must be finite"
+                )
+            out.append(x)
+        return tuple(out)
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,486 @@
+"""The qkvmean HDF5 store: schema (version 1), crash-safe writing, and the reader.
+
+Schema: ``docs/store.md``. Writing is crash-safe by construction:
+
+- a run writes each batch of inputs to its own *part file* in ``STORE.h5.partial/``
+  (written under a temporary name, fsynced, then renamed: a part either exists whole or
+  not at all), next to a ``manifest.json`` with the run's configuration;
+- when every part exists, the parts are *assembled* into ``STORE.h5.<pid>.tmp`` by
+  copying their compressed chunks verbatim (no decompression), which is fsynced and
+  renamed onto ``STORE.h5`` atomically; only then is the partial directory removed.
+
+So the final path never holds a half-written store, a kill at any moment loses at most
+the batches in flight, and a resumed run assembles exactly the bytes an uninterrupted run
+would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import InputError
+
+FORMAT = "qkvmean-store"
+FORMAT_VERSION = 1
+METRIC_NAMES = ("entropy", "kl_from_baseline", "top_key_mass")
+CONDITION_ORDER = ("baseline", "mean_q", "mean_k", "mean_v")
+
+#: Maps smaller than this are chunked a few heads together, so that tiny maps do not
+#: each pay for a chunk index entry and a compression call.
+MIN_CHUNK_BYTES = 4096
+
+_STR = h5py.string_dtype("utf-8")
+
+
+# ------------------------------------------------------------------------ compression
+
+
+def parse_compression(spec: str) -> dict:
+    """``deflate[:level]`` (default, level 1, with shuffle), ``gzip[:level]``, ``lzf``, ``none``.
+
+    Returns the h5py ``create_dataset`` keywords.
+    """
+    name, _, level = str(spec).strip().lower().partition(":")
+    if name in ("deflate", "gzip"):
+        try:
+            level = int(level) if level else 1
+        except ValueError:
+            level = -1
+        if not 0 <= level <= 9:
+            raise InputError(f"compression level must be 0..9, got {spec!r} (e.g. deflate:4)")
+        return {"compression": "gzip", "compression_opts": level, "shuffle": True}
+    if name == "lzf" and not level:
+        return {"compression": "lzf", "shuffle": True}
+    if name == "none" and not level:
+        return {}
+    raise InputError(f"unknown compression {spec!r}; use deflate[:0-9], lzf or none")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass
+class Layout:
+    """Everything that fixes the datasets of a store (and of its parts)."""
+
+    n_inputs: int
+    n_layers: int
+    n_heads: int
+    seq: int
+    conditions: list
+    map_dtype: str = "float32"
+    compression: str = "deflate"
+    maps: bool = True
+    layer_ids: list = field(default_factory=list)  # layer numbers for the layer scale
+
+    def __post_init__(self):
+        if not self.layer_ids:
+            self.layer_ids = list(range(self.n_layers))
+
+    def map_chunks(self):
+        per_map = max(self.seq, 1) ** 2 * np.dtype(self.map_dtype).itemsize
+        heads = min(self.n_heads, max(1, math.ceil(MIN_CHUNK_BYTES / per_map)))
+        return (1, 1, max(heads, 1), max(self.seq, 1), max(self.seq, 1))
+
+    def create_datasets(self, f: h5py.File, n_inputs: int):
+        """The map and metric datasets for ``n_inputs`` inputs (a part or the store)."""
+        filters = parse_compression(self.compression)
+        if self.maps:
+            group = f.require_group("attention")
+            for cond in self.conditions:
+                group.create_dataset(
+                    cond,
+                    shape=(n_inputs, self.n_layers, self.n_heads, self.seq, self.seq),
+                    dtype=self.map_dtype,
+                    chunks=self.map_chunks() if n_inputs else None,
+                    **(filters if n_inputs else {}),
+                )
+        group = f.require_group("metrics")
+        shape = (len(self.conditions), n_inputs, self.n_layers, self.n_heads)
+        for name in METRIC_NAMES:
+            group.create_dataset(name, shape=shape, dtype="float32")
+        group.create_dataset("top_key_index", shape=shape, dtype="int32")
+
+
+# ------------------------------------------------------------------------ part files
+
+
+def fsync_path(path: Path, directory: bool = False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def part_name(start: int, stop: int) -> str:
+    return f"part-{start:010d}-{stop:010d}.h5"
+
+
+def write_part(directory: Path, layout: Layout, start: int, stop: int, maps, metrics):
+    """Write inputs ``start:stop`` as one part file, atomically (tmp, fsync, rename).
+
+    ``maps[condition]``: ``(n, layer, head, seq, seq)``; ``metrics[name]``:
+    ``(condition, n, layer, head)``.
+    """
+    final = directory / part_name(start, stop)
+    tmp = final.with_suffix(".h5.tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["start"] = start
+        f.attrs["stop"] = stop
+        layout.create_datasets(f, stop - start)
+        if layout.maps:
+            for cond in layout.conditions:
+                f["attention"][cond][...] = maps[cond]
+        for name in (*METRIC_NAMES, "top_key_index"):
+            f["metrics"][name][...] = metrics[name]
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    fsync_path(directory, directory=True)
+    return final
+
+
+def completed_parts(directory: Path) -> dict:
+    """``{(start, stop): path}`` of the part files that were renamed into place."""
+    done = {}
+    for path in directory.glob("part-*-*.h5"):
+        try:
+            _, start, stop = path.stem.split("-")
+            done[(int(start), int(stop))] = path
+        except ValueError:
+            continue
+    return done
+
+
+def _copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, offset: int):
+    """Copy every stored chunk of ``src`` into ``dst`` at ``offset`` inputs, compressed."""
+    sid, did = src.id, dst.id
+    for i in range(sid.get_num_chunks()):
+        info = sid.get_chunk_info(i)
+        mask, data = sid.read_direct_chunk(info.chunk_offset)
+        did.write_direct_chunk((info.chunk_offset[0] + offset, *info.chunk_offset[1:]), data, mask)
+
+
+def _dimension_scales(f: h5py.File, layout: Layout):
+    scales = {
+        "batch": np.arange(layout.n_inputs, dtype=np.int32),
+        "layer": np.asarray(layout.layer_ids, dtype=np.int32),
+        "head": np.arange(layout.n_heads, dtype=np.int32),
+        "query": np.arange(layout.seq, dtype=np.int32),
+        "key": np.arange(layout.seq, dtype=np.int32),
+        "seq": np.arange(layout.seq, dtype=np.int32),
+    }
+    for name, values in scales.items():
+        f.create_dataset(name, data=values).make_scale(name)
+    cond = f["metrics"].create_dataset("condition", data=np.array(layout.conditions, dtype=_STR))
+    cond.make_scale("condition")
+
+
+def _attach(dset: h5py.Dataset, f: h5py.File, names):
+    for axis, name in enumerate(names):
+        scale = f["metrics/condition"] if name == "condition" else f[name]
+        dset.dims[axis].attach_scale(scale)
+
+
+def assemble(directory: Path, out: Path, layout: Layout, attrs: dict, inputs: dict) -> Path:
+    """Build the final store at ``out`` from the parts in ``directory``, atomically.
+
+    ``inputs``: ``lengths`` (and for model runs ``text`` and ``tokens``).
+    """
+    parts = sorted(completed_parts(directory).items())
+    covered = [rng for rng, _ in parts]
+    expected_start = 0
+    for start, stop in covered:
+        if start != expected_start:
+            raise RuntimeError(f"{directory}: parts do not cover inputs {expected_start}..{start}")
+        expected_start = stop
+    if expected_start != layout.n_inputs:
+        raise RuntimeError(
+            f"{directory}: parts stop at input {expected_start} of {layout.n_inputs}"
+        )
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            layout.create_datasets(f, layout.n_inputs)
+            _dimension_scales(f, layout)
+            group = f.create_group("input")
+            lengths = group.create_dataset("lengths", data=np.asarray(inputs["lengths"], np.int32))
+            _attach(lengths, f, ["batch"])
+            if "text" in inputs:
+                text = group.create_dataset("text", data=np.array(inputs["text"], dtype=_STR))
+                _attach(text, f, ["batch"])
+                tokens = group.create_dataset(
+                    "tokens",
+                    data=np.array(inputs["tokens"], dtype=_STR).reshape(
+                        layout.n_inputs, layout.seq
+                    ),
+                )
+                _attach(tokens, f, ["batch", "seq"])
+            metric_dims = ["condition", "batch", "layer", "head"]
+            for name in (*METRIC_NAMES, "top_key_index"):
+                _attach(f["metrics"][name], f, metric_dims)
+            if layout.maps:
+                for cond in layout.conditions:
+                    _attach(f["attention"][cond], f, ["batch", "layer", "head", "query", "key"])
+            for (start, stop), path in parts:
+                with h5py.File(path, "r") as part:
+                    if layout.maps:
+                        for cond in layout.conditions:
+                            _copy_chunks(part["attention"][cond], f["attention"][cond], start)
+                    for name in (*METRIC_NAMES, "top_key_index"):
+                        f["metrics"][name][:, start:stop] = part["metrics"][name][...]
+        fsync_path(tmp)
+        os.replace(tmp, out)
+        fsync_path(out.parent, directory=True)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class Store:
+    """A qkvmean store opened for reading. Use :func:`open_store`.
+
+    Attributes
+    ----------
+    path : Path
+    attrs : dict
+        The root attributes.
+    config : dict
+        The run configuration (the ``config`` attribute, parsed).
+    conditions : list of str
+        ``baseline``, ``mean_q``, … in the order of the metrics' first axis.
+    n_inputs, n_layers, n_heads, seq : int
+    lengths : ndarray of int
+        Valid tokens per input.
+    has_maps : bool
+        False for a store written with ``--no-maps`` (metrics only).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise InputError(f"{self.path}: is a directory, not a store")
+        if not h5py.is_hdf5(self.path):
+            raise InputError(f"{self.path}: not an HDF5 file (a qkvmean store is HDF5)")
+        self._f = h5py.File(self.path, "r")
+        try:
+            self._check_format()
+            self.attrs = {k: _plain(v) for k, v in self._f.attrs.items()}
+            self.config = json.loads(self.attrs.get("config", "{}"))
+            self.conditions = [
+                s.decode() if isinstance(s, bytes) else str(s)
+                for s in self._f["metrics/condition"][...]
+            ]
+            self.lengths = self._f["input/lengths"][...].astype(np.int64)
+            shape = self._f["metrics/entropy"].shape
+            self.n_inputs, self.n_layers, self.n_heads = shape[1:]
+            self.seq = len(self._f["seq"])
+            self.layer_ids = [int(x) for x in self._f["layer"][...]]
+            self.has_maps = "attention" in self._f
+        except Exception:
+            self._f.close()
+            raise
+
+    def _check_format(self):
+        fmt = self._f.attrs.get("format")
+        if fmt != FORMAT:
+            raise InputError(f"{self.path}: not a qkvmean store (no format = {FORMAT!r} attribute)")
+        version = int(self._f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            from .._version import __version__
+
+            raise InputError(
+                f"{self.path}: store format_version {version} is not one this qkvmean "
+                f"({__version__}) reads (version {FORMAT_VERSION}); use a matching qkvmean"
+            )
+
+    # -- context manager
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (
+            f"<qkvmean Store {self.path.name}: {self.n_inputs} inputs, {self.n_layers} "
+            f"layers, {self.n_heads} heads, seq {self.seq}, {', '.join(self.conditions)}>"
+        )
+
+    # -- inputs
+    @property
+    def source(self) -> str:
+        return str(self.attrs.get("source", ""))
+
+    @property
+    def texts(self):
+        """The input texts (model stores), else None."""
+        if "input/text" not in self._f:
+            return None
+        return [s.decode() if isinstance(s, bytes) else s for s in self._f["input/text"][...]]
+
+    @property
+    def has_tokens(self) -> bool:
+        return "input/tokens" in self._f
+
+    def tokens(self, index: int):
+        """Token strings of one input (its valid positions), or None without tokens."""
+        index = self._input(index)
+        if not self.has_tokens:
+            return None
+        row = self._f["input/tokens"][index, : self.lengths[index]]
+        return [s.decode() if isinstance(s, bytes) else s for s in row]
+
+    # -- maps
+    def _input(self, index) -> int:
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"input index must be an int, got {index!r}")
+        if not -self.n_inputs <= index < self.n_inputs:
+            raise InputError(
+                f"{self.path.name} has {self.n_inputs} inputs (0..{self.n_inputs - 1}); "
+                f"there is no input {index}"
+            )
+        return int(index) % self.n_inputs
+
+    def _layer(self, layer) -> int:
+        if not -self.n_layers <= layer < self.n_layers:
+            raise InputError(
+                f"{self.path.name} has {self.n_layers} layers (0..{self.n_layers - 1}); "
+                f"there is no layer {layer}"
+            )
+        return int(layer) % self.n_layers
+
+    def _condition(self, condition) -> str:
+        if condition not in self.conditions:
+            raise InputError(
+                f"{self.path.name} has no condition {condition!r} "
+                f"(it has {', '.join(self.conditions)})"
+            )
+        if not self.has_maps:
+            raise InputError(f"{self.path.name} was written with --no-maps: it holds metrics only")
+        return condition
+
+    def map(self, condition, index, layer=-1, head="mean", trim=True):
+        """One attention map ``(query, key)``.
+
+        ``head``: an index, or ``"mean"`` for the mean over heads. ``trim``: only the valid
+        ``n × n`` region of the input.
+        """
+        condition = self._condition(condition)
+        dset = self._f["attention"][condition]
+        b = self._input(index)
+        layer = self._layer(layer)
+        if isinstance(head, str):
+            if head != "mean":
+                raise InputError(f"head must be an index or 'mean', got {head!r}")
+            m = dset[b, layer].astype(np.float64).mean(axis=0).astype(np.float32)
+        else:
+            if not -self.n_heads <= head < self.n_heads:
+                raise InputError(
+                    f"{self.path.name} has {self.n_heads} heads (0..{self.n_heads - 1}); "
+                    f"there is no head {head}"
+                )
+            m = dset[b, layer, int(head) % self.n_heads].astype(np.float32)
+        if trim:
+            n = self.lengths[b]
+            m = m[:n, :n]
+        return m
+
+    def maps(self, condition, inputs=slice(None), layer=slice(None), head=slice(None)):
+        """A slice of ``/attention/<condition>``, as stored (numpy indexing)."""
+        condition = self._condition(condition)
+        return self._f["attention"][condition][inputs, layer, head]
+
+    def metric(self, name):
+        """``/metrics/<name>``: ``(condition, input, layer, head)``."""
+        if name not in (*METRIC_NAMES, "top_key_index"):
+            raise InputError(
+                f"unknown metric {name!r}; the store has "
+                f"{', '.join((*METRIC_NAMES, 'top_key_index'))}"
+            )
+        return self._f["metrics"][name][...]
+
+    # -- sizes
+    def storage(self):
+        """``(bytes on disk, bytes of the maps uncompressed, bytes of the maps stored)``."""
+        raw = stored = 0
+        if self.has_maps:
+            for cond in self.conditions:
+                d = self._f["attention"][cond]
+                raw += d.size * d.dtype.itemsize
+                stored += d.id.get_storage_size()
+        return self.path.stat().st_size, raw, stored
+
+    def summary(self) -> dict:
+        """What ``qkvmean inspect`` prints."""
+        on_disk, raw, stored = self.storage()
+        cfg = self.config
+        info = {
+            "store": str(self.path),
+            "format": f"{FORMAT} v{FORMAT_VERSION}, written by qkvmean "
+            f"{self.attrs.get('qkvmean_version')}",
+            "created_utc": self.attrs.get("created_utc"),
+            "source": f"{self.source}: {cfg.get('input', cfg.get('model', '?'))}",
+            "inputs": f"{self.n_inputs} (complete: {self.n_inputs}/{self.n_inputs})",
+            "shape": f"layer {self.n_layers}, head {self.n_heads}, seq {self.seq}",
+            "lengths": f"min {int(self.lengths.min())}, mean {self.lengths.mean():.1f}, "
+            f"max {int(self.lengths.max())}",
+            "conditions": ", ".join(self.conditions),
+            "substitution": f"over {self.attrs.get('over')}, causal {self.attrs.get('causal')}, "
+            f"layers {self.attrs.get('ablate_layers')}, heads "
+            f"{self.attrs.get('ablate_heads')}",
+            "maps": (
+                f"{cfg.get('map_dtype')}, compression {cfg.get('compression')}"
+                if self.has_maps
+                else "none (metrics only)"
+            ),
+            "size_on_disk": f"{on_disk / 1e6:.2f} MB",
+        }
+        if self.has_maps and stored:
+            info["compression_ratio"] = (
+                f"{raw / stored:.2f} ({raw / 1e6:.2f} MB of maps uncompressed)"
+            )
+        return info
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def open_store(path) -> Store:
+    """Open a qkvmean store for reading.
+
+    Refuses files that are not stores, and stores of a ``format_version`` this version of
+    qkvmean does not know, with a :class:`~qkvmean.io.InputError` (a ``ValueError``).
+
+    Examples
+    --------
+    >>> import qkvmean
+    >>> with qkvmean.open_store("run.h5") as store:  # doctest: +SKIP
+    ...     m = store.map("mean_k", 0, layer=-1, head="mean")
+    """
+    return Store(path)

@@ -1,0 +1,429 @@
+"""Runs: inputs → engine → store, batch by batch, resumable after a kill.
+
+A *source* (raw Q/K/V here; a model in :mod:`qkvmean.engine.models`) knows its sizes and
+computes the maps and metrics of a range of inputs. :func:`run` does the rest: batching
+with bounded memory, writing each batch as a part file on a writer thread while the next
+batch computes, progress, resume, and the atomic assembly of the store
+(:mod:`qkvmean.io.store`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import engine
+from ._version import __version__
+from .io import InputError
+from .io import store as st
+from .io.qkv import QKVInput
+
+#: Auto batch size: inputs per batch such that one batch's maps (all conditions, float32)
+#: take about this many bytes. Two batches are in memory at once (one computing, one
+#: being written).
+BATCH_BYTES = 64 * 2**20
+
+
+@dataclass
+class Options:
+    """What is computed and how it is stored (everything but the input itself)."""
+
+    targets: list = field(default_factory=lambda: ["q", "k", "v"])
+    over: str = "tokens"
+    heads: list | None = None  # None: all heads
+    causal: bool | None = None  # None: the input's own setting
+    scale: float | None = None
+    map_dtype: str = "float32"
+    compression: str = "deflate"
+    maps: bool = True
+
+    def check(self):
+        if not self.targets:
+            raise InputError("--targets is empty; choose from q, k, v (e.g. --targets q,k,v)")
+        for t in self.targets:
+            if t not in engine.api.TARGETS:
+                raise InputError(f"--targets: unknown target {t!r}; choose from q, k, v")
+        if len(set(self.targets)) != len(self.targets):
+            raise InputError(f"--targets lists a target twice: {','.join(self.targets)}")
+        if self.over not in engine.api.OVER:
+            raise InputError(f"--over must be tokens or causal, got {self.over!r}")
+        if self.map_dtype not in ("float32", "float16"):
+            raise InputError(f"--dtype must be float32 or float16, got {self.map_dtype!r}")
+        if self.scale is not None and not (np.isfinite(self.scale) and self.scale > 0):
+            raise InputError(f"--scale must be finite and > 0, got {self.scale}")
+        st.parse_compression(self.compression)
+
+    @property
+    def conditions(self):
+        return ["baseline"] + [f"mean_{t}" for t in self.targets]
+
+
+class QKVSource:
+    """Raw Q/K/V from an HDF5 file: each layer's maps from its own Q and K."""
+
+    kind = "qkv"
+
+    def __init__(self, spec, options: Options):
+        self.input = QKVInput(spec)
+        inp = self.input
+        self.n_inputs, self.n_layers = inp.n_inputs, inp.n_layers
+        self.n_heads, self.seq = inp.n_heads, inp.seq
+        self.layer_ids = list(range(self.n_layers))
+        self.lengths = inp.lengths
+        self.causal = inp.causal_attr if options.causal is None else options.causal
+        self.causal = bool(self.causal)
+        _check_heads(options.heads, self.n_heads)
+        self.options = options
+        self.ablate_layers = self.layer_ids  # every layer's own Q/K/V is substituted
+
+    def describe(self):
+        return {"source": "qkv", "input": self.input.spec, "input_identity": self.input.identity()}
+
+    def align(self) -> int:
+        return self.input.chunk_inputs()
+
+    def bytes_per_input(self) -> int:
+        return self.n_layers * self.n_heads * self.seq * (self.seq + 3 * self.input.dim) * 4
+
+    def inputs_record(self) -> dict:
+        return {"lengths": self.lengths}
+
+    def compute(self, start, stop):
+        q, k, _ = self.input.read(start, stop)  # v is read to check its values
+        o = self.options
+        t0 = time.perf_counter()
+        c = engine.conditions(
+            q,
+            k,
+            None,
+            targets=o.targets,
+            over=o.over,
+            heads=o.heads,
+            lengths=self.lengths[start:stop],
+            causal=self.causal,
+            scale=o.scale,
+        )
+        return c, time.perf_counter() - t0
+
+    def close(self):
+        self.input.close()
+
+
+def _check_heads(heads, n_heads):
+    for h in heads or ():
+        if not 0 <= h < n_heads:
+            raise InputError(
+                f"--heads: head {h} is out of range for {n_heads} heads (0..{n_heads - 1})"
+            )
+
+
+@dataclass
+class Summary:
+    path: Path
+    n_inputs: int
+    computed: int  # inputs computed by this invocation (the rest came from parts)
+    seconds: float
+    kernel_seconds: float
+    map_bytes: int  # uncompressed bytes of the maps computed by this invocation
+    file_bytes: int
+    already_complete: bool = False
+
+    def line(self):
+        if self.already_complete:
+            return f"{self.path}: already complete ({self.n_inputs} inputs); nothing to do"
+        rate = self.computed / self.seconds if self.seconds else float("inf")
+        mb = self.map_bytes / 1e6
+        return (
+            f"wrote {self.path} ({self.n_inputs} inputs, {self.file_bytes / 1e6:.1f} MB) in "
+            f"{self.seconds:.1f} s: {rate:.1f} inputs/s, {mb / max(self.seconds, 1e-9):.1f} MB/s "
+            f"of maps"
+        )
+
+
+def _check_output(out: Path):
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{out}: output directory {parent} does not exist")
+    try:  # os.access says yes to root even on a read-only file system: try it
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError:
+        raise InputError(f"{out}: output directory {parent} is not writable") from None
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; give a file name for the store")
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _same_run(recorded, config) -> bool:
+    """Same computation? Everything but where the input file is (it may have moved)."""
+    if not isinstance(recorded, dict):
+        return False
+    current = json.loads(json.dumps(config))  # tuples → lists, as stored
+    return {k: v for k, v in recorded.items() if k != "input"} == {
+        k: v for k, v in current.items() if k != "input"
+    }
+
+
+def _lock(work: Path) -> int:
+    """Hold an exclusive lock on ``work`` for this process (released when it exits)."""
+    fd = os.open(work / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(
+            f"{work}: another qkvmean run is writing this store right now; wait for it"
+        ) from None
+    return fd
+
+
+def _atomic_json(path: Path, data):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    st.fsync_path(tmp)
+    os.replace(tmp, path)
+
+
+def _batches(n, size, align):
+    if size >= align > 1:
+        size -= size % align
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def auto_batch_size(source, n_conditions) -> int:
+    per_input = max(1, source.bytes_per_input() * n_conditions)
+    return int(max(1, min(source.n_inputs, BATCH_BYTES // per_input)))
+
+
+def _progress(total, initial, show):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        size = os.terminal_size((0, 0))
+    # a terminal that reports no size (a bare pty) would get no bar at all from tqdm
+    sized = size.columns > 0 and size.lines > 0
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="input",
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=sized,
+        ncols=None if sized else 80,
+        nrows=None if sized else 24,
+    )
+
+
+def _run_config(source, options: Options) -> dict:
+    """The run's identity: what must match for --resume (besides the input's location)."""
+    return {
+        **source.describe(),
+        **asdict(options),
+        "causal": source.causal,
+        "conditions": options.conditions,
+        "ablate_layers": source.ablate_layers,
+        "row_block": engine.api.config.ROW_BLOCK,
+    }
+
+
+def _open_work(work: Path, out: Path, config, source, batch_size, resume):
+    """Create or reopen the partial directory; return ``(manifest, created, lock fd)``."""
+    if not work.exists():
+        size = batch_size or auto_batch_size(source, len(config["conditions"]))
+        manifest = {
+            "config": config,
+            "batches": _batches(source.n_inputs, size, source.align()),
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "qkvmean_version": __version__,
+        }
+        work.mkdir()
+        lock = _lock(work)
+        _atomic_json(work / "manifest.json", manifest)
+        return manifest, True, lock
+    if not resume:
+        raise InputError(
+            f"{work}: an interrupted run left this; add --resume to continue it or "
+            "--overwrite to start over"
+        )
+    try:
+        manifest = json.loads((work / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise InputError(
+            f"{work}: no readable manifest.json; remove it or pass --overwrite"
+        ) from None
+    if not _same_run(manifest.get("config"), config):
+        raise InputError(
+            f"{work}: was started with a different configuration or input; rerun with "
+            "the same options and input, or pass --overwrite to start over"
+        )
+    lock = _lock(work)
+    # parts and assemblies that a kill interrupted (the lock says no one else is here)
+    for stale in [*work.glob("*.tmp"), *out.parent.glob(f"{out.name}.*.tmp")]:
+        stale.unlink()
+    manifest["batches"] = [tuple(b) for b in manifest["batches"]]
+    return manifest, False, lock
+
+
+def _compute_parts(source, options, layout, work, todo, bar):
+    """Compute the batches ``todo``, writing each as a part while the next one computes.
+
+    Returns ``(inputs computed, kernel seconds, bytes of maps)``.
+    """
+    kernel_seconds = 0.0
+    map_bytes = computed = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-writer") as pool:
+        pending = None
+        for start, stop in todo:
+            c, seconds = source.compute(start, stop)
+            kernel_seconds += seconds
+            maps = None
+            if options.maps:
+                maps = {
+                    n: c.weights[n].astype(options.map_dtype, copy=False) for n in layout.conditions
+                }
+            metrics = {name: c.metrics[name] for name in (*st.METRIC_NAMES, "top_key_index")}
+            map_bytes += sum(w.nbytes for w in c.weights.values())
+            if pending is not None:
+                pending.result()  # at most one batch waits to be written
+            pending = pool.submit(st.write_part, work, layout, start, stop, maps, metrics)
+            computed += stop - start
+            if bar is not None:
+                bar.update(stop - start)
+        if pending is not None:
+            pending.result()
+    return computed, kernel_seconds, map_bytes
+
+
+def _root_attrs(source, options, config, created_utc) -> dict:
+    heads = options.heads if options.heads is not None else range(source.n_heads)
+    return {
+        "format": st.FORMAT,
+        "format_version": np.int32(st.FORMAT_VERSION),
+        "qkvmean_version": __version__,
+        "created_utc": created_utc,
+        "source": source.kind,
+        "causal": bool(source.causal),
+        "over": options.over,
+        "ablate_layers": np.asarray(source.ablate_layers, dtype=np.int32),
+        "ablate_heads": np.asarray(heads, dtype=np.int32),
+        "config": json.dumps(config, sort_keys=True),
+    }
+
+
+def run(
+    source,
+    out,
+    options: Options,
+    *,
+    batch_size=None,
+    resume=False,
+    overwrite=False,
+    show_progress=None,
+) -> Summary:
+    """Compute every input of ``source`` and write the store ``out``.
+
+    ``show_progress``: None shows a progress bar only when stderr is a terminal.
+    """
+    out = Path(out)
+    if show_progress is None:
+        show_progress = sys.stderr.isatty()
+    _check_output(out)
+    config = _run_config(source, options)
+    work = partial_dir(out)
+    if overwrite and work.exists():
+        shutil.rmtree(work)
+    if out.exists() and not overwrite:
+        if not resume:
+            raise InputError(f"{out}: exists; pass --overwrite to replace it")
+        with st.open_store(out) as existing:
+            if not _same_run(existing.config, config):
+                raise InputError(
+                    f"{out}: exists with a different configuration or input; pass "
+                    "--overwrite to replace it"
+                )
+        if work.exists():
+            shutil.rmtree(work)  # left by a kill between the final rename and the cleanup
+        return Summary(out, source.n_inputs, 0, 0.0, 0.0, 0, out.stat().st_size, True)
+
+    manifest, created, lock = _open_work(work, out, config, source, batch_size, resume)
+    try:
+        layout = st.Layout(
+            n_inputs=source.n_inputs,
+            n_layers=source.n_layers,
+            n_heads=source.n_heads,
+            seq=source.seq,
+            conditions=options.conditions,
+            map_dtype=options.map_dtype,
+            compression=options.compression,
+            maps=options.maps,
+            layer_ids=source.layer_ids,
+        )
+        done = st.completed_parts(work)
+        todo = [b for b in manifest["batches"] if b not in done]
+        bar = _progress(source.n_inputs, sum(b - a for a, b in done), show_progress)
+        t_start = time.perf_counter()
+        try:
+            computed, kernel_seconds, map_bytes = _compute_parts(
+                source, options, layout, work, todo, bar
+            )
+        except InputError:
+            if created:  # the input is bad: there is nothing worth resuming
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        attrs = _root_attrs(source, options, config, manifest["created_utc"])
+        st.assemble(work, out, layout, attrs, source.inputs_record())
+        shutil.rmtree(work, ignore_errors=True)
+    finally:
+        os.close(lock)
+    return Summary(
+        out,
+        source.n_inputs,
+        computed,
+        time.perf_counter() - t_start,
+        kernel_seconds,
+        map_bytes,
+        out.stat().st_size,
+    )
+
+
+def inspect_partial(out: Path) -> dict:
+    """Summary of an interrupted run (``STORE.h5.partial/``) for ``qkvmean inspect``."""
+    work = partial_dir(out)
+    try:
+        manifest = json.loads((work / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise InputError(f"{work}: no readable manifest.json; not a qkvmean partial run") from None
+    batches = [tuple(b) for b in manifest["batches"]]
+    total = batches[-1][1] if batches else 0
+    done = sum(stop - start for start, stop in st.completed_parts(work) if (start, stop) in batches)
+    cfg = manifest["config"]
+    size = sum(p.stat().st_size for p in work.iterdir() if p.is_file())
+    return {
+        "store": f"{out} (not written yet: interrupted run in {work.name}/)",
+        "created_utc": manifest.get("created_utc"),
+        "source": f"{cfg.get('source')}: {cfg.get('input', cfg.get('model', '?'))}",
+        "inputs": f"{total} (complete: {done}/{total}; finish with the same command and --resume)",
+        "conditions": ", ".join(cfg.get("conditions", [])),
+        "size_on_disk": f"{size / 1e6:.2f} MB in {len(list(work.glob('part-*.h5')))} parts",
+    }

@@ -1,0 +1,326 @@
+"""``qkvmean run``: refusing bad input cleanly, never clobbering, and resuming after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from test_store import make_qkv
+
+from qkvmean import pipeline
+from qkvmean.cli import main
+
+
+def qkvmean_cmd(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "qkvmean", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
+
+
+@pytest.fixture()
+def good_input(tmp_path):
+    make_qkv(tmp_path / "in.h5", group="/g")
+    return f"{tmp_path / 'in.h5'}:/g"
+
+
+def _write(path, **datasets):
+    with h5py.File(path, "w") as f:
+        for name, value in datasets.items():
+            f[name] = value
+    return path
+
+
+def _bad_inputs(tmp):
+    """(id, argv, regex the one-line message must match)."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(4, 2, 5, 3)).astype(np.float32)
+    nan_q = q.copy()
+    nan_q[2, 1, 3, 0] = np.nan
+    inf_v = q.copy()
+    inf_v[3, 0, 0, 2] = np.inf
+    (tmp / "notes.txt").write_text("not hdf5")
+    cases = {
+        "missing-file": (tmp / "nope.h5", r"nope.h5: no such file"),
+        "not-hdf5": (tmp / "notes.txt", r"notes.txt: not an HDF5 file"),
+        "missing-v": (_write(tmp / "nov.h5", q=q, k=q), r"missing dataset 'v'"),
+        "shape-mismatch": (
+            _write(tmp / "shape.h5", q=q, k=q[:, :, :4], v=q),
+            r"/k: shape \(4, 2, 4, 3\) differs from q's \(4, 2, 5, 3\)",
+        ),
+        "v-mismatch": (
+            _write(tmp / "vshape.h5", q=q, k=q, v=q[:, :1]),
+            r"/v: shape \(4, 1, 5, 3\) does not match q's",
+        ),
+        "rank": (
+            _write(tmp / "rank.h5", q=q[0], k=q[0], v=q[0]),
+            r"/q: shape \(2, 5, 3\) must be \(batch, layer, head, seq, dim\)",
+        ),
+        "non-float": (
+            _write(tmp / "int.h5", q=q.astype(np.int32), k=q, v=q),
+            r"/q: dtype int32 is not float16, float32 or float64",
+        ),
+        "nan": (
+            _write(tmp / "nan.h5", q=nan_q, k=q, v=q),
+            r"/q: input 2 contains nan at \(1, 3, 0\); all values must be finite",
+        ),
+        "inf-v": (
+            _write(tmp / "inf.h5", q=q, k=q, v=inf_v),
+            r"/v: input 3 contains inf at \(0, 0, 2\)",
+        ),
+        "lengths-range": (
+            _write(tmp / "len.h5", q=q, k=q, v=q, lengths=[5, 6, 1, 1]),
+            r"/lengths: input 1 has length 6, outside 0..5",
+        ),
+        "lengths-count": (
+            _write(tmp / "lenc.h5", q=q, k=q, v=q, lengths=[5, 5]),
+            r"/lengths: shape \(2,\), expected \(4,\)",
+        ),
+        "lengths-float": (
+            _write(tmp / "lenf.h5", q=q, k=q, v=q, lengths=[5.0] * 4),
+            r"/lengths: must be an integer dataset",
+        ),
+        "unknown-group": (
+            f"{_write(tmp / 'grp.h5', q=q, k=q, v=q)}:/nothere",
+            r"grp.h5: no group '/nothere' in the file",
+        ),
+    }
+    return [
+        (name, ["run", "--qkv", str(spec), "--out", str(tmp / "out.h5")], rx)
+        for name, (spec, rx) in cases.items()
+    ]
+
+
+def test_bad_input_files_exit_2_with_one_line_and_leave_nothing(tmp_path, capsys):
+    for name, argv, rx in _bad_inputs(tmp_path):
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("qkvmean run: error: "), (name, err)
+        assert __import__("re").search(rx, err), (name, err)
+        assert not (tmp_path / "out.h5").exists(), name
+        assert not (tmp_path / "out.h5.partial").exists(), name
+
+
+BAD_OPTIONS = [
+    (["--targets", "q,x"], r"--targets: unknown target 'x'"),
+    (["--targets", "q,q"], r"--targets lists a target twice"),
+    (["--heads", "0,7"], r"--heads: head 7 is out of range for 3 heads"),
+    (["--heads", "a"], r"argument --heads: expected comma-separated integers"),
+    (["--compression", "zstd"], r"unknown compression 'zstd'"),
+    (["--compression", "deflate:12"], r"compression level must be 0..9"),
+    (["--batch-size", "0"], r"argument --batch-size: expected a positive integer"),
+    (["--scale", "-1"], r"argument --scale: expected a finite number > 0"),
+    (["--dtype", "int8"], r"argument --dtype: invalid choice"),
+    (["--over", "heads"], r"argument --over: invalid choice"),
+    (["--threads", "999"], r"--threads 999 exceeds"),
+    (["--resume", "--overwrite"], r"--resume and --overwrite contradict"),
+]
+
+
+@pytest.mark.parametrize(("extra", "rx"), BAD_OPTIONS, ids=[" ".join(e) for e, _ in BAD_OPTIONS])
+def test_bad_options_exit_2(tmp_path, good_input, extra, rx):
+    proc = qkvmean_cmd("run", "--qkv", good_input, "--out", tmp_path / "o.h5", *extra)
+    assert proc.returncode == 2
+    assert __import__("re").search(rx, proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("o.h5*"))
+
+
+def test_bad_output_locations_exit_2(tmp_path, good_input, capsys):
+    assert main(["run", "--qkv", good_input, "--out", str(tmp_path / "no" / "o.h5")]) == 2
+    assert "output directory" in capsys.readouterr().err
+    assert main(["run", "--qkv", good_input, "--out", "/proc/o.h5"]) == 2
+    assert "is not writable" in capsys.readouterr().err
+    assert main(["run", "--qkv", good_input, "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_existing_store_is_never_clobbered_without_overwrite(tmp_path, good_input, capsys):
+    out = tmp_path / "o.h5"
+    out.write_bytes(b"precious")
+    assert main(["run", "--qkv", good_input, "--out", str(out), "--quiet"]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    assert main(["run", "--qkv", good_input, "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert h5py.is_hdf5(out)
+    # --resume on a complete store with the same configuration: nothing to do
+    assert main(["run", "--qkv", good_input, "--out", str(out), "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    # ... and with another configuration: refused
+    assert (
+        main(["run", "--qkv", good_input, "--out", str(out), "--resume", "--over", "causal"]) == 2
+    )
+    assert "different configuration" in capsys.readouterr().err
+
+
+def test_summary_line_and_quiet(tmp_path, good_input):
+    proc = qkvmean_cmd("run", "--qkv", good_input, "--out", tmp_path / "a.h5")
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "inputs/s" in lines[0] and "MB/s" in lines[0]
+    assert proc.stderr == ""  # stderr is a pipe here: no progress bar
+    proc = qkvmean_cmd("run", "--qkv", good_input, "--out", tmp_path / "b.h5", "--quiet")
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+
+
+def test_input_is_read_in_batches_never_whole(tmp_path, monkeypatch):
+    make_qkv(tmp_path / "in.h5", n=40, chunks=4)
+    reads = []
+    original = pipeline.QKVInput.read
+
+    def spy(self, start, stop):
+        reads.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(pipeline.QKVInput, "read", spy)
+    assert (
+        main(
+            [
+                "run",
+                "--qkv",
+                str(tmp_path / "in.h5"),
+                "--out",
+                str(tmp_path / "o.h5"),
+                "--batch-size",
+                "10",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    # batches are aligned to the input's chunks of 4: 8 at a time
+    assert reads == [8] * 5
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # the auto size is memory-bounded
+    reads.clear()
+    assert (
+        main(["run", "--qkv", str(tmp_path / "in.h5"), "--out", str(tmp_path / "p.h5"), "--quiet"])
+        == 0
+    )
+    assert reads == [1] * 40
+
+
+def _datasets(path):
+    out = {}
+    with h5py.File(path) as f:
+        out["/"] = dict(f.attrs)
+        f.visititems(
+            lambda name, obj: out.__setitem__(
+                name, (obj[...], dict(obj.attrs)) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return out
+
+
+def _assert_same_store(a, b):
+    da, db = _datasets(a), _datasets(b)
+    assert da.keys() == db.keys()
+    for key in da:
+        if key == "/":
+            assert da[key].keys() == db[key].keys()
+            for attr in da[key].keys() - {"created_utc"}:  # the two runs started apart
+                assert np.array_equal(da[key][attr], db[key][attr]), attr
+        elif da[key] is not None:
+            assert np.array_equal(da[key][0], db[key][0]), key
+            assert da[key][0].dtype == db[key][0].dtype, key
+
+
+def test_sigkill_at_several_moments_then_resume_equals_uninterrupted_run(tmp_path):
+    """Kill -9 after the first part, mid-way and during the assembly; resume; compare."""
+    src = tmp_path / "in.h5"
+    make_qkv(src, n=3000, layers=1, heads=2, seq=12, dim=4, dim_v=3, causal=True, seed=3)
+    args = ["run", "--qkv", src, "--batch-size", "40", "--quiet"]
+    ref_out = tmp_path / "ref.h5"
+    assert qkvmean_cmd(*args, "--out", ref_out).returncode == 0
+
+    out = tmp_path / "out.h5"
+    work = pipeline.partial_dir(out)
+    cmd = [sys.executable, "-m", "qkvmean", *map(str, args), "--out", str(out)]
+
+    def parts():
+        return len(list(work.glob("part-*.h5"))) if work.exists() else 0
+
+    def assembling():
+        return any(p.name.endswith(".tmp") for p in tmp_path.glob("out.h5.*.tmp"))
+
+    stages = [lambda: parts() >= 1, lambda: parts() >= 40, lambda: parts() >= 75 or assembling()]
+    kills = 0
+    for i, ready in enumerate(stages):
+        proc = subprocess.Popen(
+            cmd + (["--resume"] if i else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and not ready() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        if out.exists():
+            break
+        assert work.exists()
+        # an interrupted run is never mistaken for a store, nor silently restarted
+        rerun = qkvmean_cmd(*args, "--out", out)
+        assert rerun.returncode == 2 and "--resume" in rerun.stderr
+    assert kills >= 2
+    inspect = qkvmean_cmd("inspect", out)
+    if not out.exists():
+        assert inspect.returncode == 0 and "complete:" in inspect.stdout
+    final = qkvmean_cmd(*args, "--out", out, "--resume")
+    assert final.returncode == 0, final.stderr
+    assert out.exists() and not work.exists()
+    assert not list(tmp_path.glob("*.tmp"))
+    _assert_same_store(out, ref_out)
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path, good_input):
+    """stderr a terminal: a progress bar with a rate; --quiet: nothing at all."""
+    import pty
+
+    for quiet in (False, True):
+        master, slave = pty.openpty()
+        extra = ["--quiet"] if quiet else []
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qkvmean",
+                "run",
+                "--qkv",
+                good_input,
+                "--out",
+                str(tmp_path / f"t{quiet}.h5"),
+                "--batch-size",
+                "1",
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+        )
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        proc.wait(timeout=300)
+        os.close(master)
+        proc.stdout.close()
+        shown = b"".join(chunks).decode(errors="replace")
+        assert proc.returncode == 0
+        if quiet:
+            assert shown == ""
+        else:
+            assert "input/s" in shown and "0/6" in shown
