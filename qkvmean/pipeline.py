@@ -289,7 +289,12 @@ def _compute_parts(source, options, layout, work, todo, bar):
     """
     kernel_seconds = 0.0
     map_bytes = computed = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-writer") as pool:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-writer") as pool,
+        ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1, thread_name_prefix="qkvmean-compress"
+        ) as compress,
+    ):
         pending = None
         for start, stop in todo:
             c, seconds = source.compute(start, stop)
@@ -303,7 +308,7 @@ def _compute_parts(source, options, layout, work, todo, bar):
             map_bytes += sum(w.nbytes for w in c.weights.values())
             if pending is not None:
                 pending.result()  # at most one batch waits to be written
-            pending = pool.submit(st.write_part, work, layout, start, stop, maps, metrics)
+            pending = pool.submit(st.write_part, work, layout, start, stop, maps, metrics, compress)
             computed += stop - start
             if bar is not None:
                 bar.update(stop - start)

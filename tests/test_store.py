@@ -386,3 +386,34 @@ def test_inspect_prints_a_summary(rank5_store, capsys):
     assert main(["inspect", "--json", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["inputs"].startswith("6 (complete: 6/6)")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("compression", ["deflate", "deflate:6", "none", "lzf"])
+def test_chunks_written_by_our_encoder_read_back_exactly(tmp_path, dtype, compression):
+    """5 heads of 100 x 100 maps in chunks of 2 heads: the last chunk is a padded edge."""
+    data, lengths = make_qkv(tmp_path / "in.h5", n=3, layers=1, heads=5, seq=100, dim=8)
+    out = tmp_path / "s.h5"
+    assert (
+        run_cli(
+            "--qkv",
+            tmp_path / "in.h5",
+            "--out",
+            out,
+            "--dtype",
+            dtype,
+            "--compression",
+            compression,
+            "--targets",
+            "q",
+            "--quiet",
+        )
+        == 0
+    )
+    c = qkvmean.conditions(data["q"], data["k"], targets=["q"], lengths=lengths)
+    with h5py.File(out) as f:
+        d = f["attention/baseline"]
+        if dtype == "float32":
+            assert d.chunks == (1, 1, 2, 100, 100)
+        for name in ("baseline", "mean_q"):
+            np.testing.assert_array_equal(f["attention"][name][...], c.weights[name].astype(dtype))
