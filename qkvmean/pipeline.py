@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -90,6 +91,9 @@ class QKVSource:
     def describe(self):
         return {"source": "qkv", "input": self.input.spec, "input_identity": self.input.identity()}
 
+    def notes(self):
+        return iter(())
+
     def align(self) -> int:
         return self.input.chunk_inputs()
 
@@ -118,6 +122,139 @@ class QKVSource:
 
     def close(self):
         self.input.close()
+
+
+class ModelSource:
+    """Texts through a transformer: every layer's maps, substitution at chosen layers."""
+
+    kind = "model"
+
+    def __init__(
+        self,
+        model_spec,
+        texts,
+        options: Options,
+        *,
+        ablate_layers=(0,),
+        max_tokens=None,
+        texts_label="built-in sentences",
+    ):
+        from .io.models import load_model
+
+        if options.causal is not None:
+            raise InputError(
+                "--causal/--no-causal apply to --qkv inputs; a model uses its own mask "
+                "(causal for GPT-2, none for BERT)"
+            )
+        if options.scale is not None:
+            raise InputError("--scale applies to --qkv inputs; a model uses 1/sqrt(head dim)")
+        self.model = load_model(model_spec)
+        w = self.model.weights
+        self.n_layers, self.n_heads = w.n_layers, w.n_heads
+        self.layer_ids = list(range(self.n_layers))
+        self.ablate_layers = _check_layers(ablate_layers, self.n_layers)
+        _check_heads(options.heads, self.n_heads)
+        self.causal = w.causal
+        self.options = options
+        self.texts = list(texts)
+        self.texts_label = texts_label
+        if max_tokens is not None and max_tokens > w.max_positions:
+            raise InputError(
+                f"--max-tokens {max_tokens} exceeds the model's {w.max_positions} positions"
+            )
+        self.max_tokens = max_tokens or w.max_positions
+        self._tokenize()
+
+    def _tokenize(self):
+        tok = self.model.tokenizer
+        tok.enable_truncation(max_length=self.max_tokens)
+        try:
+            encodings = tok.encode_batch(self.texts)
+        finally:
+            tok.no_truncation()
+        self.ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        self.tokens = [list(e.tokens) for e in encodings]
+        self.truncated = sum(bool(e.overflowing) for e in encodings)
+        vocab = self.model.weights.vocab_size
+        for number, ids in enumerate(self.ids):
+            if ids.size and ids.max() >= vocab:
+                raise InputError(
+                    f"text {number}: the tokenizer gives token id {int(ids.max())}, but the "
+                    f"model has only {vocab} embeddings; tokenizer.json and the weights do "
+                    "not match"
+                )
+        self.lengths = np.array([len(i) for i in self.ids], dtype=np.int64)
+        self.n_inputs = len(self.ids)
+        self.seq = max(1, int(self.lengths.max(initial=0)))
+
+    def notes(self):
+        if self.truncated:
+            yield (
+                f"warning: {self.truncated} of {self.n_inputs} inputs were longer than "
+                f"{self.max_tokens} tokens and were cut to {self.max_tokens} (--max-tokens)"
+            )
+
+    def describe(self):
+        digest = hashlib.sha256("\n".join(self.texts).encode()).hexdigest()
+        return {
+            "source": "model",
+            "model": self.model.name,
+            "model_family": self.model.family,
+            "model_identity": self.model.identity,
+            "texts": self.texts_label,
+            "texts_sha256": digest,
+            "max_tokens": self.max_tokens,
+        }
+
+    def align(self) -> int:
+        return 1
+
+    def bytes_per_input(self) -> int:
+        # the maps of every layer, plus the baseline's kept for the KL
+        return 2 * self.n_layers * self.n_heads * self.seq * self.seq * 4
+
+    def inputs_record(self) -> dict:
+        tokens = [t + [""] * (self.seq - len(t)) for t in self.tokens]
+        return {"lengths": self.lengths, "text": self.texts, "tokens": tokens}
+
+    def compute(self, start, stop):
+        from .engine.transformer import model_conditions
+
+        lengths = self.lengths[start:stop]
+        ids = np.zeros((stop - start, max(1, int(lengths.max(initial=0)))), dtype=np.int64)
+        for row, i in enumerate(range(start, stop)):
+            ids[row, : lengths[row]] = self.ids[i]
+        o = self.options
+        t0 = time.perf_counter()
+        c = model_conditions(
+            self.model.weights,
+            ids,
+            lengths,
+            targets=o.targets,
+            over=o.over,
+            heads=o.heads,
+            ablate_layers=self.ablate_layers,
+            seq=self.seq,
+        )
+        return c, time.perf_counter() - t0
+
+    def close(self):
+        pass
+
+
+def _check_layers(layers, n_layers):
+    if layers == "all":
+        return list(range(n_layers))
+    layers = sorted(set(layers))
+    if not layers:
+        raise InputError("--ablate-layers is empty; give layer numbers or 'all'")
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise InputError(
+                f"--ablate-layers: layer {layer} is out of range for {n_layers} layers "
+                f"(0..{n_layers - 1})"
+            )
+    return layers
 
 
 def _check_heads(heads, n_heads):
@@ -168,13 +305,17 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+#: Where the inputs are (they may have moved); their identities are compared instead.
+_LOCATIONS = ("input", "model", "texts")
+
+
 def _same_run(recorded, config) -> bool:
-    """Same computation? Everything but where the input file is (it may have moved)."""
+    """Same computation? Everything but where the inputs live."""
     if not isinstance(recorded, dict):
         return False
     current = json.loads(json.dumps(config))  # tuples → lists, as stored
-    return {k: v for k, v in recorded.items() if k != "input"} == {
-        k: v for k, v in current.items() if k != "input"
+    return {k: v for k, v in recorded.items() if k not in _LOCATIONS} == {
+        k: v for k, v in current.items() if k not in _LOCATIONS
     }
 
 

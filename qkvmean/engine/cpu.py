@@ -17,6 +17,7 @@ writes inside the parallel loop.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -227,6 +228,47 @@ def mean_substitute_kernel(x, lengths, group, select, prefix, shrink, acc, out):
                 out[bg, t, d] = x[bg, t, d]
 
 
+@njit(parallel=True, **_JIT)
+def layer_norm_kernel(x, residual, with_residual, gamma, beta, eps, out):
+    """``out[r] = LayerNorm(x[r] (+ residual[r]))`` per row; statistics in float64.
+
+    ``x``, ``residual``, ``out``: ``(rows, D)``; ``out`` may be ``x``.
+    """
+    n_rows, dim = x.shape
+    for r in prange(n_rows):
+        total = 0.0
+        for d in range(dim):
+            a = x[r, d] + residual[r, d] if with_residual else x[r, d]
+            out[r, d] = a
+            total += a
+        mean = total / dim
+        sq = 0.0
+        for d in range(dim):
+            c = out[r, d] - mean
+            sq += c * c
+        inv = 1.0 / np.sqrt(sq / dim + eps)
+        for d in range(dim):
+            out[r, d] = (out[r, d] - mean) * inv * gamma[d] + beta[d]
+
+
+_SQRT_HALF = 0.7071067811865476
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@njit(parallel=True, **_JIT)
+def bias_gelu_kernel(x, bias, tanh_approx):
+    """In place: ``x = gelu(x + bias)``, exact (erf) or the tanh approximation (GPT-2)."""
+    n_rows, dim = x.shape
+    for r in prange(n_rows):
+        for d in range(dim):
+            a = np.float64(x[r, d] + bias[d])
+            if tanh_approx:
+                g = 0.5 * a * (1.0 + math.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a * a * a)))
+            else:
+                g = 0.5 * a * (1.0 + math.erf(a * _SQRT_HALF))
+            x[r, d] = g
+
+
 @njit(nogil=True, cache=True)
 def scan_finite(flat):
     """Return ``(index of the first non-finite value or -1, max |finite value|)``."""
@@ -330,6 +372,29 @@ def reduce_metrics(rows, lengths, group):
     with config.kernel_guard():
         reduce_metrics_kernel(row_ent, row_kl, colsum, lengths, group, *out)
     return out
+
+
+def layer_norm(x, gamma, beta, eps, residual=None, out=None):
+    """Row-wise LayerNorm of ``x (+ residual)`` (2-D, C-contiguous)."""
+    out = np.empty_like(x) if out is None else out
+    with config.kernel_guard():
+        layer_norm_kernel(
+            x,
+            x if residual is None else residual,
+            residual is not None,
+            gamma,
+            beta,
+            float(eps),
+            out,
+        )
+    return out
+
+
+def bias_gelu(x, bias, tanh_approx):
+    """In place ``x = gelu(x + bias)`` on a 2-D C-contiguous array; returns ``x``."""
+    with config.kernel_guard():
+        bias_gelu_kernel(x, bias, bool(tanh_approx))
+    return x
 
 
 def mean_substitute(x, lengths, group, select, prefix, shrink=1.0):

