@@ -7,6 +7,7 @@ options, unreadable or invalid files): one line on stderr, no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,13 @@ from ._version import __version__
 
 class UsageError(Exception):
     """Bad input from the user: reported on one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the usage itself is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _csv(kind):
@@ -148,7 +156,7 @@ def _add_run(sub):
     out.add_argument(
         "--compression",
         default="deflate",
-        metavar="{deflate[:L],lzf,none}",
+        metavar="{deflate[:L],gzip[:L],lzf,none}",
         help="map compression; deflate (with shuffle, level 1) is readable by "
         "every HDF5 tool (default: deflate)",
     )
@@ -198,7 +206,7 @@ def _add_inspect(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qkvmean",
         description=(
             "Attention weights under mean substitution of Query, Key or Value, "
@@ -304,6 +312,51 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _describe(info) -> list:
+    """The human lines of ``qkvmean inspect``."""
+    mb = info["bytes_on_disk"] / 1e6
+    if not info["complete"]:
+        return [
+            f"store        {info['store']} (not written yet: an interrupted run)",
+            f"source       {info['source']}: {info['input']}",
+            f"inputs       {info['inputs_done']} of {info['inputs_total']} done; finish with "
+            "the same command plus --resume",
+            f"conditions   {', '.join(info['conditions'])}",
+            f"on disk      {mb:.2f} MB in {info['partial']}",
+        ]
+    cfg = info["config"]
+    lengths = info["lengths"]
+    heads = info["ablate_heads"]
+    heads = "all" if heads == list(range(info["heads"])) else heads
+    lines = [
+        f"store        {info['store']} (format v{info['format_version']}, qkvmean "
+        f"{info['qkvmean_version']}, created {info['created_utc']})",
+        f"source       {info['source']}: {info['input']}"
+        + (f" on {info['texts']}" if info.get("texts") else ""),
+        f"inputs       {info['inputs_done']} of {info['inputs_total']} (complete); lengths "
+        f"{lengths['min']}..{lengths['max']}, mean {lengths['mean']:.1f}",
+        f"shape        {info['layers']} layers x {info['heads']} heads x {info['seq']} tokens",
+        f"conditions   {', '.join(info['conditions'])}",
+        f"substitution mean over {info['over']}, layers {info['ablate_layers']}, heads {heads}; "
+        f"causal mask {'on' if info['causal'] else 'off'}; scale "
+        f"{info['scale'] if info['scale'] is not None else 'default (1/sqrt(head dim))'}",
+    ]
+    if info["maps"]:
+        ratio = info["compression_ratio"]
+        lines.append(
+            f"maps         {info['map_dtype']}, {info['compression']}: "
+            f"{info['map_bytes_uncompressed'] / 1e6:.2f} MB stored in "
+            f"{info['map_bytes_stored'] / 1e6:.2f} MB" + (f" (ratio {ratio:.2f})" if ratio else "")
+        )
+    else:
+        lines.append("maps         none (metrics only)")
+    lines.append(f"on disk      {mb:.2f} MB")
+    extra = {k: v for k, v in cfg.items() if k in ("max_tokens", "model_family", "row_block")}
+    if extra:
+        lines.append("config       " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
+    return lines
+
+
 def cmd_inspect(args) -> int:
     import json
 
@@ -319,11 +372,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=1, sort_keys=True))
     else:
-        width = max(len(k) for k in info)
-        for key, value in info.items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" for k, v in value.items())
-            print(f"{key:<{width}}  {value}")
+        print("\n".join(_describe(info)))
     return 0
 
 
@@ -334,16 +383,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from .io import InputError
+    from .pipeline import RunFailed
 
     try:
         return args.func(args)
     except (UsageError, InputError) as exc:
         print(f"qkvmean {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader (| head) went away: nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
-        print(f"qkvmean {args.command}: interrupted", file=sys.stderr)
+        hint = "; continue with the same command plus --resume" if args.command == "run" else ""
+        print(f"qkvmean {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
-    except OSError as exc:
+    except (RunFailed, OSError) as exc:
         print(f"qkvmean {args.command}: failed: {exc}", file=sys.stderr)
         return 1
 

@@ -63,7 +63,18 @@ class Options:
             raise InputError(f"--dtype must be float32 or float16, got {self.map_dtype!r}")
         if self.scale is not None and not (np.isfinite(self.scale) and self.scale > 0):
             raise InputError(f"--scale must be finite and > 0, got {self.scale}")
-        st.parse_compression(self.compression)
+        if not self.maps and self.map_dtype != "float32":
+            raise InputError("--dtype sets the stored maps' dtype; with --no-maps there are none")
+        if self.heads is not None:
+            if not self.heads:
+                raise InputError("--heads is empty; give head numbers or 'all'")
+            twice = sorted({h for h in self.heads if self.heads.count(h) > 1})
+            if twice:
+                raise InputError(f"--heads lists head {twice[0]} twice")
+            self.heads = sorted(self.heads)
+        # one spelling per meaning, so that --resume recognises the same run
+        self.targets = [t for t in engine.api.TARGETS if t in self.targets]
+        self.compression = st.canonical_compression(self.compression)
 
     @property
     def conditions(self):
@@ -78,13 +89,14 @@ class QKVSource:
     def __init__(self, spec, options: Options):
         self.input = QKVInput(spec)
         inp = self.input
+        self.paths = [inp.path]
         self.n_inputs, self.n_layers = inp.n_inputs, inp.n_layers
         self.n_heads, self.seq = inp.n_heads, inp.seq
         self.layer_ids = list(range(self.n_layers))
         self.lengths = inp.lengths
         self.causal = inp.causal_attr if options.causal is None else options.causal
         self.causal = bool(self.causal)
-        _check_heads(options.heads, self.n_heads)
+        _check_heads(options, self.n_heads)
         self.options = options
         self.ablate_layers = self.layer_ids  # every layer's own Q/K/V is substituted
 
@@ -107,17 +119,20 @@ class QKVSource:
         q, k, _ = self.input.read(start, stop)  # v is read to check its values
         o = self.options
         t0 = time.perf_counter()
-        c = engine.conditions(
-            q,
-            k,
-            None,
-            targets=o.targets,
-            over=o.over,
-            heads=o.heads,
-            lengths=self.lengths[start:stop],
-            causal=self.causal,
-            scale=o.scale,
-        )
+        try:
+            c = engine.conditions(
+                q,
+                k,
+                None,
+                targets=o.targets,
+                over=o.over,
+                heads=o.heads,
+                lengths=self.lengths[start:stop],
+                causal=self.causal,
+                scale=o.scale,
+            )
+        except ValueError as exc:  # e.g. values so large that the logits overflow
+            raise InputError(f"{self.input.where()}: inputs {start}..{stop - 1}: {exc}") from None
         return c, time.perf_counter() - t0
 
     def close(self):
@@ -153,11 +168,12 @@ class ModelSource:
         self.n_layers, self.n_heads = w.n_layers, w.n_heads
         self.layer_ids = list(range(self.n_layers))
         self.ablate_layers = _check_layers(ablate_layers, self.n_layers)
-        _check_heads(options.heads, self.n_heads)
+        _check_heads(options, self.n_heads)
         self.causal = w.causal
         self.options = options
         self.texts = list(texts)
         self.texts_label = texts_label
+        self.paths = [texts_label] if Path(texts_label).exists() else []
         if max_tokens is not None and max_tokens > w.max_positions:
             raise InputError(
                 f"--max-tokens {max_tokens} exceeds the model's {w.max_positions} positions"
@@ -257,12 +273,29 @@ def _check_layers(layers, n_layers):
     return layers
 
 
-def _check_heads(heads, n_heads):
-    for h in heads or ():
+def _check_heads(options, n_heads):
+    """Check ``options.heads`` against the model; all heads listed is the same as None."""
+    for h in options.heads or ():
         if not 0 <= h < n_heads:
             raise InputError(
                 f"--heads: head {h} is out of range for {n_heads} heads (0..{n_heads - 1})"
             )
+    if options.heads == list(range(n_heads)):
+        options.heads = None
+
+
+class RunFailed(Exception):
+    """The run could not finish (disk full, I/O error); what is done can be resumed."""
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause of an I/O failure, in one line."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return os.strerror(seen.errno).lower()
+        seen = seen.__cause__ or seen.__context__
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @dataclass
@@ -275,20 +308,33 @@ class Summary:
     map_bytes: int  # uncompressed bytes of the maps computed by this invocation
     file_bytes: int
     already_complete: bool = False
+    maps: bool = True
 
     def line(self):
         if self.already_complete:
             return f"{self.path}: already complete ({self.n_inputs} inputs); nothing to do"
-        rate = self.computed / self.seconds if self.seconds else float("inf")
-        mb = self.map_bytes / 1e6
+        seconds = max(self.seconds, 1e-9)
+        earlier = self.n_inputs - self.computed
+        inputs = f"{self.n_inputs} inputs" + (
+            f", {earlier} of them from the interrupted run" if earlier else ""
+        )
+        rate = f"{self.computed / seconds:.1f} inputs/s"
+        if self.maps:
+            rate += f", {self.map_bytes / 1e6 / seconds:.1f} MB/s of maps"
         return (
-            f"wrote {self.path} ({self.n_inputs} inputs, {self.file_bytes / 1e6:.1f} MB) in "
-            f"{self.seconds:.1f} s: {rate:.1f} inputs/s, {mb / max(self.seconds, 1e-9):.1f} MB/s "
-            f"of maps"
+            f"wrote {self.path} ({inputs}, {self.file_bytes / 1e6:.1f} MB) in "
+            f"{self.seconds:.1f} s: {rate}"
         )
 
 
-def _check_output(out: Path):
+def _check_output(out: Path, inputs=()):
+    if not out.name:
+        raise InputError("--out is empty; give a file name for the store")
+    for path in inputs:
+        if out.resolve() == Path(path).resolve() or (
+            out.exists() and Path(path).exists() and out.samefile(path)
+        ):
+            raise InputError(f"{out}: is an input of this run; write the store elsewhere")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{out}: output directory {parent} does not exist")
@@ -309,14 +355,22 @@ def partial_dir(out: Path) -> Path:
 _LOCATIONS = ("input", "model", "texts")
 
 
-def _same_run(recorded, config) -> bool:
-    """Same computation? Everything but where the inputs live."""
+def _differences(recorded, config) -> str:
+    """'' when ``recorded`` is the same computation as ``config``, else what differs."""
     if not isinstance(recorded, dict):
-        return False
+        return "no readable configuration"
     current = json.loads(json.dumps(config))  # tuples → lists, as stored
-    return {k: v for k, v in recorded.items() if k not in _LOCATIONS} == {
-        k: v for k, v in current.items() if k not in _LOCATIONS
-    }
+    keys = sorted((recorded.keys() | current.keys()) - set(_LOCATIONS))
+    changed = [k for k in keys if recorded.get(k) != current.get(k)]
+    if not changed:
+        return ""
+    parts = []
+    for key in changed:
+        if key.endswith(("identity", "sha256")):
+            parts.append(f"other {key.split('_')[0]} contents")
+        else:
+            parts.append(f"{key} = {recorded.get(key)!r} (now {current.get(key)!r})")
+    return "a different configuration: " + "; ".join(parts)
 
 
 def _lock(work: Path) -> int:
@@ -362,6 +416,7 @@ def _progress(total, initial, show):
     # a terminal that reports no size (a bare pty) would get no bar at all from tqdm
     sized = size.columns > 0 and size.lines > 0
     return tqdm(
+        desc="starting (the first run compiles kernels)",
         total=total,
         initial=initial,
         unit="input",
@@ -385,42 +440,83 @@ def _run_config(source, options: Options) -> dict:
     }
 
 
-def _open_work(work: Path, out: Path, config, source, batch_size, resume):
-    """Create or reopen the partial directory; return ``(manifest, created, lock fd)``."""
-    if not work.exists():
-        size = batch_size or auto_batch_size(source, len(config["conditions"]))
-        manifest = {
-            "config": config,
-            "batches": _batches(source.n_inputs, size, source.align()),
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "qkvmean_version": __version__,
-        }
-        work.mkdir()
-        lock = _lock(work)
-        _atomic_json(work / "manifest.json", manifest)
-        return manifest, True, lock
-    if not resume:
-        raise InputError(
-            f"{work}: an interrupted run left this; add --resume to continue it or "
-            "--overwrite to start over"
-        )
+def _new_work(work: Path, config, source, batch_size):
+    """Create the partial directory atomically (built aside, then renamed into place)."""
+    size = batch_size or auto_batch_size(source, len(config["conditions"]))
+    align = 1 if batch_size else source.align()  # an explicit --batch-size is honoured
+    manifest = {
+        "config": config,
+        "batches": _batches(source.n_inputs, size, align),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "qkvmean_version": __version__,
+    }
+    staging = work.with_name(f"{work.name}.{os.getpid()}.new")
+    staging.mkdir()
+    lock = _lock(staging)
+    _atomic_json(staging / "manifest.json", manifest)
     try:
-        manifest = json.loads((work / "manifest.json").read_text())
-    except (OSError, ValueError):
-        raise InputError(
-            f"{work}: no readable manifest.json; remove it or pass --overwrite"
-        ) from None
-    if not _same_run(manifest.get("config"), config):
-        raise InputError(
-            f"{work}: was started with a different configuration or input; rerun with "
-            "the same options and input, or pass --overwrite to start over"
-        )
-    lock = _lock(work)
-    # parts and assemblies that a kill interrupted (the lock says no one else is here)
-    for stale in [*work.glob("*.tmp"), *out.parent.glob(f"{out.name}.*.tmp")]:
-        stale.unlink()
+        os.rename(staging, work)
+    except OSError:  # another run created it first
+        os.close(lock)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(f"{work}: another qkvmean run is writing this store right now") from None
     manifest["batches"] = [tuple(b) for b in manifest["batches"]]
-    return manifest, False, lock
+    return manifest, lock
+
+
+def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwrite):
+    """Lock (and create or reopen) the partial directory: ``(manifest, created, lock)``.
+
+    The lock is taken before anything in the directory is judged or removed, so a run
+    that is still going is never mistaken for an interrupted one, nor deleted.
+    """
+    for staging in out.parent.glob(f"{work.name}.*.new"):  # a kill during creation
+        try:
+            os.close(_lock(staging))
+        except InputError:
+            continue
+        shutil.rmtree(staging, ignore_errors=True)
+    if work.exists():
+        lock = _lock(work)
+        if overwrite:
+            shutil.rmtree(work)
+            os.close(lock)
+        elif not resume:
+            os.close(lock)
+            raise InputError(
+                f"{work}: an interrupted run left this; add --resume to continue it or "
+                "--overwrite to start over"
+            )
+        else:
+            try:
+                manifest = json.loads((work / "manifest.json").read_text())
+            except (OSError, ValueError):
+                os.close(lock)
+                raise InputError(
+                    f"{work}: no readable manifest.json; pass --overwrite to start over"
+                ) from None
+            differences = _differences(manifest.get("config"), config)
+            if differences:
+                os.close(lock)
+                raise InputError(
+                    f"{work}: was started with {differences}; rerun with the same options "
+                    "and input, or pass --overwrite to start over"
+                )
+            _remove_stale(work, out)
+            manifest["batches"] = [tuple(b) for b in manifest["batches"]]
+            return manifest, False, lock
+    _remove_stale(work, out)
+    manifest, lock = _new_work(work, config, source, batch_size)
+    return manifest, True, lock
+
+
+def _remove_stale(work: Path, out: Path):
+    """Parts and assemblies a kill interrupted (the caller holds the lock)."""
+    stale = [*out.parent.glob(f"{out.name}.*.tmp")]
+    if work.exists():
+        stale += work.glob("*.tmp")
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def _compute_parts(source, options, layout, work, todo, bar):
@@ -452,6 +548,7 @@ def _compute_parts(source, options, layout, work, todo, bar):
             pending = pool.submit(st.write_part, work, layout, start, stop, maps, metrics, compress)
             computed += stop - start
             if bar is not None:
+                bar.set_description_str("", refresh=False)
                 bar.update(stop - start)
         if pending is not None:
             pending.result()
@@ -491,25 +588,24 @@ def run(
     out = Path(out)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
-    _check_output(out)
+    _check_output(out, source.paths)
     config = _run_config(source, options)
     work = partial_dir(out)
-    if overwrite and work.exists():
-        shutil.rmtree(work)
     if out.exists() and not overwrite:
         if not resume:
             raise InputError(f"{out}: exists; pass --overwrite to replace it")
         with st.open_store(out) as existing:
-            if not _same_run(existing.config, config):
-                raise InputError(
-                    f"{out}: exists with a different configuration or input; pass "
-                    "--overwrite to replace it"
-                )
-        if work.exists():
-            shutil.rmtree(work)  # left by a kill between the final rename and the cleanup
+            differences = _differences(existing.config, config)
+        if differences:
+            raise InputError(
+                f"{out}: exists, made with {differences}; pass --overwrite to replace it"
+            )
+        if work.exists():  # left by a kill between the final rename and the cleanup
+            os.close(_lock(work))
+            shutil.rmtree(work, ignore_errors=True)
         return Summary(out, source.n_inputs, 0, 0.0, 0.0, 0, out.stat().st_size, True)
 
-    manifest, created, lock = _open_work(work, out, config, source, batch_size, resume)
+    manifest, created, lock = _open_work(work, out, config, source, batch_size, resume, overwrite)
     try:
         layout = st.Layout(
             n_inputs=source.n_inputs,
@@ -530,15 +626,20 @@ def run(
             computed, kernel_seconds, map_bytes = _compute_parts(
                 source, options, layout, work, todo, bar
             )
+            attrs = _root_attrs(source, options, config, manifest["created_utc"])
+            st.assemble(work, out, layout, attrs, source.inputs_record())
         except InputError:
             if created:  # the input is bad: there is nothing worth resuming
                 shutil.rmtree(work, ignore_errors=True)
             raise
+        except (OSError, RuntimeError) as exc:  # h5py reports a failed flush as RuntimeError
+            raise RunFailed(
+                f"writing {out} failed: {_reason(exc)}; the finished batches are kept in "
+                f"{work.name}/: fix the cause and rerun with --resume"
+            ) from exc
         finally:
             if bar is not None:
                 bar.close()
-        attrs = _root_attrs(source, options, config, manifest["created_utc"])
-        st.assemble(work, out, layout, attrs, source.inputs_record())
         shutil.rmtree(work, ignore_errors=True)
     finally:
         os.close(lock)
@@ -550,6 +651,7 @@ def run(
         kernel_seconds,
         map_bytes,
         out.stat().st_size,
+        maps=options.maps,
     )
 
 
@@ -562,14 +664,18 @@ def inspect_partial(out: Path) -> dict:
         raise InputError(f"{work}: no readable manifest.json; not a qkvmean partial run") from None
     batches = [tuple(b) for b in manifest["batches"]]
     total = batches[-1][1] if batches else 0
-    done = sum(stop - start for start, stop in st.completed_parts(work) if (start, stop) in batches)
+    done = sum(b - a for a, b in st.completed_parts(work) if (a, b) in batches)
     cfg = manifest["config"]
-    size = sum(p.stat().st_size for p in work.iterdir() if p.is_file())
     return {
-        "store": f"{out} (not written yet: interrupted run in {work.name}/)",
+        "store": str(out),
+        "complete": False,
+        "partial": str(work),
         "created_utc": manifest.get("created_utc"),
-        "source": f"{cfg.get('source')}: {cfg.get('input', cfg.get('model', '?'))}",
-        "inputs": f"{total} (complete: {done}/{total}; finish with the same command and --resume)",
-        "conditions": ", ".join(cfg.get("conditions", [])),
-        "size_on_disk": f"{size / 1e6:.2f} MB in {len(list(work.glob('part-*.h5')))} parts",
+        "source": cfg.get("source"),
+        "input": cfg.get("input") or cfg.get("model"),
+        "inputs_done": done,
+        "inputs_total": total,
+        "conditions": cfg.get("conditions"),
+        "bytes_on_disk": sum(p.stat().st_size for p in work.iterdir() if p.is_file()),
+        "config": cfg,
     }

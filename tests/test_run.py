@@ -181,31 +181,20 @@ def test_input_is_read_in_batches_never_whole(tmp_path, monkeypatch):
         reads.append(stop - start)
         return original(self, start, stop)
 
+    def run(name, *extra):
+        reads.clear()
+        argv = ["run", "--qkv", str(tmp_path / "in.h5"), "--out", str(tmp_path / name)]
+        assert main([*argv, "--quiet", *extra]) == 0
+        return list(reads)
+
     monkeypatch.setattr(pipeline.QKVInput, "read", spy)
-    assert (
-        main(
-            [
-                "run",
-                "--qkv",
-                str(tmp_path / "in.h5"),
-                "--out",
-                str(tmp_path / "o.h5"),
-                "--batch-size",
-                "10",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    # batches are aligned to the input's chunks of 4: 8 at a time
-    assert reads == [8] * 5
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # the auto size is memory-bounded
-    reads.clear()
-    assert (
-        main(["run", "--qkv", str(tmp_path / "in.h5"), "--out", str(tmp_path / "p.h5"), "--quiet"])
-        == 0
-    )
-    assert reads == [1] * 40
+    assert run("a.h5", "--batch-size", "10") == [10] * 4  # an explicit size is honoured
+    # the automatic size is bounded by memory, and aligned to the input's chunks of 4
+    per_input = 4 * 2 * 3 * 9 * (9 + 3 * 5) * 4  # conditions x maps and inputs, float32
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 10 * per_input)
+    assert run("b.h5") == [8] * 5
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)
+    assert run("c.h5") == [1] * 40
 
 
 def _datasets(path):
@@ -273,7 +262,7 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted_run(tmp_pat
     assert kills >= 2
     inspect = qkvmean_cmd("inspect", out)
     if not out.exists():
-        assert inspect.returncode == 0 and "complete:" in inspect.stdout
+        assert inspect.returncode == 0 and "of 3000 done; finish with" in inspect.stdout
     final = qkvmean_cmd(*args, "--out", out, "--resume")
     assert final.returncode == 0, final.stderr
     assert out.exists() and not work.exists()
@@ -324,3 +313,175 @@ def test_progress_bar_on_a_terminal_only(tmp_path, good_input):
             assert shown == ""
         else:
             assert "input/s" in shown and "0/6" in shown
+
+
+def _one_line_error(proc, code, rx):
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert __import__("re").search(rx, proc.stderr), proc.stderr
+
+
+def test_a_live_run_is_never_deleted_or_mistaken_for_an_interrupted_one(tmp_path):
+    src = tmp_path / "in.h5"
+    make_qkv(src, n=3000, layers=1, heads=4, seq=24, dim=8, seed=5)
+    out = tmp_path / "o.h5"
+    args = ["run", "--qkv", src, "--out", out, "--batch-size", "10", "--threads", "1", "-q"]
+    live = subprocess.Popen(
+        [sys.executable, "-m", "qkvmean", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    work = pipeline.partial_dir(out)
+    deadline = time.monotonic() + 120
+    while not list(work.glob("part-*.h5")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            proc = qkvmean_cmd(*args, *extra)
+            _one_line_error(proc, 2, r"another qkvmean run is writing this store right now")
+    finally:
+        _, err = live.communicate(timeout=600)
+    assert live.returncode == 0, err
+    assert out.exists() and not work.exists()
+
+
+def test_more_refusals_exit_2(tmp_path, good_input):
+    path = good_input.split(":")[0]
+    _one_line_error(
+        qkvmean_cmd("run", "--qkv", good_input, "--out", path, "--overwrite"),
+        2,
+        r"is an input of this run; write the store elsewhere",
+    )
+    assert h5py.File(path)["g/q"].shape[0] == 6  # the input is intact
+    _one_line_error(
+        qkvmean_cmd("run", "--qkv", good_input, "--out", tmp_path / "a.h5", "--heads", ""),
+        2,
+        r"--heads is empty",
+    )
+    _one_line_error(
+        qkvmean_cmd("run", "--qkv", good_input, "--out", tmp_path / "a.h5", "--heads", "1,1"),
+        2,
+        r"--heads lists head 1 twice",
+    )
+    _one_line_error(
+        qkvmean_cmd(
+            "run",
+            "--qkv",
+            good_input,
+            "--out",
+            tmp_path / "a.h5",
+            "--no-maps",
+            "--dtype",
+            "float16",
+        ),
+        2,
+        r"with --no-maps",
+    )
+    _one_line_error(qkvmean_cmd("run", "--qkv", good_input, "--out", ""), 2, r"--out is empty")
+    _one_line_error(
+        qkvmean_cmd("run", "--qkv", good_input, "--out", tmp_path / "a.h5", "--scale", "0"),
+        2,
+        r"argument --scale: expected a finite",
+    )
+    big = tmp_path / "big.h5"
+    q = np.full((2, 2, 4, 3), 1e30, np.float32)
+    _write(big, q=q, k=q, v=q)
+    _one_line_error(
+        qkvmean_cmd("run", "--qkv", big, "--out", tmp_path / "b.h5"),
+        2,
+        r"big.h5:/: inputs 0..1: q and k are too large for float32",
+    )
+    assert not list(tmp_path.glob("[ab].h5*"))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("no", False),
+        ("False", False),
+        ("0", False),
+        ("true", True),
+        (np.int8(1), True),
+        (np.bool_(False), False),
+        ("maybe", None),
+        (np.array([1, 0]), None),
+        (2, None),
+    ],
+)
+def test_causal_attribute_parsing(tmp_path, value, expected):
+    src = tmp_path / "in.h5"
+    make_qkv(src, causal=value)
+    proc = qkvmean_cmd("run", "--qkv", src, "--out", tmp_path / "o.h5", "-q")
+    if expected is None:
+        _one_line_error(proc, 2, r"attribute causal = .* is not a boolean")
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert bool(h5py.File(tmp_path / "o.h5").attrs["causal"]) is expected
+
+
+def test_group_without_leading_slash_and_locked_input(tmp_path):
+    src = tmp_path / "in.h5"
+    make_qkv(src, group="/capture/run1")
+    assert (
+        qkvmean_cmd(
+            "run", "--qkv", f"{src}:capture/run1", "--out", tmp_path / "o.h5", "-q"
+        ).returncode
+        == 0
+    )
+    with h5py.File(src, "a"):  # another program holds it open for writing
+        proc = qkvmean_cmd("run", "--qkv", f"{src}:/capture/run1", "--out", tmp_path / "p.h5")
+    _one_line_error(proc, 2, r"in.h5: cannot open: .*HDF5_USE_FILE_LOCKING=FALSE")
+
+
+def test_resume_accepts_equivalent_spellings_and_names_what_differs(tmp_path):
+    src = tmp_path / "in.h5"
+    make_qkv(src, n=12, heads=4)
+    out = tmp_path / "o.h5"
+    base = ["run", "--qkv", src, "--out", out, "-q"]
+    assert qkvmean_cmd(*base, "--targets", "v,q", "--compression", "deflate").returncode == 0
+    same = qkvmean_cmd(
+        *base, "--resume", "--targets", "q,v", "--compression", "gzip:1", "--heads", "0,1,2,3"
+    )
+    assert same.returncode == 0, same.stderr
+    other = qkvmean_cmd(*base, "--resume", "--targets", "q,v", "--compression", "deflate:4")
+    _one_line_error(other, 2, r"compression = 'deflate:1' \(now 'deflate:4'\)")
+
+
+def test_disk_full_is_one_line_and_the_run_can_resume(tmp_path, good_input, monkeypatch, capsys):
+    from qkvmean.io import store
+
+    original = store.write_part
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_part", full)
+    out = tmp_path / "o.h5"
+    argv = ["run", "--qkv", good_input, "--out", str(out), "--batch-size", "2", "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left on device" in err and "--resume" in err
+    assert not out.exists() and len(list(pipeline.partial_dir(out).glob("part-*"))) == 1
+    monkeypatch.setattr(store, "write_part", original)
+    assert main([*argv, "--resume"]) == 0 and out.exists()
+
+
+def test_broken_pipe_is_quiet(tmp_path, good_input):
+    out = tmp_path / "o.h5"
+    assert qkvmean_cmd("run", "--qkv", good_input, "--out", out, "-q").returncode == 0
+    proc = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"{sys.executable} -m qkvmean inspect {out} | head -c 0; echo ${{PIPESTATUS[0]}}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.strip() == "0" and proc.stderr == ""

@@ -273,7 +273,8 @@ def test_options_heads_over_targets_causal_scale_dtype(tmp_path):
     )
     expected = _expected_maps(data, lengths, True, "causal", [0, 2], "kq")
     with h5py.File(out) as f:
-        assert [s.decode() for s in f["metrics/condition"][...]] == ["baseline", "mean_k", "mean_q"]
+        # conditions come in the canonical order whatever order --targets names them in
+        assert [s.decode() for s in f["metrics/condition"][...]] == ["baseline", "mean_q", "mean_k"]
         assert list(f.attrs["ablate_heads"]) == [0, 2] and f.attrs["over"] == "causal"
         for name, want in expected.items():
             d = f["attention"][name]
@@ -374,46 +375,17 @@ def test_inspect_prints_a_summary(rank5_store, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     for field in (
-        "source",
-        "qkv:",
-        "complete: 6/6",
-        "layer 2, head 3, seq 9",
-        "baseline, mean_q, mean_k, mean_v",
-        "compression_ratio",
-        "size_on_disk",
+        "source       qkv: ",
+        "inputs       6 of 6 (complete); lengths 3..9",
+        "shape        2 layers x 3 heads x 9 tokens",
+        "conditions   baseline, mean_q, mean_k, mean_v",
+        "mean over tokens, layers [0, 1], heads all; causal mask on",
+        "maps         float32, deflate:1: ",
+        "on disk",
     ):
-        assert field in text
+        assert field in text, field
     assert main(["inspect", "--json", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["inputs"].startswith("6 (complete: 6/6)")
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("compression", ["deflate", "deflate:6", "none", "lzf"])
-def test_chunks_written_by_our_encoder_read_back_exactly(tmp_path, dtype, compression):
-    """5 heads of 100 x 100 maps in chunks of 2 heads: the last chunk is a padded edge."""
-    data, lengths = make_qkv(tmp_path / "in.h5", n=3, layers=1, heads=5, seq=100, dim=8)
-    out = tmp_path / "s.h5"
-    assert (
-        run_cli(
-            "--qkv",
-            tmp_path / "in.h5",
-            "--out",
-            out,
-            "--dtype",
-            dtype,
-            "--compression",
-            compression,
-            "--targets",
-            "q",
-            "--quiet",
-        )
-        == 0
-    )
-    c = qkvmean.conditions(data["q"], data["k"], targets=["q"], lengths=lengths)
-    with h5py.File(out) as f:
-        d = f["attention/baseline"]
-        if dtype == "float32":
-            assert d.chunks == (1, 1, 2, 100, 100)
-        for name in ("baseline", "mean_q"):
-            np.testing.assert_array_equal(f["attention"][name][...], c.weights[name].astype(dtype))
+    assert info["inputs_done"] == info["inputs_total"] == 6 and info["complete"] is True
+    assert info["compression_ratio"] > 1 and info["bytes_on_disk"] == out.stat().st_size
+    assert info["config"]["targets"] == ["q", "k", "v"] and info["lengths"]["max"] == 9

@@ -22,11 +22,32 @@ _FLOATS = ("float16", "float32", "float64")
 
 
 def split_spec(spec: str):
-    """``"path.h5:/group"`` → ``(Path("path.h5"), "/group")``; the group defaults to ``/``."""
-    path, sep, group = str(spec).rpartition(":")
-    if sep and group.startswith("/") and path:
-        return Path(path), group
+    """``"path.h5:/group"`` → ``(Path("path.h5"), "/group")``; the group defaults to ``/``.
+
+    A file whose own name contains ``:`` is taken whole when it exists.
+    """
+    spec = str(spec)
+    path, sep, group = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        return Path(path), "/" + group.lstrip("/")
     return Path(spec), "/"
+
+
+def parse_causal(value, where):
+    """The ``causal`` attribute: a bool, 0/1, or a string such as "true"/"no"."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "1", "on"):
+            return True
+        if word in ("false", "no", "0", "off", ""):
+            return False
+    else:
+        arr = np.asarray(value)
+        if arr.size == 1 and arr.dtype.kind in "biu" and arr.item() in (0, 1):
+            return bool(arr.item())
+    raise InputError(f"{where}: attribute causal = {value!r} is not a boolean (use true/false)")
 
 
 class QKVInput:
@@ -46,7 +67,16 @@ class QKVInput:
             raise InputError(f"{where}: cannot read: {exc.strerror or exc}") from None
         if not ok:
             raise InputError(f"{where}: not an HDF5 file")
-        self._f = h5py.File(self.path, "r")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            hint = ""
+            if "lock" in str(exc):
+                hint = (
+                    "; another program has it open for writing: wait for it, or set "
+                    "HDF5_USE_FILE_LOCKING=FALSE to read it anyway"
+                )
+            raise InputError(f"{where}: cannot open: {exc}{hint}") from None
         try:
             self._check()
         except Exception:
@@ -111,14 +141,7 @@ class QKVInput:
         self.dim_v = v.shape[-1]
         self.lengths = self._read_lengths(group)
         causal = group.attrs.get("causal", self._f.attrs.get("causal"))
-        if causal is not None:
-            try:
-                causal = bool(np.asarray(causal).item())
-            except (ValueError, TypeError):
-                raise InputError(
-                    f"{self.where()}: attribute causal = {causal!r} is not a boolean"
-                ) from None
-        self.causal_attr = causal
+        self.causal_attr = None if causal is None else parse_causal(causal, self.where())
 
     def _read_lengths(self, group):
         if "lengths" not in group:

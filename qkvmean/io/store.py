@@ -65,6 +65,14 @@ def parse_compression(spec: str) -> dict:
     raise InputError(f"unknown compression {spec!r}; use deflate[:0-9], lzf or none")
 
 
+def canonical_compression(spec: str) -> str:
+    """One spelling per setting: ``deflate:L``, ``lzf`` or ``none``."""
+    filters = parse_compression(spec)
+    if filters.get("compression") == "gzip":
+        return f"deflate:{filters['compression_opts']}"
+    return filters.get("compression") or "none"
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -451,6 +459,8 @@ class Store:
                 raise InputError(f"head must be an index or 'mean', got {head!r}")
             m = dset[b, layer].astype(np.float64).mean(axis=0).astype(np.float32)
         else:
+            if isinstance(head, (bool, np.bool_)) or not isinstance(head, (int, np.integer)):
+                raise TypeError(f"head must be an int or 'mean', got {head!r}")
             if not -self.n_heads <= head < self.n_heads:
                 raise InputError(
                     f"{self.path.name} has {self.n_heads} heads (0..{self.n_heads - 1}); "
@@ -488,35 +498,43 @@ class Store:
         return self.path.stat().st_size, raw, stored
 
     def summary(self) -> dict:
-        """What ``qkvmean inspect`` prints."""
+        """What ``qkvmean inspect`` shows, as plain JSON-ready values."""
         on_disk, raw, stored = self.storage()
         cfg = self.config
-        info = {
+        return {
             "store": str(self.path),
-            "format": f"{FORMAT} v{FORMAT_VERSION}, written by qkvmean "
-            f"{self.attrs.get('qkvmean_version')}",
+            "complete": True,
+            "format_version": FORMAT_VERSION,
+            "qkvmean_version": self.attrs.get("qkvmean_version"),
             "created_utc": self.attrs.get("created_utc"),
-            "source": f"{self.source}: {cfg.get('input', cfg.get('model', '?'))}",
-            "inputs": f"{self.n_inputs} (complete: {self.n_inputs}/{self.n_inputs})",
-            "shape": f"layer {self.n_layers}, head {self.n_heads}, seq {self.seq}",
-            "lengths": f"min {int(self.lengths.min())}, mean {self.lengths.mean():.1f}, "
-            f"max {int(self.lengths.max())}",
-            "conditions": ", ".join(self.conditions),
-            "substitution": f"over {self.attrs.get('over')}, causal {self.attrs.get('causal')}, "
-            f"layers {self.attrs.get('ablate_layers')}, heads "
-            f"{self.attrs.get('ablate_heads')}",
-            "maps": (
-                f"{cfg.get('map_dtype')}, compression {cfg.get('compression')}"
-                if self.has_maps
-                else "none (metrics only)"
-            ),
-            "size_on_disk": f"{on_disk / 1e6:.2f} MB",
+            "source": self.source,
+            "input": cfg.get("input") or cfg.get("model"),
+            "texts": cfg.get("texts"),
+            "inputs_done": self.n_inputs,
+            "inputs_total": self.n_inputs,
+            "layers": self.n_layers,
+            "heads": self.n_heads,
+            "seq": self.seq,
+            "lengths": {
+                "min": int(self.lengths.min()) if self.n_inputs else 0,
+                "mean": float(self.lengths.mean()) if self.n_inputs else 0.0,
+                "max": int(self.lengths.max()) if self.n_inputs else 0,
+            },
+            "conditions": self.conditions,
+            "over": self.attrs.get("over"),
+            "causal": bool(self.attrs.get("causal")),
+            "ablate_layers": self.attrs.get("ablate_layers"),
+            "ablate_heads": self.attrs.get("ablate_heads"),
+            "scale": cfg.get("scale"),
+            "maps": self.has_maps,
+            "map_dtype": cfg.get("map_dtype") if self.has_maps else None,
+            "compression": cfg.get("compression") if self.has_maps else None,
+            "bytes_on_disk": on_disk,
+            "map_bytes_uncompressed": raw,
+            "map_bytes_stored": stored,
+            "compression_ratio": raw / stored if stored else None,
+            "config": cfg,
         }
-        if self.has_maps and stored:
-            info["compression_ratio"] = (
-                f"{raw / stored:.2f} ({raw / 1e6:.2f} MB of maps uncompressed)"
-            )
-        return info
 
 
 def _plain(value):
