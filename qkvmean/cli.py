@@ -205,6 +205,100 @@ def _add_inspect(sub):
     p.set_defaults(func=cmd_inspect)
 
 
+def _head(text):
+    if text.strip().lower() == "mean":
+        return "mean"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a head number or 'mean', got {text!r}"
+        ) from None
+
+
+def _add_figure_options(p):
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=-1,
+        help="layer to draw; negative counts from the last (default: -1, the last)",
+    )
+    p.add_argument(
+        "--head",
+        type=_head,
+        default="mean",
+        help="head to draw, or 'mean' for the mean over heads (default: mean)",
+    )
+    p.add_argument("--dpi", type=_positive_int, default=150, help="PNG resolution (default: 150)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+
+
+def _add_render(sub):
+    p = sub.add_parser(
+        "render",
+        help="draw the Query/Key/Value mean figure from a store",
+        description="Draw 'The Mean Operation For Query, Key and Value' from a store: one "
+        "row per input, one column per substituted tensor (Query, Key, Value, those "
+        "present), a shared colour bar. The format follows the extension: .png, .pdf, .svg.",
+    )
+    p.add_argument("store", metavar="STORE.h5")
+    p.add_argument(
+        "-o",
+        "--out",
+        metavar="FILE",
+        required=True,
+        help="the figure to write (.png, .pdf or .svg)",
+    )
+    p.add_argument(
+        "--inputs",
+        type=_csv(int),
+        default=None,
+        metavar="I[,I...]",
+        help="inputs to draw, counting from 0 (default: the first 3)",
+    )
+    _add_figure_options(p)
+    p.add_argument("--baseline", action="store_true", help="add a baseline column")
+    p.add_argument(
+        "--diff",
+        action="store_true",
+        help="draw condition minus baseline on a symmetric diverging scale",
+    )
+    p.add_argument(
+        "--tokens",
+        action="store_true",
+        help="label the axes with the tokens (stores of --model runs)",
+    )
+    p.add_argument("--title", default=None, help="replace the overall title")
+    p.set_defaults(func=cmd_render)
+
+
+def _add_figure(sub):
+    p = sub.add_parser(
+        "figure",
+        help="the main job: run the built-in demo and draw the figure",
+        description="Run the built-in demo (all-MiniLM-L6-v2 if installed, else the "
+        "synthetic model, on three built-in sentences, substitution at layer 0), keep the "
+        "store next to the image (FIGURE.h5) and draw the figure.",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        metavar="FILE",
+        default="figure.png",
+        help="the figure to write (.png, .pdf or .svg; default: figure.png)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help="model directory, 'minilm' or 'synthetic' (default: minilm if "
+        "installed, else synthetic)",
+    )
+    _add_figure_options(p)
+    p.set_defaults(func=cmd_figure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qkvmean",
@@ -215,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qkvmean {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_figure(sub)
     _add_run(sub)
+    _add_render(sub)
     _add_inspect(sub)
     return parser
 
@@ -355,6 +451,60 @@ def _describe(info) -> list:
     if extra:
         lines.append("config       " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
     return lines
+
+
+def cmd_render(args) -> int:
+    from . import render
+
+    out = render.check_output(args.out, args.overwrite)
+    fig = render.draw(
+        args.store,
+        inputs=args.inputs,
+        layer=args.layer,
+        head=args.head,
+        baseline=args.baseline,
+        diff=args.diff,
+        tokens=args.tokens,
+        title=args.title,
+    )
+    render.save(fig, out, dpi=args.dpi)
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_figure(args) -> int:
+    from . import pipeline, render
+    from .io.models import minilm_available
+    from .io.texts import BUILTIN_SENTENCES
+
+    image = render.check_output(args.out, args.overwrite)
+    store = image.with_suffix(".h5")
+    if store.exists() and not args.overwrite:
+        raise UsageError(f"{store}: exists (the figure's store); pass --overwrite to replace it")
+    model = args.model or ("minilm" if minilm_available() else "synthetic")
+    options = pipeline.Options()
+    source = pipeline.ModelSource(model, BUILTIN_SENTENCES, options)
+    # a causal model gets the causal prefix mean: no information from later tokens
+    options.over = "causal" if source.causal else "tokens"
+    summary = pipeline.run(
+        source,
+        store,
+        options,
+        overwrite=args.overwrite,
+        show_progress=False if args.quiet else None,
+    )
+    fig = render.draw(summary.path, layer=args.layer, head=args.head)
+    render.save(fig, image, dpi=args.dpi)
+    if not args.quiet:
+        name = {"minilm": "all-MiniLM-L6-v2 (minilm)", "synthetic": "the synthetic model"}
+        print(
+            f"model:  {name.get(model, model)}; {len(BUILTIN_SENTENCES)} built-in "
+            f"sentences; mean over {options.over} at layer 0"
+        )
+        print(f"store:  {store}")
+        print(f"figure: {image}")
+    return 0
 
 
 def cmd_inspect(args) -> int:

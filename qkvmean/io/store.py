@@ -409,14 +409,15 @@ class Store:
 
     def tokens(self, index: int):
         """Token strings of one input (its valid positions), or None without tokens."""
-        index = self._input(index)
+        index = self.input_index(index)
         if not self.has_tokens:
             return None
         row = self._f["input/tokens"][index, : self.lengths[index]]
         return [s.decode() if isinstance(s, bytes) else s for s in row]
 
     # -- maps
-    def _input(self, index) -> int:
+    def input_index(self, index) -> int:
+        """A valid input index (negative counts from the end), or an InputError."""
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"input index must be an int, got {index!r}")
         if not -self.n_inputs <= index < self.n_inputs:
@@ -426,7 +427,8 @@ class Store:
             )
         return int(index) % self.n_inputs
 
-    def _layer(self, layer) -> int:
+    def layer_index(self, layer) -> int:
+        """A valid layer index (negative counts from the last), or an InputError."""
         if not -self.n_layers <= layer < self.n_layers:
             raise InputError(
                 f"{self.path.name} has {self.n_layers} layers (0..{self.n_layers - 1}); "
@@ -452,8 +454,8 @@ class Store:
         """
         condition = self._condition(condition)
         dset = self._f["attention"][condition]
-        b = self._input(index)
-        layer = self._layer(layer)
+        b = self.input_index(index)
+        layer = self.layer_index(layer)
         if isinstance(head, str):
             if head != "mean":
                 raise InputError(f"head must be an index or 'mean', got {head!r}")

@@ -1,0 +1,236 @@
+"""The figure "The Mean Operation For Query, Key and Value", drawn from a store.
+
+Reads only through :func:`qkvmean.open_store`, so anyone can redraw a colleague's run.
+Uses matplotlib's object API (no pyplot, no GUI backend).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..io import InputError
+from ..io.store import Store, open_store
+
+TENSORS = {"mean_q": "Query", "mean_k": "Key", "mean_v": "Value"}
+FORMATS = (".png", ".pdf", ".svg")
+TITLE = r"The Mean Operation For $\it{Query}$, $\it{Key}$ and $\it{Value}$"
+COLORBAR_LABEL = "Attention Weight"
+DIFF_LABEL = "Attention Weight − Baseline"
+CMAP = "coolwarm"
+
+
+def italic(word: str) -> str:
+    """``word`` in italics (matplotlib mathtext)."""
+    return rf"$\it{{{word}}}$"
+
+
+def panel_title(condition: str, index: int) -> str:
+    """``Taking the Mean of Query (Input 1)``, the tensor in italics; inputs count from 1."""
+    if condition == "baseline":
+        return f"Baseline (Input {index + 1})"
+    return f"Taking the Mean of {italic(TENSORS[condition])} (Input {index + 1})"
+
+
+def pretty_token(token: str) -> str:
+    """Byte-level BPE marks (GPT-2's ``Ġ`` for a space) read as plain text."""
+    return token.replace("Ġ", " ").replace("Ċ", "\\n").strip() or "␣"
+
+
+def _columns(store: Store, baseline: bool, diff: bool):
+    present = [c for c in TENSORS if c in store.conditions]
+    if not present:
+        raise InputError(
+            f"{store.path.name} holds none of mean_q, mean_k, mean_v (it has "
+            f"{', '.join(store.conditions)}); nothing to draw"
+        )
+    if diff and baseline:
+        raise InputError(
+            "--baseline and --diff do not combine (the baseline's difference from itself is zero)"
+        )
+    return (["baseline"] if baseline else []) + present
+
+
+def _inputs(store: Store, inputs):
+    if inputs is None:
+        return list(range(min(3, store.n_inputs)))
+    inputs = list(inputs)
+    if not inputs:
+        raise InputError("--inputs is empty; give input numbers (counting from 0)")
+    for i in inputs:
+        store.input_index(i)  # range check with the store's message
+    return [int(i) % store.n_inputs for i in inputs]
+
+
+def _check_head(store: Store, head):
+    if head == "mean":
+        return head
+    if not -store.n_heads <= head < store.n_heads:
+        raise InputError(
+            f"{store.path.name} has {store.n_heads} heads "
+            f"(0..{store.n_heads - 1}); there is no head {head}"
+        )
+    return int(head) % store.n_heads
+
+
+def draw(
+    store,
+    *,
+    inputs=None,
+    layer=-1,
+    head="mean",
+    baseline=False,
+    diff=False,
+    tokens=False,
+    title=None,
+) -> Figure:
+    """The grid figure: one row per input, one column per substituted tensor.
+
+    Parameters
+    ----------
+    store : Store or path
+        An open store, or the path of one.
+    inputs : sequence of int, optional
+        Input indices (from 0); default the first three.
+    layer : int
+        Layer (negative counts from the last; default the last).
+    head : int or "mean"
+        One head, or the mean over heads (default).
+    baseline : bool
+        Add a baseline column.
+    diff : bool
+        Draw condition − baseline on a symmetric diverging scale.
+    tokens : bool
+        Label the axes with the tokens (stores of model runs).
+    title : str, optional
+        Replace the overall title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    if not isinstance(store, Store):
+        with open_store(store) as opened:
+            return draw(
+                opened,
+                inputs=inputs,
+                layer=layer,
+                head=head,
+                baseline=baseline,
+                diff=diff,
+                tokens=tokens,
+                title=title,
+            )
+    columns = _columns(store, baseline, diff)
+    rows = _inputs(store, inputs)
+    layer = store.layer_index(layer)
+    head = _check_head(store, head)
+    if tokens and not store.has_tokens:
+        raise InputError(
+            f"{store.path.name} has no tokens (only stores of --model runs do); drop --tokens"
+        )
+    maps = {(i, c): store.map(c, i, layer=layer, head=head) for i in rows for c in columns}
+    if diff:
+        maps = {
+            (i, c): m - store.map("baseline", i, layer=layer, head=head)
+            for (i, c), m in maps.items()
+        }
+        peak = max((float(np.abs(m).max(initial=0.0)) for m in maps.values()), default=0.0)
+        limit = _nice_ceiling(peak)
+        vmin, vmax, label = -limit, limit, DIFF_LABEL
+    else:
+        vmin, vmax, label = 0.0, 1.0, COLORBAR_LABEL
+
+    longest = max(store.lengths[i] for i in rows)
+    cell = 3.2 + (0.09 * longest if tokens else 0.0)  # inches per panel
+    fig = Figure(figsize=(cell * len(columns) + 1.3, cell * len(rows) + 0.9), layout="constrained")
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    image = None
+    for r, i in enumerate(rows):
+        labels = [pretty_token(t) for t in store.tokens(i)] if tokens else None
+        for c, cond in enumerate(columns):
+            ax = axes[r, c]
+            image = ax.imshow(
+                maps[(i, cond)],
+                cmap=CMAP,
+                vmin=vmin,
+                vmax=vmax,
+                aspect="equal",
+                interpolation="nearest",
+            )
+            ax.set_title(panel_title(cond, i), fontsize=11)
+            _ticks(ax, labels, len(maps[(i, cond)]))
+    bar = fig.colorbar(
+        image, ax=axes, location="right", shrink=0.85, aspect=20 * max(1, len(rows)) ** 0.5
+    )
+    bar.set_label(label, fontsize=12)
+    if not diff:
+        bar.set_ticks(np.round(np.arange(0.0, 1.0001, 0.2), 1))
+    fig.supxlabel(TITLE if title is None else title, fontsize=14)
+    fig.qkvmean = {
+        "rows": rows,
+        "columns": columns,
+        "layer": layer,
+        "head": head,
+        "colorbar": bar,
+        "axes": axes,
+        "maps": maps,
+    }
+    return fig
+
+
+def _ticks(ax, labels, n):
+    if labels is None:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    ax.set_xticks(range(n), labels[:n], rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels[:n], fontsize=7)
+    ax.tick_params(length=0)
+
+
+def _nice_ceiling(x: float) -> float:
+    """A round upper limit for a symmetric scale (0.05 → 0.05, 0.37 → 0.4)."""
+    if x <= 0:
+        return 1e-3
+    step = 10 ** math.floor(math.log10(x))
+    return math.ceil(x / step - 1e-9) * step
+
+
+def check_output(path, overwrite=False) -> Path:
+    """Refuse an output we cannot or should not write, before any work."""
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise InputError(
+            f"{path}: unknown format {path.suffix or '(none)'!r}; use .png, .pdf or .svg"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{path}: output directory {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError:
+        raise InputError(f"{path}: output directory {parent} is not writable") from None
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists; pass --overwrite to replace it")
+    return path
+
+
+def save(fig: Figure, path, *, dpi=150):
+    """Write ``fig`` (format from the extension) atomically: a temporary file, renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
