@@ -20,134 +20,211 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
 from .. import config
 from .modes import MODE_SHARED_ROW, MODE_UNIFORM
+from .vmath import exp
 
 _JIT = dict(cache=True, fastmath=set(config.FASTMATH), nogil=True)
 
 
-@njit(**_JIT)
-def _normalise_row(w, bg, i, jmax, n_keys):
-    """Turn ``w[bg, i, :jmax]`` (logits) into softmax weights; zero the rest."""
-    m = w[bg, i, 0]
-    for j in range(1, jmax):
-        if w[bg, i, j] > m:
-            m = w[bg, i, j]
-    total = 0.0  # float64 accumulator whatever the dtype
+#: The attention kernels see only validated, finite values (no NaN, no infinity ever
+#: enters or arises: masked entries are skipped, not set to -inf), so they may use every
+#: fast-math flag; that lets LLVM vectorise the max and sum reductions of the softmax.
+_HOT = dict(cache=True, fastmath=True, nogil=True)
+
+#: Query rows whose scores are computed together, sharing each load of a key vector.
+ROWS = 4
+
+
+@njit(**_HOT)
+def _scores4(q, kt, w, bg, i, jmax, scale):
+    """``w[bg, i + r, :jmax] = (scale * q[bg, i + r]) . kt[bg, :, :jmax]`` for r < 4.
+
+    Four rows at a time: the loop over keys runs innermost over contiguous memory and is
+    vectorised, and each key vector is loaded once for the four rows.
+    """
+    w0 = w[bg, i]
+    w1 = w[bg, i + 1]
+    w2 = w[bg, i + 2]
+    w3 = w[bg, i + 3]
     for j in range(jmax):
-        e = np.exp(w[bg, i, j] - m)
-        w[bg, i, j] = e
+        w0[j] = 0.0
+        w1[j] = 0.0
+        w2[j] = 0.0
+        w3[j] = 0.0
+    for d in range(q.shape[2]):
+        a0 = q[bg, i, d] * scale
+        a1 = q[bg, i + 1, d] * scale
+        a2 = q[bg, i + 2, d] * scale
+        a3 = q[bg, i + 3, d] * scale
+        k = kt[bg, d]
+        for j in range(jmax):
+            kj = k[j]
+            w0[j] += a0 * kj
+            w1[j] += a1 * kj
+            w2[j] += a2 * kj
+            w3[j] += a3 * kj
+
+
+@njit(**_HOT)
+def _scores1(q, kt, w, bg, i, jmax, scale):
+    """One row of :func:`_scores4`."""
+    w0 = w[bg, i]
+    for j in range(jmax):
+        w0[j] = 0.0
+    for d in range(q.shape[2]):
+        a0 = q[bg, i, d] * scale
+        k = kt[bg, d]
+        for j in range(jmax):
+            w0[j] += a0 * k[j]
+
+
+@njit(**_HOT)
+def _softmax_row(row, jmax, n_keys, with_metrics, with_kl, p_row, logits):
+    """Softmax of the logits ``row[:jmax]`` in place, zeros after; and its statistics.
+
+    Returns ``(entropy, sum_j p_j d_j, sum_j p_j, log Z)`` with ``d_j`` the logits minus
+    their max and ``Z = sum_j exp(d_j)``: the entropy of the exact softmax distribution is
+    ``log Z - sum_j e_j d_j / Z``, computed from the logits rather than from rounded weights
+    (no logarithm per element, and finite even where a weight underflows to 0). ``p_row``
+    is the baseline's row (for the KL); ``logits`` (when it has ``jmax`` entries) receives
+    ``d``, for rows that will be copied.
+    """
+    m = row[0]
+    for j in range(1, jmax):
+        m = max(m, row[j])
+    total = 0.0  # float64 sums whatever the dtype
+    sed = 0.0
+    spd = 0.0
+    sp = 0.0
+    keep = logits.shape[0] >= jmax
+    for j in range(jmax):
+        d = row[j] - m
+        e = exp(d)
+        row[j] = e
         total += e
+        if with_metrics:
+            sed += e * d
+            if with_kl:
+                spd += p_row[j] * d
+                sp += p_row[j]
+        if keep:
+            logits[j] = d
     inv = 1.0 / total
     for j in range(jmax):
-        w[bg, i, j] = w[bg, i, j] * inv
+        row[j] = row[j] * inv
     for j in range(jmax, n_keys):
-        w[bg, i, j] = 0.0
+        row[j] = 0.0
+    log_z = np.log(total)
+    return log_z - sed * inv, spd, sp, log_z
 
 
-@njit(**_JIT)
-def _score_row(q, kt, scale, w, bg, i, jmax):
-    """``w[bg, i, j] = scale * (q[bg, i] . k[bg, j])`` for ``j < jmax``."""
-    for j in range(jmax):
-        w[bg, i, j] = 0.0
-    for d in range(q.shape[2]):
-        qd = q[bg, i, d]
-        for j in range(jmax):
-            w[bg, i, j] += qd * kt[bg, d, j]
-    for j in range(jmax):
-        w[bg, i, j] *= scale
-
-
-@njit(**_JIT)
+@njit(**_HOT)
 def _output_row(w, v, o, bg, i, jmax):
     """``o[bg, i] = sum_j w[bg, i, j] * v[bg, j]`` over the allowed keys."""
+    out = o[bg, i]
     for e in range(v.shape[2]):
-        o[bg, i, e] = 0.0
+        out[e] = 0.0
     for j in range(jmax):
         a = w[bg, i, j]
+        vj = v[bg, j]
         for e in range(v.shape[2]):
-            o[bg, i, e] += a * v[bg, j, e]
+            out[e] += a * vj[e]
 
 
-@njit(**_JIT)
-def _row_metrics(w, base, base_ent, row_ent, row_kl, colsum, with_kl, bg, blk, i, jmax):
-    """Entropy, KL(baseline || this row) and column sums of the finished row ``w[bg, i]``.
-
-    ``row_ent[bg, i] = -sum_j a_j log a_j``; ``row_kl[bg, i] = sum_j p_j log p_j -
-    sum_j p_j log a_j`` with ``p = base[bg, i]`` and ``base_ent[bg, i] = -sum_j p_j log p_j``
-    from the baseline pass. Both use the same ``log a_j``, so a row equal to its baseline
-    has a KL of exactly 0. A weight that underflowed to 0 where the baseline has mass gives
-    an infinite KL, as the stored maps do.
-    """
-    ent = 0.0
-    cross = 0.0
+@njit(**_HOT)
+def _record_row(mx, bg, blk, i, row, jmax, entropy, spd, sp, log_z):
+    """Store the row's entropy and KL from the baseline; add it to the column sums."""
+    mx.row_ent[bg, i] = entropy
+    if mx.with_kl:
+        # KL(p || a) = sum p log p - sum p log a, with log a_j = d_j - log Z
+        kl = -mx.base_ent[bg, i] - spd + log_z * sp
+        mx.row_kl[bg, i] = max(kl, 0.0)  # >= 0; rounding can dip a hair below
+    col = mx.colsum[bg, blk]
     for j in range(jmax):
-        a = w[bg, i, j]
-        colsum[bg, blk, j] += a
-        if a > 0.0:
-            la = np.log(np.float64(a))
-            ent -= a * la
-            if with_kl:
-                cross += base[bg, i, j] * la
-        elif with_kl and base[bg, i, j] > 0.0:
-            cross = -np.inf
-    row_ent[bg, i] = ent
-    if with_kl:
-        row_kl[bg, i] = -base_ent[bg, i] - cross
+        col[j] += row[j]
 
 
-@njit(**_JIT)
-def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, blk):
-    """Serial worker: weights (and outputs, metrics) of query rows ``i0:i1`` of pair ``bg``."""
+@njit(**_HOT)
+def _attention_block(
+    q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, blk, scratch
+):
+    """Serial worker: weights (and outputs, metrics) of query rows ``i0:i1`` of pair ``bg``.
+
+    ``scratch`` is this thread's row of logits, kept for the rows that
+    ``MODE_SHARED_ROW`` copies.
+    """
     n_keys = w.shape[2]
-    first = -1  # first valid row of this block, for MODE_SHARED_ROW
+    no_logits = scratch[:0]
+    p_row = mx.base[bg, 0] if mx.with_kl else mx.base[0, 0]
     if mx.with_metrics:
+        col = mx.colsum[bg, blk]
         for j in range(n_keys):
-            mx.colsum[bg, blk, j] = 0.0
-    for i in range(i0, i1):
-        if i >= n:  # padded query: the whole row is masked
-            for j in range(n_keys):
-                w[bg, i, j] = 0.0
-            if with_output:
-                for e in range(v.shape[2]):
-                    o[bg, i, e] = 0.0
-            continue
-        jmax = min(n, i + 1) if causal else n
-        if mode == MODE_UNIFORM:
-            for j in range(jmax):
-                w[bg, i, j] = 1.0
-            _normalise_row(w, bg, i, jmax, n_keys)
-        elif mode == MODE_SHARED_ROW and first >= 0:
-            for j in range(n_keys):
-                w[bg, i, j] = w[bg, first, j]
+            col[j] = 0.0
+    first = -1  # the row MODE_SHARED_ROW copies
+    shared = (0.0, 0.0, 0.0, 0.0)
+    top = min(i1, n)  # rows at or after n are padding
+    i = i0
+    while i < top:
+        rows = min(ROWS, top - i)
+        if mode == MODE_UNIFORM:  # identical keys: every logit equal (0 after the max)
+            for r in range(rows):
+                jmax = min(n, i + r + 1) if causal else n
+                for j in range(jmax):
+                    w[bg, i + r, j] = 0.0
+        elif mode == MODE_SHARED_ROW:
+            if first < 0:
+                _scores1(q, kt, w, bg, i, n, scale)
+            rows = 1
+        elif rows == ROWS:
+            _scores4(q, kt, w, bg, i, min(n, i + rows) if causal else n, scale)
         else:
-            _score_row(q, kt, scale, w, bg, i, jmax)
-            _normalise_row(w, bg, i, jmax, n_keys)
-            first = i
+            for r in range(rows):
+                _scores1(q, kt, w, bg, i + r, min(n, i + r + 1) if causal else n, scale)
+        for r in range(rows):
+            row = w[bg, i + r]
+            jmax = min(n, i + r + 1) if causal else n
+            if mx.with_kl:
+                p_row = mx.base[bg, i + r]
+            if mode == MODE_SHARED_ROW and first >= 0:
+                src = w[bg, first]
+                spd = 0.0
+                sp = 0.0
+                for j in range(n_keys):
+                    row[j] = src[j]
+                if mx.with_kl:
+                    for j in range(jmax):
+                        spd += p_row[j] * scratch[j]
+                        sp += p_row[j]
+                entropy, log_z = shared[0], shared[3]
+            else:
+                logits = scratch if mode == MODE_SHARED_ROW else no_logits
+                entropy, spd, sp, log_z = _softmax_row(
+                    row, jmax, n_keys, mx.with_metrics, mx.with_kl, p_row, logits
+                )
+                if mode == MODE_SHARED_ROW:
+                    first = i + r
+                    shared = (entropy, spd, sp, log_z)
+            if with_output:
+                _output_row(w, v, o, bg, i + r, jmax)
+            if mx.with_metrics:
+                _record_row(mx, bg, blk, i + r, row, jmax, entropy, spd, sp, log_z)
+        i += rows
+    for i in range(max(i0, n), i1):  # padded queries: the whole row is masked
+        for j in range(n_keys):
+            w[bg, i, j] = 0.0
         if with_output:
-            _output_row(w, v, o, bg, i, jmax)
-        if mx.with_metrics:
-            _row_metrics(
-                w,
-                mx.base,
-                mx.base_ent,
-                mx.row_ent,
-                mx.row_kl,
-                mx.colsum,
-                mx.with_kl,
-                bg,
-                blk,
-                i,
-                jmax,
-            )
+            for e in range(v.shape[2]):
+                o[bg, i, e] = 0.0
 
 
-@njit(parallel=True, **_JIT)
+@njit(parallel=True, **_HOT)
 def attention_kernel(
-    q, kt, v, lengths, group, modes, causal, scale, row_block, w, o, with_output, mx
+    q, kt, v, lengths, group, modes, causal, scale, row_block, w, o, with_output, mx, scratch
 ):
     """Parallel driver: one task per ``(pair, block of row_block query rows)``."""
     n_pairs = q.shape[0]
@@ -160,7 +237,33 @@ def attention_kernel(
         i1 = min(i0 + row_block, n_rows)
         n = lengths[bg // group]
         mode = modes[bg % group]
-        _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, blk)
+        _attention_block(
+            q,
+            kt,
+            v,
+            n,
+            mode,
+            causal,
+            scale,
+            w,
+            o,
+            with_output,
+            bg,
+            i0,
+            i1,
+            mx,
+            blk,
+            scratch[get_thread_id()],
+        )
+
+
+@njit(parallel=True, **_HOT)
+def transpose_kernel(k, kt):
+    """``kt[p] = k[p].T`` for every pair, in parallel."""
+    for p in prange(k.shape[0]):
+        for j in range(k.shape[1]):
+            for d in range(k.shape[2]):
+                kt[p, d, j] = k[p, j, d]
 
 
 @njit(parallel=True, **_JIT)
@@ -304,7 +407,7 @@ class Metrics(NamedTuple):
 
 def _no_metrics(dtype):
     return Metrics(
-        False, False, np.empty((0, 0, 0), dtype), *(np.empty((0, 0)),) * 3, np.empty((0, 0, 0))
+        False, False, np.empty((1, 1, 0), dtype), *(np.empty((0, 0)),) * 3, np.empty((0, 0, 0))
     )
 
 
@@ -317,8 +420,8 @@ def attention(
     :func:`reduce_metrics`; ``base`` (the baseline weights and row entropies, from a
     metrics call without ``base``) adds the KL from the baseline.
     """
-    n_pairs, n_rows, _ = q.shape
-    kt = np.ascontiguousarray(k.transpose(0, 2, 1))
+    n_pairs, n_rows, dim = q.shape
+    kt = np.empty((n_pairs, dim, n_rows), dtype=q.dtype)
     w = np.empty((n_pairs, n_rows, n_rows), dtype=q.dtype)
     if with_output:
         o = np.empty((n_pairs, n_rows, v.shape[2]), dtype=q.dtype)
@@ -331,7 +434,7 @@ def attention(
         mx = Metrics(
             True,
             with_kl,
-            base[0] if with_kl else np.empty((0, 0, 0), q.dtype),
+            base[0] if with_kl else np.empty((1, 1, 0), q.dtype),
             base[1] if with_kl else np.empty((0, 0)),
             np.zeros((n_pairs, n_rows)),
             np.zeros((n_pairs, n_rows)),
@@ -339,7 +442,10 @@ def attention(
         )
     else:
         mx = _no_metrics(q.dtype)
+    # one row of logits per thread, for MODE_SHARED_ROW
+    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_rows), dtype=q.dtype)
     with config.kernel_guard():
+        transpose_kernel(k, kt)
         attention_kernel(
             q,
             kt,
@@ -354,6 +460,7 @@ def attention(
             o,
             with_output,
             mx,
+            scratch,
         )
     rows = (mx.row_ent, mx.row_kl, mx.colsum) if metrics else None
     return w, (o if with_output else None), rows

@@ -41,26 +41,31 @@ def allowed_mask(n_valid, seq, causal):
     return allowed
 
 
-def attention_weights(q, k, *, lengths=None, causal=False, scale=None):
-    dtype = _result_dtype(q, k)
+def log_attention_weights(q, k, *, lengths=None, causal=False, scale=None):
+    """``log A`` in float64: the stable log-softmax of the allowed logits, -inf elsewhere."""
     q, lengths, bare = _batched(q, lengths)
     k, _, _ = _batched(k, None)
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
     seq = q.shape[-2]
-    weights = np.zeros(q.shape[:-1] + (seq,))
+    log_weights = np.full(q.shape[:-1] + (seq,), -np.inf)
     for b in range(q.shape[0]):
         allowed = allowed_mask(lengths[b], seq, causal)
         scores = scale * (q[b] @ np.swapaxes(k[b], -1, -2))
         scores = np.where(allowed, scores, -np.inf)
         row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
         row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # rows with nothing allowed
-        e = np.where(allowed, np.exp(scores - row_max), 0.0)
-        total = e.sum(axis=-1, keepdims=True)
-        weights[b] = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
-    if bare:
-        weights = weights[0]
-    return weights.astype(dtype)
+        shifted = scores - row_max
+        total = np.exp(shifted).sum(axis=-1, keepdims=True)
+        log_total = np.log(np.where(total > 0, total, 1.0))  # 0 only for rows with nothing
+        log_weights[b] = np.where(allowed, shifted - log_total, -np.inf)
+    return log_weights[0] if bare else log_weights
+
+
+def attention_weights(q, k, *, lengths=None, causal=False, scale=None):
+    dtype = _result_dtype(q, k)
+    log_weights = log_attention_weights(q, k, lengths=lengths, causal=causal, scale=scale)
+    return np.exp(log_weights).astype(dtype)  # exp(-inf) = 0 where not allowed
 
 
 def attention(q, k, v, *, lengths=None, causal=False, scale=None):
@@ -116,17 +121,18 @@ def ablate(q, k, v, *, target, over="tokens", heads=None, lengths=None, causal=F
     return weights.astype(dtype), output.astype(dtype)
 
 
-def metrics(weights, baseline, lengths):
-    """Per-(input, group) metrics of finished maps ``(batch, *group, seq, seq)``.
+def metrics(log_weights, log_baseline, lengths):
+    """Per-(input, group) metrics from the log-weights ``(batch, *group, seq, seq)``.
 
     ``entropy``: mean over valid rows of ``-sum a log a``; ``kl_from_baseline``: mean over
-    valid rows of ``sum p log(p / a)``, ``p`` the baseline; ``top_key_mass`` and
-    ``top_key_index``: the largest column mean over valid rows and its column. An input
-    with no valid token gets 0, 0, 0, -1.
+    valid rows of ``sum p (log p - log a)``, ``p`` the baseline; ``top_key_mass`` and
+    ``top_key_index``: the largest column mean of the weights over valid rows, and its
+    column. An input with no valid token gets 0, 0, 0, -1. Working from log-weights keeps
+    the terms finite where a weight underflows.
     """
-    weights = np.asarray(weights, dtype=np.float64)
-    baseline = np.asarray(baseline, dtype=np.float64)
-    lead = weights.shape[:-2]
+    log_a_all = np.asarray(log_weights, dtype=np.float64)
+    log_p_all = np.asarray(log_baseline, dtype=np.float64)
+    lead = log_a_all.shape[:-2]
     out = {
         "entropy": np.zeros(lead),
         "kl_from_baseline": np.zeros(lead),
@@ -136,19 +142,29 @@ def metrics(weights, baseline, lengths):
     for b, n in enumerate(lengths):
         if n == 0:
             continue
-        a = weights[b, ..., :n, :n]
-        p = baseline[b, ..., :n, :n]
-        log_a = np.log(np.where(a > 0, a, 1.0))  # 0 where a == 0: 0 log 0 = 0
-        log_p = np.log(np.where(p > 0, p, 1.0))
-        out["entropy"][b] = -(a * log_a).sum(-1).mean(-1)
-        # where the baseline has mass and the condition has none, KL is infinite
-        log_ratio = np.where(a > 0, log_p - log_a, np.inf)
-        kl_terms = np.where(p > 0, p * np.where(p > 0, log_ratio, 0.0), 0.0)
-        out["kl_from_baseline"][b] = kl_terms.sum(-1).mean(-1)
+        log_a = log_a_all[b, ..., :n, :n]
+        log_p = log_p_all[b, ..., :n, :n]
+        allowed = np.isfinite(log_a)
+        a = np.exp(log_a)
+        p = np.exp(log_p)
+        safe_a = np.where(allowed, log_a, 0.0)
+        safe_p = np.where(allowed, log_p, 0.0)
+        out["entropy"][b] = -(a * safe_a).sum(-1).mean(-1)
+        out["kl_from_baseline"][b] = (p * (safe_p - safe_a)).sum(-1).mean(-1)
         column_mean = a.mean(axis=-2)
         out["top_key_mass"][b] = column_mean.max(axis=-1)
         out["top_key_index"][b] = column_mean.argmax(axis=-1)
     return out
+
+
+def metrics_from_maps(weights, baseline, lengths):
+    """:func:`metrics` of stored (rounded) maps: ``log`` of the weights themselves."""
+    with np.errstate(divide="ignore"):
+        return metrics(
+            np.log(np.asarray(weights, np.float64)),
+            np.log(np.asarray(baseline, np.float64)),
+            lengths,
+        )
 
 
 def conditions(
@@ -168,21 +184,15 @@ def conditions(
     if lengths is None:
         lengths = np.full(q_arr.shape[0], q_arr.shape[-2])
     v = np.zeros(q_arr.shape, q_arr.dtype) if v is None else v
-    weights = {"baseline": attention_weights(q, k, lengths=lengths, causal=causal, scale=scale)}
+    kw = dict(lengths=lengths, causal=causal, scale=scale)
+    logs = {"baseline": log_attention_weights(q, k, **kw)}
     for target in targets:
-        weights[f"mean_{target}"], _ = ablate(
-            q,
-            k,
-            v,
-            target=target,
-            over=over,
-            heads=heads,
-            lengths=lengths,
-            causal=causal,
-            scale=scale,
-        )
-    names = list(weights)
-    per_condition = [metrics(weights[name], weights["baseline"], lengths) for name in names]
+        q2, k2, _ = substitute(q, k, v, target=target, over=over, heads=heads, lengths=lengths)
+        logs[f"mean_{target}"] = log_attention_weights(q2, k2, **kw)
+    names = list(logs)
+    dtype = _result_dtype(q, k)
+    weights = {name: np.exp(log).astype(dtype) for name, log in logs.items()}
+    per_condition = [metrics(logs[name], logs["baseline"], lengths) for name in names]
     stacked = {m: np.stack([c[m] for c in per_condition]) for m in per_condition[0]}
     return SimpleNamespace(names=names, weights=weights, metrics=stacked)
 

@@ -113,8 +113,17 @@ def _embed(model: Weights, ids):
     return h
 
 
-def _attention_layer(model, layer, index, x, batch, seq, lengths, ablation, base, want):
-    """Self-attention of one layer: ``(context (B*N, D), weights, row metrics)``."""
+def _same_as_baseline(rows):
+    """The row metrics of a layer whose weights are the baseline's: KL exactly 0."""
+    return (rows[0], np.zeros_like(rows[1]), rows[2])
+
+
+def _attention_layer(model, layer, index, x, batch, seq, lengths, ablation, base, want, reuse=None):
+    """Self-attention of one layer: ``(context (B*N, D), weights, row metrics)``.
+
+    ``reuse``: the baseline's ``(weights, rows)`` of this layer when only ``v`` differs
+    from the baseline here (its weights are then the baseline's, bit for bit).
+    """
     n_heads, head_dim = model.n_heads, model.head_dim
     qkv = x @ layer.wqkv
     qkv += layer.bqkv
@@ -122,6 +131,13 @@ def _attention_layer(model, layer, index, x, batch, seq, lengths, ablation, base
     q, k, v = (
         _split_heads(qkv[:, i * d : (i + 1) * d], batch, seq, n_heads, head_dim) for i in range(3)
     )
+    # the guard of the public API: every logit must stay finite in float32
+    q_max, k_max = cpu.scan_finite(q.reshape(-1))[1], cpu.scan_finite(k.reshape(-1))[1]
+    if not q_max * k_max * head_dim < float(np.finfo(np.float32).max) / 4:
+        raise ValueError(
+            f"the attention logits overflow float32 at layer {index} (max|q| = {q_max:.3g}, "
+            f"max|k| = {k_max:.3g}); the model's weights are too large or damaged"
+        )
     modes = np.zeros(n_heads, dtype=np.int8)
     if ablation.target is not None and index in ablation.layers:
         select = np.ones(n_heads, np.bool_) if ablation.heads is None else ablation.heads
@@ -149,32 +165,63 @@ def _attention_layer(model, layer, index, x, batch, seq, lengths, ablation, base
         1.0 / np.sqrt(head_dim),
         config.ROW_BLOCK,
         True,
-        metrics=want,
+        metrics=want and reuse is None,
         base=base,
     )
+    if reuse is not None:
+        w, rows = reuse[0], _same_as_baseline(reuse[1]) if want else None
     return _merge_heads(o, batch, seq, n_heads, head_dim), w, rows
 
 
-def forward(model: Weights, ids, lengths, ablation=None, *, base=None, metrics=True):
+def forward(
+    model: Weights,
+    ids,
+    lengths,
+    ablation=None,
+    *,
+    base=None,
+    metrics=True,
+    start=0,
+    hidden=None,
+    reuse_first=None,
+    keep_inputs=False,
+):
     """Run the model on ``ids`` ``(B, N)`` (padded; ``lengths`` valid tokens each).
 
-    Returns ``(weights, rows, hidden)``: per layer the attention weights ``(B*H, N, N)``
-    and (with ``metrics``) the row metrics for :func:`cpu.reduce_metrics`, and the final
-    hidden states ``(B, N, D)``. ``base``: the baseline's per-layer ``(weights, row
-    entropies)``, for the KL from the baseline.
+    Returns ``(weights, rows, hidden, inputs)``: per layer from ``start`` on, the attention
+    weights ``(B*H, N, N)`` and (with ``metrics``) the row metrics for
+    :func:`cpu.reduce_metrics`; the final hidden states ``(B, N, D)``; and (with
+    ``keep_inputs``) every layer's input hidden states. ``base``: the baseline's per-layer
+    ``(weights, row entropies)``, for the KL from the baseline. ``start``/``hidden``:
+    begin at layer ``start`` from its input hidden states (those of an earlier pass).
+    ``reuse_first``: the baseline's ``(weights, rows)`` of layer ``start``, when only ``v``
+    changes there.
     """
     ablation = ablation or Ablation()
     ids = np.asarray(ids)
     lengths = np.asarray(lengths, dtype=np.int64)
     batch, seq = ids.shape
-    h = _embed(model, ids)
-    weights, rows = [], []
+    h = _embed(model, ids) if hidden is None else hidden
+    weights, rows, inputs = [], [], []
     gpt2 = model.family == "gpt2"
-    for index, layer in enumerate(model.layers):
+    for index in range(start, model.n_layers):
+        layer = model.layers[index]
+        if keep_inputs:
+            inputs.append(h)
         x = cpu.layer_norm(h, *layer.ln1, model.eps) if gpt2 else h
         layer_base = None if base is None else base[index]
         ctx, w, r = _attention_layer(
-            model, layer, index, x, batch, seq, lengths, ablation, layer_base, metrics
+            model,
+            layer,
+            index,
+            x,
+            batch,
+            seq,
+            lengths,
+            ablation,
+            layer_base,
+            metrics,
+            reuse=reuse_first if index == start else None,
         )
         weights.append(w)
         rows.append(r)
@@ -191,9 +238,14 @@ def forward(model: Weights, ids, lengths, ablation=None, *, base=None, metrics=T
         m = m @ layer.w2
         m += layer.b2
         h = h + m if gpt2 else cpu.layer_norm(m, *layer.ln2, model.eps, residual=h)
+        if cpu.scan_finite(h.reshape(-1))[0] >= 0:
+            raise ValueError(
+                f"the model's activations overflow float32 at layer {index}; its weights "
+                "are too large or damaged"
+            )
     if model.final_ln is not None:
         h = cpu.layer_norm(h, *model.final_ln, model.eps)
-    return weights, rows, h.reshape(batch, seq, model.d_model)
+    return weights, rows, h.reshape(batch, seq, model.d_model), inputs
 
 
 def model_conditions(
@@ -239,13 +291,28 @@ def model_conditions(
             ]
         )
 
-    w0, r0, _ = forward(model, ids, lengths)
+    w0, r0, _, inputs = forward(model, ids, lengths, keep_inputs=True)
     record("baseline", w0, r0)
     base = [(w, r[0]) for w, r in zip(w0, r0, strict=True)]
     layers = frozenset(ablate_layers)
+    first = min(layers)
+    # Layers before the first ablated one are the baseline's: start there, from the
+    # baseline's hidden states (same bits, KL exactly 0, work saved).
+    unchanged_w = w0[:first]
+    unchanged_r = [_same_as_baseline(r) for r in r0[:first]]
     for target in targets:
         ablation = Ablation(target=target, over=over, layers=layers, heads=head_mask)
-        w, r, _ = forward(model, ids, lengths, ablation, base=base)
-        record(f"mean_{target}", w, r)
+        reuse = (w0[first], r0[first]) if target == "v" else None
+        w, r, _, _ = forward(
+            model,
+            ids,
+            lengths,
+            ablation,
+            base=base,
+            start=first,
+            hidden=inputs[first],
+            reuse_first=reuse,
+        )
+        record(f"mean_{target}", unchanged_w + w, unchanged_r + r)
     metrics = {name: np.stack([c[i] for c in per_condition]) for i, name in enumerate(METRICS)}
     return Conditions(names=names, weights=maps, metrics=metrics)
