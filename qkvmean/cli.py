@@ -216,6 +216,13 @@ def _head(text):
         ) from None
 
 
+def _dpi(text):
+    value = _positive_int(text)
+    if not 10 <= value <= 1200:
+        raise argparse.ArgumentTypeError(f"expected a resolution from 10 to 1200, got {text!r}")
+    return value
+
+
 def _add_figure_options(p):
     p.add_argument(
         "--layer",
@@ -229,7 +236,7 @@ def _add_figure_options(p):
         default="mean",
         help="head to draw, or 'mean' for the mean over heads (default: mean)",
     )
-    p.add_argument("--dpi", type=_positive_int, default=150, help="PNG resolution (default: 150)")
+    p.add_argument("--dpi", type=_dpi, default=150, help="PNG resolution, 10..1200 (default: 150)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
 
@@ -485,6 +492,14 @@ def cmd_figure(args) -> int:
     model = args.model or ("minilm" if minilm_available() else "synthetic")
     options = pipeline.Options()
     source = pipeline.ModelSource(model, BUILTIN_SENTENCES, options)
+    # check what the drawing will ask for before anything is computed or written
+    n_layers, n_heads = source.n_layers, source.n_heads
+    if not -n_layers <= args.layer < n_layers:
+        raise UsageError(
+            f"--layer {args.layer}: the model has {n_layers} layers (0..{n_layers - 1})"
+        )
+    if args.head != "mean" and not -n_heads <= args.head < n_heads:
+        raise UsageError(f"--head {args.head}: the model has {n_heads} heads (0..{n_heads - 1})")
     # a causal model gets the causal prefix mean: no information from later tokens
     options.over = "causal" if source.causal else "tokens"
     summary = pipeline.run(

@@ -191,6 +191,13 @@ class ModelSource:
         self.ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         self.tokens = [list(e.tokens) for e in encodings]
         self.truncated = sum(bool(e.overflowing) for e in encodings)
+        specials = tok.num_special_tokens_to_add(is_pair=False)
+        if self.max_tokens <= specials:  # the tokenizer would keep its specials regardless
+            raise InputError(
+                f"--max-tokens {self.max_tokens} leaves no room next to the {specials} special "
+                f"tokens this tokenizer adds to every input; use at least {specials + 1}"
+            )
+        self.empty = [i for i, ids in enumerate(self.ids) if ids.size == 0]
         vocab = self.model.weights.vocab_size
         for number, ids in enumerate(self.ids):
             if ids.size and ids.max() >= vocab:
@@ -204,6 +211,11 @@ class ModelSource:
         self.seq = max(1, int(self.lengths.max(initial=0)))
 
     def notes(self):
+        if self.empty:
+            yield (
+                f"warning: {len(self.empty)} inputs have no tokens at all (the first is "
+                f"text {self.empty[0]}); their maps are empty"
+            )
         if self.truncated:
             yield (
                 f"warning: {self.truncated} of {self.n_inputs} inputs were longer than "
@@ -242,16 +254,19 @@ class ModelSource:
             ids[row, : lengths[row]] = self.ids[i]
         o = self.options
         t0 = time.perf_counter()
-        c = model_conditions(
-            self.model.weights,
-            ids,
-            lengths,
-            targets=o.targets,
-            over=o.over,
-            heads=o.heads,
-            ablate_layers=self.ablate_layers,
-            seq=self.seq,
-        )
+        try:
+            c = model_conditions(
+                self.model.weights,
+                ids,
+                lengths,
+                targets=o.targets,
+                over=o.over,
+                heads=o.heads,
+                ablate_layers=self.ablate_layers,
+                seq=self.seq,
+            )
+        except ValueError as exc:
+            raise InputError(f"{self.model.name}: inputs {start}..{stop - 1}: {exc}") from None
         return c, time.perf_counter() - t0
 
     def close(self):

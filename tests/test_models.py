@@ -51,7 +51,7 @@ def _compare_forward(model, texts, target, over, layers, heads, tol):
         mask = np.zeros(w.n_heads, bool)
         mask[heads] = True
     ablation = T.Ablation(target=target, over=over, layers=frozenset(layers), heads=mask)
-    got, _, hidden = T.forward(w, ids, lengths, ablation, metrics=False)
+    got, _, hidden, _ = T.forward(w, ids, lengths, ablation, metrics=False)
     want, want_hidden = ref.transformer_forward(
         w, ids, lengths, target=target, over=over, heads=heads, ablate_layers=layers
     )
@@ -96,9 +96,9 @@ def test_fast_paths_equal_general_path_in_a_model(minilm):
     for target in "qk":
         ablation = T.Ablation(target=target, layers=frozenset({0, 3}))
         with patched(FAST_PATHS=True):
-            fast, _, h_fast = T.forward(minilm.weights, ids, lengths, ablation, metrics=False)
+            fast, _, h_fast, _ = T.forward(minilm.weights, ids, lengths, ablation, metrics=False)
         with patched(FAST_PATHS=False):
-            slow, _, h_slow = T.forward(minilm.weights, ids, lengths, ablation, metrics=False)
+            slow, _, h_slow, _ = T.forward(minilm.weights, ids, lengths, ablation, metrics=False)
         for a, b in zip(fast, slow, strict=True):
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(h_fast, h_slow)
@@ -209,7 +209,7 @@ def test_synthetic_tokenizer_and_determinism():
 def test_synthetic_attention_is_far_from_uniform():
     weights, tok = synthetic.build()
     ids, lengths = padded_ids(tok, BUILTIN_SENTENCES)
-    w, _, _ = T.forward(weights, ids, lengths, metrics=False)
+    w, _, _, _ = T.forward(weights, ids, lengths, metrics=False)
     n = ids.shape[1]
     uniform = np.mean([np.log(i + 1) for i in range(n)])  # causal uniform rows
     for layer in range(weights.n_layers):
@@ -438,3 +438,176 @@ def test_gpt2_dir_copied_elsewhere_still_resumes(tmp_path, gpt2_dir):
     assert main(["run", "--model", str(moved), "--out", str(out), "--resume", "--quiet"]) == 0
     edit_config(moved, layer_norm_epsilon=1e-6)
     assert main(["run", "--model", str(moved), "--out", str(out), "--resume", "--quiet"]) == 2
+
+
+GOLDEN = __import__("json").loads(
+    (__import__("pathlib").Path(__file__).parent / "data" / "golden.json").read_text()
+)
+
+
+def _check_golden(model, texts, golden, over, layer):
+    """Every condition's maps against Hugging Face transformers (tests/data/make_golden.py)."""
+    ids, lengths = padded_ids(model.tokenizer, texts)
+    c = T.model_conditions(model.weights, ids, lengths, over=over, ablate_layers=(layer,))
+    for name in ("baseline", "mean_q", "mean_k", "mean_v"):
+        for b, want in enumerate(golden[name]):
+            n = lengths[b]
+            got = c.weights[name][b, :, :, :n, :n].astype(np.float64)
+            np.testing.assert_allclose(
+                got.mean(axis=1), want["head_mean"], atol=1e-5, err_msg=f"{name} input {b}"
+            )
+            np.testing.assert_allclose(
+                got[layer],
+                want["heads_at_substitution"],
+                atol=1e-5,
+                err_msg=f"{name} input {b} layer {layer}",
+            )
+
+
+def test_minilm_matches_hugging_face_transformers(minilm):
+    _check_golden(minilm, BUILTIN_SENTENCES[:2], GOLDEN["minilm"], "tokens", 0)
+
+
+def test_gpt2_checkpoint_matches_hugging_face_transformers(gpt2_dir):
+    model = M.load_model(str(gpt2_dir))
+    _check_golden(model, ("the quick fox", "mean keys"), GOLDEN["gpt2"], "causal", 1)
+
+
+def _rewrite_safetensors(path, transform):
+    """Rewrite model.safetensors by hand: ``transform(name, array) -> (name, dtype, bytes)``."""
+    import json as _json
+
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    header, blobs, offset = {}, [], 0
+    for name, array in tensors.items():
+        new_name, dtype, data = transform(name, array)
+        header[new_name] = {
+            "dtype": dtype,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        blobs.append(data)
+        offset += len(data)
+    raw = _json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (path / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
+
+
+def test_damaged_and_oversized_weights_are_refused(tmp_path, gpt2_dir, capsys):
+    d = copy_model(gpt2_dir, tmp_path / "nan")
+
+    def poison(name, a):
+        a = a.copy()
+        if name == "h.0.attn.c_attn.weight":
+            a[3, 5] = np.nan
+        return name, "F32", a.astype("<f4").tobytes()
+
+    _rewrite_safetensors(d, poison)
+    _expect(d, r"tensor 'h.0.attn.c_attn.weight' holds nan at \(3, 5\); the weights are damaged")
+    d = copy_model(gpt2_dir, tmp_path / "big")
+    _rewrite_safetensors(
+        d,
+        lambda n, a: (
+            n,
+            "F32",
+            (a * (1e25 if n.endswith("c_attn.weight") else 1)).astype("<f4").tobytes(),
+        ),
+    )
+    model = M.load_model(str(d))
+    texts = tmp_path / "t.txt"
+    texts.write_text("the quick fox\n")
+    argv = ["run", "--model", str(d), "--text", str(texts), "--out", str(tmp_path / "o.h5")]
+    assert _exit_code(argv) == 2
+    assert "the attention logits overflow float32 at layer 0" in capsys.readouterr().err
+    assert np.isfinite(model.weights.layers[0].wqkv).all()  # every weight is finite
+    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
+
+
+def test_bfloat16_and_gamma_beta_checkpoints_load(tmp_path, gpt2_dir, minilm):
+    d = copy_model(gpt2_dir, tmp_path / "bf16")
+
+    def to_bf16(name, a):
+        bits = a.astype("<f4").view("<u4") >> 16
+        return name, "BF16", bits.astype("<u2").tobytes()
+
+    _rewrite_safetensors(d, to_bf16)
+    a, b = M.load_model(str(gpt2_dir)), M.load_model(str(d))
+    want = (a.weights.layers[1].w1.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    np.testing.assert_array_equal(b.weights.layers[1].w1, want)
+    old = copy_model(M.minilm_path(), tmp_path / "old-bert")
+    _rewrite_safetensors(
+        old,
+        lambda n, a: (
+            "bert."
+            + n.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+                "LayerNorm.bias", "LayerNorm.beta"
+            ),
+            "F32" if a.dtype == np.float32 else "I64",
+            a.tobytes(),
+        ),
+    )
+    m = M.load_model(str(old))
+    np.testing.assert_array_equal(m.weights.layers[2].ln1[0], minilm.weights.layers[2].ln1[0])
+
+
+def test_more_bad_directories(tmp_path, gpt2_dir):
+    d = copy_model(gpt2_dir, tmp_path / "eps")
+    edit_config(d, layer_norm_epsilon="abc")
+    _expect(d, r"layer_norm_epsilon must be a small positive number, got 'abc'")
+    d = copy_model(gpt2_dir, tmp_path / "shards")
+    (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": null}}')
+    _expect(d, r"weight_map must name shard files")
+    (d / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"wte.weight": "model-00001-of-00001.safetensors"}}'
+    )
+    assert M.load_model(str(d)).family == "gpt2"
+    d = copy_model(gpt2_dir, tmp_path / "cfgdir")
+    (d / "config.json").unlink()
+    (d / "config.json").mkdir()
+    _expect(d, "no config.json")
+
+
+def test_texts_split_at_newlines_only(tmp_path):
+    from qkvmean.io.texts import read_texts
+
+    f = tmp_path / "t.txt"
+    f.write_text("first line has a\u2028separator inside\r\nsecond \x0c with form feed\nthird\n")
+    assert read_texts(f) == [
+        "first line has a\u2028separator inside",
+        "second \x0c with form feed",
+        "third",
+    ]
+    j = tmp_path / "t.jsonl"
+    j.write_text(__import__("json").dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n")
+    assert read_texts(j) == ["a\u2028b"]
+
+
+def test_empty_text_and_too_small_max_tokens(tmp_path, gpt2_dir, capsys):
+    texts = tmp_path / "t.jsonl"
+    texts.write_text('{"text": ""}\n{"text": "the fox"}\n')
+    out = tmp_path / "o.h5"
+    assert (
+        main(["run", "--model", str(gpt2_dir), "--text", str(texts), "--out", str(out), "-q"]) == 0
+    )
+    assert "1 inputs have no tokens at all (the first is text 0)" in capsys.readouterr().err
+    assert main(["render", str(out), "-o", str(tmp_path / "f.png"), "--inputs", "0,1"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                "minilm",
+                "--text",
+                str(texts),
+                "--out",
+                str(tmp_path / "p.h5"),
+                "--max-tokens",
+                "2",
+            ]
+        )
+        == 2
+    )
+    assert "leaves no room next to the 2 special tokens" in capsys.readouterr().err

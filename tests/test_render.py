@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import h5py
 import numpy as np
 import pytest
@@ -243,3 +245,65 @@ def test_figure_command_runs_the_demo_and_keeps_the_store(tmp_path, capsys, monk
     )
     assert capsys.readouterr().out == ""
     assert (tmp_path / "figure.svg").read_bytes().startswith(b"<?xml")
+
+
+def test_byte_level_tokens_read_as_text():
+    assert render.pretty_tokens(["the", "Ġqu", "ick", "Ġcaf", "Ã©", "Ċ"]) == [
+        "the",
+        "▁qu",
+        "ick",
+        "▁caf",
+        "é",
+        "\\n",
+    ]
+    # word pieces (no byte-level marks) are left alone
+    assert render.pretty_tokens(["[CLS]", "caf", "##é"]) == ["[CLS]", "caf", "##é"]
+
+
+def test_long_inputs_get_thinned_labels_and_a_bounded_size(tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text(" ".join(["the cat sat on the mat"] * 20) + "\n")
+    out = tmp_path / "long.h5"
+    assert main(["run", "--model", "synthetic", "--text", str(texts), "--out", str(out), "-q"]) == 0
+    fig = render.draw(out, tokens=True)
+    ax = fig.qkvmean["axes"][0, 0]
+    n = len(ax.images[0].get_array())
+    assert n == 121 and 20 <= len(ax.get_xticklabels()) <= render.MAX_LABELS
+    assert max(fig.get_size_inches()) <= 3 * render.MAX_PANEL + 1.5
+    FigureCanvasAgg(fig).draw()
+    boxes = [t.get_window_extent() for t in ax.get_yticklabels()]
+    assert not any(a.overlaps(b) for a, b in itertools.pairwise(boxes))
+
+
+def test_resolution_limits(tmp_path, model_store, capsys):
+    for dpi in ("0", "5000"):
+        with pytest.raises(SystemExit) as exc:
+            main(["render", str(model_store), "-o", str(tmp_path / "a.png"), "--dpi", dpi])
+        assert exc.value.code == 2
+    assert "expected a resolution from 10 to 1200" in capsys.readouterr().err
+    qkv = tmp_path / "in.h5"
+    make_qkv(qkv, n=12)
+    assert main(["run", "--qkv", str(qkv), "--out", str(tmp_path / "s.h5"), "-q"]) == 0
+    code = main(
+        [
+            "render",
+            str(tmp_path / "s.h5"),
+            "-o",
+            str(tmp_path / "big.png"),
+            "--dpi",
+            "1200",
+            "--inputs",
+            ",".join(map(str, range(12))),
+            "--baseline",
+        ]
+    )
+    assert code == 2 and "is too large an image" in capsys.readouterr().err
+    assert not (tmp_path / "big.png").exists()
+
+
+def test_figure_checks_layer_and_head_before_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["figure", "--model", "synthetic", "--layer", "9"]) == 2
+    assert "--layer 9: the model has 4 layers (0..3)" in capsys.readouterr().err
+    assert main(["figure", "--model", "synthetic", "--head", "4"]) == 2
+    assert not list(tmp_path.iterdir())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.cpu import scan_finite
 from ..engine.transformer import Layer, Weights
 from . import InputError
 
@@ -96,7 +97,7 @@ def load_model(spec: str) -> LoadedModel:
 
 def _read_config(path: Path) -> dict:
     file = path / "config.json"
-    if not file.exists():
+    if not file.is_file():
         raise InputError(f"{path}: no config.json (a Hugging Face model directory has one)")
     try:
         cfg = json.loads(file.read_text(encoding="utf-8"))
@@ -119,17 +120,19 @@ def _read_safetensors(path: Path):
 
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
-    if single.exists():
+    if single.is_file():
         files = [single]
-    elif index.exists():
+    elif index.is_file():
         try:
-            shards = json.loads(index.read_text())["weight_map"].values()
-        except (ValueError, KeyError, AttributeError):
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError, TypeError):
             raise InputError(f"{index}: not a safetensors index (no weight_map)") from None
-        files = [path / name for name in sorted(set(shards))]
-        missing = [f.name for f in files if not f.exists()]
+        if not shards or not all(isinstance(n, str) and "/" not in n for n in shards):
+            raise InputError(f"{index}: weight_map must name shard files in {path}")
+        files = [path / name for name in sorted(shards)]
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise InputError(f"{index}: lists {missing[0]}, which is not in {path}")
+            raise InputError(f"{index}: lists {missing[0]}, which is not a file in {path}")
     else:
         pickles = sorted({p.name for pattern in PICKLES for p in path.glob(pattern)})
         if pickles:
@@ -144,31 +147,46 @@ def _read_safetensors(path: Path):
     tensors = {}
     digest = hashlib.sha256()
     for file in files:
-        digest.update(_file_fingerprint(file))
+        digest.update(_file_digest(file))
         try:
             with safe_open(str(file), framework="np") as f:
                 for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+                    try:
+                        tensors[key] = f.get_tensor(key)
+                    except TypeError:  # numpy has no bfloat16
+                        tensors[key] = _bfloat16(file, key)
         except (SafetensorError, OSError, ValueError, TypeError) as exc:
             raise InputError(f"{file}: cannot read safetensors: {exc}") from None
     return tensors, digest.hexdigest()
 
 
-def _file_fingerprint(file: Path) -> bytes:
-    """Size and the first and last MiB: enough to tell one weight file from another."""
-    size = file.stat().st_size
+def _file_digest(file: Path) -> bytes:
+    """SHA-256 of the whole file (what a resumed run must find unchanged)."""
+    h = hashlib.sha256()
     with open(file, "rb") as fh:
-        head = fh.read(2**20)
-        fh.seek(max(0, size - 2**20))
-        tail = fh.read()
-    return size.to_bytes(8, "little") + hashlib.sha256(head + tail).digest()
+        for block in iter(lambda: fh.read(2**22), b""):
+            h.update(block)
+    return h.digest()
+
+
+def _bfloat16(file: Path, key: str) -> np.ndarray:
+    """A bfloat16 tensor as float32 (the top 16 bits of a float32), read from the file."""
+    with open(file, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    info = header[key]
+    if info.get("dtype") != "BF16":
+        raise TypeError(f"tensor {key!r} has dtype {info.get('dtype')}, which numpy cannot hold")
+    start, stop = info["data_offsets"]
+    raw = np.fromfile(file, dtype="<u2", count=(stop - start) // 2, offset=8 + size + start)
+    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
 def _read_tokenizer(path: Path):
     from tokenizers import Tokenizer
 
     file = path / "tokenizer.json"
-    if not file.exists():
+    if not file.is_file():
         raise InputError(
             f"{path}: no tokenizer.json (save the tokenizer with "
             "tokenizer.save_pretrained to get one)"
@@ -195,6 +213,9 @@ class _Tensors:
 
     def get(self, name, shape, why=""):
         key = self.prefix + name
+        if key not in self.tensors:  # older BERT checkpoints: LayerNorm.gamma / .beta
+            older = name.replace("LayerNorm.weight", "LayerNorm.gamma")
+            key = self.prefix + older.replace("LayerNorm.bias", "LayerNorm.beta")
         if key not in self.tensors:
             raise InputError(
                 f"{self.where}: no tensor {name!r}{why}; do config.json and the "
@@ -208,7 +229,15 @@ class _Tensors:
             )
         if t.dtype.kind != "f":
             raise InputError(f"{self.where}: tensor {name!r} has dtype {t.dtype}, not float")
-        return np.ascontiguousarray(t, dtype=np.float32)
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        bad, _ = scan_finite(t.reshape(-1))
+        if bad >= 0:
+            index = tuple(int(i) for i in np.unravel_index(bad, t.shape))
+            raise InputError(
+                f"{self.where}: tensor {name!r} holds {t.reshape(-1)[bad]} at {index}; "
+                "the weights are damaged"
+            )
+        return t
 
 
 def _int(cfg, key, path, default=None):
@@ -216,6 +245,15 @@ def _int(cfg, key, path, default=None):
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InputError(f"{path}/config.json: {key} must be a positive integer, got {value!r}")
     return value
+
+
+def _eps(cfg, key, default, path):
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise InputError(
+            f"{path}/config.json: {key} must be a small positive number, got {value!r}"
+        )
+    return float(value)
 
 
 def _bert(cfg, tensors, path) -> Weights:
@@ -276,7 +314,7 @@ def _bert(cfg, tensors, path) -> Weights:
     return Weights(
         family="bert",
         n_heads=heads,
-        eps=float(cfg.get("layer_norm_eps", 1e-12)),
+        eps=_eps(cfg, "layer_norm_eps", 1e-12, path),
         tok_emb=t.get("embeddings.word_embeddings.weight", (vocab, d)),
         pos_emb=t.get(
             "embeddings.position_embeddings.weight", (_int(cfg, "max_position_embeddings", path), d)
@@ -337,7 +375,7 @@ def _gpt2(cfg, tensors, path) -> Weights:
     return Weights(
         family="gpt2",
         n_heads=heads,
-        eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        eps=_eps(cfg, "layer_norm_epsilon", 1e-5, path),
         tok_emb=t.get("wte.weight", (_int(cfg, "vocab_size", path), d)),
         pos_emb=t.get("wpe.weight", (_int(cfg, "n_positions", path, 1024), d)),
         layers=layers,

@@ -27,7 +27,9 @@ def read_texts(path) -> list:
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not a text file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # lines end at "\n" only: str.splitlines would also split at U+2028, form feeds
+        # and other separators that may sit inside a text (or a JSON string)
+        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     texts = []

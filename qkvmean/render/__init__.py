@@ -37,9 +37,42 @@ def panel_title(condition: str, index: int) -> str:
     return f"Taking the Mean of {italic(TENSORS[condition])} (Input {index + 1})"
 
 
-def pretty_token(token: str) -> str:
-    """Byte-level BPE marks (GPT-2's ``Ġ`` for a space) read as plain text."""
-    return token.replace("Ġ", " ").replace("Ċ", "\\n").strip() or "␣"
+def _byte_decoder() -> dict:
+    """GPT-2's byte-level alphabet back to bytes (the inverse of its bytes_to_unicode)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTES = _byte_decoder()
+#: Shown for a token's leading space, so that word starts stay visible.
+SPACE = "▁"
+#: At most this many token labels per axis; longer inputs show every k-th.
+MAX_LABELS = 40
+#: Largest panel side (inches), and largest raster image (pixels).
+MAX_PANEL = 7.0
+MAX_PIXELS = 200e6
+
+
+def pretty_tokens(tokens) -> list:
+    """Token strings as text: byte-level BPE (GPT-2's ``Ġ``, ``Ã©``…) decoded to UTF-8."""
+    tokens = list(tokens)
+    if not any(("Ġ" in t or "Ċ" in t) for t in tokens) or not all(
+        c in _BYTES for t in tokens for c in t
+    ):
+        return tokens
+    out = []
+    for t in tokens:
+        text = bytes(_BYTES[c] for c in t).decode("utf-8", errors="replace")
+        if text.startswith(" "):
+            text = SPACE + text[1:]
+        out.append(text.replace("\n", "\\n") or SPACE)
+    return out
 
 
 def _columns(store: Store, baseline: bool, diff: bool):
@@ -147,16 +180,20 @@ def draw(
         vmin, vmax, label = 0.0, 1.0, COLORBAR_LABEL
 
     longest = max(store.lengths[i] for i in rows)
-    cell = 3.2 + (0.09 * longest if tokens else 0.0)  # inches per panel
+    labelled = min(longest, MAX_LABELS) if tokens else 0
+    cell = min(3.2 + 0.09 * labelled, MAX_PANEL)  # inches per panel
     fig = Figure(figsize=(cell * len(columns) + 1.3, cell * len(rows) + 0.9), layout="constrained")
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     image = None
     for r, i in enumerate(rows):
-        labels = [pretty_token(t) for t in store.tokens(i)] if tokens else None
+        labels = pretty_tokens(store.tokens(i)) if tokens else None
         for c, cond in enumerate(columns):
             ax = axes[r, c]
+            data = maps[(i, cond)]
+            if data.size == 0:  # an input without tokens: an empty, titled panel
+                data = np.full((1, 1), np.nan)
             image = ax.imshow(
-                maps[(i, cond)],
+                data,
                 cmap=CMAP,
                 vmin=vmin,
                 vmax=vmax,
@@ -185,12 +222,14 @@ def draw(
 
 
 def _ticks(ax, labels, n):
-    if labels is None:
+    if labels is None or n == 0:
         ax.set_xticks([])
         ax.set_yticks([])
         return
-    ax.set_xticks(range(n), labels[:n], rotation=90, fontsize=7)
-    ax.set_yticks(range(n), labels[:n], fontsize=7)
+    step = math.ceil(n / MAX_LABELS)  # every k-th label on long inputs
+    ticks = range(0, n, step)
+    ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=90, fontsize=7)
+    ax.set_yticks(ticks, [labels[t] for t in ticks], fontsize=7)
     ax.tick_params(length=0)
 
 
@@ -227,6 +266,12 @@ def check_output(path, overwrite=False) -> Path:
 def save(fig: Figure, path, *, dpi=150):
     """Write ``fig`` (format from the extension) atomically: a temporary file, renamed."""
     path = Path(path)
+    width, height = fig.get_size_inches()
+    if path.suffix.lower() == ".png" and width * height * dpi * dpi > MAX_PIXELS:
+        raise InputError(
+            f"{path}: {width * dpi:.0f} x {height * dpi:.0f} pixels is too large an image; "
+            "lower --dpi, draw fewer inputs, or write .pdf/.svg"
+        )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
         fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower())
