@@ -192,3 +192,12 @@ def test_mean_of_values_near_the_float64_limit_does_not_overflow(over):
     z = np.zeros((1, 3, 1))
     w, o = qkvmean.ablate(z, z, x, target="v", over=over)
     assert np.all(np.isfinite(w)) and np.all(np.isfinite(o))
+
+
+def test_ablate_without_v_gives_the_weights_only():
+    rng = np.random.default_rng(13)
+    q, k, v = rng.normal(size=(3, 2, 3, 6, 4)).astype(np.float32)
+    for target in "qk":
+        w, o = qkvmean.ablate(q, k, None, target=target, lengths=[6, 2])
+        assert o is None
+        np.testing.assert_array_equal(w, qkvmean.ablate(q, k, v, target=target, lengths=[6, 2])[0])

@@ -333,6 +333,7 @@ BAD = [
         r"k is required: pass an array of floats, not None",
     ),
     ("v-none", "attention", (Q, Q, None), {}, TypeError, r"v is required"),
+    ("v-none-mean-v", "ablate", (Q, Q, None), {"target": "v"}, ValueError, r"target='v' needs v"),
     (
         "scale-huge-int",
         "attention_weights",

@@ -419,7 +419,8 @@ def ablate(
     Parameters
     ----------
     q, k, v : array_like
-        As for :func:`attention`.
+        As for :func:`attention`. ``v`` may be None: then only the weights are computed
+        (and ``output`` is None).
     target : {"q", "k", "v"}
         The tensor replaced by its mean (see :func:`mean_substitute`).
     over : {"tokens", "causal"}
@@ -446,9 +447,14 @@ def ablate(
     backend = _backend(device)
     target = _check_choice(target, "target", TARGETS)
     over = _check_choice(over, "over", OVER)
-    p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=True)
+    if v is None and target == "v":
+        raise ValueError("target='v' needs v (mean-V changes only the output A @ v)")
+    with_output = v is not None
+    p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=with_output)
     select = _group_select(p, _check_heads(heads, p.shape))
     modes = _substitute(p, backend, target, over, select)
+    if not with_output:
+        return _run_attention(p, backend, modes, with_output=False), None
     return _run_attention(p, backend, modes, with_output=True)
 
 

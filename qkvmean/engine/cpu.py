@@ -38,82 +38,248 @@ _HOT = dict(cache=True, fastmath=True, nogil=True)
 
 #: Query rows whose scores are computed together, sharing each load of a key vector.
 ROWS = 4
+#: Keys per partial sum in the softmax (see :func:`_softmax_row`).
+CHUNK = 64
+
+
+# Scores: four query rows by four key dimensions per pass over the keys, so that every
+# load and store of an output row feeds sixteen fused multiply-adds (a loop with one
+# dimension per pass is bound by the loads and stores, at a third of the speed). The
+# innermost loop runs over contiguous keys and is vectorised.
 
 
 @njit(**_HOT)
 def _scores4(q, kt, w, bg, i, jmax, scale):
-    """``w[bg, i + r, :jmax] = (scale * q[bg, i + r]) . kt[bg, :, :jmax]`` for r < 4.
-
-    Four rows at a time: the loop over keys runs innermost over contiguous memory and is
-    vectorised, and each key vector is loaded once for the four rows.
-    """
-    w0 = w[bg, i]
+    """``w[bg, i + r, :jmax] = (scale * q[bg, i + r]) . kt[bg, :, :jmax]``, r < 4."""
+    w0 = w[bg, i + 0]
     w1 = w[bg, i + 1]
     w2 = w[bg, i + 2]
     w3 = w[bg, i + 3]
-    for j in range(jmax):
-        w0[j] = 0.0
-        w1[j] = 0.0
-        w2[j] = 0.0
-        w3[j] = 0.0
-    for d in range(q.shape[2]):
-        a0 = q[bg, i, d] * scale
-        a1 = q[bg, i + 1, d] * scale
-        a2 = q[bg, i + 2, d] * scale
-        a3 = q[bg, i + 3, d] * scale
+    d = 0
+    while d + 4 <= q.shape[2]:
+        a00 = q[bg, i + 0, d + 0] * scale
+        a01 = q[bg, i + 0, d + 1] * scale
+        a02 = q[bg, i + 0, d + 2] * scale
+        a03 = q[bg, i + 0, d + 3] * scale
+        a10 = q[bg, i + 1, d + 0] * scale
+        a11 = q[bg, i + 1, d + 1] * scale
+        a12 = q[bg, i + 1, d + 2] * scale
+        a13 = q[bg, i + 1, d + 3] * scale
+        a20 = q[bg, i + 2, d + 0] * scale
+        a21 = q[bg, i + 2, d + 1] * scale
+        a22 = q[bg, i + 2, d + 2] * scale
+        a23 = q[bg, i + 2, d + 3] * scale
+        a30 = q[bg, i + 3, d + 0] * scale
+        a31 = q[bg, i + 3, d + 1] * scale
+        a32 = q[bg, i + 3, d + 2] * scale
+        a33 = q[bg, i + 3, d + 3] * scale
+        k0 = kt[bg, d + 0]
+        k1 = kt[bg, d + 1]
+        k2 = kt[bg, d + 2]
+        k3 = kt[bg, d + 3]
+        if d == 0:  # the first pass sets the sums, later ones add to them
+            for j in range(jmax):
+                x0 = k0[j]
+                x1 = k1[j]
+                x2 = k2[j]
+                x3 = k3[j]
+                w0[j] = a00 * x0 + a01 * x1 + a02 * x2 + a03 * x3
+                w1[j] = a10 * x0 + a11 * x1 + a12 * x2 + a13 * x3
+                w2[j] = a20 * x0 + a21 * x1 + a22 * x2 + a23 * x3
+                w3[j] = a30 * x0 + a31 * x1 + a32 * x2 + a33 * x3
+        else:
+            for j in range(jmax):
+                x0 = k0[j]
+                x1 = k1[j]
+                x2 = k2[j]
+                x3 = k3[j]
+                w0[j] = w0[j] + a00 * x0 + a01 * x1 + a02 * x2 + a03 * x3
+                w1[j] = w1[j] + a10 * x0 + a11 * x1 + a12 * x2 + a13 * x3
+                w2[j] = w2[j] + a20 * x0 + a21 * x1 + a22 * x2 + a23 * x3
+                w3[j] = w3[j] + a30 * x0 + a31 * x1 + a32 * x2 + a33 * x3
+        d += 4
+    if d == 0:  # fewer than 4 dimensions
+        for j in range(jmax):
+            w0[j] = 0.0
+            w1[j] = 0.0
+            w2[j] = 0.0
+            w3[j] = 0.0
+    while d < q.shape[2]:
+        b0 = q[bg, i + 0, d] * scale
+        b1 = q[bg, i + 1, d] * scale
+        b2 = q[bg, i + 2, d] * scale
+        b3 = q[bg, i + 3, d] * scale
         k = kt[bg, d]
         for j in range(jmax):
-            kj = k[j]
-            w0[j] += a0 * kj
-            w1[j] += a1 * kj
-            w2[j] += a2 * kj
-            w3[j] += a3 * kj
+            w0[j] += b0 * k[j]
+            w1[j] += b1 * k[j]
+            w2[j] += b2 * k[j]
+            w3[j] += b3 * k[j]
+        d += 1
 
 
 @njit(**_HOT)
 def _scores1(q, kt, w, bg, i, jmax, scale):
-    """One row of :func:`_scores4`."""
-    w0 = w[bg, i]
-    for j in range(jmax):
-        w0[j] = 0.0
-    for d in range(q.shape[2]):
-        a0 = q[bg, i, d] * scale
+    """One row of :func:`_scores4` (row tails; the row MODE_SHARED_ROW computes once)."""
+    w0 = w[bg, i + 0]
+    d = 0
+    while d + 8 <= q.shape[2]:
+        a00 = q[bg, i + 0, d + 0] * scale
+        a01 = q[bg, i + 0, d + 1] * scale
+        a02 = q[bg, i + 0, d + 2] * scale
+        a03 = q[bg, i + 0, d + 3] * scale
+        a04 = q[bg, i + 0, d + 4] * scale
+        a05 = q[bg, i + 0, d + 5] * scale
+        a06 = q[bg, i + 0, d + 6] * scale
+        a07 = q[bg, i + 0, d + 7] * scale
+        k0 = kt[bg, d + 0]
+        k1 = kt[bg, d + 1]
+        k2 = kt[bg, d + 2]
+        k3 = kt[bg, d + 3]
+        k4 = kt[bg, d + 4]
+        k5 = kt[bg, d + 5]
+        k6 = kt[bg, d + 6]
+        k7 = kt[bg, d + 7]
+        if d == 0:  # the first pass sets the sums, later ones add to them
+            for j in range(jmax):
+                x0 = k0[j]
+                x1 = k1[j]
+                x2 = k2[j]
+                x3 = k3[j]
+                x4 = k4[j]
+                x5 = k5[j]
+                x6 = k6[j]
+                x7 = k7[j]
+                w0[j] = (
+                    a00 * x0
+                    + a01 * x1
+                    + a02 * x2
+                    + a03 * x3
+                    + a04 * x4
+                    + a05 * x5
+                    + a06 * x6
+                    + a07 * x7
+                )
+        else:
+            for j in range(jmax):
+                x0 = k0[j]
+                x1 = k1[j]
+                x2 = k2[j]
+                x3 = k3[j]
+                x4 = k4[j]
+                x5 = k5[j]
+                x6 = k6[j]
+                x7 = k7[j]
+                w0[j] = (
+                    w0[j]
+                    + a00 * x0
+                    + a01 * x1
+                    + a02 * x2
+                    + a03 * x3
+                    + a04 * x4
+                    + a05 * x5
+                    + a06 * x6
+                    + a07 * x7
+                )
+        d += 8
+    if d == 0:  # fewer than 8 dimensions
+        for j in range(jmax):
+            w0[j] = 0.0
+    while d < q.shape[2]:
+        b0 = q[bg, i + 0, d] * scale
         k = kt[bg, d]
         for j in range(jmax):
-            w0[j] += a0 * k[j]
+            w0[j] += b0 * k[j]
+        d += 1
 
 
 @njit(**_HOT)
-def _softmax_row(row, jmax, n_keys, with_metrics, with_kl, p_row, logits):
+def _exp_row(row, jmax, m):
+    """``row[j] = exp(row[j] - m)`` for j < jmax; their sum.
+
+    Sums run in the row's dtype within chunks of CHUNK keys (vectorised, a partial sum in
+    every lane) and in float64 across chunks: the error stays at a few units of roundoff
+    whatever the row length, at the speed of the row's own arithmetic. The chunk loop has
+    the constant trip count CHUNK: LLVM vectorises that, and leaves a loop bounded by
+    ``min(j0 + CHUNK, jmax)`` scalar (four times slower).
+    """
+    total = 0.0
+    zero = row[0] - row[0]
+    j0 = 0
+    while j0 + CHUNK <= jmax:
+        part = zero
+        for jj in range(CHUNK):
+            e = exp(row[j0 + jj] - m)
+            row[j0 + jj] = e
+            part += e
+        total += part
+        j0 += CHUNK
+    part = zero
+    for j in range(j0, jmax):
+        e = exp(row[j] - m)
+        row[j] = e
+        part += e
+    return total + part
+
+
+@njit(**_HOT)
+def _exp_row_stats(row, jmax, m, p_row):
+    """:func:`_exp_row`, also summing ``e_j d_j``, ``p_j d_j`` and ``p_j``."""
+    total = sed = spd = sp = 0.0
+    zero = row[0] - row[0]
+    j0 = 0
+    while j0 < jmax:
+        part_total = part_sed = part_spd = part_sp = zero
+        if j0 + CHUNK <= jmax:
+            for jj in range(CHUNK):
+                j = j0 + jj
+                d = row[j] - m
+                e = exp(d)
+                row[j] = e
+                part_total += e
+                part_sed += e * d
+                part_spd += p_row[j] * d
+                part_sp += p_row[j]
+            j0 += CHUNK
+        else:
+            for j in range(j0, jmax):
+                d = row[j] - m
+                e = exp(d)
+                row[j] = e
+                part_total += e
+                part_sed += e * d
+                part_spd += p_row[j] * d
+                part_sp += p_row[j]
+            j0 = jmax
+        total += part_total
+        sed += part_sed
+        spd += part_spd
+        sp += part_sp
+    return total, sed, spd, sp
+
+
+@njit(**_HOT)
+def _softmax_row(row, jmax, n_keys, with_metrics, p_row, logits):
     """Softmax of the logits ``row[:jmax]`` in place, zeros after; and its statistics.
 
     Returns ``(entropy, sum_j p_j d_j, sum_j p_j, log Z)`` with ``d_j`` the logits minus
-    their max and ``Z = sum_j exp(d_j)``: the entropy of the exact softmax distribution is
-    ``log Z - sum_j e_j d_j / Z``, computed from the logits rather than from rounded weights
-    (no logarithm per element, and finite even where a weight underflows to 0). ``p_row``
-    is the baseline's row (for the KL); ``logits`` (when it has ``jmax`` entries) receives
-    ``d``, for rows that will be copied.
+    their max (also left in ``logits``) and ``Z = sum_j exp(d_j)``: the entropy of the exact
+    softmax distribution is ``log Z - sum_j e_j d_j / Z``, computed from the logits rather
+    than from rounded weights (no logarithm per element, and finite even where a weight
+    underflows to 0). ``p_row`` is the baseline's row, for the KL (zeros without one);
+    ``logits``, when long enough, receives ``d``.
     """
     m = row[0]
     for j in range(1, jmax):
         m = max(m, row[j])
-    total = 0.0  # float64 sums whatever the dtype
-    sed = 0.0
-    spd = 0.0
-    sp = 0.0
-    keep = logits.shape[0] >= jmax
-    for j in range(jmax):
-        d = row[j] - m
-        e = exp(d)
-        row[j] = e
-        total += e
-        if with_metrics:
-            sed += e * d
-            if with_kl:
-                spd += p_row[j] * d
-                sp += p_row[j]
-        if keep:
-            logits[j] = d
+    if logits.shape[0] >= jmax:  # keep d = logits - max for the rows that copy this one
+        for j in range(jmax):
+            logits[j] = row[j] - m
+    if with_metrics:  # two loops rather than a test inside one: each stays vectorised
+        total, sed, spd, sp = _exp_row_stats(row, jmax, m, p_row)
+    else:
+        total = _exp_row(row, jmax, m)
+        sed = spd = sp = 0.0
     inv = 1.0 / total
     for j in range(jmax):
         row[j] = row[j] * inv
@@ -124,16 +290,125 @@ def _softmax_row(row, jmax, n_keys, with_metrics, with_kl, p_row, logits):
 
 
 @njit(**_HOT)
-def _output_row(w, v, o, bg, i, jmax):
-    """``o[bg, i] = sum_j w[bg, i, j] * v[bg, j]`` over the allowed keys."""
-    out = o[bg, i]
-    for e in range(v.shape[2]):
-        out[e] = 0.0
+def _uniform_row(row, jmax, n_keys, with_kl, p_row):
+    """What :func:`_softmax_row` gives for ``jmax`` equal logits, without computing it.
+
+    Every ``d_j`` is 0 and every ``exp(d_j)`` exactly 1, so ``Z = jmax`` exactly and each
+    weight is ``1 * (1 / jmax)``: the same operations, so the same bits.
+    """
+    inv = 1.0 / jmax
     for j in range(jmax):
-        a = w[bg, i, j]
-        vj = v[bg, j]
+        row[j] = inv  # rounded on store, like the general path's 1 * inv
+    for j in range(jmax, n_keys):
+        row[j] = 0.0
+    sp = 0.0
+    if with_kl:
+        for j in range(jmax):
+            sp += p_row[j]
+    log_z = np.log(float(jmax))
+    return log_z, 0.0, sp, log_z
+
+
+@njit(**_HOT)
+def _outputs4(w, v, o, bg, i, jmax):
+    """``o[bg, i + r] = sum_j w[bg, i + r, j] * v[bg, j]`` for r < 4, j < jmax.
+
+    Four keys per pass over the output rows (each load and store feeds sixteen fused
+    multiply-adds); the innermost loop runs over the value dimension.
+    """
+    o0 = o[bg, i + 0]
+    o1 = o[bg, i + 1]
+    o2 = o[bg, i + 2]
+    o3 = o[bg, i + 3]
+    j = 0
+    while j + 4 <= jmax:
+        a00 = w[bg, i + 0, j + 0]
+        a01 = w[bg, i + 0, j + 1]
+        a02 = w[bg, i + 0, j + 2]
+        a03 = w[bg, i + 0, j + 3]
+        a10 = w[bg, i + 1, j + 0]
+        a11 = w[bg, i + 1, j + 1]
+        a12 = w[bg, i + 1, j + 2]
+        a13 = w[bg, i + 1, j + 3]
+        a20 = w[bg, i + 2, j + 0]
+        a21 = w[bg, i + 2, j + 1]
+        a22 = w[bg, i + 2, j + 2]
+        a23 = w[bg, i + 2, j + 3]
+        a30 = w[bg, i + 3, j + 0]
+        a31 = w[bg, i + 3, j + 1]
+        a32 = w[bg, i + 3, j + 2]
+        a33 = w[bg, i + 3, j + 3]
+        v0 = v[bg, j + 0]
+        v1 = v[bg, j + 1]
+        v2 = v[bg, j + 2]
+        v3 = v[bg, j + 3]
+        if j == 0:
+            for e in range(v.shape[2]):
+                o0[e] = a00 * v0[e] + a01 * v1[e] + a02 * v2[e] + a03 * v3[e]
+                o1[e] = a10 * v0[e] + a11 * v1[e] + a12 * v2[e] + a13 * v3[e]
+                o2[e] = a20 * v0[e] + a21 * v1[e] + a22 * v2[e] + a23 * v3[e]
+                o3[e] = a30 * v0[e] + a31 * v1[e] + a32 * v2[e] + a33 * v3[e]
+        else:
+            for e in range(v.shape[2]):
+                o0[e] = o0[e] + a00 * v0[e] + a01 * v1[e] + a02 * v2[e] + a03 * v3[e]
+                o1[e] = o1[e] + a10 * v0[e] + a11 * v1[e] + a12 * v2[e] + a13 * v3[e]
+                o2[e] = o2[e] + a20 * v0[e] + a21 * v1[e] + a22 * v2[e] + a23 * v3[e]
+                o3[e] = o3[e] + a30 * v0[e] + a31 * v1[e] + a32 * v2[e] + a33 * v3[e]
+        j += 4
+    if j == 0:
         for e in range(v.shape[2]):
-            out[e] += a * vj[e]
+            o0[e] = 0.0
+            o1[e] = 0.0
+            o2[e] = 0.0
+            o3[e] = 0.0
+    while j < jmax:
+        b0 = w[bg, i + 0, j]
+        b1 = w[bg, i + 1, j]
+        b2 = w[bg, i + 2, j]
+        b3 = w[bg, i + 3, j]
+        x = v[bg, j]
+        for e in range(v.shape[2]):
+            o0[e] += b0 * x[e]
+            o1[e] += b1 * x[e]
+            o2[e] += b2 * x[e]
+            o3[e] += b3 * x[e]
+        j += 1
+
+
+@njit(**_HOT)
+def _outputs1(w, v, o, bg, i, jmax):
+    """``o[bg, i + r] = sum_j w[bg, i + r, j] * v[bg, j]`` for r < 1, j < jmax.
+
+    Four keys per pass over the output rows (each load and store feeds four fused
+    multiply-adds); the innermost loop runs over the value dimension.
+    """
+    o0 = o[bg, i + 0]
+    j = 0
+    while j + 4 <= jmax:
+        a00 = w[bg, i + 0, j + 0]
+        a01 = w[bg, i + 0, j + 1]
+        a02 = w[bg, i + 0, j + 2]
+        a03 = w[bg, i + 0, j + 3]
+        v0 = v[bg, j + 0]
+        v1 = v[bg, j + 1]
+        v2 = v[bg, j + 2]
+        v3 = v[bg, j + 3]
+        if j == 0:
+            for e in range(v.shape[2]):
+                o0[e] = a00 * v0[e] + a01 * v1[e] + a02 * v2[e] + a03 * v3[e]
+        else:
+            for e in range(v.shape[2]):
+                o0[e] = o0[e] + a00 * v0[e] + a01 * v1[e] + a02 * v2[e] + a03 * v3[e]
+        j += 4
+    if j == 0:
+        for e in range(v.shape[2]):
+            o0[e] = 0.0
+    while j < jmax:
+        b0 = w[bg, i + 0, j]
+        x = v[bg, j]
+        for e in range(v.shape[2]):
+            o0[e] += b0 * x[e]
+        j += 1
 
 
 @njit(**_HOT)
@@ -159,8 +434,7 @@ def _attention_block(
     ``MODE_SHARED_ROW`` copies.
     """
     n_keys = w.shape[2]
-    no_logits = scratch[:0]
-    p_row = mx.base[bg, 0] if mx.with_kl else mx.base[0, 0]
+    p_row = mx.base[0, 0]  # zeros, unless there is a baseline (below)
     if mx.with_metrics:
         col = mx.colsum[bg, blk]
         for j in range(n_keys):
@@ -171,11 +445,8 @@ def _attention_block(
     i = i0
     while i < top:
         rows = min(ROWS, top - i)
-        if mode == MODE_UNIFORM:  # identical keys: every logit equal (0 after the max)
-            for r in range(rows):
-                jmax = min(n, i + r + 1) if causal else n
-                for j in range(jmax):
-                    w[bg, i + r, j] = 0.0
+        if mode == MODE_UNIFORM:
+            pass  # identical keys: nothing to compute (see _uniform_row)
         elif mode == MODE_SHARED_ROW:
             if first < 0:
                 _scores1(q, kt, w, bg, i, n, scale)
@@ -201,18 +472,25 @@ def _attention_block(
                         spd += p_row[j] * scratch[j]
                         sp += p_row[j]
                 entropy, log_z = shared[0], shared[3]
+            elif mode == MODE_UNIFORM:
+                entropy, spd, sp, log_z = _uniform_row(row, jmax, n_keys, mx.with_kl, p_row)
             else:
-                logits = scratch if mode == MODE_SHARED_ROW else no_logits
+                logits = scratch if mode == MODE_SHARED_ROW else scratch[:0]
                 entropy, spd, sp, log_z = _softmax_row(
-                    row, jmax, n_keys, mx.with_metrics, mx.with_kl, p_row, logits
+                    row, jmax, n_keys, mx.with_metrics, p_row, logits
                 )
                 if mode == MODE_SHARED_ROW:
                     first = i + r
                     shared = (entropy, spd, sp, log_z)
-            if with_output:
-                _output_row(w, v, o, bg, i + r, jmax)
             if mx.with_metrics:
                 _record_row(mx, bg, blk, i + r, row, jmax, entropy, spd, sp, log_z)
+        if with_output:  # weights beyond a row's own keys are 0: one jmax for the group
+            last = min(n, i + rows) if causal else n
+            if rows == ROWS:
+                _outputs4(w, v, o, bg, i, last)
+            else:
+                for r in range(rows):
+                    _outputs1(w, v, o, bg, i + r, min(n, i + r + 1) if causal else n)
         i += rows
     for i in range(max(i0, n), i1):  # padded queries: the whole row is masked
         for j in range(n_keys):
@@ -259,10 +537,15 @@ def attention_kernel(
 
 @njit(parallel=True, **_HOT)
 def transpose_kernel(k, kt):
-    """``kt[p] = k[p].T`` for every pair, in parallel."""
-    for p in prange(k.shape[0]):
-        for j in range(k.shape[1]):
-            for d in range(k.shape[2]):
+    """``kt[p] = k[p].T`` for every pair, in parallel, in 16-key tiles (cache friendly)."""
+    n_pairs, n_keys, dim = k.shape
+    n_tiles = (n_keys + 15) // 16
+    for task in prange(n_pairs * n_tiles):
+        p = task // n_tiles
+        j0 = (task - p * n_tiles) * 16
+        j1 = min(j0 + 16, n_keys)
+        for d in range(dim):
+            for j in range(j0, j1):
                 kt[p, d, j] = k[p, j, d]
 
 
@@ -372,18 +655,19 @@ def bias_gelu_kernel(x, bias, tanh_approx):
             x[r, d] = g
 
 
-@njit(nogil=True, cache=True)
 def scan_finite(flat):
-    """Return ``(index of the first non-finite value or -1, max |finite value|)``."""
-    biggest = 0.0
-    for idx in range(flat.size):
-        a = flat[idx]
-        if not np.isfinite(a):
-            return idx, biggest
-        a = abs(a)
-        if a > biggest:
-            biggest = a
-    return -1, biggest
+    """``(index of the first non-finite value or -1, max |value|)`` of a 1-D array.
+
+    numpy's ``max`` and ``min`` propagate NaN and are SIMD loops: two passes tell whether
+    everything is finite and give the largest magnitude; the index is looked for only when
+    something is wrong.
+    """
+    if flat.size == 0:
+        return -1, 0.0
+    top, bottom = flat.max(), flat.min()
+    if np.isfinite(top) and np.isfinite(bottom):
+        return -1, float(max(abs(top), abs(bottom)))
+    return int(np.flatnonzero(~np.isfinite(flat))[0]), float("inf")
 
 
 # --------------------------------------------------------------------------------------
@@ -434,7 +718,7 @@ def attention(
         mx = Metrics(
             True,
             with_kl,
-            base[0] if with_kl else np.empty((1, 1, 0), q.dtype),
+            base[0] if with_kl else np.zeros((1, 1, n_rows), q.dtype),  # p = 0: no KL
             base[1] if with_kl else np.empty((0, 0)),
             np.zeros((n_pairs, n_rows)),
             np.zeros((n_pairs, n_rows)),
@@ -445,7 +729,8 @@ def attention(
     # one row of logits per thread, for MODE_SHARED_ROW
     scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_rows), dtype=q.dtype)
     with config.kernel_guard():
-        transpose_kernel(k, kt)
+        if np.any(modes != MODE_UNIFORM):  # uniform rows never read the keys
+            transpose_kernel(k, kt)
         attention_kernel(
             q,
             kt,

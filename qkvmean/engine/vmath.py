@@ -50,7 +50,7 @@ def exp(x):  # pragma: no cover - replaced by the overload inside compiled code
     return math.exp(x)
 
 
-@overload(exp, inline="always")
+@overload(exp)
 def _exp_overload(x):
     if x == types.float32:
         p0, p1, p2, p3, p4, p5 = _P
@@ -63,7 +63,10 @@ def _exp_overload(x):
             p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
             p = p * r * r + r + np.float32(1.0)
             scale = _int32_bits_to_float32(np.int32(n) * np.int32(1 << 23) + np.int32(127 << 23))
-            return np.float32(0.0) if below else p * scale
+            result = p * scale
+            if below:
+                result = np.float32(0.0)
+            return result
 
         return exp32
     if x == types.float64:

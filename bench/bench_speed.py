@@ -1,0 +1,311 @@
+"""The speed benchmark: kernels against numpy and PyTorch, and the machine's own limits.
+
+    python bench/bench_speed.py                      # everything; writes bench/speed.json
+    python bench/bench_speed.py --seq 512 --quick    # one shape, fewer repeats
+    python bench/bench_speed.py --install-torch      # pip-install PyTorch (CPU) first
+
+All timings of one shape are interleaved (each repeat runs every contender once, in the
+same order) and the median is reported, so drift on a shared machine hits all of them
+alike; ratios are what to read. Inputs: float32 q, k, v of shape (8, 12, seq, 64), every
+token valid, no causal mask (the plain attention maps), as in issue 6.
+
+Reported:
+- per seq: ``attention_weights`` and ``ablate`` for q, k and v (maps only), the numpy
+  reference (``qkvmean.engine.reference``, float64 inside), PyTorch's
+  ``softmax(q @ k^T * scale)`` on the CPU, a plain float32 numpy version of the same, and
+  the time to fill a fresh output array once; speed-ups and the max error against the
+  float64 reference;
+- the machine: float32 matrix-multiply rate (a large numpy matmul) and write bandwidth
+  (filling a fresh large array), with the fraction of each the baseline kernel reaches;
+- 1 thread against all threads;
+- ``qkvmean run --qkv`` and ``qkvmean run --model minilm`` end to end (inputs/s, MB/s of
+  maps, share of wall time outside the kernels);
+- CLI start-up: cold (empty Numba cache: compilation included) and warm, on a tiny input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numba
+import numpy as np
+
+import qkvmean
+from qkvmean.engine import reference as ref
+
+HERE = Path(__file__).resolve().parent
+
+
+def _median_ms(samples):
+    return 1e3 * statistics.median(samples)
+
+
+#: Pause between two timed calls, so that the spinning worker threads of the previous one
+#: (OpenMP in PyTorch, OpenBLAS in numpy, TBB in Numba) are idle before the next starts.
+PAUSE = 0.25
+
+
+def interleaved(cases, repeat):
+    """``{name: median ms}``: every case once per repeat, in turn, after one warm-up."""
+    for fn in cases.values():
+        fn()
+    times = {name: [] for name in cases}
+    for _ in range(repeat):
+        for name, fn in cases.items():
+            time.sleep(PAUSE)
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: _median_ms(t) for name, t in times.items()}
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(numba.get_num_threads())
+    return torch
+
+
+def numpy_softmax(q, k, scale):
+    s = np.matmul(q, np.swapaxes(k, -1, -2))
+    s *= np.float32(scale)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+def bench_shape(seq, repeat, torch, with_reference):
+    rng = np.random.default_rng(0)
+    q, k, v = rng.normal(size=(3, 8, 12, seq, 64)).astype(np.float32)
+    scale = 1 / 8
+    out_shape = (8, 12, seq, seq)
+    cases = {
+        "attention_weights": lambda: qkvmean.attention_weights(q, k),
+        "mean-Q maps": lambda: qkvmean.ablate(q, k, None, target="q"),
+        "mean-K maps": lambda: qkvmean.ablate(q, k, None, target="k"),
+        "mean-V (maps + output)": lambda: qkvmean.ablate(q, k, v, target="v"),
+        "fill output once": lambda: np.empty(out_shape, np.float32).fill(0.5),
+        "numpy float32": lambda: numpy_softmax(q, k, scale),
+    }
+    if with_reference:
+        cases["numpy reference"] = lambda: ref.attention_weights(q, k)
+    if torch is not None:
+        tq, tk = torch.from_numpy(q), torch.from_numpy(k)
+
+        def torch_softmax():
+            with torch.no_grad():
+                return torch.softmax(tq @ tk.transpose(-1, -2) * scale, dim=-1)
+
+        cases["pytorch"] = torch_softmax
+    ms = interleaved(cases, repeat)
+    # accuracy against the float64 reference, on one input (the reference is slow)
+    w = qkvmean.attention_weights(q[:1], k[:1])
+    err = float(np.abs(w - ref.attention_weights(q[:1], k[:1])).max())
+    wk = qkvmean.ablate(q[:1], k[:1], v[:1], target="k")[0]
+    err_k = float(np.abs(wk - ref.ablate(q[:1], k[:1], v[:1], target="k")[0]).max())
+    flops = 2.0 * 8 * 12 * seq * seq * 64
+    return {
+        "seq": seq,
+        "ms": ms,
+        "max_error": err,
+        "max_error_mean_k": err_k,
+        "gflops_baseline": flops / ms["attention_weights"] / 1e6,
+        "output_gb_per_s": 4.0 * np.prod(out_shape) / ms["attention_weights"] / 1e6,
+    }
+
+
+def machine_limits():
+    a = np.random.default_rng(1).normal(size=(2048, 2048)).astype(np.float32)
+    t = interleaved({"matmul": lambda: a @ a}, 5)["matmul"]
+    big = (8, 12, 1024, 1024)
+    fill = interleaved({"fill": lambda: np.empty(big, np.float32).fill(0.5)}, 5)["fill"]
+    warm = np.empty(big, np.float32)
+    fill_warm = interleaved({"fill": lambda: warm.fill(0.5)}, 5)["fill"]
+    nbytes = 4.0 * np.prod(big)
+    return {
+        "matmul_gflops": 2 * 2048**3 / t / 1e6,
+        "write_gb_per_s_fresh": nbytes / fill / 1e6,
+        "write_gb_per_s_warm": nbytes / fill_warm / 1e6,
+    }
+
+
+def threads_scaling(seq, repeat):
+    q, k = np.random.default_rng(2).normal(size=(2, 8, 12, seq, 64)).astype(np.float32)
+    total = numba.get_num_threads()
+    out = {}
+    for n in (1, total):
+        numba.set_num_threads(n)
+        out[n] = interleaved({"w": lambda: qkvmean.attention_weights(q, k)}, repeat)["w"]
+    numba.set_num_threads(total)
+    return {
+        "seq": seq,
+        "ms_1_thread": out[1],
+        "threads": total,
+        "ms_all_threads": out[total],
+        "speedup": out[1] / out[total],
+    }
+
+
+def _run(args, env=None):
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "qkvmean", *map(str, args)],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - t0
+
+
+def end_to_end(tmp: Path, n_inputs: int):
+    from qkvmean import pipeline
+
+    rng = np.random.default_rng(3)
+    src = tmp / "qkv.h5"
+    with h5py.File(src, "w") as f:
+        for name in "qkv":
+            f.create_dataset(
+                name,
+                data=rng.normal(size=(n_inputs, 12, 128, 64)).astype("f4"),
+                chunks=(8, 12, 128, 64),
+            )
+    out = {}
+    opts = pipeline.Options()
+    source = pipeline.QKVSource(str(src), opts)
+    summary = pipeline.run(source, tmp / "qkv-store.h5", opts, show_progress=False)
+    out["qkv"] = _summary(summary, "12 heads x 128 tokens, 4 conditions")
+    texts = tmp / "texts.txt"
+    sentence = "Mean keys make every query look at all the words in the same way. "
+    texts.write_text("\n".join(f"{i}. " + sentence * 8 for i in range(64)))
+    opts = pipeline.Options()
+    source = pipeline.ModelSource(
+        "minilm", qkvmean.io.texts.read_texts(texts), opts, max_tokens=128, texts_label=str(texts)
+    )
+    summary = pipeline.run(source, tmp / "model-store.h5", opts, show_progress=False)
+    out["model minilm"] = _summary(
+        summary, "64 texts x 128 tokens, 6 layers x 12 heads, 4 conditions"
+    )
+    return out
+
+
+def _summary(s, what):
+    return {
+        "what": what,
+        "inputs": s.n_inputs,
+        "seconds": s.seconds,
+        "inputs_per_s": s.computed / s.seconds,
+        "mb_maps_per_s": s.map_bytes / 1e6 / s.seconds,
+        "kernel_seconds": s.kernel_seconds,
+        "share_outside_kernels": 1 - s.kernel_seconds / s.seconds,
+    }
+
+
+def startup(tmp: Path):
+    src = tmp / "tiny.h5"
+    q = np.random.default_rng(4).normal(size=(2, 2, 4, 8)).astype(np.float32)
+    with h5py.File(src, "w") as f:
+        for name in "qkv":
+            f[name] = q
+    cache = tmp / "numba-cache"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    cold = _run(["run", "--qkv", src, "--out", tmp / "c1.h5", "-q"], env)
+    warm = [_run(["run", "--qkv", src, "--out", tmp / f"w{i}.h5", "-q"], env) for i in range(3)]
+    return {"cold_s": cold, "warm_s": statistics.median(warm)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="3 repeats, no end-to-end runs")
+    parser.add_argument(
+        "--install-torch",
+        action="store_true",
+        help="pip install torch (CPU build) for the comparison, if missing",
+    )
+    parser.add_argument("--json", default=str(HERE / "speed.json"))
+    args = parser.parse_args(argv)
+    repeat = 3 if args.quick else args.repeat
+    if args.install_torch and _torch() is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "torch==2.13.0"], check=False)
+    torch = _torch()
+    info = {
+        "qkvmean": qkvmean.__version__,
+        "numba": numba.__version__,
+        "numpy": np.__version__,
+        "torch": getattr(torch, "__version__", None),
+        "cpus": os.cpu_count(),
+        "threads": numba.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    print(" ".join(f"{k} {v}" for k, v in info.items()))
+    report = {"info": info, "limits": machine_limits(), "shapes": []}
+    lim = report["limits"]
+    print(
+        f"machine: float32 matmul {lim['matmul_gflops']:.0f} GFLOP/s; write "
+        f"{lim['write_gb_per_s_fresh']:.1f} GB/s into fresh memory, "
+        f"{lim['write_gb_per_s_warm']:.1f} GB/s warm"
+    )
+    for seq in args.seq:
+        r = bench_shape(
+            seq, max(3, repeat // (2 if seq >= 2048 else 1)), torch, with_reference=seq <= 512
+        )
+        report["shapes"].append(r)
+        ms = r["ms"]
+        base = ms["attention_weights"]
+        print(f"\nseq {seq}: (8, 12, {seq}, 64) float32, median of interleaved runs")
+        print(f"  {'':<20}{'ms':>10}{'speed-up of attention_weights':>32}")
+        for name, t in ms.items():
+            print(f"  {name:<20}{t:>10.1f}{t / base:>31.2f}x")
+        print(
+            f"  baseline maps: {r['gflops_baseline']:.0f} GFLOP/s "
+            f"({r['gflops_baseline'] / lim['matmul_gflops']:.0%} of the matmul rate), "
+            f"{r['output_gb_per_s']:.1f} GB/s written "
+            f"({r['output_gb_per_s'] / lim['write_gb_per_s_fresh']:.0%} of fresh-memory "
+            f"bandwidth); max error {r['max_error']:.2g} (mean-K {r['max_error_mean_k']:.2g})"
+        )
+        for name in ("mean-K maps", "mean-Q maps"):
+            print(
+                f"  {name}: {ms[name] / ms['fill output once']:.2f}x the time to fill the "
+                "output once"
+            )
+    report["threads"] = threads_scaling(512, repeat)
+    t = report["threads"]
+    print(
+        f"\nthreads (seq 512): 1 thread {t['ms_1_thread']:.1f} ms, "
+        f"{t['threads']} threads {t['ms_all_threads']:.1f} ms: "
+        f"{t['speedup']:.2f}x"
+    )
+    if not args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["end_to_end"] = end_to_end(Path(tmp), 2000)
+            report["startup"] = startup(Path(tmp))
+        for name, e in report["end_to_end"].items():
+            print(
+                f"run --{name}: {e['inputs_per_s']:.1f} inputs/s, {e['mb_maps_per_s']:.0f} MB/s "
+                f"of maps, {e['share_outside_kernels']:.0%} of wall time outside kernels "
+                f"({e['what']})"
+            )
+        s = report["startup"]
+        print(
+            f"CLI on a tiny input: cold (compiling) {s['cold_s']:.1f} s, warm {s['warm_s']:.1f} s"
+        )
+    Path(args.json).write_text(json.dumps(report, indent=1, default=float))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
