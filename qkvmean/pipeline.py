@@ -115,8 +115,13 @@ class QKVSource:
     def inputs_record(self) -> dict:
         return {"lengths": self.lengths}
 
-    def compute(self, start, stop):
+    def read(self, start, stop):
+        """Inputs ``start:stop``, read and checked (on the reader thread)."""
         q, k, _ = self.input.read(start, stop)  # v is read to check its values
+        return q, k
+
+    def compute(self, inputs, start, stop):
+        q, k = inputs
         o = self.options
         t0 = time.perf_counter()
         try:
@@ -245,13 +250,18 @@ class ModelSource:
         tokens = [t + [""] * (self.seq - len(t)) for t in self.tokens]
         return {"lengths": self.lengths, "text": self.texts, "tokens": tokens}
 
-    def compute(self, start, stop):
-        from .engine.transformer import model_conditions
-
+    def read(self, start, stop):
+        """Token ids of inputs ``start:stop``, padded to the longest of them."""
         lengths = self.lengths[start:stop]
         ids = np.zeros((stop - start, max(1, int(lengths.max(initial=0)))), dtype=np.int64)
         for row, i in enumerate(range(start, stop)):
             ids[row, : lengths[row]] = self.ids[i]
+        return ids
+
+    def compute(self, ids, start, stop):
+        from .engine.transformer import model_conditions
+
+        lengths = self.lengths[start:stop]
         o = self.options
         t0 = time.perf_counter()
         try:
@@ -534,22 +544,35 @@ def _remove_stale(work: Path, out: Path):
         path.unlink(missing_ok=True)
 
 
-def _compute_parts(source, options, layout, work, todo, bar):
-    """Compute the batches ``todo``, writing each as a part while the next one computes.
+def _compute_parts(source, options, layout, work, todo, bar, assembly):
+    """Compute the batches ``todo``: three stages that overlap.
 
-    Returns ``(inputs computed, kernel seconds, bytes of maps)``.
+    A reader thread fetches (and checks) batch ``i + 1`` while batch ``i`` computes; a
+    writer thread compresses batch ``i - 1`` on a pool of threads (ISA-L and zlib release
+    the GIL), writes it as a part and adds it to the store's ``assembly``. At most three
+    batches are in memory. Returns ``(inputs computed, kernel seconds, bytes of maps)``.
     """
     kernel_seconds = 0.0
     map_bytes = computed = 0
+
+    def write(start, stop, maps, metrics, compress):
+        part, encoded = st.write_part(work, layout, start, stop, maps, metrics, compress)
+        assembly.add(start, stop, part, encoded, metrics)
+
     with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-writer") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-reader") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-writer") as writer,
         ThreadPoolExecutor(
             max_workers=os.cpu_count() or 1, thread_name_prefix="qkvmean-compress"
         ) as compress,
     ):
         pending = None
-        for start, stop in todo:
-            c, seconds = source.compute(start, stop)
+        fetched = reader.submit(source.read, *todo[0]) if todo else None
+        for index, (start, stop) in enumerate(todo):
+            inputs = fetched.result()
+            if index + 1 < len(todo):
+                fetched = reader.submit(source.read, *todo[index + 1])
+            c, seconds = source.compute(inputs, start, stop)
             kernel_seconds += seconds
             maps = None
             if options.maps:
@@ -560,7 +583,7 @@ def _compute_parts(source, options, layout, work, todo, bar):
             map_bytes += sum(w.nbytes for w in c.weights.values())
             if pending is not None:
                 pending.result()  # at most one batch waits to be written
-            pending = pool.submit(st.write_part, work, layout, start, stop, maps, metrics, compress)
+            pending = writer.submit(write, start, stop, maps, metrics, compress)
             computed += stop - start
             if bar is not None:
                 bar.set_description_str("", refresh=False)
@@ -633,16 +656,26 @@ def run(
             maps=options.maps,
             layer_ids=source.layer_ids,
         )
-        done = st.completed_parts(work)
+        done = {}
+        for (start, stop), part in st.completed_parts(work).items():
+            if st.part_is_whole(part, layout, start, stop):  # e.g. after an OS crash
+                done[(start, stop)] = part
+            else:
+                part.unlink()
         todo = [b for b in manifest["batches"] if b not in done]
         bar = _progress(source.n_inputs, sum(b - a for a, b in done), show_progress)
         t_start = time.perf_counter()
+        assembly = None
         try:
-            computed, kernel_seconds, map_bytes = _compute_parts(
-                source, options, layout, work, todo, bar
-            )
             attrs = _root_attrs(source, options, config, manifest["created_utc"])
-            st.assemble(work, out, layout, attrs, source.inputs_record())
+            assembly = st.Assembly(out, layout, attrs, source.inputs_record())
+            for (start, stop), part in sorted(done.items()):  # from an interrupted run
+                assembly.add(start, stop, part)
+            computed, kernel_seconds, map_bytes = _compute_parts(
+                source, options, layout, work, todo, bar, assembly
+            )
+            assembly.finish()
+            assembly = None
         except InputError:
             if created:  # the input is bad: there is nothing worth resuming
                 shutil.rmtree(work, ignore_errors=True)
@@ -655,6 +688,8 @@ def run(
         finally:
             if bar is not None:
                 bar.close()
+            if assembly is not None:
+                assembly.abort()
         shutil.rmtree(work, ignore_errors=True)
     finally:
         os.close(lock)

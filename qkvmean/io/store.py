@@ -3,11 +3,12 @@
 Schema: ``docs/store.md``. Writing is crash-safe by construction:
 
 - a run writes each batch of inputs to its own *part file* in ``STORE.h5.partial/``
-  (written under a temporary name, fsynced, then renamed: a part either exists whole or
-  not at all), next to a ``manifest.json`` with the run's configuration;
-- when every part exists, the parts are *assembled* into ``STORE.h5.<pid>.tmp`` by
-  copying their compressed chunks verbatim (no decompression), which is fsynced and
-  renamed onto ``STORE.h5`` atomically; only then is the partial directory removed.
+  (written under a temporary name, then renamed: a part either exists whole or not at
+  all), next to a ``manifest.json`` with the run's configuration;
+- as the parts are written, their compressed chunks also go, verbatim, into the store
+  being assembled at ``STORE.h5.<pid>.tmp`` (:class:`Assembly`); when every input is in,
+  it is fsynced and renamed onto ``STORE.h5`` atomically; only then is the partial
+  directory removed. A resumed run rebuilds the assembly from the parts.
 
 So the final path never holds a half-written store, a kill at any moment loses at most
 the batches in flight, and a resumed run assembles exactly the bytes an uninterrupted run
@@ -16,7 +17,6 @@ would have.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from numba import njit, prange
 
 from . import InputError
 
@@ -148,29 +149,50 @@ def _compress(raw: bytes, level: int) -> bytes:
     return zlib.compress(raw, level)
 
 
-def _chunk_grid(shape, chunks):
-    """Offsets of every chunk of a dataset of ``shape`` chunked by ``chunks``."""
-    ranges = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
-    return list(itertools.product(*ranges))
+@njit(parallel=True, cache=True, nogil=True)
+def _shuffle_kernel(blocks, out):
+    """HDF5's shuffle filter on every row of ``blocks`` ``(chunks, elements, itemsize)``:
+    ``out[c, b, e] = blocks[c, e, b]`` (all first bytes, then all second bytes, ...)."""
+    n_chunks, n_elems, size = blocks.shape
+    for c in prange(n_chunks):
+        for b in range(size):
+            for e in range(n_elems):
+                out[c, b, e] = blocks[c, e, b]
 
 
-def _encode_chunk(arr, offset, chunks, filters):
-    """One chunk of ``arr`` as HDF5's shuffle + deflate filters would store it.
+def _encode_maps(arr, chunks, filters, pool):
+    """Every chunk of a ``(n, layer, head, seq, seq)`` batch, shuffled and deflated.
 
-    Edge chunks are padded with zeros to the full chunk shape, as HDF5 stores them.
+    The chunks ``(1, 1, h, seq, seq)`` are contiguous in the array (after padding the head
+    axis to a multiple of ``h`` with zeros, as HDF5 pads edge chunks), so the shuffle runs
+    once over the whole batch in parallel and the compression of each chunk on ``pool``.
+    Returns ``[(chunk offset, bytes), ...]``.
     """
-    block = arr[tuple(slice(o, o + c) for o, c in zip(offset, chunks, strict=True))]
-    if block.shape != tuple(chunks):
-        full = np.zeros(chunks, dtype=arr.dtype)
-        full[tuple(slice(0, n) for n in block.shape)] = block
-        block = full
-    raw = np.ascontiguousarray(block)
-    if filters.get("shuffle") and raw.dtype.itemsize > 1:
-        raw = raw.view(np.uint8).reshape(-1, raw.dtype.itemsize).T
-    raw = np.ascontiguousarray(raw).tobytes()
+    n, layers, heads, seq, _ = arr.shape
+    per = chunks[2]
+    groups = -(-heads // per)
+    if groups * per != heads:
+        padded = np.zeros((n, layers, groups * per, seq, seq), dtype=arr.dtype)
+        padded[:, :, :heads] = arr
+        arr = padded
+    blocks = np.ascontiguousarray(arr).reshape(n * layers * groups, per * seq * seq)
+    if filters.get("shuffle") and blocks.dtype.itemsize > 1:
+        raw = blocks.view(np.uint8).reshape(blocks.shape[0], blocks.shape[1], -1)
+        shuffled = np.empty((raw.shape[0], raw.shape[2], raw.shape[1]), dtype=np.uint8)
+        _shuffle_kernel(raw, shuffled)
+        blocks = shuffled.reshape(blocks.shape[0], -1)
+    else:
+        blocks = blocks.view(np.uint8).reshape(blocks.shape[0], -1)
     if filters.get("compression") == "gzip":
-        return _compress(raw, filters["compression_opts"])
-    return raw
+        level = filters["compression_opts"]
+        data = list(pool.map(lambda row: _compress(row, level), blocks))
+    else:
+        data = [row.tobytes() for row in blocks]
+    offsets = [
+        (c // (layers * groups), (c // groups) % layers, (c % groups) * per, 0, 0)
+        for c in range(len(data))
+    ]
+    return list(zip(offsets, data, strict=True))
 
 
 def _encodable(filters) -> bool:
@@ -179,15 +201,18 @@ def _encodable(filters) -> bool:
 
 
 def write_part(directory: Path, layout: Layout, start: int, stop: int, maps, metrics, pool=None):
-    """Write inputs ``start:stop`` as one part file, atomically (tmp, fsync, rename).
+    """Write inputs ``start:stop`` as one part file, atomically (a temporary name, renamed).
 
     ``maps[condition]``: ``(n, layer, head, seq, seq)``; ``metrics[name]``:
     ``(condition, n, layer, head)``. With a thread ``pool``, deflate and shuffle run on
-    its threads (zlib releases the GIL) and the chunks are written as they are.
+    its threads (zlib releases the GIL) and the chunks are written as they are. Returns
+    the part's path and, when they were encoded here, its chunks
+    (``{condition: [(offset, bytes), ...]}``), else None.
     """
     final = directory / part_name(start, stop)
     tmp = final.with_suffix(".h5.tmp")
     filters = parse_compression(layout.compression)
+    encoded = {}
     with h5py.File(tmp, "w") as f:
         f.attrs["start"] = start
         f.attrs["stop"] = stop
@@ -198,19 +223,33 @@ def write_part(directory: Path, layout: Layout, start: int, stop: int, maps, met
                 if pool is None or not _encodable(filters) or dset.chunks is None:
                     dset[...] = maps[cond]
                     continue
-                arr, chunks = maps[cond], dset.chunks
-                offsets = _chunk_grid(arr.shape, chunks)
-                encoded = pool.map(
-                    lambda o, a=arr, c=chunks: _encode_chunk(a, o, c, filters), offsets
-                )
-                for offset, data in zip(offsets, encoded, strict=True):
-                    dset.id.write_direct_chunk(offset, data, 0)
+                encoded[cond] = _encode_maps(maps[cond], dset.chunks, filters, pool)
+                for offset, chunk in encoded[cond]:
+                    dset.id.write_direct_chunk(offset, chunk, 0)
         for name in (*METRIC_NAMES, "top_key_index"):
             f["metrics"][name][...] = metrics[name]
-    fsync_path(tmp)
+    # No fsync here: the rename is atomic against a killed process (the page cache keeps
+    # what was written); against an OS crash, --resume checks every part it reuses
+    # (part_is_whole) and the store itself is fsynced before its own rename.
     os.replace(tmp, final)
-    fsync_path(directory, directory=True)
-    return final
+    return final, (encoded if len(encoded) == len(layout.conditions) else None)
+
+
+def part_is_whole(path: Path, layout: Layout, start: int, stop: int) -> bool:
+    """Does the part open, cover ``start:stop`` and hold every dataset at its shape?"""
+    try:
+        with h5py.File(path, "r") as f:
+            if (int(f.attrs["start"]), int(f.attrs["stop"])) != (start, stop):
+                return False
+            shape = (len(layout.conditions), stop - start, layout.n_layers, layout.n_heads)
+            if any(f["metrics"][m].shape != shape for m in (*METRIC_NAMES, "top_key_index")):
+                return False
+            if layout.maps:
+                maps = (stop - start, layout.n_layers, layout.n_heads, layout.seq, layout.seq)
+                return all(f["attention"][c].shape == maps for c in layout.conditions)
+            return True
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return False
 
 
 def completed_parts(directory: Path) -> dict:
@@ -255,62 +294,88 @@ def _attach(dset: h5py.Dataset, f: h5py.File, names):
         dset.dims[axis].attach_scale(scale)
 
 
-def assemble(directory: Path, out: Path, layout: Layout, attrs: dict, inputs: dict) -> Path:
-    """Build the final store at ``out`` from the parts in ``directory``, atomically.
+class Assembly:
+    """The final store, filled part by part as the parts are written.
 
-    ``inputs``: ``lengths`` (and for model runs ``text`` and ``tokens``).
+    It lives at ``STORE.h5.<pid>.tmp`` until :meth:`finish` checks that every input is in
+    and renames it onto ``STORE.h5``; a kill leaves only the temporary file, which the next
+    ``--resume`` deletes and rebuilds from the parts (the parts, not this file, are what a
+    kill cannot damage). Filling it while the next batches compute keeps the assembly off
+    the end of the run.
     """
-    parts = sorted(completed_parts(directory).items())
-    covered = [rng for rng, _ in parts]
-    expected_start = 0
-    for start, stop in covered:
-        if start != expected_start:
-            raise RuntimeError(f"{directory}: parts do not cover inputs {expected_start}..{start}")
-        expected_start = stop
-    if expected_start != layout.n_inputs:
-        raise RuntimeError(
-            f"{directory}: parts stop at input {expected_start} of {layout.n_inputs}"
-        )
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            layout.create_datasets(f, layout.n_inputs)
-            _dimension_scales(f, layout)
-            group = f.create_group("input")
-            lengths = group.create_dataset("lengths", data=np.asarray(inputs["lengths"], np.int32))
-            _attach(lengths, f, ["batch"])
-            if "text" in inputs:
-                text = group.create_dataset("text", data=np.array(inputs["text"], dtype=_STR))
-                _attach(text, f, ["batch"])
-                tokens = group.create_dataset(
-                    "tokens",
-                    data=np.array(inputs["tokens"], dtype=_STR).reshape(
-                        layout.n_inputs, layout.seq
-                    ),
-                )
-                _attach(tokens, f, ["batch", "seq"])
-            metric_dims = ["condition", "batch", "layer", "head"]
+
+    def __init__(self, out: Path, layout: Layout, attrs: dict, inputs: dict):
+        self.out = out
+        self.layout = layout
+        self.tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        self.filled = []
+        self.f = h5py.File(self.tmp, "w")
+        try:
+            self._skeleton(attrs, inputs)
+        except Exception:
+            self.abort()
+            raise
+
+    def _skeleton(self, attrs, inputs):
+        f, layout = self.f, self.layout
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        layout.create_datasets(f, layout.n_inputs)
+        _dimension_scales(f, layout)
+        group = f.create_group("input")
+        lengths = group.create_dataset("lengths", data=np.asarray(inputs["lengths"], np.int32))
+        _attach(lengths, f, ["batch"])
+        if "text" in inputs:
+            text = group.create_dataset("text", data=np.array(inputs["text"], dtype=_STR))
+            _attach(text, f, ["batch"])
+            tokens = np.array(inputs["tokens"], dtype=_STR).reshape(layout.n_inputs, layout.seq)
+            _attach(group.create_dataset("tokens", data=tokens), f, ["batch", "seq"])
+        for name in (*METRIC_NAMES, "top_key_index"):
+            _attach(f["metrics"][name], f, ["condition", "batch", "layer", "head"])
+        if layout.maps:
+            for cond in layout.conditions:
+                _attach(f["attention"][cond], f, ["batch", "layer", "head", "query", "key"])
+
+    def add(self, start, stop, part: Path, encoded=None, metrics=None):
+        """Put inputs ``start:stop`` in: the chunks ``write_part`` encoded, or the part's."""
+        f = self.f
+        if encoded is not None and metrics is not None:
+            for cond, chunks in encoded.items():
+                did = f["attention"][cond].id
+                for offset, data in chunks:
+                    did.write_direct_chunk((offset[0] + start, *offset[1:]), data, 0)
             for name in (*METRIC_NAMES, "top_key_index"):
-                _attach(f["metrics"][name], f, metric_dims)
-            if layout.maps:
-                for cond in layout.conditions:
-                    _attach(f["attention"][cond], f, ["batch", "layer", "head", "query", "key"])
-            for (start, stop), path in parts:
-                with h5py.File(path, "r") as part:
-                    if layout.maps:
-                        for cond in layout.conditions:
-                            _copy_chunks(part["attention"][cond], f["attention"][cond], start)
-                    for name in (*METRIC_NAMES, "top_key_index"):
-                        f["metrics"][name][:, start:stop] = part["metrics"][name][...]
-        fsync_path(tmp)
-        os.replace(tmp, out)
-        fsync_path(out.parent, directory=True)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+                f["metrics"][name][:, start:stop] = metrics[name]
+        else:
+            with h5py.File(part, "r") as src:
+                if self.layout.maps:
+                    for cond in self.layout.conditions:
+                        _copy_chunks(src["attention"][cond], f["attention"][cond], start)
+                for name in (*METRIC_NAMES, "top_key_index"):
+                    f["metrics"][name][:, start:stop] = src["metrics"][name][...]
+        self.filled.append((start, stop))
+
+    def finish(self) -> Path:
+        """Check that every input is in; fsync; rename onto the store's path."""
+        expected = 0
+        for start, stop in sorted(self.filled):
+            if start != expected:
+                raise RuntimeError(f"{self.out}: inputs {expected}..{start} are missing")
+            expected = stop
+        if expected != self.layout.n_inputs:
+            raise RuntimeError(f"{self.out}: inputs stop at {expected} of {self.layout.n_inputs}")
+        self.f.close()
+        fsync_path(self.tmp)
+        os.replace(self.tmp, self.out)
+        fsync_path(self.out.parent, directory=True)
+        return self.out
+
+    def abort(self):
+        """Close and delete the temporary file (the parts stay)."""
+        try:
+            self.f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- reader
