@@ -172,6 +172,7 @@ def _run(args, env=None):
 
 def end_to_end(tmp: Path, n_inputs: int):
     from qkvmean import pipeline
+    from qkvmean.io.texts import read_texts
 
     rng = np.random.default_rng(3)
     src = tmp / "qkv.h5"
@@ -192,7 +193,7 @@ def end_to_end(tmp: Path, n_inputs: int):
     texts.write_text("\n".join(f"{i}. " + sentence * 8 for i in range(64)))
     opts = pipeline.Options()
     source = pipeline.ModelSource(
-        "minilm", qkvmean.io.texts.read_texts(texts), opts, max_tokens=128, texts_label=str(texts)
+        "minilm", read_texts(texts), opts, max_tokens=128, texts_label=str(texts)
     )
     summary = pipeline.run(source, tmp / "model-store.h5", opts, show_progress=False)
     out["model minilm"] = _summary(

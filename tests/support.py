@@ -83,7 +83,7 @@ def cases(
     q = _layout(_values(rng, (*shape, dim), kind, magnitude, dtype), layout)
     k = _layout(_values(rng, (*shape, dim), kind, magnitude, dtype), layout)
     v = _layout(_values(rng, (*shape, dim_v), "normal", 1.0, dtype), layout)
-    return Case(q, k, v, lengths, draw(st.booleans()), scale, draw(st.sampled_from([1, 3, 32])))
+    return Case(q, k, v, lengths, draw(st.booleans()), scale, draw(st.sampled_from([0, 1, 3, 32])))
 
 
 @contextlib.contextmanager

@@ -40,6 +40,8 @@ _HOT = dict(cache=True, fastmath=True, nogil=True)
 ROWS = 4
 #: Keys per partial sum in the softmax (see :func:`_softmax_row`).
 CHUNK = 64
+#: Query rows per block of column sums (for top_key_mass); see :func:`attention`.
+COL_BLOCK = 32
 
 
 # Scores: four query rows by four key dimensions per pass over the keys, so that every
@@ -50,7 +52,8 @@ CHUNK = 64
 
 @njit(**_HOT)
 def _scores4(q, kt, w, bg, i, jmax, scale):
-    """``w[bg, i + r, :jmax] = (scale * q[bg, i + r]) . kt[bg, :, :jmax]``, r < 4."""
+    """``w[bg, i + r, :jmax] = (scale * q[bg, i + r]) . kt[:, :jmax]``, r < 4 (``kt``: the
+    pair's keys, transposed)."""
     w0 = w[bg, i + 0]
     w1 = w[bg, i + 1]
     w2 = w[bg, i + 2]
@@ -73,10 +76,10 @@ def _scores4(q, kt, w, bg, i, jmax, scale):
         a31 = q[bg, i + 3, d + 1] * scale
         a32 = q[bg, i + 3, d + 2] * scale
         a33 = q[bg, i + 3, d + 3] * scale
-        k0 = kt[bg, d + 0]
-        k1 = kt[bg, d + 1]
-        k2 = kt[bg, d + 2]
-        k3 = kt[bg, d + 3]
+        k0 = kt[d + 0]
+        k1 = kt[d + 1]
+        k2 = kt[d + 2]
+        k3 = kt[d + 3]
         if d == 0:  # the first pass sets the sums, later ones add to them
             for j in range(jmax):
                 x0 = k0[j]
@@ -109,7 +112,7 @@ def _scores4(q, kt, w, bg, i, jmax, scale):
         b1 = q[bg, i + 1, d] * scale
         b2 = q[bg, i + 2, d] * scale
         b3 = q[bg, i + 3, d] * scale
-        k = kt[bg, d]
+        k = kt[d]
         for j in range(jmax):
             w0[j] += b0 * k[j]
             w1[j] += b1 * k[j]
@@ -132,14 +135,14 @@ def _scores1(q, kt, w, bg, i, jmax, scale):
         a05 = q[bg, i + 0, d + 5] * scale
         a06 = q[bg, i + 0, d + 6] * scale
         a07 = q[bg, i + 0, d + 7] * scale
-        k0 = kt[bg, d + 0]
-        k1 = kt[bg, d + 1]
-        k2 = kt[bg, d + 2]
-        k3 = kt[bg, d + 3]
-        k4 = kt[bg, d + 4]
-        k5 = kt[bg, d + 5]
-        k6 = kt[bg, d + 6]
-        k7 = kt[bg, d + 7]
+        k0 = kt[d + 0]
+        k1 = kt[d + 1]
+        k2 = kt[d + 2]
+        k3 = kt[d + 3]
+        k4 = kt[d + 4]
+        k5 = kt[d + 5]
+        k6 = kt[d + 6]
+        k7 = kt[d + 7]
         if d == 0:  # the first pass sets the sums, later ones add to them
             for j in range(jmax):
                 x0 = k0[j]
@@ -187,7 +190,7 @@ def _scores1(q, kt, w, bg, i, jmax, scale):
             w0[j] = 0.0
     while d < q.shape[2]:
         b0 = q[bg, i + 0, d] * scale
-        k = kt[bg, d]
+        k = kt[d]
         for j in range(jmax):
             w0[j] += b0 * k[j]
         d += 1
@@ -425,9 +428,7 @@ def _record_row(mx, bg, blk, i, row, jmax, entropy, spd, sp, log_z):
 
 
 @njit(**_HOT)
-def _attention_block(
-    q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, blk, scratch
-):
+def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, scratch):
     """Serial worker: weights (and outputs, metrics) of query rows ``i0:i1`` of pair ``bg``.
 
     ``scratch`` is this thread's row of logits, kept for the rows that
@@ -435,10 +436,12 @@ def _attention_block(
     """
     n_keys = w.shape[2]
     p_row = mx.base[0, 0]  # zeros, unless there is a baseline (below)
-    if mx.with_metrics:
-        col = mx.colsum[bg, blk]
-        for j in range(n_keys):
-            col[j] = 0.0
+    col_block = mx.col_block
+    if mx.with_metrics:  # this task's column-sum blocks (whole ones: see attention())
+        for sub in range(i0 // col_block, (i1 + col_block - 1) // col_block):
+            col = mx.colsum[bg, sub]
+            for j in range(n_keys):
+                col[j] = 0.0
     first = -1  # the row MODE_SHARED_ROW copies
     shared = (0.0, 0.0, 0.0, 0.0)
     top = min(i1, n)  # rows at or after n are padding
@@ -483,7 +486,7 @@ def _attention_block(
                     first = i + r
                     shared = (entropy, spd, sp, log_z)
             if mx.with_metrics:
-                _record_row(mx, bg, blk, i + r, row, jmax, entropy, spd, sp, log_z)
+                _record_row(mx, bg, (i + r) // col_block, i + r, row, jmax, entropy, spd, sp, log_z)
         if with_output:  # weights beyond a row's own keys are 0: one jmax for the group
             last = min(n, i + rows) if causal else n
             if rows == ROWS:
@@ -502,9 +505,27 @@ def _attention_block(
 
 @njit(parallel=True, **_HOT)
 def attention_kernel(
-    q, kt, v, lengths, group, modes, causal, scale, row_block, w, o, with_output, mx, scratch
+    q,
+    k,
+    v,
+    lengths,
+    group,
+    modes,
+    causal,
+    scale,
+    row_block,
+    w,
+    o,
+    with_output,
+    mx,
+    scratch,
+    kt_scratch,
 ):
-    """Parallel driver: one task per ``(pair, block of row_block query rows)``."""
+    """Parallel driver: one task per ``(pair, block of row_block query rows)``.
+
+    Each task first transposes its pair's valid keys into this thread's ``kt_scratch``
+    (so that the score loop runs over contiguous keys), unless its rows never read keys.
+    """
     n_pairs = q.shape[0]
     n_rows = q.shape[1]
     n_blocks = (n_rows + row_block - 1) // row_block
@@ -515,6 +536,13 @@ def attention_kernel(
         i1 = min(i0 + row_block, n_rows)
         n = lengths[bg // group]
         mode = modes[bg % group]
+        tid = get_thread_id()
+        kt = kt_scratch[tid]
+        if mode != MODE_UNIFORM and i0 < n:
+            for j0 in range(0, n, 16):  # 16-key tiles: rows of k in, columns of kt out
+                for d in range(q.shape[2]):
+                    for j in range(j0, min(j0 + 16, n)):
+                        kt[d, j] = k[bg, j, d]
         _attention_block(
             q,
             kt,
@@ -530,23 +558,8 @@ def attention_kernel(
             i0,
             i1,
             mx,
-            blk,
-            scratch[get_thread_id()],
+            scratch[tid],
         )
-
-
-@njit(parallel=True, **_HOT)
-def transpose_kernel(k, kt):
-    """``kt[p] = k[p].T`` for every pair, in parallel, in 16-key tiles (cache friendly)."""
-    n_pairs, n_keys, dim = k.shape
-    n_tiles = (n_keys + 15) // 16
-    for task in prange(n_pairs * n_tiles):
-        p = task // n_tiles
-        j0 = (task - p * n_tiles) * 16
-        j1 = min(j0 + 16, n_keys)
-        for d in range(dim):
-            for j in range(j0, j1):
-                kt[p, d, j] = k[p, j, d]
 
 
 @njit(parallel=True, **_JIT)
@@ -686,12 +699,13 @@ class Metrics(NamedTuple):
     base_ent: np.ndarray  # (BG, N) baseline row entropies
     row_ent: np.ndarray  # (BG, N) out
     row_kl: np.ndarray  # (BG, N) out
-    colsum: np.ndarray  # (BG, n_blocks, N) out: per-task column sums
+    colsum: np.ndarray  # (BG, N / col_block, N) out: column sums per block of rows
+    col_block: int  # rows per column-sum block: fixed, so the sums do not depend on tasks
 
 
 def _no_metrics(dtype):
     return Metrics(
-        False, False, np.empty((1, 1, 0), dtype), *(np.empty((0, 0)),) * 3, np.empty((0, 0, 0))
+        False, False, np.empty((1, 1, 0), dtype), *(np.empty((0, 0)),) * 3, np.empty((0, 0, 0)), 1
     )
 
 
@@ -705,7 +719,12 @@ def attention(
     metrics call without ``base``) adds the KL from the baseline.
     """
     n_pairs, n_rows, dim = q.shape
-    kt = np.empty((n_pairs, dim, n_rows), dtype=q.dtype)
+    threads = numba.config.NUMBA_NUM_THREADS
+    if not row_block:  # whole pairs per task when there are enough pairs to share out
+        row_block = n_rows if n_pairs >= 4 * numba.get_num_threads() else COL_BLOCK
+    if row_block > COL_BLOCK:  # a task covers a whole pair, or whole column-sum blocks
+        row_block = n_rows
+    row_block = max(row_block, 1)
     w = np.empty((n_pairs, n_rows, n_rows), dtype=q.dtype)
     if with_output:
         o = np.empty((n_pairs, n_rows, v.shape[2]), dtype=q.dtype)
@@ -713,7 +732,11 @@ def attention(
         v = np.empty((n_pairs, n_rows, 0), dtype=q.dtype)
         o = np.empty((0, 0, 0), dtype=q.dtype)
     if metrics:
-        n_blocks = (n_rows + row_block - 1) // row_block
+        # Column sums add up rows in blocks of COL_BLOCK whatever the task layout (a task
+        # covers whole blocks: all of its pair, or exactly one block), so top_key_mass
+        # does not depend on the number of threads or how the rows were split.
+        col_block = min(row_block, COL_BLOCK)
+        n_blocks = (n_rows + col_block - 1) // col_block
         with_kl = base is not None
         mx = Metrics(
             True,
@@ -723,17 +746,17 @@ def attention(
             np.zeros((n_pairs, n_rows)),
             np.zeros((n_pairs, n_rows)),
             np.empty((n_pairs, n_blocks, n_rows)),
+            col_block,
         )
     else:
         mx = _no_metrics(q.dtype)
-    # one row of logits per thread, for MODE_SHARED_ROW
-    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_rows), dtype=q.dtype)
+    # per thread: one row of logits (for MODE_SHARED_ROW) and one pair's keys, transposed
+    scratch = np.empty((threads, n_rows), dtype=q.dtype)
+    kt_scratch = np.empty((threads, dim, n_rows), dtype=q.dtype)
     with config.kernel_guard():
-        if np.any(modes != MODE_UNIFORM):  # uniform rows never read the keys
-            transpose_kernel(k, kt)
         attention_kernel(
             q,
-            kt,
+            k,
             v,
             lengths,
             group,
@@ -746,6 +769,7 @@ def attention(
             with_output,
             mx,
             scratch,
+            kt_scratch,
         )
     rows = (mx.row_ent, mx.row_kl, mx.colsum) if metrics else None
     return w, (o if with_output else None), rows
