@@ -21,6 +21,7 @@ import json
 import math
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +36,10 @@ FORMAT_VERSION = 1
 METRIC_NAMES = ("entropy", "kl_from_baseline", "top_key_mass")
 CONDITION_ORDER = ("baseline", "mean_q", "mean_k", "mean_v")
 
-#: Maps smaller than this are chunked a few heads together, so that tiny maps do not
-#: each pay for a chunk index entry and a compression call.
-MIN_CHUNK_BYTES = 64 * 1024
+#: Maps smaller than this are chunked a few heads together, so that small maps do not
+#: each pay for a chunk index entry, an HDF5 call and a compression call (at 128 tokens,
+#: float32, four maps to a chunk; from 256 tokens, one).
+MIN_CHUNK_BYTES = 256 * 1024
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -223,7 +225,13 @@ def write_part(directory: Path, layout: Layout, start: int, stop: int, maps, met
                 if pool is None or not _encodable(filters) or dset.chunks is None:
                     dset[...] = maps[cond]
                     continue
-                encoded[cond] = _encode_maps(maps[cond], dset.chunks, filters, pool)
+                # a map that is another condition's (mean-V of raw Q/K/V is the baseline,
+                # the same array) is encoded once
+                same = [c for c in encoded if maps[c] is maps[cond]]
+                if same:
+                    encoded[cond] = encoded[same[0]]
+                else:
+                    encoded[cond] = _encode_maps(maps[cond], dset.chunks, filters, pool)
                 for offset, chunk in encoded[cond]:
                     dset.id.write_direct_chunk(offset, chunk, 0)
         for name in (*METRIC_NAMES, "top_key_index"):
@@ -310,6 +318,9 @@ class Assembly:
         self.tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
         self.filled = []
         self.f = h5py.File(self.tmp, "w")
+        self.fd = self.f.id.get_vfd_handle()
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-sync")
+        self._syncing = None
         try:
             self._skeleton(attrs, inputs)
         except Exception:
@@ -354,6 +365,15 @@ class Assembly:
                 for name in (*METRIC_NAMES, "top_key_index"):
                     f["metrics"][name][:, start:stop] = src["metrics"][name][...]
         self.filled.append((start, stop))
+        self._writeback()
+
+    def _writeback(self):
+        """Start writing what is done to disk now, on a thread of its own, so that the
+        fsync in :meth:`finish` has little left to do (it ran for seconds at the end of a
+        large run otherwise)."""
+        if self._syncing is not None and not self._syncing.done():
+            return  # the previous one is still running: it will be followed by the next
+        self._syncing = self._syncer.submit(os.fdatasync, self.fd)
 
     def finish(self) -> Path:
         """Check that every input is in; fsync; rename onto the store's path."""
@@ -364,6 +384,7 @@ class Assembly:
             expected = stop
         if expected != self.layout.n_inputs:
             raise RuntimeError(f"{self.out}: inputs stop at {expected} of {self.layout.n_inputs}")
+        self._syncer.shutdown(wait=True)
         self.f.close()
         fsync_path(self.tmp)
         os.replace(self.tmp, self.out)
@@ -373,6 +394,7 @@ class Assembly:
     def abort(self):
         """Close and delete the temporary file (the parts stay)."""
         try:
+            self._syncer.shutdown(wait=True)
             self.f.close()
         finally:
             self.tmp.unlink(missing_ok=True)
