@@ -193,41 +193,37 @@ def _flat(arr, batched):
     return arr.reshape(batch * group, arr.shape[-2], arr.shape[-1]), batch, group
 
 
+def _check_like_q(x, name, q, *, share_dim):
+    """``x`` (k or v) must match q's shape; v's last axis may differ."""
+    if x.ndim != q.ndim:
+        raise ValueError(f"{name} has {x.ndim} dimensions but q has {q.ndim}; they must match")
+    if share_dim and x.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{name} has head_dim {x.shape[-1]} but q has {q.shape[-1]}: q and {name} must "
+            "share their last dimension"
+        )
+    if x.shape[-2] != q.shape[-2]:
+        raise ValueError(
+            f"{name} has sequence length {x.shape[-2]} but q has {q.shape[-2]}: {name} must "
+            "have the same seq axis (-2) as q"
+            + ("" if share_dim else " (its last axis may differ)")
+        )
+    if x.shape[:-2] != q.shape[:-2]:
+        raise ValueError(
+            f"{name} has shape {x.shape} but q has {q.shape}: batch and group axes must match"
+        )
+
+
 def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, need_k=True, q_name="q"):
     q = _float_array(q, q_name)
     if need_k:
         k = _float_array(k, "k")
-        if k.ndim != q.ndim:
-            raise ValueError(f"k has {k.ndim} dimensions but q has {q.ndim}; they must match")
-        if k.shape[-1] != q.shape[-1]:
-            raise ValueError(
-                f"k has head_dim {k.shape[-1]} but q has {q.shape[-1]}: q and k must share "
-                "their last dimension"
-            )
-        if k.shape[-2] != q.shape[-2]:
-            raise ValueError(
-                f"k has sequence length {k.shape[-2]} but q has {q.shape[-2]}: q and k must "
-                "have the same seq axis (-2)"
-            )
-        if k.shape != q.shape:
-            raise ValueError(
-                f"k has shape {k.shape} but q has {q.shape}: batch and group axes must match"
-            )
+        _check_like_q(k, "k", q, share_dim=True)
         if q.shape[-1] == 0:
             raise ValueError("q and k have head_dim 0; attention needs head_dim >= 1")
     if need_v:
         v = _float_array(v, "v")
-        if v.ndim != q.ndim:
-            raise ValueError(f"v has {v.ndim} dimensions but q has {q.ndim}; they must match")
-        if v.shape[-2] != q.shape[-2]:
-            raise ValueError(
-                f"v has sequence length {v.shape[-2]} but q has {q.shape[-2]}: v must have "
-                "the same seq axis (-2) as q and k (its last axis may differ)"
-            )
-        if v.shape[:-2] != q.shape[:-2]:
-            raise ValueError(
-                f"v has shape {v.shape} but q has {q.shape}: batch and group axes must match"
-            )
+        _check_like_q(v, "v", q, share_dim=False)
     causal = _check_bool(causal, "causal")
     scale = _check_scale(scale, q.shape[-1]) if k is not None else 1.0
     batched = q.ndim > 2
