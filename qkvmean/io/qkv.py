@@ -10,6 +10,8 @@ values themselves, which are checked batch by batch as they are read.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from pathlib import Path
 
 import h5py
@@ -19,6 +21,75 @@ from ..engine import cpu
 from . import InputError
 
 _FLOATS = ("float16", "float32", "float64")
+
+
+class _DirectReader:
+    """Reads a dataset that HDF5 stores as plain bytes — contiguous, or in unfiltered
+    chunks that each hold whole inputs — with ``preadv`` into the destination array.
+
+    HDF5 (through h5py) holds the GIL and a global lock while it reads, which stalls the
+    threads that compress and write the store; a plain read holds neither. Anything
+    else (filters, chunks split inside an input, another byte order, a user block,
+    external or virtual storage, unwritten chunks) is read by HDF5: :meth:`plan` returns
+    None for it.
+    """
+
+    def __init__(self, fd, dset, spans):
+        self.fd = fd
+        self.dtype = dset.dtype
+        self.shape = dset.shape
+        self.row = int(np.prod(dset.shape[1:], dtype=np.int64)) * dset.dtype.itemsize
+        self.spans = spans  # [(first input, inputs, file offset), ...] in input order
+        self.firsts = np.array([s[0] for s in spans], dtype=np.int64)
+
+    @classmethod
+    def plan(cls, fd, f: h5py.File, dset: h5py.Dataset):
+        if f.userblock_size or not dset.dtype.isnative or dset.is_virtual:
+            return None
+        dcpl = dset.id.get_create_plist()
+        if dcpl.get_external_count() or dcpl.get_nfilters():
+            return None
+        layout = dcpl.get_layout()
+        n = dset.shape[0]
+        row = int(np.prod(dset.shape[1:], dtype=np.int64)) * dset.dtype.itemsize
+        if layout == h5py.h5d.CONTIGUOUS:
+            offset = dset.id.get_offset()
+            return None if offset is None else cls(fd, dset, [(0, n, offset)])
+        if layout != h5py.h5d.CHUNKED or dset.chunks[1:] != dset.shape[1:]:
+            return None
+        per = dset.chunks[0]
+        spans = []
+
+        def chunk(info):
+            if info.filter_mask == 0 and info.size == per * row:
+                first = info.chunk_offset[0]
+                spans.append((first, min(per, n - first), info.byte_offset))
+
+        dset.id.chunk_iter(chunk)
+        spans.sort()
+        if [s[0] for s in spans] != list(range(0, n, per)):
+            return None  # a chunk never written (HDF5 gives its fill value) or unusual
+        return cls(fd, dset, spans)
+
+    def read(self, start, stop, where):
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        span = int(np.searchsorted(self.firsts, start, side="right")) - 1
+        i = start
+        while i < stop:
+            first, count, offset = self.spans[span]
+            hi = min(stop, first + count)
+            lo_byte, hi_byte = (i - start) * self.row, (hi - start) * self.row
+            position = offset + (i - first) * self.row
+            while lo_byte < hi_byte:
+                got = os.preadv(self.fd, [view[lo_byte:hi_byte]], position)
+                if got <= 0:
+                    raise InputError(f"{where}: the file ends early (truncated?)")
+                lo_byte += got
+                position += got
+            i = hi
+            span += 1
+        return out
 
 
 def split_spec(spec: str):
@@ -77,6 +148,9 @@ class QKVInput:
                     "HDF5_USE_FILE_LOCKING=FALSE to read it anyway"
                 )
             raise InputError(f"{where}: cannot open: {exc}{hint}") from None
+        self._fd = None
+        self._direct = {}
+        self._plan_lock = threading.Lock()
         try:
             self._check()
         except Exception:
@@ -192,7 +266,11 @@ class QKVInput:
         """
         out = []
         for name in ("q", "k", "v"):
-            x = getattr(self, name)[start:stop]
+            direct = self._direct_reader(name)
+            if direct is not None:
+                x = direct.read(start, stop, self.where(name))
+            else:
+                x = getattr(self, name)[start:stop]
             if self.rank == 4:
                 x = x[:, None]
             # float16 is computed in float32 anyway (and Numba has no float16 arithmetic)
@@ -211,8 +289,25 @@ class QKVInput:
             out.append(x)
         return tuple(out)
 
+    def _direct_reader(self, name):
+        """The :class:`_DirectReader` of dataset ``name``, planned on first use (None
+        where HDF5 must read)."""
+        with self._plan_lock:
+            if name not in self._direct:
+                try:
+                    if self._fd is None:
+                        self._fd = os.open(self.path, os.O_RDONLY)
+                    plan = _DirectReader.plan(self._fd, self._f, getattr(self, name))
+                except (OSError, RuntimeError, AttributeError):  # e.g. no chunk_iter in h5py
+                    plan = None
+                self._direct[name] = plan
+            return self._direct[name]
+
     def close(self):
         self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self):
         return self
