@@ -2,9 +2,9 @@
 
 A *source* (raw Q/K/V here; a model in :mod:`qkvmean.engine.models`) knows its sizes and
 computes the maps and metrics of a range of inputs. :func:`run` does the rest: batching
-with bounded memory, writing each batch as a part file on a writer thread while the next
-batch computes, progress, resume, and the atomic assembly of the store
-(:mod:`qkvmean.io.store`).
+with bounded memory, writing each batch into the store (and its journal) on a writer
+thread while the next batch computes, progress, resume, and the atomic rename of the
+finished store (:mod:`qkvmean.io.store`).
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ def _reason(exc: BaseException) -> str:
 class Summary:
     path: Path
     n_inputs: int
-    computed: int  # inputs computed by this invocation (the rest came from parts)
+    computed: int  # inputs computed by this invocation (the rest came from the journal)
     seconds: float
     kernel_seconds: float
     map_bytes: int  # uncompressed bytes of the maps computed by this invocation
@@ -544,21 +544,16 @@ def _remove_stale(work: Path, out: Path):
         path.unlink(missing_ok=True)
 
 
-def _compute_parts(source, options, layout, work, todo, bar, assembly):
+def _compute_batches(source, options, layout, todo, bar, assembly):
     """Compute the batches ``todo``: three stages that overlap.
 
     A reader thread fetches (and checks) batch ``i + 1`` while batch ``i`` computes; a
     writer thread compresses batch ``i - 1`` on a pool of threads (ISA-L and zlib release
-    the GIL), writes it as a part and adds it to the store's ``assembly``. At most three
-    batches are in memory. Returns ``(inputs computed, kernel seconds, bytes of maps)``.
+    the GIL) and writes it into the store's ``assembly``. At most three batches are in
+    memory. Returns ``(inputs computed, kernel seconds, bytes of maps)``.
     """
     kernel_seconds = 0.0
     map_bytes = computed = 0
-
-    def write(start, stop, maps, metrics, compress):
-        part, encoded = st.write_part(work, layout, start, stop, maps, metrics, compress)
-        assembly.add(start, stop, part, encoded, metrics)
-
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-reader") as reader,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-writer") as writer,
@@ -583,7 +578,7 @@ def _compute_parts(source, options, layout, work, todo, bar, assembly):
             map_bytes += sum(w.nbytes for w in c.weights.values())
             if pending is not None:
                 pending.result()  # at most one batch waits to be written
-            pending = writer.submit(write, start, stop, maps, metrics, compress)
+            pending = writer.submit(assembly.add, start, stop, maps, metrics, compress)
             computed += stop - start
             if bar is not None:
                 bar.set_description_str("", refresh=False)
@@ -656,25 +651,22 @@ def run(
             maps=options.maps,
             layer_ids=source.layer_ids,
         )
-        done = {}
-        for (start, stop), part in st.completed_parts(work).items():
-            if st.part_is_whole(part, layout, start, stop):  # e.g. after an OS crash
-                done[(start, stop)] = part
-            else:
-                part.unlink()
-        todo = [b for b in manifest["batches"] if b not in done]
-        bar = _progress(source.n_inputs, sum(b - a for a, b in done), show_progress)
+        batches = set(manifest["batches"])
+        entries = st.journal(work)
+        for key in entries.keys() - batches:  # not this manifest's: cannot be used
+            entries.pop(key).unlink()
         t_start = time.perf_counter()
-        assembly = None
+        bar = assembly = None
         try:
             attrs = _root_attrs(source, options, config, manifest["created_utc"])
-            assembly = st.Assembly(out, layout, attrs, source.inputs_record())
-            for (start, stop), part in sorted(done.items()):  # from an interrupted run
-                assembly.add(start, stop, part)
-            computed, kernel_seconds, map_bytes = _compute_parts(
-                source, options, layout, work, todo, bar, assembly
+            assembly = st.Assembly(work, layout, attrs, source.inputs_record())
+            done = assembly.salvage(entries)  # from an interrupted run
+            todo = [b for b in manifest["batches"] if b not in done]
+            bar = _progress(source.n_inputs, sum(b - a for a, b in done), show_progress)
+            computed, kernel_seconds, map_bytes = _compute_batches(
+                source, options, layout, todo, bar, assembly
             )
-            assembly.finish()
+            assembly.finish(out)
             assembly = None
         except InputError:
             if created:  # the input is bad: there is nothing worth resuming
@@ -714,7 +706,7 @@ def inspect_partial(out: Path) -> dict:
         raise InputError(f"{work}: no readable manifest.json; not a qkvmean partial run") from None
     batches = [tuple(b) for b in manifest["batches"]]
     total = batches[-1][1] if batches else 0
-    done = sum(b - a for a, b in st.completed_parts(work) if (a, b) in batches)
+    done = sum(b - a for a, b in st.journal(work) if (a, b) in batches)
     cfg = manifest["config"]
     return {
         "store": str(out),

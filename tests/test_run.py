@@ -223,7 +223,7 @@ def _assert_same_store(a, b):
 
 
 def test_sigkill_at_several_moments_then_resume_equals_uninterrupted_run(tmp_path):
-    """Kill -9 after the first part, mid-way and during the assembly; resume; compare."""
+    """Kill -9 after the first batch, mid-way and late; resume; compare."""
     src = tmp_path / "in.h5"
     make_qkv(src, n=3000, layers=1, heads=2, seq=12, dim=4, dim_v=3, causal=True, seed=3)
     args = ["run", "--qkv", src, "--batch-size", "40", "--quiet"]
@@ -234,13 +234,10 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted_run(tmp_pat
     work = pipeline.partial_dir(out)
     cmd = [sys.executable, "-m", "qkvmean", *map(str, args), "--out", str(out)]
 
-    def parts():
-        return len(list(work.glob("part-*.h5"))) if work.exists() else 0
+    def journaled():
+        return len(list(work.glob("batch-*.npz"))) if work.exists() else 0
 
-    def assembling():
-        return any(p.name.endswith(".tmp") for p in tmp_path.glob("out.h5.*.tmp"))
-
-    stages = [lambda: parts() >= 1, lambda: parts() >= 40, lambda: parts() >= 75 or assembling()]
+    stages = [lambda: journaled() >= 1, lambda: journaled() >= 40, lambda: journaled() >= 60]
     kills = 0
     for i, ready in enumerate(stages):
         proc = subprocess.Popen(
@@ -259,12 +256,14 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted_run(tmp_pat
         # an interrupted run is never mistaken for a store, nor silently restarted
         rerun = qkvmean_cmd(*args, "--out", out)
         assert rerun.returncode == 2 and "--resume" in rerun.stderr
-    assert kills >= 2
+    assert kills == 3 and not out.exists()
     inspect = qkvmean_cmd("inspect", out)
-    if not out.exists():
-        assert inspect.returncode == 0 and "of 3000 done; finish with" in inspect.stdout
-    final = qkvmean_cmd(*args, "--out", out, "--resume")
+    assert inspect.returncode == 0 and "of 3000 done; finish with" in inspect.stdout
+    journaled_inputs = 40 * journaled()
+    final = qkvmean_cmd(*[a for a in args if a != "--quiet"], "--out", out, "--resume")
     assert final.returncode == 0, final.stderr
+    # every batch journaled before the kill is copied from the killed run's file
+    assert f"3000 inputs, {journaled_inputs} of them from the interrupted run" in final.stdout
     assert out.exists() and not work.exists()
     assert not list(tmp_path.glob("*.tmp"))
     _assert_same_store(out, ref_out)
@@ -334,7 +333,7 @@ def test_a_live_run_is_never_deleted_or_mistaken_for_an_interrupted_one(tmp_path
     )
     work = pipeline.partial_dir(out)
     deadline = time.monotonic() + 120
-    while not list(work.glob("part-*.h5")) and time.monotonic() < deadline:
+    while not list(work.glob("batch-*.npz")) and time.monotonic() < deadline:
         time.sleep(0.01)
     try:
         for extra in ([], ["--resume"], ["--overwrite"]):
@@ -451,7 +450,7 @@ def test_resume_accepts_equivalent_spellings_and_names_what_differs(tmp_path):
 def test_disk_full_is_one_line_and_the_run_can_resume(tmp_path, good_input, monkeypatch, capsys):
     from qkvmean.io import store
 
-    original = store.write_part
+    original = store.Assembly.add
     calls = []
 
     def full(*args, **kwargs):
@@ -460,15 +459,59 @@ def test_disk_full_is_one_line_and_the_run_can_resume(tmp_path, good_input, monk
             raise OSError(28, "No space left on device")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(store, "write_part", full)
+    monkeypatch.setattr(store.Assembly, "add", full)
     out = tmp_path / "o.h5"
     argv = ["run", "--qkv", good_input, "--out", str(out), "--batch-size", "2", "--quiet"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no space left on device" in err and "--resume" in err
-    assert not out.exists() and len(list(pipeline.partial_dir(out).glob("part-*"))) == 1
-    monkeypatch.setattr(store, "write_part", original)
+    assert not out.exists() and len(list(pipeline.partial_dir(out).glob("batch-*"))) == 1
+    monkeypatch.setattr(store.Assembly, "add", original)
     assert main([*argv, "--resume"]) == 0 and out.exists()
+
+
+def test_resume_salvages_checked_batches_and_recomputes_damaged_ones(tmp_path, monkeypatch):
+    """A chunk whose bytes changed, an unreadable journal entry and a missing one are
+    computed again; whole batches are copied (not recomputed); old files are removed."""
+    from qkvmean.io import store
+
+    src = tmp_path / "in.h5"
+    make_qkv(src, n=10, layers=2, heads=3, seq=7, dim=4, causal=True, seed=9)
+    base = ["run", "--qkv", str(src), "--batch-size", "2", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "ref.h5")]) == 0
+    out = tmp_path / "o.h5"
+    work = pipeline.partial_dir(out)
+    original = store.Assembly.add
+    added = []
+
+    def add(self, start, stop, *args, **kwargs):
+        added.append(start)
+        if start == 8 and len(added) == 5:  # the first run fails at its last batch
+            raise OSError(5, "Input/output error")
+        return original(self, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(store.Assembly, "add", add)
+    assert main([*base, "--out", str(out)]) == 1
+    entries = store.journal(work)
+    assert sorted(entries) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    with np.load(entries[(2, 4)]) as z:  # flip one byte of one chunk of batch 2..4
+        index, *where, _ = z["chunks"][3].tolist()
+        old = work / str(z["store_file"])
+    with h5py.File(old, "r", swmr=True) as f:  # the killed run's file is readable
+        dset = f["attention"][["baseline", "mean_q", "mean_k", "mean_v"][index]]
+        address = dset.id.get_chunk_info_by_coord(tuple(where)).byte_offset
+    with open(old, "r+b") as fh:
+        fh.seek(address)
+        byte = fh.read(1)
+        fh.seek(address)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    entries[(4, 6)].write_bytes(b"not a journal entry")
+    entries[(6, 8)].unlink()
+    added.clear()
+    assert main([*base, "--out", str(out), "--resume"]) == 0
+    assert sorted(added) == [2, 4, 6, 8]  # 0..2 was salvaged, the rest computed
+    assert not work.exists() and not old.exists()
+    _assert_same_store(out, tmp_path / "ref.h5")
 
 
 def test_broken_pipe_is_quiet(tmp_path, good_input):

@@ -12,6 +12,8 @@ import zlib
 import h5py
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import assert_within, weight_tolerance
 
 import qkvmean
@@ -389,3 +391,58 @@ def test_inspect_prints_a_summary(rank5_store, capsys):
     assert info["inputs_done"] == info["inputs_total"] == 6 and info["complete"] is True
     assert info["compression_ratio"] > 1 and info["bytes_on_disk"] == out.stat().st_size
     assert info["config"]["targets"] == ["q", "k", "v"] and info["lengths"]["max"] == 9
+
+
+def _patterned_chunk(data, dtype):
+    """A chunk ``(heads, seq, seq)`` mixing what maps hold: random weights, zeros (masks,
+    padding), one value everywhere (mean-K), rows all alike (mean-Q)."""
+    heads = data.draw(st.integers(1, 3))
+    seq = data.draw(st.integers(1, 80))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    out = np.empty((heads, seq, seq), dtype)
+    for h in range(heads):
+        kind = data.draw(st.sampled_from(["random", "zeros", "uniform", "rows", "causal"]))
+        w = rng.random((seq, seq))
+        if kind == "zeros":
+            w[:] = 0
+        elif kind == "uniform":
+            w[:] = 1 / seq
+        elif kind == "rows":
+            w[:] = w[0]
+        elif kind == "causal":
+            w = np.tril(w)
+        out[h] = w
+    return out, seq
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), dtype=st.sampled_from(["float32", "float16"]), level=st.sampled_from([1, 4]))
+def test_encoded_chunks_inflate_to_the_shuffled_bytes(data, dtype, level):
+    """Every chunk we encode is a zlib stream any inflater reads back to HDF5's shuffle
+    of the chunk, whichever segments were deflated and whichever stored."""
+    from qkvmean.io import store
+
+    chunk, seq = _patterned_chunk(data, dtype)
+    filters = {"compression": "gzip", "compression_opts": level, "shuffle": True}
+    encoded = store._encode_chunk(chunk.reshape(-1), filters, seq)
+    shuffled = chunk.reshape(-1).view(np.uint8).reshape(-1, chunk.itemsize).T.tobytes()
+    assert zlib.decompress(encoded) == shuffled
+
+
+def test_random_mantissa_bytes_are_stored_and_repetitive_ones_deflated():
+    from qkvmean.io import store
+
+    filters = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+    rng = np.random.default_rng(0)
+    weights = rng.random((4, 128, 128)).astype(np.float32).reshape(-1)
+    raw = np.ascontiguousarray(weights).view(np.uint8).reshape(-1, 4)
+    planes = np.empty((4, raw.shape[0]), np.uint8)
+    worth = np.empty((4, -(-raw.shape[0] // store.SEGMENT)), np.bool_)
+    store._shuffle_survey(raw, planes, worth, store.SEGMENT, store.SAMPLE, 128)
+    assert not worth[:3].any() and worth[3].all()  # three mantissa planes, one exponent
+    encoded = store._encode_chunk(weights, filters, 128)
+    assert len(encoded) < 0.9 * weights.nbytes
+    uniform = np.full(4 * 128 * 128, 1 / 128, np.float32)
+    assert len(store._encode_chunk(uniform, filters, 128)) < 0.01 * uniform.nbytes
+    rows = np.tile(rng.random(128).astype(np.float32), 4 * 128)  # mean-Q: rows alike
+    assert len(store._encode_chunk(rows, filters, 128)) < 0.2 * rows.nbytes

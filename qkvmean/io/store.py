@@ -1,17 +1,17 @@
 """The qkvmean HDF5 store: schema (version 1), crash-safe writing, and the reader.
 
-Schema: ``docs/store.md``. Writing is crash-safe by construction:
+Schema: ``docs/store.md``. Writing is crash-safe by construction (:class:`Assembly`):
 
-- a run writes each batch of inputs to its own *part file* in ``STORE.h5.partial/``
-  (written under a temporary name, then renamed: a part either exists whole or not at
-  all), next to a ``manifest.json`` with the run's configuration;
-- as the parts are written, their compressed chunks also go, verbatim, into the store
-  being assembled at ``STORE.h5.<pid>.tmp`` (:class:`Assembly`); when every input is in,
-  it is fsynced and renamed onto ``STORE.h5`` atomically; only then is the partial
-  directory removed. A resumed run rebuilds the assembly from the parts.
+- a run builds the store inside ``STORE.h5.partial/`` (next to a ``manifest.json`` with
+  the run's configuration), writing each map once, and after each batch renames a small
+  journal entry into place that says where that batch's chunks lie in the file and what
+  their CRC-32 is;
+- when every input is in, the file is fsynced and renamed onto ``STORE.h5`` atomically;
+  only then is the partial directory removed. A resumed run starts a new file, copies the
+  journaled batches into it (checked against their CRCs) and computes the rest.
 
 So the final path never holds a half-written store, a kill at any moment loses at most
-the batches in flight, and a resumed run assembles exactly the bytes an uninterrupted run
+the batches in flight, and a resumed run writes exactly the chunks an uninterrupted run
 would have.
 """
 
@@ -20,6 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import struct
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from . import InputError
 
@@ -122,7 +125,7 @@ class Layout:
         group.create_dataset("top_key_index", shape=shape, dtype="int32")
 
 
-# ------------------------------------------------------------------------ part files
+# ------------------------------------------------------------------ writing (crash-safe)
 
 
 def fsync_path(path: Path, directory: bool = False):
@@ -133,42 +136,115 @@ def fsync_path(path: Path, directory: bool = False):
         os.close(fd)
 
 
-def part_name(start: int, stop: int) -> str:
-    return f"part-{start:010d}-{stop:010d}.h5"
-
-
 try:  # ISA-L's deflate: the same zlib stream, about 4x faster than zlib at level 1
-    from isal.isal_zlib import compress as _deflate
+    from isal import isal_zlib as _fast_zlib
 
-    _DEFLATE_LEVELS = range(0, 4)  # ISA-L has levels 0..3; zlib covers the rest
+    _FAST_LEVELS = range(0, 4)  # ISA-L has levels 0..3; zlib covers the rest
 except ImportError:  # pragma: no cover - isal is a dependency where wheels exist
-    _deflate, _DEFLATE_LEVELS = zlib.compress, range(0, 10)
+    _fast_zlib, _FAST_LEVELS = zlib, range(0, 10)
+_crc32 = _fast_zlib.crc32
+
+#: Bytes per segment of a shuffled byte plane that is either deflated or stored as it is
+#: (see :func:`_deflate_planes`), and bytes of each segment that decide which.
+SEGMENT = 16384
+SAMPLE = 1024
 
 
-def _compress(raw: bytes, level: int) -> bytes:
-    if level in _DEFLATE_LEVELS:
-        return _deflate(raw, level)
-    return zlib.compress(raw, level)
+@njit(cache=True, nogil=True)
+def _shuffle_survey(raw, out, worth, segment, sample, period):
+    """HDF5's shuffle of one chunk, and which of its segments are worth deflating.
 
-
-@njit(parallel=True, cache=True, nogil=True)
-def _shuffle_kernel(blocks, out):
-    """HDF5's shuffle filter on every row of ``blocks`` ``(chunks, elements, itemsize)``:
-    ``out[c, b, e] = blocks[c, e, b]`` (all first bytes, then all second bytes, ...)."""
-    n_chunks, n_elems, size = blocks.shape
-    for c in prange(n_chunks):
+    ``raw`` ``(elements, itemsize)``; ``out[b, e] = raw[e, b]`` (all first bytes, then
+    all second bytes, ...). ``worth[b, s]``: does the start (``sample`` bytes) of
+    segment ``s`` of plane ``b`` repeat itself (a sixteenth of its bytes equal to the
+    byte before or to the byte ``period`` before, one row of the map earlier: zeros,
+    masked runs, rows that are all alike) or use few byte values (a Huffman code would
+    shorten it)? The low
+    mantissa bytes of attention weights do neither: deflate would spend most of its time
+    on them and save nothing.
+    """
+    n_elems, size = raw.shape
+    if size == 4:  # float32, unrolled: one pass that reads each element once
+        o0, o1, o2, o3 = out[0], out[1], out[2], out[3]
+        for e in range(n_elems):
+            o0[e], o1[e], o2[e], o3[e] = raw[e, 0], raw[e, 1], raw[e, 2], raw[e, 3]
+    elif size == 2:  # float16
+        o0, o1 = out[0], out[1]
+        for e in range(n_elems):
+            o0[e], o1[e] = raw[e, 0], raw[e, 1]
+    else:
         for b in range(size):
             for e in range(n_elems):
-                out[c, b, e] = blocks[c, e, b]
+                out[b, e] = raw[e, b]
+    hist = np.zeros(256, np.int64)
+    for b in range(size):
+        for s in range(worth.shape[1]):
+            lo = s * segment
+            hi = min(lo + sample, n_elems)
+            hist[:] = 0
+            repeats = 0
+            for e in range(lo, hi):
+                x = out[b, e]
+                hist[x] += 1
+                if e > 0 and (x == out[b, e - 1] or (e >= period and x == out[b, e - period])):
+                    repeats += 1
+            n = hi - lo
+            # sum(p²) > 1/128: fewer than 128 equally likely values, 7 bits per byte or less
+            # (random bytes give 1/256, plus 1/n of sampling noise)
+            squares = 0
+            for v in range(256):
+                squares += hist[v] * hist[v]
+            worth[b, s] = 16 * repeats > n or 128 * squares > n * n
 
 
-def _encode_maps(arr, chunks, filters, pool):
-    """Every chunk of a ``(n, layer, head, seq, seq)`` batch, shuffled and deflated.
+def _deflate_planes(planes, worth, level) -> bytes:
+    """A zlib stream of the shuffled chunk ``planes`` ``(itemsize, elements)``: the
+    segments ``worth`` deflating are deflated (each run of them by a compressor of its
+    own, ended by a full flush, so that no match reaches back across stored bytes), the
+    others stored as they are. Any inflater (HDF5's deflate filter, h5dump, zlib) reads
+    it like any other stream."""
+    size, n_elems = planes.shape
+    flat = planes.reshape(-1)
+    runs = []  # (start, stop, deflate?) over the flat bytes, neighbours merged
+    for b in range(size):
+        for s in range(worth.shape[1]):
+            start, stop = b * n_elems + s * SEGMENT, b * n_elems + min((s + 1) * SEGMENT, n_elems)
+            if runs and runs[-1][1] == start and runs[-1][2] == worth[b, s]:
+                runs[-1][1] = stop
+            else:
+                runs.append([start, stop, bool(worth[b, s])])
+    lib = _fast_zlib if level in _FAST_LEVELS else zlib
+    out = [b"\x78\x01"]  # zlib header: deflate, 32 KiB window
+    for start, stop, deflate in runs:
+        if deflate:
+            c = lib.compressobj(level, lib.DEFLATED, -15)
+            out += [c.compress(flat[start:stop]), c.flush(lib.Z_FULL_FLUSH)]
+            continue
+        for lo in range(start, stop, 65535):  # stored blocks: BFINAL 0, BTYPE 00, LEN, NLEN
+            n = min(65535, stop - lo)
+            out += [struct.pack("<BHH", 0, n, n ^ 0xFFFF), flat[lo : lo + n]]
+    out += [b"\x01\x00\x00\xff\xff", struct.pack(">I", _fast_zlib.adler32(flat))]
+    return b"".join(out)
+
+
+def _encode_chunk(raw, filters, period) -> bytes:
+    """One chunk's bytes as HDF5 stores them (shuffled and deflated, or as they are)."""
+    if filters.get("compression") != "gzip":
+        return raw.tobytes()
+    size = raw.dtype.itemsize
+    raw = raw.view(np.uint8).reshape(-1, size)
+    planes = np.empty((size, raw.shape[0]), dtype=np.uint8)
+    worth = np.empty((size, -(-raw.shape[0] // SEGMENT)), dtype=np.bool_)
+    _shuffle_survey(raw, planes, worth, SEGMENT, SAMPLE, period)
+    return _deflate_planes(planes, worth, filters["compression_opts"])
+
+
+def _encode_maps(arr, chunks, filters, pool=None):
+    """Every chunk of a ``(n, layer, head, seq, seq)`` batch, encoded on ``pool``.
 
     The chunks ``(1, 1, h, seq, seq)`` are contiguous in the array (after padding the head
-    axis to a multiple of ``h`` with zeros, as HDF5 pads edge chunks), so the shuffle runs
-    once over the whole batch in parallel and the compression of each chunk on ``pool``.
-    Returns ``[(chunk offset, bytes), ...]``.
+    axis to a multiple of ``h`` with zeros, as HDF5 pads edge chunks). Returns
+    ``[(chunk offset, bytes or a future of them), ...]`` (futures with a ``pool``).
     """
     n, layers, heads, seq, _ = arr.shape
     per = chunks[2]
@@ -178,18 +254,10 @@ def _encode_maps(arr, chunks, filters, pool):
         padded[:, :, :heads] = arr
         arr = padded
     blocks = np.ascontiguousarray(arr).reshape(n * layers * groups, per * seq * seq)
-    if filters.get("shuffle") and blocks.dtype.itemsize > 1:
-        raw = blocks.view(np.uint8).reshape(blocks.shape[0], blocks.shape[1], -1)
-        shuffled = np.empty((raw.shape[0], raw.shape[2], raw.shape[1]), dtype=np.uint8)
-        _shuffle_kernel(raw, shuffled)
-        blocks = shuffled.reshape(blocks.shape[0], -1)
+    if pool is None:
+        data = [_encode_chunk(row, filters, seq) for row in blocks]
     else:
-        blocks = blocks.view(np.uint8).reshape(blocks.shape[0], -1)
-    if filters.get("compression") == "gzip":
-        level = filters["compression_opts"]
-        data = list(pool.map(lambda row: _compress(row, level), blocks))
-    else:
-        data = [row.tobytes() for row in blocks]
+        data = [pool.submit(_encode_chunk, row, filters, seq) for row in blocks]
     offsets = [
         (c // (layers * groups), (c // groups) % layers, (c % groups) * per, 0, 0)
         for c in range(len(data))
@@ -202,83 +270,23 @@ def _encodable(filters) -> bool:
     return filters.get("compression") in (None, "gzip")
 
 
-def write_part(directory: Path, layout: Layout, start: int, stop: int, maps, metrics, pool=None):
-    """Write inputs ``start:stop`` as one part file, atomically (a temporary name, renamed).
-
-    ``maps[condition]``: ``(n, layer, head, seq, seq)``; ``metrics[name]``:
-    ``(condition, n, layer, head)``. With a thread ``pool``, deflate and shuffle run on
-    its threads (zlib releases the GIL) and the chunks are written as they are. Returns
-    the part's path and, when they were encoded here, its chunks
-    (``{condition: [(offset, bytes), ...]}``), else None.
-    """
-    final = directory / part_name(start, stop)
-    tmp = final.with_suffix(".h5.tmp")
-    filters = parse_compression(layout.compression)
-    encoded = {}
-    with h5py.File(tmp, "w") as f:
-        f.attrs["start"] = start
-        f.attrs["stop"] = stop
-        layout.create_datasets(f, stop - start)
-        if layout.maps:
-            for cond in layout.conditions:
-                dset = f["attention"][cond]
-                if pool is None or not _encodable(filters) or dset.chunks is None:
-                    dset[...] = maps[cond]
-                    continue
-                # a map that is another condition's (mean-V of raw Q/K/V is the baseline,
-                # the same array) is encoded once
-                same = [c for c in encoded if maps[c] is maps[cond]]
-                if same:
-                    encoded[cond] = encoded[same[0]]
-                else:
-                    encoded[cond] = _encode_maps(maps[cond], dset.chunks, filters, pool)
-                for offset, chunk in encoded[cond]:
-                    dset.id.write_direct_chunk(offset, chunk, 0)
-        for name in (*METRIC_NAMES, "top_key_index"):
-            f["metrics"][name][...] = metrics[name]
-    # No fsync here: the rename is atomic against a killed process (the page cache keeps
-    # what was written); against an OS crash, --resume checks every part it reuses
-    # (part_is_whole) and the store itself is fsynced before its own rename.
-    os.replace(tmp, final)
-    return final, (encoded if len(encoded) == len(layout.conditions) else None)
+#: Version of the journal entries (``batch-START-STOP.npz``) in a partial directory.
+JOURNAL_VERSION = 1
+_ENTRY = re.compile(r"batch-(\d+)-(\d+)\.npz")
 
 
-def part_is_whole(path: Path, layout: Layout, start: int, stop: int) -> bool:
-    """Does the part open, cover ``start:stop`` and hold every dataset at its shape?"""
-    try:
-        with h5py.File(path, "r") as f:
-            if (int(f.attrs["start"]), int(f.attrs["stop"])) != (start, stop):
-                return False
-            shape = (len(layout.conditions), stop - start, layout.n_layers, layout.n_heads)
-            if any(f["metrics"][m].shape != shape for m in (*METRIC_NAMES, "top_key_index")):
-                return False
-            if layout.maps:
-                maps = (stop - start, layout.n_layers, layout.n_heads, layout.seq, layout.seq)
-                return all(f["attention"][c].shape == maps for c in layout.conditions)
-            return True
-    except (OSError, KeyError, ValueError, RuntimeError):
-        return False
+def entry_name(start: int, stop: int) -> str:
+    return f"batch-{start:010d}-{stop:010d}.npz"
 
 
-def completed_parts(directory: Path) -> dict:
-    """``{(start, stop): path}`` of the part files that were renamed into place."""
+def journal(directory: Path) -> dict:
+    """``{(start, stop): path}`` of the journal entries in a partial directory."""
     done = {}
-    for path in directory.glob("part-*-*.h5"):
-        try:
-            _, start, stop = path.stem.split("-")
-            done[(int(start), int(stop))] = path
-        except ValueError:
-            continue
+    for path in directory.glob("batch-*-*.npz"):
+        match = _ENTRY.fullmatch(path.name)
+        if match:
+            done[(int(match[1]), int(match[2]))] = path
     return done
-
-
-def _copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, offset: int):
-    """Copy every stored chunk of ``src`` into ``dst`` at ``offset`` inputs, compressed."""
-    sid, did = src.id, dst.id
-    for i in range(sid.get_num_chunks()):
-        info = sid.get_chunk_info(i)
-        mask, data = sid.read_direct_chunk(info.chunk_offset)
-        did.write_direct_chunk((info.chunk_offset[0] + offset, *info.chunk_offset[1:]), data, mask)
 
 
 def _dimension_scales(f: h5py.File, layout: Layout):
@@ -302,27 +310,48 @@ def _attach(dset: h5py.Dataset, f: h5py.File, names):
         dset.dims[axis].attach_scale(scale)
 
 
-class Assembly:
-    """The final store, filled part by part as the parts are written.
+#: HDF5 file-format bounds of the store: the 1.10 format, which SWMR writing needs and
+#: every HDF5 since 1.10 (2016) reads. (``latest`` would be HDF5 2.0's format, which
+#: older tools cannot open.)
+LIBVER = ("v110", "v110")
 
-    It lives at ``STORE.h5.<pid>.tmp`` until :meth:`finish` checks that every input is in
-    and renames it onto ``STORE.h5``; a kill leaves only the temporary file, which the next
-    ``--resume`` deletes and rebuilds from the parts (the parts, not this file, are what a
-    kill cannot damage). Filling it while the next batches compute keeps the assembly off
-    the end of the run.
+
+class Assembly:
+    """The store under construction, written once, with a journal that survives a kill.
+
+    The store is built at ``STORE.h5.partial/store-<pid>-<n>.h5``. Each batch's chunks are
+    written straight into it (compressed here, on a thread pool, and handed to HDF5 as
+    they are) and its metrics after them; the file is flushed, and then a *journal
+    entry* ``batch-START-STOP.npz`` is renamed into place: the batch's metrics and the
+    CRC-32 of every chunk. When every input is in, :meth:`finish` fsyncs the file and
+    renames it onto ``STORE.h5``.
+
+    The file is written in HDF5's SWMR mode (single writer, multiple readers), which
+    orders HDF5's metadata writes so that the file on disk is readable at every moment,
+    and so after a kill too. A resumed run starts a new file, and :meth:`salvage` copies
+    each journaled batch into it from the old file, every chunk checked against its CRC;
+    the batches whose entry or chunks are missing or damaged (an OS crash, say) are
+    computed again. Old files are deleted only once no entry refers to them, so a kill
+    during salvage loses nothing either. A run that is not interrupted writes each map
+    once.
     """
 
-    def __init__(self, out: Path, layout: Layout, attrs: dict, inputs: dict):
-        self.out = out
+    def __init__(self, work: Path, layout: Layout, attrs: dict, inputs: dict):
+        self.work = work
         self.layout = layout
-        self.tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        self.filters = parse_compression(layout.compression)
         self.filled = []
-        self.f = h5py.File(self.tmp, "w")
+        n = 0
+        while (work / f"store-{os.getpid()}-{n}.h5").exists():
+            n += 1
+        self.path = work / f"store-{os.getpid()}-{n}.h5"
+        self.f = h5py.File(self.path, "w-", libver=LIBVER)
         self.fd = self.f.id.get_vfd_handle()
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-sync")
         self._syncing = None
         try:
             self._skeleton(attrs, inputs)
+            self.f.swmr_mode = True  # every object exists: from now on only data is written
         except Exception:
             self.abort()
             raise
@@ -347,23 +376,72 @@ class Assembly:
             for cond in layout.conditions:
                 _attach(f["attention"][cond], f, ["batch", "layer", "head", "query", "key"])
 
-    def add(self, start, stop, part: Path, encoded=None, metrics=None):
-        """Put inputs ``start:stop`` in: the chunks ``write_part`` encoded, or the part's."""
-        f = self.f
-        if encoded is not None and metrics is not None:
-            for cond, chunks in encoded.items():
-                did = f["attention"][cond].id
-                for offset, data in chunks:
-                    did.write_direct_chunk((offset[0] + start, *offset[1:]), data, 0)
-            for name in (*METRIC_NAMES, "top_key_index"):
-                f["metrics"][name][:, start:stop] = metrics[name]
-        else:
-            with h5py.File(part, "r") as src:
-                if self.layout.maps:
-                    for cond in self.layout.conditions:
-                        _copy_chunks(src["attention"][cond], f["attention"][cond], start)
-                for name in (*METRIC_NAMES, "top_key_index"):
-                    f["metrics"][name][:, start:stop] = src["metrics"][name][...]
+    # -- writing
+
+    def add(self, start, stop, maps, metrics, pool=None):
+        """Write inputs ``start:stop`` and journal them.
+
+        ``maps[condition]``: ``(n, layer, head, seq, seq)`` (a condition whose map is
+        another's array — mean-V of raw Q/K/V is the baseline — is encoded once);
+        ``metrics[name]``: ``(condition, n, layer, head)``. With a thread ``pool``, the
+        chunks are encoded on its threads (ISA-L and zlib release the GIL).
+        """
+        rows = []
+        # every map's chunks are queued for encoding first, so that the pool keeps
+        # encoding while the chunks that are ready are written
+        encoded = {}
+        for cond in self.layout.conditions if self.layout.maps else ():
+            same = [c for c in encoded if maps[c] is maps[cond]]
+            if same:
+                encoded[cond] = encoded[same[0]]
+            elif _encodable(self.filters):
+                chunks = self.f["attention"][cond].chunks
+                encoded[cond] = _encode_maps(maps[cond], chunks, self.filters, pool)
+        if self.layout.maps:
+            for index, cond in enumerate(self.layout.conditions):
+                dset = self.f["attention"][cond]
+                if not _encodable(self.filters):  # a filter only HDF5 applies (lzf)
+                    dset[start:stop] = maps[cond]
+                    for where in self._chunk_coords(start, stop):
+                        data = dset.id.read_direct_chunk(where)[1]
+                        rows.append((index, *where, _crc32(data)))
+                    continue
+                for offset, data in encoded[cond]:
+                    data = data if isinstance(data, bytes) else data.result()
+                    where = (offset[0] + start, *offset[1:])
+                    dset.id.write_direct_chunk(where, data, 0)
+                    rows.append((index, *where, _crc32(data)))
+        self._put(start, stop, rows, metrics)
+
+    def _chunk_coords(self, start, stop):
+        per = self.layout.map_chunks()[2]
+        return [
+            (i, layer, head, 0, 0)
+            for i in range(start, stop)
+            for layer in range(self.layout.n_layers)
+            for head in range(0, self.layout.n_heads, per)
+        ]
+
+    def _put(self, start, stop, rows, metrics):
+        """Metrics into the store; flush; the journal entry (atomically); writeback."""
+        for name in (*METRIC_NAMES, "top_key_index"):
+            self.f["metrics"][name][:, start:stop] = metrics[name]
+        self.f.flush()  # the batch's chunk index entries reach the file before its entry
+        final = self.work / entry_name(start, stop)
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                version=np.int64(JOURNAL_VERSION),
+                store_file=np.str_(self.path.name),
+                start=np.int64(start),
+                stop=np.int64(stop),
+                chunks=np.asarray(rows, dtype=np.int64).reshape(-1, 7),
+                **{name: metrics[name] for name in (*METRIC_NAMES, "top_key_index")},
+            )
+        # No fsync: the rename is atomic against a killed process (the page cache keeps
+        # what was written), and after an OS crash salvage checks every chunk's CRC.
+        os.replace(tmp, final)
         self.filled.append((start, stop))
         self._writeback()
 
@@ -375,29 +453,120 @@ class Assembly:
             return  # the previous one is still running: it will be followed by the next
         self._syncing = self._syncer.submit(os.fdatasync, self.fd)
 
-    def finish(self) -> Path:
-        """Check that every input is in; fsync; rename onto the store's path."""
+    # -- resuming
+
+    def salvage(self, entries: dict) -> set:
+        """Copy the journaled batches ``{(start, stop): entry path}`` of interrupted runs
+        into this file and journal them anew; return the batches copied. An entry that
+        is unreadable, or whose chunks are missing or fail their CRC, is deleted (its
+        batch is computed again). Then every older store file is deleted."""
+        done = set()
+        files = {}
+        try:
+            for (start, stop), path in sorted(entries.items()):
+                batch = self._read_entry(path, start, stop, files)
+                if batch is None:
+                    path.unlink(missing_ok=True)
+                    continue
+                chunks, metrics = batch
+                rows = []
+                for index, where, mask, data in chunks:
+                    dset = self.f["attention"][self.layout.conditions[index]]
+                    dset.id.write_direct_chunk(where, data, mask)
+                    rows.append((index, *where, _crc32(data)))
+                self._put(start, stop, rows, metrics)
+                done.add((start, stop))
+        finally:
+            for old in files.values():
+                if old is not None:
+                    old.close()
+        for old in self.work.glob("store-*.h5"):  # every entry now names self.path
+            if old != self.path:
+                old.unlink()
+        return done
+
+    def _expected(self, start, stop) -> list:
+        if not self.layout.maps:
+            return []
+        coords = self._chunk_coords(start, stop)
+        return [(i, *c) for i in range(len(self.layout.conditions)) for c in coords]
+
+    def _open_old(self, name, files):
+        """An earlier attempt's store file, opened for reading (None if it cannot be)."""
+        if name not in files:
+            files[name] = None
+            if Path(name).name == name and name.startswith("store-"):
+                try:  # a killed SWMR writer leaves a file that SWMR readers can open
+                    files[name] = h5py.File(self.work / name, "r", swmr=True)
+                except (OSError, RuntimeError, ValueError):
+                    pass
+        return files[name]
+
+    def _read_entry(self, path, start, stop, files):
+        """``(chunks, metrics)`` of a journal entry, each chunk read back and checked;
+        None if anything is missing, inconsistent or damaged."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if int(z["version"]) != JOURNAL_VERSION:
+                    return None
+                if (int(z["start"]), int(z["stop"])) != (start, stop):
+                    return None
+                name = str(z["store_file"])
+                table = z["chunks"]
+                metrics = {m: z[m] for m in (*METRIC_NAMES, "top_key_index")}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        shape = (len(self.layout.conditions), stop - start, self.layout.n_layers)
+        shape += (self.layout.n_heads,)
+        if any(v.shape != shape for v in metrics.values()):
+            return None
+        expected = self._expected(start, stop)
+        if table.shape != (len(expected), 7):
+            return None
+        if sorted(map(tuple, table[:, :6].tolist())) != sorted(expected):
+            return None
+        chunks = []
+        for index, *where, crc in table.tolist():
+            old = self._open_old(name, files)
+            if old is None:
+                return None
+            try:
+                dset = old["attention"][self.layout.conditions[index]]
+                mask, data = dset.id.read_direct_chunk(tuple(where))
+            except (OSError, RuntimeError, ValueError, KeyError):
+                return None
+            if _crc32(data) != crc:
+                return None
+            chunks.append((index, tuple(where), mask, data))
+        return chunks, metrics
+
+    # -- ending
+
+    def finish(self, out: Path) -> Path:
+        """Check that every input is in; fsync; rename onto ``out``."""
         expected = 0
         for start, stop in sorted(self.filled):
             if start != expected:
-                raise RuntimeError(f"{self.out}: inputs {expected}..{start} are missing")
+                raise RuntimeError(f"{out}: inputs {expected}..{start} are missing")
             expected = stop
         if expected != self.layout.n_inputs:
-            raise RuntimeError(f"{self.out}: inputs stop at {expected} of {self.layout.n_inputs}")
+            raise RuntimeError(f"{out}: inputs stop at {expected} of {self.layout.n_inputs}")
         self._syncer.shutdown(wait=True)
         self.f.close()
-        fsync_path(self.tmp)
-        os.replace(self.tmp, self.out)
-        fsync_path(self.out.parent, directory=True)
-        return self.out
+        fsync_path(self.path)
+        os.replace(self.path, out)
+        fsync_path(out.parent, directory=True)
+        return out
 
     def abort(self):
-        """Close and delete the temporary file (the parts stay)."""
+        """Close the file after a failure; it stays, with its journal, for ``--resume``."""
         try:
             self._syncer.shutdown(wait=True)
-            self.f.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            try:
+                self.f.close()
+            except (OSError, RuntimeError):  # e.g. the disk is full: salvage copes
+                pass
 
 
 # ----------------------------------------------------------------------------- reader
