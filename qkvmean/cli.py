@@ -187,7 +187,7 @@ def _add_run(sub):
     runp.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing store (or an interrupted run's parts)",
+        help="replace an existing store (or an interrupted run's batches)",
     )
     runp.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=cmd_run)

@@ -84,7 +84,7 @@ def canonical_compression(spec: str) -> str:
 
 @dataclass
 class Layout:
-    """Everything that fixes the datasets of a store (and of its parts)."""
+    """Everything that fixes the datasets of a store."""
 
     n_inputs: int
     n_layers: int
@@ -106,7 +106,7 @@ class Layout:
         return (1, 1, max(heads, 1), max(self.seq, 1), max(self.seq, 1))
 
     def create_datasets(self, f: h5py.File, n_inputs: int):
-        """The map and metric datasets for ``n_inputs`` inputs (a part or the store)."""
+        """The map and metric datasets for ``n_inputs`` inputs."""
         filters = parse_compression(self.compression)
         if self.maps:
             group = f.require_group("attention")
