@@ -28,7 +28,7 @@ from . import engine
 from ._version import __version__
 from .io import InputError
 from .io import store as st
-from .io.qkv import QKVInput
+from .io.qkv import QKVInput, ReadFailed
 
 #: Auto batch size: inputs per batch such that one batch's maps (all conditions, float32)
 #: take about this many bytes. Two batches are in memory at once (one computing, one
@@ -571,9 +571,13 @@ def _compute_batches(source, options, layout, todo, bar, assembly):
             kernel_seconds += seconds
             maps = None
             if options.maps:
-                maps = {
-                    n: c.weights[n].astype(options.map_dtype, copy=False) for n in layout.conditions
-                }
+                converted = {}  # one conversion per distinct array: mean-V of raw Q/K/V is
+                maps = {}  # the baseline's array, and then it is encoded once too
+                for n in layout.conditions:
+                    w = c.weights[n]
+                    if id(w) not in converted:
+                        converted[id(w)] = w.astype(options.map_dtype, copy=False)
+                    maps[n] = converted[id(w)]
             metrics = {name: c.metrics[name] for name in (*st.METRIC_NAMES, "top_key_index")}
             map_bytes += sum(w.nbytes for w in c.weights.values())
             if pending is not None:
@@ -666,12 +670,23 @@ def run(
             computed, kernel_seconds, map_bytes = _compute_batches(
                 source, options, layout, todo, bar, assembly
             )
-            assembly.finish(out)
+            try:
+                assembly.finish(out, overwrite)
+            except FileExistsError:
+                raise RunFailed(
+                    f"{out} appeared while this run was writing (another run?) and was left "
+                    f"as it is; this run's store is {assembly.path}"
+                ) from None
             assembly = None
         except InputError:
             if created:  # the input is bad: there is nothing worth resuming
                 shutil.rmtree(work, ignore_errors=True)
             raise
+        except ReadFailed as exc:
+            raise RunFailed(
+                f"{exc}; the finished batches are kept in {work.name}/: fix the cause and "
+                "rerun with --resume"
+            ) from exc
         except (OSError, RuntimeError) as exc:  # h5py reports a failed flush as RuntimeError
             raise RunFailed(
                 f"writing {out} failed: {_reason(exc)}; the finished batches are kept in "

@@ -70,3 +70,94 @@ def test_a_nan_is_named_by_input_on_the_direct_path(tmp_path):
         with pytest.raises(ValueError, match=r"/q: input 7 contains nan at \(1, 2, 3\)"):
             inp.read(4, 9)
         assert inp._direct["q"] is not None
+
+
+def _bfloat16():
+    t = h5py.h5t.IEEE_F32LE.copy()
+    t.set_fields(15, 7, 8, 0, 7)
+    t.set_offset(0)
+    t.set_precision(16)
+    t.set_size(2)
+    t.set_ebias(127)
+    return t
+
+
+def _float32_other_bias():  # four bytes like float32, another exponent bias
+    t = h5py.h5t.IEEE_F32LE.copy()
+    t.set_ebias(120)
+    return t
+
+
+@pytest.mark.parametrize("make_type", [_bfloat16, _float32_other_bias])
+def test_a_float_type_h5py_converts_is_read_by_hdf5(tmp_path, make_type):
+    """Float types h5py converts (bfloat16 reads as float32, a float with another
+    exponent bias as float64): their bytes on disk are not the dtype's."""
+    from h5py import h5d, h5s
+
+    path = tmp_path / "in.h5"
+    values = np.random.default_rng(1).normal(size=SHAPE).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        for n in "qkv":
+            h5d.create(f.id, n.encode(), make_type(), h5s.create_simple(SHAPE))
+            f[n][...] = values
+        f["after"] = np.ones(10_000)  # bytes a misread would run into
+        want = f["q"][...]
+    with QKVInput(str(path)) as inp:
+        q, _, _ = inp.read(0, SHAPE[0])
+        assert inp._direct["q"] is None
+        np.testing.assert_array_equal(q[:, 0], want)
+
+
+def test_datasets_behind_external_links_are_read_from_their_own_file(tmp_path):
+    rng = np.random.default_rng(2)
+    with h5py.File(tmp_path / "target.h5", "w") as f:
+        for n in "qkv":
+            f[n] = rng.normal(size=SHAPE).astype(np.float32)
+    with h5py.File(tmp_path / "links.h5", "w") as f:
+        f["pad"] = rng.normal(size=100_000).astype(np.float32)
+        for n in "qkv":
+            f[n] = h5py.ExternalLink("target.h5", "/" + n)
+    with QKVInput(str(tmp_path / "links.h5")) as inp, h5py.File(tmp_path / "target.h5") as t:
+        q, _, v = inp.read(0, SHAPE[0])
+        assert inp._direct["q"] is None
+        np.testing.assert_array_equal(q[:, 0], t["q"][...])
+        np.testing.assert_array_equal(v[:, 0], t["v"][...])
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [((3, 0, 4, 2), "has no heads"), ((3, 0, 2, 4, 2), "has no layers")],
+)
+def test_no_heads_or_no_layers_is_a_clear_error(tmp_path, shape, message):
+    from qkvmean.io import InputError
+
+    path = tmp_path / "in.h5"
+    with h5py.File(path, "w") as f:
+        for n in "qkv":
+            f[n] = np.zeros(shape, np.float32)
+    with pytest.raises(InputError, match=message):
+        QKVInput(str(path))
+
+
+def test_an_io_error_while_reading_fails_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from qkvmean import pipeline
+    from qkvmean.cli import main
+
+    path = tmp_path / "in.h5"
+    with h5py.File(path, "w") as f:
+        for n in "qkv":
+            f[n] = np.ones(SHAPE, np.float32)
+
+    def broken(*args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", broken)
+    out = tmp_path / "o.h5"
+    assert main(["run", "--qkv", str(path), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"reading {path}:/q failed: Input/output error" in err and "--resume" in err
+    assert not out.exists() and pipeline.partial_dir(out).exists()

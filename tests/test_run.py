@@ -514,6 +514,40 @@ def test_resume_salvages_checked_batches_and_recomputes_damaged_ones(tmp_path, m
     _assert_same_store(out, tmp_path / "ref.h5")
 
 
+def test_a_store_that_appears_during_the_run_is_never_replaced(tmp_path, good_input, capsys):
+    """Another program creates --out while this run computes: it is left as it is."""
+    from qkvmean.io import store
+
+    out = tmp_path / "o.h5"
+    original = store.Assembly.finish
+
+    def finish(self, *args, **kwargs):
+        out.write_bytes(b"someone else's")
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store.Assembly, "finish", finish)
+        assert main(["run", "--qkv", good_input, "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "appeared while this run was writing" in err
+    assert out.read_bytes() == b"someone else's"
+
+
+def test_a_failed_background_writeback_fails_the_run(tmp_path, good_input, monkeypatch, capsys):
+    import errno
+
+    def fdatasync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    out = tmp_path / "o.h5"
+    argv = ["run", "--qkv", good_input, "--out", str(out), "--batch-size", "1", "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "input/output error" in err and "--resume" in err
+    assert not out.exists()
+
+
 def test_broken_pipe_is_quiet(tmp_path, good_input):
     out = tmp_path / "o.h5"
     assert qkvmean_cmd("run", "--qkv", good_input, "--out", out, "-q").returncode == 0

@@ -23,6 +23,10 @@ from . import InputError
 _FLOATS = ("float16", "float32", "float64")
 
 
+class ReadFailed(OSError):
+    """The input could not be read (an I/O error, not a bad value)."""
+
+
 class _DirectReader:
     """Reads a dataset that HDF5 stores as plain bytes — contiguous, or in unfiltered
     chunks that each hold whole inputs — with ``preadv`` into the destination array.
@@ -44,7 +48,16 @@ class _DirectReader:
 
     @classmethod
     def plan(cls, fd, f: h5py.File, dset: h5py.Dataset):
-        if f.userblock_size or not dset.dtype.isnative or dset.is_virtual:
+        if not hasattr(os, "preadv") or f.driver != "sec2" or f.userblock_size:
+            return None
+        if dset.is_virtual or not dset.dtype.isnative:
+            return None
+        # the type on disk, not the one h5py converts to (bfloat16 reads as float32)
+        if not dset.id.get_type().equal(h5py.h5t.py_create(dset.dtype)):
+            return None
+        # the dataset's own file, not one an external link leads to
+        here, there = os.fstat(fd), os.fstat(dset.file.id.get_vfd_handle())
+        if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
             return None
         dcpl = dset.id.get_create_plist()
         if dcpl.get_external_count() or dcpl.get_nfilters():
@@ -54,7 +67,9 @@ class _DirectReader:
         row = int(np.prod(dset.shape[1:], dtype=np.int64)) * dset.dtype.itemsize
         if layout == h5py.h5d.CONTIGUOUS:
             offset = dset.id.get_offset()
-            return None if offset is None else cls(fd, dset, [(0, n, offset)])
+            if offset is None or dset.id.get_storage_size() != n * row:
+                return None
+            return cls(fd, dset, [(0, n, offset)])
         if layout != h5py.h5d.CHUNKED or dset.chunks[1:] != dset.shape[1:]:
             return None
         per = dset.chunks[0]
@@ -82,7 +97,10 @@ class _DirectReader:
             lo_byte, hi_byte = (i - start) * self.row, (hi - start) * self.row
             position = offset + (i - first) * self.row
             while lo_byte < hi_byte:
-                got = os.preadv(self.fd, [view[lo_byte:hi_byte]], position)
+                try:
+                    got = os.preadv(self.fd, [view[lo_byte:hi_byte]], position)
+                except OSError as exc:
+                    raise ReadFailed(f"reading {where} failed: {exc.strerror or exc}") from exc
                 if got <= 0:
                     raise InputError(f"{where}: the file ends early (truncated?)")
                 lo_byte += got
@@ -207,6 +225,10 @@ class QKVInput:
             raise InputError(f"{self.where('q')}: sequence length is 0; nothing to attend to")
         if q.shape[0] == 0:
             raise InputError(f"{self.where('q')}: holds no inputs (batch axis is 0)")
+        if q.shape[-3] == 0:
+            raise InputError(f"{self.where('q')}: has no heads (head axis is 0)")
+        if q.ndim == 5 and q.shape[1] == 0:
+            raise InputError(f"{self.where('q')}: has no layers (layer axis is 0)")
         self.q, self.k, self.v = q, k, v
         self.rank = q.ndim
         self.n_inputs = q.shape[0]
@@ -305,6 +327,7 @@ class QKVInput:
 
     def close(self):
         self._f.close()
+        self._direct.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -449,8 +449,10 @@ class Assembly:
         """Start writing what is done to disk now, on a thread of its own, so that the
         fsync in :meth:`finish` has little left to do (it ran for seconds at the end of a
         large run otherwise)."""
-        if self._syncing is not None and not self._syncing.done():
-            return  # the previous one is still running: it will be followed by the next
+        if self._syncing is not None:
+            if not self._syncing.done():
+                return  # the previous one is still running: it will be followed by the next
+            self._syncing.result()  # a failed writeback (EIO, ENOSPC) fails the run
         self._syncing = self._syncer.submit(os.fdatasync, self.fd)
 
     # -- resuming
@@ -495,7 +497,7 @@ class Assembly:
         """An earlier attempt's store file, opened for reading (None if it cannot be)."""
         if name not in files:
             files[name] = None
-            if Path(name).name == name and name.startswith("store-"):
+            if Path(name).name == name and name.startswith("store-") and name != self.path.name:
                 try:  # a killed SWMR writer leaves a file that SWMR readers can open
                     files[name] = h5py.File(self.work / name, "r", swmr=True)
                 except (OSError, RuntimeError, ValueError):
@@ -514,7 +516,9 @@ class Assembly:
                 name = str(z["store_file"])
                 table = z["chunks"]
                 metrics = {m: z[m] for m in (*METRIC_NAMES, "top_key_index")}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError):
+            return None  # not an entry of ours: a foreign or damaged file
+        except zipfile.BadZipFile:
             return None
         shape = (len(self.layout.conditions), stop - start, self.layout.n_layers)
         shape += (self.layout.n_heads,)
@@ -542,8 +546,9 @@ class Assembly:
 
     # -- ending
 
-    def finish(self, out: Path) -> Path:
-        """Check that every input is in; fsync; rename onto ``out``."""
+    def finish(self, out: Path, overwrite: bool = False) -> Path:
+        """Check that every input is in; fsync; move onto ``out`` (replacing a file there
+        only when ``overwrite``)."""
         expected = 0
         for start, stop in sorted(self.filled):
             if start != expected:
@@ -552,9 +557,23 @@ class Assembly:
         if expected != self.layout.n_inputs:
             raise RuntimeError(f"{out}: inputs stop at {expected} of {self.layout.n_inputs}")
         self._syncer.shutdown(wait=True)
+        if self._syncing is not None:
+            self._syncing.result()
         self.f.close()
         fsync_path(self.path)
-        os.replace(self.path, out)
+        if overwrite:
+            os.replace(self.path, out)
+        else:  # never onto a store that appeared meanwhile (another run, another program)
+            try:
+                os.link(self.path, out)  # FileExistsError if there is one
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: check, then rename
+                if out.exists():
+                    raise FileExistsError(out) from None
+                os.replace(self.path, out)
+            else:
+                os.unlink(self.path)
         fsync_path(out.parent, directory=True)
         return out
 
