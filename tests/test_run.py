@@ -471,12 +471,12 @@ def test_disk_full_is_one_line_and_the_run_can_resume(tmp_path, good_input, monk
 
 
 def test_resume_salvages_checked_batches_and_recomputes_damaged_ones(tmp_path, monkeypatch):
-    """A chunk whose bytes changed, an unreadable journal entry and a missing one are
-    computed again; whole batches are copied (not recomputed); old files are removed."""
+    """A chunk whose bytes changed, unreadable or foreign journal entries and a missing one
+    are computed again; whole batches are copied (not recomputed); old files are removed."""
     from qkvmean.io import store
 
     src = tmp_path / "in.h5"
-    make_qkv(src, n=10, layers=2, heads=3, seq=7, dim=4, causal=True, seed=9)
+    make_qkv(src, n=12, layers=2, heads=3, seq=7, dim=4, causal=True, seed=9)
     base = ["run", "--qkv", str(src), "--batch-size", "2", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "ref.h5")]) == 0
     out = tmp_path / "o.h5"
@@ -486,14 +486,14 @@ def test_resume_salvages_checked_batches_and_recomputes_damaged_ones(tmp_path, m
 
     def add(self, start, stop, *args, **kwargs):
         added.append(start)
-        if start == 8 and len(added) == 5:  # the first run fails at its last batch
+        if start == 10 and len(added) == 6:  # the first run fails at its last batch
             raise OSError(5, "Input/output error")
         return original(self, start, stop, *args, **kwargs)
 
     monkeypatch.setattr(store.Assembly, "add", add)
     assert main([*base, "--out", str(out)]) == 1
     entries = store.journal(work)
-    assert sorted(entries) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert sorted(entries) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     with np.load(entries[(2, 4)]) as z:  # flip one byte of one chunk of batch 2..4
         index, *where, _ = z["chunks"][3].tolist()
         old = work / str(z["store_file"])
@@ -507,9 +507,11 @@ def test_resume_salvages_checked_batches_and_recomputes_damaged_ones(tmp_path, m
         fh.write(bytes([byte[0] ^ 0xFF]))
     entries[(4, 6)].write_bytes(b"not a journal entry")
     entries[(6, 8)].unlink()
+    with open(entries[(8, 10)], "wb") as fh:  # an .npy, not an .npz: np.load gives an array
+        np.save(fh, np.arange(3))
     added.clear()
     assert main([*base, "--out", str(out), "--resume"]) == 0
-    assert sorted(added) == [2, 4, 6, 8]  # 0..2 was salvaged, the rest computed
+    assert sorted(added) == [2, 4, 6, 8, 10]  # 0..2 was salvaged, the rest computed
     assert not work.exists() and not old.exists()
     _assert_same_store(out, tmp_path / "ref.h5")
 
@@ -546,6 +548,27 @@ def test_a_failed_background_writeback_fails_the_run(tmp_path, good_input, monke
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "input/output error" in err and "--resume" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_mean_v_maps_of_raw_qkv_are_encoded_once(tmp_path, good_input, monkeypatch, dtype):
+    """They are the baseline's (V does not enter the weights), in either map dtype."""
+    from qkvmean.io import store
+
+    original = store._encode_maps
+    encoded = []
+
+    def count(arr, *args, **kwargs):
+        encoded.append(arr)
+        return original(arr, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_encode_maps", count)
+    out = tmp_path / "o.h5"
+    argv = ["run", "--qkv", good_input, "--out", str(out), "--dtype", dtype, "--quiet"]
+    assert main(argv) == 0
+    assert len(encoded) == 3 and all(a.dtype == dtype for a in encoded)  # one batch
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["attention/mean_v"][...], f["attention/baseline"][...])
 
 
 def test_broken_pipe_is_quiet(tmp_path, good_input):
