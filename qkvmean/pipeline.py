@@ -26,9 +26,9 @@ import numpy as np
 
 from . import engine
 from ._version import __version__
-from .io import InputError
+from .io import InputError, ReadFailed
 from .io import store as st
-from .io.qkv import QKVInput, ReadFailed
+from .io.qkv import QKVInput
 
 #: Auto batch size: inputs per batch such that one batch's maps (all conditions, float32)
 #: take about this many bytes. Two batches are in memory at once (one computing, one

@@ -159,5 +159,5 @@ def test_an_io_error_while_reading_fails_the_run_with_one_line(tmp_path, monkeyp
     assert main(["run", "--qkv", str(path), "--out", str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert f"reading {path}:/q failed: Input/output error" in err and "--resume" in err
+    assert f"reading {path}:/q failed: input/output error" in err and "--resume" in err
     assert not out.exists() and pipeline.partial_dir(out).exists()

@@ -516,6 +516,45 @@ def test_resume_salvages_checked_batches_and_recomputes_damaged_ones(tmp_path, m
     _assert_same_store(out, tmp_path / "ref.h5")
 
 
+def test_resume_that_cannot_open_the_killed_runs_file_deletes_nothing(
+    tmp_path, good_input, monkeypatch, capsys
+):
+    """Too many open files, say: the resume stops; a later one copies every batch."""
+    import errno
+
+    from qkvmean.io import store
+
+    out = tmp_path / "o.h5"
+    work = pipeline.partial_dir(out)
+    argv = ["run", "--qkv", good_input, "--out", str(out), "--batch-size", "2"]
+    original_add = store.Assembly.add
+
+    def add(self, start, *args, **kwargs):
+        if start == 4:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return original_add(self, start, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store.Assembly, "add", add)
+        assert main([*argv, "--quiet"]) == 1
+    assert len(store.journal(work)) == 2
+    original_file = h5py.File
+
+    def file(name, mode="r", *args, **kwargs):
+        if mode == "r" and os.path.basename(name).startswith("store-"):
+            raise OSError(errno.EMFILE, "Unable to open file (errno = 24)")
+        return original_file(name, mode, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store.h5py, "File", file)
+        assert main([*argv, "--quiet", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "failed: too many open files" in err.splitlines()[1]
+    assert len(store.journal(work)) == 2
+    assert main([*argv, "--resume"]) == 0
+    assert "6 inputs, 4 of them from the interrupted run" in capsys.readouterr().out
+
+
 def test_a_store_that_appears_during_the_run_is_never_replaced(tmp_path, good_input, capsys):
     """Another program creates --out while this run computes: it is left as it is."""
     from qkvmean.io import store

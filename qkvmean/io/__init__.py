@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """An input file, dataset or option that cannot be used; the message says which."""
+
+
+class ReadFailed(OSError):
+    """A file could not be read (an I/O error, not a bad value); the run can be resumed."""

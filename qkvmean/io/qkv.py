@@ -18,13 +18,9 @@ import h5py
 import numpy as np
 
 from ..engine import cpu
-from . import InputError
+from . import InputError, ReadFailed
 
 _FLOATS = ("float16", "float32", "float64")
-
-
-class ReadFailed(OSError):
-    """The input could not be read (an I/O error, not a bad value)."""
 
 
 class _DirectReader:
@@ -100,7 +96,8 @@ class _DirectReader:
                 try:
                     got = os.preadv(self.fd, [view[lo_byte:hi_byte]], position)
                 except OSError as exc:
-                    raise ReadFailed(f"reading {where} failed: {exc.strerror or exc}") from exc
+                    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                    raise ReadFailed(f"reading {where} failed: {reason}") from exc
                 if got <= 0:
                     raise InputError(f"{where}: the file ends early (truncated?)")
                 lo_byte += got

@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 from numba import njit
 
-from . import InputError
+from . import InputError, ReadFailed
 
 FORMAT = "qkvmean-store"
 FORMAT_VERSION = 1
@@ -498,9 +498,17 @@ class Assembly:
         if name not in files:
             files[name] = None
             if Path(name).name == name and name.startswith("store-") and name != self.path.name:
+                path = self.work / name
                 try:  # a killed SWMR writer leaves a file that SWMR readers can open
-                    files[name] = h5py.File(self.work / name, "r", swmr=True)
-                except (OSError, RuntimeError, ValueError):
+                    files[name] = h5py.File(path, "r", swmr=True)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno is not None:  # EMFILE, EACCES, EIO...: stop, delete nothing
+                        reason = os.strerror(exc.errno).lower()
+                        raise ReadFailed(f"reading {path} failed: {reason}") from exc
+                    # else HDF5 cannot make sense of it: its batches are computed again
+                except (RuntimeError, ValueError):
                     pass
         return files[name]
 
