@@ -536,7 +536,9 @@ def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwr
 
 
 def _remove_stale(work: Path, out: Path):
-    """Parts and assemblies a kill interrupted (the caller holds the lock)."""
+    """Temporary files a kill left: half-renamed journal entries and, from qkvmean
+    versions before the journal, stores assembled next to ``out`` (the caller holds the
+    lock; store files inside ``work`` are not stale: resume copies from them)."""
     stale = [*out.parent.glob(f"{out.name}.*.tmp")]
     if work.exists():
         stale += work.glob("*.tmp")

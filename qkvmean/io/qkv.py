@@ -34,11 +34,11 @@ class _DirectReader:
     None for it.
     """
 
-    def __init__(self, fd, dset, spans):
+    def __init__(self, fd, dset, row, spans):
         self.fd = fd
         self.dtype = dset.dtype
         self.shape = dset.shape
-        self.row = int(np.prod(dset.shape[1:], dtype=np.int64)) * dset.dtype.itemsize
+        self.row = row  # bytes per input
         self.spans = spans  # [(first input, inputs, file offset), ...] in input order
         self.firsts = np.array([s[0] for s in spans], dtype=np.int64)
 
@@ -65,7 +65,7 @@ class _DirectReader:
             offset = dset.id.get_offset()
             if offset is None or dset.id.get_storage_size() != n * row:
                 return None
-            return cls(fd, dset, [(0, n, offset)])
+            return cls(fd, dset, row, [(0, n, offset)])
         if layout != h5py.h5d.CHUNKED or dset.chunks[1:] != dset.shape[1:]:
             return None
         per = dset.chunks[0]
@@ -80,7 +80,7 @@ class _DirectReader:
         spans.sort()
         if [s[0] for s in spans] != list(range(0, n, per)):
             return None  # a chunk never written (HDF5 gives its fill value) or unusual
-        return cls(fd, dset, spans)
+        return cls(fd, dset, row, spans)
 
     def read(self, start, stop, where):
         out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)

@@ -387,29 +387,28 @@ class Assembly:
         chunks are encoded on its threads (ISA-L and zlib release the GIL).
         """
         rows = []
-        # every map's chunks are queued for encoding first, so that the pool keeps
-        # encoding while the chunks that are ready are written
-        encoded = {}
-        for cond in self.layout.conditions if self.layout.maps else ():
-            same = [c for c in encoded if maps[c] is maps[cond]]
-            if same:
-                encoded[cond] = encoded[same[0]]
-            elif _encodable(self.filters):
-                chunks = self.f["attention"][cond].chunks
-                encoded[cond] = _encode_maps(maps[cond], chunks, self.filters, pool)
-        if self.layout.maps:
+        if self.layout.maps and not _encodable(self.filters):  # a filter only HDF5 applies
             for index, cond in enumerate(self.layout.conditions):
                 dset = self.f["attention"][cond]
-                if not _encodable(self.filters):  # a filter only HDF5 applies (lzf)
-                    dset[start:stop] = maps[cond]
-                    for where in self._chunk_coords(start, stop):
-                        data = dset.id.read_direct_chunk(where)[1]
-                        rows.append((index, *where, _crc32(data)))
-                    continue
+                dset[start:stop] = maps[cond]
+                for where in self._chunk_coords(start, stop):
+                    rows.append((index, *where, _crc32(dset.id.read_direct_chunk(where)[1])))
+        elif self.layout.maps:
+            # every map's chunks are queued for encoding first, so that the pool keeps
+            # encoding while the chunks that are ready are written
+            encoded = {}
+            for cond in self.layout.conditions:
+                same = next((c for c in encoded if maps[c] is maps[cond]), None)
+                chunks = self.f["attention"][cond].chunks
+                encoded[cond] = (
+                    encoded[same] if same else _encode_maps(maps[cond], chunks, self.filters, pool)
+                )
+            for index, cond in enumerate(self.layout.conditions):
+                did = self.f["attention"][cond].id
                 for offset, data in encoded[cond]:
                     data = data if isinstance(data, bytes) else data.result()
                     where = (offset[0] + start, *offset[1:])
-                    dset.id.write_direct_chunk(where, data, 0)
+                    did.write_direct_chunk(where, data, 0)
                     rows.append((index, *where, _crc32(data)))
         self._put(start, stop, rows, metrics)
 
@@ -703,21 +702,18 @@ class Store:
         """A valid input index (negative counts from the end), or an InputError."""
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"input index must be an int, got {index!r}")
-        if not -self.n_inputs <= index < self.n_inputs:
-            raise InputError(
-                f"{self.path.name} has {self.n_inputs} inputs (0..{self.n_inputs - 1}); "
-                f"there is no input {index}"
-            )
-        return int(index) % self.n_inputs
+        return self._in_range(index, self.n_inputs, "input")
 
     def layer_index(self, layer) -> int:
         """A valid layer index (negative counts from the last), or an InputError."""
-        if not -self.n_layers <= layer < self.n_layers:
+        return self._in_range(layer, self.n_layers, "layer")
+
+    def _in_range(self, value, count, noun) -> int:
+        if not -count <= value < count:
             raise InputError(
-                f"{self.path.name} has {self.n_layers} layers (0..{self.n_layers - 1}); "
-                f"there is no layer {layer}"
+                f"{self.path.name} has {count} {noun}s (0..{count - 1}); there is no {noun} {value}"
             )
-        return int(layer) % self.n_layers
+        return int(value) % count
 
     def _condition(self, condition) -> str:
         if condition not in self.conditions:
