@@ -170,24 +170,34 @@ def _run(args, env=None):
     return time.perf_counter() - t0
 
 
-def end_to_end(tmp: Path, n_inputs: int):
-    from qkvmean import pipeline
-    from qkvmean.io.texts import read_texts
-
+def make_qkv_input(path: Path, n_inputs: int):
+    """Raw Q/K/V for ``run --qkv``: n inputs of 12 heads x 128 tokens x 64, chunks of 8."""
     rng = np.random.default_rng(3)
-    src = tmp / "qkv.h5"
-    with h5py.File(src, "w") as f:
+    with h5py.File(path, "w") as f:
         for name in "qkv":
             f.create_dataset(
                 name,
                 data=rng.normal(size=(n_inputs, 12, 128, 64)).astype("f4"),
                 chunks=(8, 12, 128, 64),
             )
-    out = {}
-    opts = pipeline.Options()
-    source = pipeline.QKVSource(str(src), opts)
-    summary = pipeline.run(source, tmp / "qkv-store.h5", opts, show_progress=False)
-    out["qkv"] = _summary(summary, "12 heads x 128 tokens, 4 conditions")
+    return path
+
+
+def run_qkv(src: Path, out: Path, compression="deflate"):
+    """``qkvmean run --qkv`` as the CLI runs it; the summary as a dict."""
+    from qkvmean import pipeline
+
+    opts = pipeline.Options(compression=compression)
+    opts.check()
+    summary = pipeline.run(pipeline.QKVSource(str(src), opts), out, opts, show_progress=False)
+    return _summary(summary, f"12 heads x 128 tokens, 4 conditions, {opts.compression}")
+
+
+def end_to_end(tmp: Path, n_inputs: int):
+    from qkvmean import pipeline
+    from qkvmean.io.texts import read_texts
+
+    out = {"qkv": run_qkv(make_qkv_input(tmp / "qkv.h5", n_inputs), tmp / "qkv-store.h5")}
     texts = tmp / "texts.txt"
     sentence = "Mean keys make every query look at all the words in the same way. "
     texts.write_text("\n".join(f"{i}. " + sentence * 8 for i in range(64)))
