@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ import numpy as np
 
 from . import engine
 from ._version import __version__
-from .io import InputError, ReadFailed
+from .io import InputError, ReadFailed, check_output_dir
 from .io import store as st
 from .io.qkv import QKVInput
 
@@ -360,14 +359,7 @@ def _check_output(out: Path, inputs=()):
             out.exists() and Path(path).exists() and out.samefile(path)
         ):
             raise InputError(f"{out}: is an input of this run; write the store elsewhere")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{out}: output directory {parent} does not exist")
-    try:  # os.access says yes to root even on a read-only file system: try it
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError:
-        raise InputError(f"{out}: output directory {parent} is not writable") from None
+    check_output_dir(out)
     if out.is_dir():
         raise InputError(f"{out}: is a directory; give a file name for the store")
 

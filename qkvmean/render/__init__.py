@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..io import InputError
+from ..io import InputError, check_output_dir
 from ..io.store import Store, open_store
 
 TENSORS = {"mean_q": "Query", "mean_k": "Key", "mean_v": "Value"}
@@ -248,14 +247,7 @@ def check_output(path, overwrite=False) -> Path:
         raise InputError(
             f"{path}: unknown format {path.suffix or '(none)'!r}; use .png, .pdf or .svg"
         )
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{path}: output directory {parent} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError:
-        raise InputError(f"{path}: output directory {parent} is not writable") from None
+    check_output_dir(path)
     if path.is_dir():
         raise InputError(f"{path}: is a directory")
     if path.exists() and not overwrite:
