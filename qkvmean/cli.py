@@ -182,12 +182,16 @@ def _add_run(sub):
         help="compute threads (default: all cores)",
     )
     runp.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run of the same command"
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: the same command plus --resume (with "
+        "--overwrite too when the run was started with it)",
     )
     runp.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing store (or an interrupted run's batches)",
+        help="replace an existing store; without --resume, an interrupted run's batches "
+        "are discarded too",
     )
     runp.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
     p.set_defaults(func=cmd_run)
@@ -391,8 +395,6 @@ def cmd_run(args) -> int:
         compression=args.compression,
         maps=args.maps,
     )
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite contradict each other; choose one")
     options.check()
     _set_threads(args.threads)
     source = make_source(args, options)
@@ -407,6 +409,7 @@ def cmd_run(args) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             show_progress=False if args.quiet else None,
+            notes=lambda line: print(f"qkvmean run: {line}", file=sys.stderr),
         )
     finally:
         source.close()
@@ -463,7 +466,9 @@ def _describe(info) -> list:
 def cmd_render(args) -> int:
     from . import render
 
-    out = render.check_output(args.out, args.overwrite)
+    out = render.check_output(args.out, args.overwrite, inputs=[args.store])
+    if args.title is not None:
+        render.check_title(args.title)
     fig = render.draw(
         args.store,
         inputs=args.inputs,
@@ -482,16 +487,18 @@ def cmd_render(args) -> int:
 
 def cmd_figure(args) -> int:
     from . import pipeline, render
+    from .io import lexists, refuse_inputs
     from .io.models import minilm_available
     from .io.texts import BUILTIN_SENTENCES
 
     image = render.check_output(args.out, args.overwrite)
     store = image.with_suffix(".h5")
-    if store.exists() and not args.overwrite:
+    if lexists(store) and not args.overwrite:
         raise UsageError(f"{store}: exists (the figure's store); pass --overwrite to replace it")
     model = args.model or ("minilm" if minilm_available() else "synthetic")
     options = pipeline.Options()
     source = pipeline.ModelSource(model, BUILTIN_SENTENCES, options)
+    refuse_inputs(image, source.paths, flag="--out")
     # check what the drawing will ask for before anything is computed or written
     n_layers, n_heads = source.n_layers, source.n_heads
     if not -n_layers <= args.layer < n_layers:
@@ -525,11 +532,12 @@ def cmd_figure(args) -> int:
 def cmd_inspect(args) -> int:
     import json
 
-    from .io.store import open_store
-    from .pipeline import inspect_partial, partial_dir
+    from .io import lexists
+    from .io.store import open_store, partial_dir
+    from .pipeline import inspect_partial
 
     path = Path(args.store)
-    if not path.exists() and partial_dir(path).exists():
+    if not lexists(path) and lexists(partial_dir(path)):
         info = inspect_partial(path)
     else:
         with open_store(path) as store:

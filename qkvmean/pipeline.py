@@ -25,9 +25,10 @@ import numpy as np
 
 from . import engine
 from ._version import __version__
-from .io import InputError, ReadFailed, check_output_dir
+from .io import InputError, ReadFailed, check_output_dir, lexists, refuse_inputs
 from .io import store as st
 from .io.qkv import QKVInput
+from .resources import check_memory, disk_free, format_bytes
 
 #: Auto batch size: inputs per batch such that one batch's maps (all conditions, float32)
 #: take about this many bytes. Two batches are in memory at once (one computing, one
@@ -84,6 +85,8 @@ class QKVSource:
     """Raw Q/K/V from an HDF5 file: each layer's maps from its own Q and K."""
 
     kind = "qkv"
+    #: The tensors whose CRC-32 per input the store records, to recognise the input again.
+    digests = ("q", "k", "v")
 
     def __init__(self, spec, options: Options):
         self.input = QKVInput(spec)
@@ -115,9 +118,15 @@ class QKVSource:
         return {"lengths": self.lengths}
 
     def read(self, start, stop):
-        """Inputs ``start:stop``, read and checked (on the reader thread)."""
-        q, k, _ = self.input.read(start, stop)  # v is read to check its values
-        return q, k
+        """Inputs ``start:stop``, read and checked (on the reader thread), and the CRC-32
+        of each input's q, k and v as read: ``((q, k), digests (n, 3))``."""
+        q, k, v = self.input.read(start, stop)  # v is read to check its values
+        return (q, k), np.stack([_crc_rows(x) for x in (q, k, v)], axis=1)
+
+    def changed(self, start, stop, digests) -> str | None:
+        """None if inputs ``start:stop`` still read as ``digests``, else what differs."""
+        _, now = self.read(start, stop)
+        return _first_change(now, digests, start, self.digests, self.input.where())
 
     def compute(self, inputs, start, stop):
         q, k = inputs
@@ -147,6 +156,7 @@ class ModelSource:
     """Texts through a transformer: every layer's maps, substitution at chosen layers."""
 
     kind = "model"
+    digests = ()  # the texts and weight files are identified whole, in the configuration
 
     def __init__(
         self,
@@ -175,9 +185,10 @@ class ModelSource:
         _check_heads(options, self.n_heads)
         self.causal = w.causal
         self.options = options
-        self.texts = list(texts)
+        self.texts = [_text(t, i) for i, t in enumerate(texts)]
         self.texts_label = texts_label
         self.paths = [texts_label] if Path(texts_label).exists() else []
+        self.paths += self.model.files
         if max_tokens is not None and max_tokens > w.max_positions:
             raise InputError(
                 f"--max-tokens {max_tokens} exceeds the model's {w.max_positions} positions"
@@ -250,12 +261,16 @@ class ModelSource:
         return {"lengths": self.lengths, "text": self.texts, "tokens": tokens}
 
     def read(self, start, stop):
-        """Token ids of inputs ``start:stop``, padded to the longest of them."""
+        """Token ids of inputs ``start:stop``, padded to the longest of them (no digests:
+        the texts are identified whole)."""
         lengths = self.lengths[start:stop]
         ids = np.zeros((stop - start, max(1, int(lengths.max(initial=0)))), dtype=np.int64)
         for row, i in enumerate(range(start, stop)):
             ids[row, : lengths[row]] = self.ids[i]
-        return ids
+        return ids, None
+
+    def changed(self, start, stop, digests):
+        return None
 
     def compute(self, ids, start, stop):
         from .engine.transformer import model_conditions
@@ -280,6 +295,28 @@ class ModelSource:
 
     def close(self):
         pass
+
+
+def _text(text, index):
+    from .io.texts import check_text
+
+    if not isinstance(text, str):
+        raise InputError(f"text {index}: expected a string, got {type(text).__name__}")
+    return check_text(text, f"text {index}")
+
+
+def _crc_rows(x: np.ndarray) -> np.ndarray:
+    """CRC-32 of each input (row of the first axis) of a C-contiguous array."""
+    return np.array([st.crc32(x[i]) for i in range(x.shape[0])], dtype=np.uint32)
+
+
+def _first_change(now, then, start, names, where) -> str | None:
+    """None when the digests ``now`` and ``then`` agree, else which input differs."""
+    now, then = np.asarray(now), np.asarray(then)
+    if now.shape == then.shape and np.array_equal(now, then):
+        return None
+    row, col = (int(i[0]) for i in np.nonzero(now != then)) if now.shape == then.shape else (0, 0)
+    return f"{names[col]} of input {start + row} in {where} differs from what was read before"
 
 
 def _check_layers(layers, n_layers):
@@ -351,25 +388,28 @@ class Summary:
         )
 
 
-def _check_output(out: Path, inputs=()):
+def _check_output(out: Path, inputs=(), overwrite=False):
+    """Refuse, before any work, an output that is an input, that cannot be written, or
+    that is a link leading nowhere (the run would compute everything, then find it)."""
     if not out.name:
         raise InputError("--out is empty; give a file name for the store")
-    for path in inputs:
-        if out.resolve() == Path(path).resolve() or (
-            out.exists() and Path(path).exists() and out.samefile(path)
-        ):
-            raise InputError(f"{out}: is an input of this run; write the store elsewhere")
+    refuse_inputs(out, inputs)
     check_output_dir(out)
     if out.is_dir():
         raise InputError(f"{out}: is a directory; give a file name for the store")
+    if out.is_symlink() and not out.exists() and not overwrite:
+        raise InputError(
+            f"{out}: is a symbolic link that leads nowhere ({os.readlink(out)}); remove it, "
+            "or pass --overwrite to replace the link with the store"
+        )
 
 
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
+partial_dir = st.partial_dir
 
 #: Where the inputs are (they may have moved); their identities are compared instead.
 _LOCATIONS = ("input", "model", "texts")
+#: Recorded, but compared for --resume only where the command gives them again.
+_IMPLIED = ("batch_size",)
 
 
 def _differences(recorded, config) -> str:
@@ -378,6 +418,7 @@ def _differences(recorded, config) -> str:
         return "no readable configuration"
     current = json.loads(json.dumps(config))  # tuples → lists, as stored
     keys = sorted((recorded.keys() | current.keys()) - set(_LOCATIONS))
+    keys = [k for k in keys if k not in _IMPLIED or current.get(k) is not None]
     changed = [k for k in keys if recorded.get(k) != current.get(k)]
     if not changed:
         return ""
@@ -410,9 +451,13 @@ def _atomic_json(path: Path, data):
     os.replace(tmp, path)
 
 
-def _batches(n, size, align):
-    if size >= align > 1:
-        size -= size % align
+def _aligned(size, align):
+    """``size`` rounded down to a multiple of ``align`` (when it is at least that)."""
+    return size - size % align if size >= align > 1 else size
+
+
+def _batches(n, size, align=1):
+    size = _aligned(size, align)
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
@@ -445,8 +490,12 @@ def _progress(total, initial, show):
     )
 
 
-def _run_config(source, options: Options) -> dict:
-    """The run's identity: what must match for --resume (besides the input's location)."""
+def _run_config(source, options: Options, batch_size) -> dict:
+    """The run's identity: what must match for --resume (besides the input's location).
+
+    ``batch_size`` is the one given (None: the automatic one, recorded when the run
+    starts): with a model, the batch size changes the last bits of the results.
+    """
     return {
         **source.describe(),
         **asdict(options),
@@ -454,35 +503,100 @@ def _run_config(source, options: Options) -> dict:
         "conditions": options.conditions,
         "ablate_layers": source.ablate_layers,
         "row_block": engine.api.config.ROW_BLOCK,
+        "batch_size": batch_size,
     }
 
 
-def _new_work(work: Path, config, source, batch_size):
+def _layout(source, options: Options) -> st.Layout:
+    return st.Layout(
+        n_inputs=source.n_inputs,
+        n_layers=source.n_layers,
+        n_heads=source.n_heads,
+        seq=source.seq,
+        conditions=options.conditions,
+        map_dtype=options.map_dtype,
+        compression=options.compression,
+        maps=options.maps,
+        layer_ids=source.layer_ids,
+        digests=source.digests,
+    )
+
+
+def _check_sizes(source, layout: st.Layout, out: Path, batch_size):
+    """Refuse, before anything is created, a run that cannot fit: a map HDF5 cannot
+    store, a batch larger than memory, or a store whose fixed part exceeds the disk."""
+    layout.check()
+    per_input = source.bytes_per_input() * len(layout.conditions)
+    # one batch computing, one being written, one being read: about three in memory
+    batch = batch_size or 1
+    try:
+        check_memory(
+            3 * batch * per_input,
+            f"one batch ({batch} input{'s' if batch > 1 else ''} of {source.seq} tokens, "
+            f"{source.n_layers} layers x {source.n_heads} heads, {len(layout.conditions)} "
+            "conditions)",
+            "pass a smaller --batch-size" if batch > 1 else "cut the sequences",
+        )
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    free, need = disk_free(out.parent if str(out.parent) else "."), layout.fixed_bytes()
+    if need > free:
+        raise InputError(
+            f"{out}: the store needs at least {format_bytes(need)} for its metrics alone, "
+            f"and {out.parent} has {format_bytes(free)} free"
+        )
+
+
+def _new_work(work: Path, config, source, batch_size, overwrite):
     """Create the partial directory atomically (built aside, then renamed into place)."""
     size = batch_size or auto_batch_size(source, len(config["conditions"]))
     align = 1 if batch_size else source.align()  # an explicit --batch-size is honoured
+    size = _aligned(size, align)
+    batches = _batches(source.n_inputs, size)
+    config = {**config, "batch_size": size}
     manifest = {
         "config": config,
-        "batches": _batches(source.n_inputs, size, align),
+        "batches": batches,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "qkvmean_version": __version__,
+        "replaces": bool(overwrite),  # started with --overwrite: it replaces STORE.h5
     }
     staging = work.with_name(f"{work.name}.{os.getpid()}.new")
-    staging.mkdir()
-    lock = _lock(staging)
-    _atomic_json(staging / "manifest.json", manifest)
+    lock = None
     try:
+        staging.mkdir()
+        lock = _lock(staging)
+        _atomic_json(staging / "manifest.json", manifest)
         os.rename(staging, work)
-    except OSError:  # another run created it first
-        os.close(lock)
+    except OSError as exc:
+        if lock is not None:
+            os.close(lock)
         shutil.rmtree(staging, ignore_errors=True)
-        raise InputError(f"{work}: another qkvmean run is writing this store right now") from None
+        if work.exists():  # another run created it first
+            raise InputError(
+                f"{work}: another qkvmean run is writing this store right now"
+            ) from None
+        raise RunFailed(f"{work}: cannot start the run: {_reason(exc)}") from None
     manifest["batches"] = [tuple(b) for b in manifest["batches"]]
     return manifest, lock
 
 
+def _finished_by(out: Path, manifest: dict) -> bool:
+    """Is ``out`` the store the interrupted run of ``manifest`` finished (killed after the
+    final rename, before its partial directory was removed)?"""
+    try:
+        with st.open_store(out) as existing:
+            return existing.attrs.get("created_utc") == manifest.get(
+                "created_utc"
+            ) and not _differences(existing.config, manifest["config"])
+    except (InputError, OSError):
+        return False
+
+
 def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwrite):
-    """Lock (and create or reopen) the partial directory: ``(manifest, created, lock)``.
+    """Lock (and create or reopen) the partial directory: ``(manifest, created, lock)``,
+    or ``(None, False, None)`` when ``out`` is the finished store of the run that left
+    the partial directory (which is then removed).
 
     The lock is taken before anything in the directory is judged or removed, so a run
     that is still going is never mistaken for an interrupted one, nor deleted.
@@ -495,35 +609,40 @@ def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwr
         shutil.rmtree(staging, ignore_errors=True)
     if work.exists():
         lock = _lock(work)
-        if overwrite:
-            shutil.rmtree(work)
+        try:
+            if not resume:
+                if not overwrite:
+                    raise InputError(
+                        f"{work}: an interrupted run left this; add --resume to continue it "
+                        "or --overwrite to start over"
+                    )
+                shutil.rmtree(work)
+            else:
+                manifest = st.read_manifest(work)
+                if lexists(out) and _finished_by(out, manifest):
+                    shutil.rmtree(work, ignore_errors=True)
+                    return None, False, None
+                differences = _differences(manifest["config"], config)
+                if differences:
+                    raise InputError(
+                        f"{work}: was started with {differences}; rerun with the same "
+                        "options and input, or pass --overwrite (without --resume) to start over"
+                    )
+                if lexists(out) and not overwrite:
+                    started = "with --overwrite, " if manifest.get("replaces") else ""
+                    raise InputError(
+                        f"{out}: exists, and the interrupted run in {work.name}/ (started "
+                        f"{started}to write {out.name}) would replace it; continue it with "
+                        "--resume --overwrite"
+                    )
+                _remove_stale(work, out)
+                return manifest, False, lock
+        except BaseException:
             os.close(lock)
-        elif not resume:
-            os.close(lock)
-            raise InputError(
-                f"{work}: an interrupted run left this; add --resume to continue it or "
-                "--overwrite to start over"
-            )
-        else:
-            try:
-                manifest = json.loads((work / "manifest.json").read_text())
-            except (OSError, ValueError):
-                os.close(lock)
-                raise InputError(
-                    f"{work}: no readable manifest.json; pass --overwrite to start over"
-                ) from None
-            differences = _differences(manifest.get("config"), config)
-            if differences:
-                os.close(lock)
-                raise InputError(
-                    f"{work}: was started with {differences}; rerun with the same options "
-                    "and input, or pass --overwrite to start over"
-                )
-            _remove_stale(work, out)
-            manifest["batches"] = [tuple(b) for b in manifest["batches"]]
-            return manifest, False, lock
+            raise
+        os.close(lock)
     _remove_stale(work, out)
-    manifest, lock = _new_work(work, config, source, batch_size)
+    manifest, lock = _new_work(work, config, source, batch_size, overwrite)
     return manifest, True, lock
 
 
@@ -536,6 +655,24 @@ def _remove_stale(work: Path, out: Path):
         stale += work.glob("*.tmp")
     for path in stale:
         path.unlink(missing_ok=True)
+
+
+def _verify_complete(source, out: Path, batches):
+    """An existing store made from this input: every input must still read as it did
+    (the store's CRC-32 of each input), else say which changed."""
+    if not source.digests:
+        return
+    with st.open_store(out) as existing:
+        recorded = existing.input_digests()
+    if recorded is None:  # made before the store recorded them
+        return
+    for start, stop in batches:
+        change = source.changed(start, stop, recorded[start:stop])
+        if change:
+            raise InputError(
+                f"{out}: exists, but the input changed since it was made ({change}); pass "
+                "--overwrite to compute it again"
+            )
 
 
 def _compute_batches(source, options, layout, todo, bar, assembly):
@@ -558,7 +695,7 @@ def _compute_batches(source, options, layout, todo, bar, assembly):
         pending = None
         fetched = reader.submit(source.read, *todo[0]) if todo else None
         for index, (start, stop) in enumerate(todo):
-            inputs = fetched.result()
+            inputs, digests = fetched.result()
             if index + 1 < len(todo):
                 fetched = reader.submit(source.read, *todo[index + 1])
             c, seconds = source.compute(inputs, start, stop)
@@ -576,7 +713,7 @@ def _compute_batches(source, options, layout, todo, bar, assembly):
             map_bytes += sum(w.nbytes for w in c.weights.values())
             if pending is not None:
                 pending.result()  # at most one batch waits to be written
-            pending = writer.submit(assembly.add, start, stop, maps, metrics, compress)
+            pending = writer.submit(assembly.add, start, stop, maps, metrics, compress, digests)
             computed += stop - start
             if bar is not None:
                 bar.set_description_str("", refresh=False)
@@ -611,18 +748,24 @@ def run(
     resume=False,
     overwrite=False,
     show_progress=None,
+    notes=None,
 ) -> Summary:
     """Compute every input of ``source`` and write the store ``out``.
 
     ``show_progress``: None shows a progress bar only when stderr is a terminal.
+    ``notes``: called with each line the run has to say on the way (batches of an
+    interrupted run whose inputs changed since, and are computed again).
     """
     out = Path(out)
     if show_progress is None:
         show_progress = sys.stderr.isatty()
-    _check_output(out, source.paths)
-    config = _run_config(source, options)
+    notes = notes or (lambda line: None)
+    _check_output(out, source.paths, overwrite)
+    config = _run_config(source, options, batch_size)
+    layout = _layout(source, options)
+    _check_sizes(source, layout, out, batch_size)
     work = partial_dir(out)
-    if out.exists() and not overwrite:
+    if lexists(out) and not overwrite and not work.exists():
         if not resume:
             raise InputError(f"{out}: exists; pass --overwrite to replace it")
         with st.open_store(out) as existing:
@@ -631,24 +774,15 @@ def run(
             raise InputError(
                 f"{out}: exists, made with {differences}; pass --overwrite to replace it"
             )
-        if work.exists():  # left by a kill between the final rename and the cleanup
-            os.close(_lock(work))
-            shutil.rmtree(work, ignore_errors=True)
-        return Summary(out, source.n_inputs, 0, 0.0, 0.0, 0, out.stat().st_size, True)
+        size = auto_batch_size(source, len(options.conditions))
+        _verify_complete(source, out, _batches(source.n_inputs, size, source.align()))
+        return _already_complete(out, source)
 
     manifest, created, lock = _open_work(work, out, config, source, batch_size, resume, overwrite)
+    if manifest is None:
+        return _already_complete(out, source)
     try:
-        layout = st.Layout(
-            n_inputs=source.n_inputs,
-            n_layers=source.n_layers,
-            n_heads=source.n_heads,
-            seq=source.seq,
-            conditions=options.conditions,
-            map_dtype=options.map_dtype,
-            compression=options.compression,
-            maps=options.maps,
-            layer_ids=source.layer_ids,
-        )
+        config = manifest["config"]  # with the batch size the run started with
         batches = set(manifest["batches"])
         entries = st.journal(work)
         for key in entries.keys() - batches:  # not this manifest's: cannot be used
@@ -658,7 +792,12 @@ def run(
         try:
             attrs = _root_attrs(source, options, config, manifest["created_utc"])
             assembly = st.Assembly(work, layout, attrs, source.inputs_record())
-            done = assembly.salvage(entries)  # from an interrupted run
+            done = assembly.salvage(entries, source.changed if source.digests else None)
+            for start, stop, change in assembly.changed:
+                notes(
+                    f"warning: inputs {start}..{stop - 1} changed since the interrupted run "
+                    f"read them ({change}); computing them again"
+                )
             todo = [b for b in manifest["batches"] if b not in done]
             bar = _progress(source.n_inputs, sum(b - a for a, b in done), show_progress)
             computed, kernel_seconds, map_bytes = _compute_batches(
@@ -706,16 +845,15 @@ def run(
     )
 
 
+def _already_complete(out: Path, source) -> Summary:
+    return Summary(out, source.n_inputs, 0, 0.0, 0.0, 0, out.stat().st_size, True)
+
+
 def inspect_partial(out: Path) -> dict:
     """Summary of an interrupted run (``STORE.h5.partial/``) for ``qkvmean inspect``."""
     work = partial_dir(out)
-    try:
-        manifest = json.loads((work / "manifest.json").read_text())
-    except (OSError, ValueError):
-        raise InputError(f"{work}: no readable manifest.json; not a qkvmean partial run") from None
-    batches = [tuple(b) for b in manifest["batches"]]
-    total = batches[-1][1] if batches else 0
-    done = sum(b - a for a, b in st.journal(work) if (a, b) in batches)
+    manifest = st.read_manifest(work)
+    done, total = st.progress(work, manifest)
     cfg = manifest["config"]
     return {
         "store": str(out),

@@ -3,11 +3,13 @@ the same values either way."""
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
 
-from qkvmean.io.qkv import QKVInput
+from qkvmean.io.qkv import QKVInput, _DirectReader
 
 SHAPE = (11, 2, 5, 4)  # inputs, heads, tokens, dim (rank 4: the layer axis is added)
 
@@ -48,16 +50,27 @@ def test_every_layout_reads_the_values_hdf5_reads(tmp_path, name):
         assert (inp._direct["q"] is not None) == direct
 
 
-def test_a_chunk_never_written_is_read_by_hdf5_with_its_fill_value(tmp_path):
+def test_data_never_written_is_refused_not_read_as_the_fill_value(tmp_path):
+    """HDF5 reads chunks that were never written as the fill value: zeros (here 0.5) that
+    would be computed as if they were inputs. The direct reader would not plan them."""
     path = tmp_path / "in.h5"
     with h5py.File(path, "w") as f:
         for n in "qkv":
             d = f.create_dataset(n, shape=SHAPE, dtype="f4", chunks=(3, 2, 5, 4), fillvalue=0.5)
             d[0:3] = 1.0  # chunks 1.. are never written
-    with QKVInput(str(path)) as inp:
-        q, _, _ = inp.read(0, 11)
-        assert inp._direct["q"] is None
-        assert (q[:3] == 1.0).all() and (q[3:] == 0.5).all()
+    with pytest.raises(ValueError, match=r"/q: only 1 of its 4 chunks were ever written"):
+        QKVInput(str(path))
+    with h5py.File(path, "r") as f:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert _DirectReader.plan(fd, f, f["q"]) is None
+        finally:
+            os.close(fd)
+    with h5py.File(path, "w") as f:  # contiguous, never written at all
+        for n in "qkv":
+            f.create_dataset(n, shape=SHAPE, dtype="f4")
+    with pytest.raises(ValueError, match=r"/q: was never written"):
+        QKVInput(str(path))
 
 
 def test_a_nan_is_named_by_input_on_the_direct_path(tmp_path):

@@ -122,7 +122,6 @@ BAD_OPTIONS = [
     (["--dtype", "int8"], r"argument --dtype: invalid choice"),
     (["--over", "heads"], r"argument --over: invalid choice"),
     (["--threads", "999"], r"--threads 999 exceeds"),
-    (["--resume", "--overwrite"], r"--resume and --overwrite contradict"),
 ]
 
 
@@ -350,7 +349,7 @@ def test_more_refusals_exit_2(tmp_path, good_input):
     _one_line_error(
         qkvmean_cmd("run", "--qkv", good_input, "--out", path, "--overwrite"),
         2,
-        r"is an input of this run; write the store elsewhere",
+        r"is an input of this command; write the output elsewhere",
     )
     assert h5py.File(path)["g/q"].shape[0] == 6  # the input is intact
     _one_line_error(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import config
+from ..resources import check_memory, format_bytes
 from . import cpu
 from .modes import MODE_SHARED_ROW, MODE_UNIFORM
 
@@ -172,6 +173,7 @@ class _Prepared:
     scale: float
     causal: bool
     max_abs: dict  # largest |value| of each tensor, for the overflow guards
+    nbytes: float  # what the results take, for the out-of-memory message
 
     def substitute(self, backend, name, select, prefix):
         """Mean-substitute tensor ``name`` ("q", "k" or "v") for the selected groups."""
@@ -214,7 +216,26 @@ def _check_like_q(x, name, q, *, share_dim):
         )
 
 
-def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, need_k=True, q_name="q"):
+def _check_fits(q, v, dtype, n_maps, with_output) -> float:
+    """Bytes of the results; a one-line ValueError, before anything is allocated (the
+    inputs' copies included), when they cannot fit in memory."""
+    item = dtype.itemsize
+    seq = q.shape[-2]
+    rows = float(np.prod(q.shape[:-1], dtype=np.float64))
+    nbytes = rows * seq * item * n_maps
+    if with_output:
+        nbytes += rows * v.shape[-1] * item
+    nbytes += sum(float(x.size) * item for x in (q, v) if x is not None)  # contiguous copies
+    shape = q.shape[:-1] + (seq,)
+    maps = "the attention weights" if n_maps == 1 else f"{n_maps} sets of attention weights"
+    what = f"{maps} of shape {shape} ({dtype})" + (" and the output" if with_output else "")
+    check_memory(nbytes, what, "pass fewer inputs at a time, or shorter sequences")
+    return nbytes
+
+
+def _prepare(
+    q, k=None, v=None, *, lengths, causal, scale, need_v, need_k=True, q_name="q", n_maps=1
+):
     q = _float_array(q, q_name)
     if need_k:
         k = _float_array(k, "k")
@@ -231,6 +252,7 @@ def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, need_k=True, 
     lengths = _check_lengths(lengths, batch, q.shape[-2], batched)
 
     dtype = _compute_dtype(*(a for a in (q, k, v) if a is not None))
+    nbytes = _check_fits(q, v, dtype, n_maps if need_k else 0, need_v and need_k)
     qc, q_max = _contiguous(q, dtype, q_name, q.shape)
     kc = vc = None
     k_max = v_max = 0.0
@@ -263,17 +285,41 @@ def _prepare(q, k=None, v=None, *, lengths, causal, scale, need_v, need_k=True, 
         scale=scale,
         causal=causal,
         max_abs={"q": q_max, "k": k_max, "v": v_max},
+        nbytes=nbytes,
     )
 
 
 # ----------------------------------------------------------------------------- API
 
 
+def _launch(call, nbytes):
+    """Run a backend call; the memory it could not get becomes a one-line ValueError."""
+    try:
+        return call()
+    except MemoryError:
+        raise ValueError(
+            f"out of memory: the results need {format_bytes(nbytes)}; pass fewer inputs "
+            "at a time, or shorter sequences"
+        ) from None
+
+
 def _run_attention(p, backend, modes, with_output):
     if modes is None:
         modes = np.zeros(p.group, dtype=np.int8)
-    w, o, _ = backend.attention(
-        p.q, p.k, p.v, p.lengths, p.group, modes, p.causal, p.scale, config.ROW_BLOCK, with_output
+    w, o, _ = _launch(
+        lambda: backend.attention(
+            p.q,
+            p.k,
+            p.v,
+            p.lengths,
+            p.group,
+            modes,
+            p.causal,
+            p.scale,
+            config.ROW_BLOCK,
+            with_output,
+        ),
+        p.nbytes,
     )
     weights = w.reshape(p.shape[:-1] + (p.shape[-2],))
     if not with_output:
@@ -526,26 +572,32 @@ def conditions(
     targets = [_check_choice(t, "targets", TARGETS) for t in targets]
     if len(set(targets)) != len(targets):
         raise ValueError(f"targets has a duplicate: {targets!r}")
-    p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=v is not None)
+    n_maps = 1 + sum(t != "v" for t in targets)
+    p = _prepare(
+        q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=v is not None, n_maps=n_maps
+    )
     select = _group_select(p, _check_heads(heads, p.shape))
     original = (p.q, p.k, p.v)
     lead = p.shape[:-2]
     names, weights, per_pair = [], {}, []
 
     def run(name, modes, base):
-        w, _, rows = backend.attention(
-            p.q,
-            p.k,
-            None,
-            p.lengths,
-            p.group,
-            modes,
-            p.causal,
-            p.scale,
-            config.ROW_BLOCK,
-            False,
-            metrics=True,
-            base=base,
+        w, _, rows = _launch(
+            lambda: backend.attention(
+                p.q,
+                p.k,
+                None,
+                p.lengths,
+                p.group,
+                modes,
+                p.causal,
+                p.scale,
+                config.ROW_BLOCK,
+                False,
+                metrics=True,
+                base=base,
+            ),
+            p.nbytes,
         )
         names.append(name)
         weights[name] = w.reshape(lead + (p.shape[-2], p.shape[-2]))

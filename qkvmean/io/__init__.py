@@ -1,5 +1,15 @@
-"""Files: the HDF5 store (:mod:`.store`) and the inputs it is made from (:mod:`.qkv`)."""
+"""Files: the HDF5 store (:mod:`.store`) and the inputs it is made from (:mod:`.qkv`).
 
+The checks every command makes on the paths it is given live here, once: an input that
+must exist (:func:`existing`), an HDF5 file opened with errors worded for people
+(:func:`open_hdf5`), an output that must not be an input (:func:`refuse_inputs`), and an
+output directory that takes new files (:func:`check_output_dir`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
 import tempfile
 from pathlib import Path
 
@@ -10,6 +20,115 @@ class InputError(ValueError):
 
 class ReadFailed(OSError):
     """A file could not be read (an I/O error, not a bad value); the run can be resumed."""
+
+
+def _broken_link(path: Path) -> str | None:
+    """Why the symbolic link ``path`` leads nowhere, or None when it is not one."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link in a loop (it leads back to itself)"
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    return None
+
+
+def existing(path, kind: str = "file") -> Path:
+    """``path``, which must exist and be a ``kind`` (``"file"`` or ``"directory"``).
+
+    The message says what is wrong: no such file, a symbolic link that leads nowhere
+    (missing target, loop), or the other kind of thing.
+    """
+    path = Path(path)
+    broken = _broken_link(path)
+    if broken:
+        raise InputError(f"{path}: {broken}")
+    if not path.exists():
+        raise InputError(f"{path}: no such {kind}")
+    if kind == "file" and path.is_dir():
+        raise InputError(f"{path}: is a directory, not a file")
+    if kind == "directory" and not path.is_dir():
+        raise InputError(f"{path}: is not a directory")
+    return path
+
+
+def lexists(path) -> bool:
+    """Is there anything at ``path``, a broken symbolic link included?"""
+    return os.path.lexists(path)
+
+
+def open_hdf5(path, what: str = "an HDF5 file"):
+    """``h5py.File(path, "r")`` with the reasons it fails said plainly.
+
+    A file another program holds open for writing, a truncated or damaged file, and a
+    file the system will not let us read each get their own one-line
+    :class:`InputError`.
+    """
+    import h5py
+
+    path = existing(path)
+    try:
+        ok = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {_why(exc)}") from None
+    if not ok:
+        raise InputError(f"{path}: not {what}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        text = str(exc)
+        if "unable to lock file" in text.lower():
+            hint = (
+                "another program has it open for writing: wait for it, or set "
+                "HDF5_USE_FILE_LOCKING=FALSE to read it anyway"
+            )
+        elif "truncated file" in text:
+            hint = "the file is truncated (a copy or a write that did not finish?)"
+        elif exc.errno:
+            hint = _why(exc)
+        else:
+            hint = f"the file is damaged ({hdf5_reason(text)})"
+        raise InputError(f"{path}: cannot open: {hint}") from None
+
+
+def _why(exc: OSError) -> str:
+    return os.strerror(exc.errno).lower() if exc.errno else hdf5_reason(str(exc))
+
+
+def hdf5_reason(text: str) -> str:
+    """HDF5's innermost reason, without h5py's "Unable to synchronously ..." prefix."""
+    text = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    if "(" in text and text.endswith(")"):
+        text = text[text.index("(") + 1 : -1]
+    return text
+
+
+def same_file(a, b) -> bool:
+    """Do ``a`` and ``b`` name the same file (through symbolic or hard links)?"""
+    a, b = Path(a), Path(b)
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a loop: it is no file, so it is not ``b``
+        return False
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def refuse_inputs(out, inputs, flag: str = "--out"):
+    """An :class:`InputError` when the output ``out`` is one of ``inputs`` (or would
+    write through a link onto one): no command writes over what it reads, whatever
+    ``--overwrite`` says."""
+    for path in inputs:
+        if same_file(out, path):
+            which = "" if str(out) == str(path) else f" ({path})"
+            raise InputError(
+                f"{flag} {out}: is an input of this command{which}; write the output elsewhere"
+            )
 
 
 def check_output_dir(path: Path):
@@ -23,5 +142,7 @@ def check_output_dir(path: Path):
     try:
         with tempfile.TemporaryFile(dir=parent):
             pass
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise InputError(f"{path}: output directory {parent} is full (no space left)") from None
         raise InputError(f"{path}: output directory {parent} is not writable") from None

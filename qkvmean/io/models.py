@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ class LoadedModel:
     name: str  # what the user called it (path or alias)
     path: Path | None
     identity: dict  # what a resumed run must find unchanged
+    files: list = field(default_factory=list)  # every file read: no output may replace one
 
     @property
     def family(self):
@@ -79,7 +81,7 @@ def load_model(spec: str) -> LoadedModel:
             "model.safetensors and tokenizer.json"
         )
     cfg = _read_config(path)
-    tensors, digest = _read_safetensors(path)
+    tensors, digest, files = _read_safetensors(path)
     family = cfg["model_type"]
     weights = _bert(cfg, tensors, path) if family == "bert" else _gpt2(cfg, tensors, path)
     weights.name = spec
@@ -89,7 +91,8 @@ def load_model(spec: str) -> LoadedModel:
         "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
         "weights_sha256": digest,
     }
-    return LoadedModel(weights, tokenizer, spec, path, identity)
+    files = [path / "config.json", path / "tokenizer.json", *files]
+    return LoadedModel(weights, tokenizer, spec, path, identity, files)
 
 
 # ------------------------------------------------------------------------------- files
@@ -122,6 +125,7 @@ def _read_safetensors(path: Path):
     index = path / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
+        listed = files
     elif index.is_file():
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
@@ -133,6 +137,7 @@ def _read_safetensors(path: Path):
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise InputError(f"{index}: lists {missing[0]}, which is not a file in {path}")
+        listed = [index, *files]
     else:
         pickles = sorted({p.name for pattern in PICKLES for p in path.glob(pattern)})
         if pickles:
@@ -157,7 +162,7 @@ def _read_safetensors(path: Path):
                         tensors[key] = _bfloat16(file, key)
         except (SafetensorError, OSError, ValueError, TypeError) as exc:
             raise InputError(f"{file}: cannot read safetensors: {exc}") from None
-    return tensors, digest.hexdigest()
+    return tensors, digest.hexdigest(), listed
 
 
 def _file_digest(file: Path) -> bytes:
@@ -202,14 +207,28 @@ def _read_tokenizer(path: Path):
 
 # ------------------------------------------------------------------ checkpoint → Weights
 
+#: Tensors of BERT checkpoints that attention maps do not need: the pooler, the
+#: pre-training heads (BertForPreTraining and friends) and the position-ids buffer.
+BERT_UNUSED = (r"pooler\..*", r"cls\..*", r"embeddings\.position_ids")
+#: GPT-2's language-model head (tied to the embeddings) and the causal-mask buffers.
+GPT2_UNUSED = (r"lm_head\.weight", r"h\.\d+\.attn\.(masked_)?bias")
+
 
 class _Tensors:
-    """Named tensors of one checkpoint, checked against the shapes config.json implies."""
+    """Named tensors of one checkpoint, checked against the shapes config.json implies.
 
-    def __init__(self, tensors, path, prefix):
+    Every tensor must be used, or be one that the forward pass has no need of
+    (``unused``: regular expressions for task heads, poolers and buffers): a checkpoint
+    with more layers, or other parts, than config.json describes is refused by
+    :meth:`check_all_used`, not run as a smaller model.
+    """
+
+    def __init__(self, tensors, path, prefix, unused=()):
         self.tensors = tensors
         self.where = f"{path}/model.safetensors"
         self.prefix = prefix if any(k.startswith(prefix) for k in tensors) else ""
+        self.unused = [re.compile(pattern) for pattern in unused]
+        self.used = set()
 
     def get(self, name, shape, why=""):
         key = self.prefix + name
@@ -221,6 +240,7 @@ class _Tensors:
                 f"{self.where}: no tensor {name!r}{why}; do config.json and the "
                 "weights belong to the same model?"
             )
+        self.used.add(key)
         t = self.tensors[key]
         if tuple(t.shape) != tuple(shape):
             raise InputError(
@@ -238,6 +258,22 @@ class _Tensors:
                 "the weights are damaged"
             )
         return t
+
+    def check_all_used(self, described: str):
+        """Refuse tensors the model described by config.json (``described``) has no
+        place for."""
+        left = sorted(
+            key
+            for key in self.tensors.keys() - self.used
+            if not any(p.fullmatch(key.removeprefix(self.prefix)) for p in self.unused)
+        )
+        if left:
+            more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+            raise InputError(
+                f"{self.where}: tensor {left[0]!r}{more} has no place in the model "
+                f"config.json describes ({described}); config.json and the weights do "
+                "not match"
+            )
 
 
 def _int(cfg, key, path, default=None):
@@ -275,7 +311,7 @@ def _bert(cfg, tensors, path) -> Weights:
             f"{path}/config.json: position_embedding_type "
             f"{cfg['position_embedding_type']!r} is not supported (only absolute)"
         )
-    t = _Tensors(tensors, path, "bert.")
+    t = _Tensors(tensors, path, "bert.", unused=BERT_UNUSED)
     vocab = _int(cfg, "vocab_size", path)
     why = f" (config.json: num_hidden_layers = {n_layers})"
 
@@ -311,7 +347,7 @@ def _bert(cfg, tensors, path) -> Weights:
             )
         )
     n_types = _int(cfg, "type_vocab_size", path, 2)
-    return Weights(
+    weights = Weights(
         family="bert",
         n_heads=heads,
         eps=_eps(cfg, "layer_norm_eps", 1e-12, path),
@@ -323,6 +359,10 @@ def _bert(cfg, tensors, path) -> Weights:
         emb_ln=ln("embeddings.LayerNorm"),
         layers=layers,
     )
+    t.check_all_used(
+        f"num_hidden_layers = {n_layers}, hidden_size = {d}, intermediate_size = {d_ff}"
+    )
+    return weights
 
 
 def _gpt2(cfg, tensors, path) -> Weights:
@@ -342,7 +382,7 @@ def _gpt2(cfg, tensors, path) -> Weights:
         raise InputError(
             f"{path}/config.json: only the standard 1/sqrt(head_dim) attention scaling is supported"
         )
-    t = _Tensors(tensors, path, "transformer.")
+    t = _Tensors(tensors, path, "transformer.", unused=GPT2_UNUSED)
     why = f" (config.json: n_layer = {n_layers})"
 
     def ln(name):
@@ -372,7 +412,7 @@ def _gpt2(cfg, tensors, path) -> Weights:
                 ln2=ln(f"{p}.ln_2"),
             )
         )
-    return Weights(
+    weights = Weights(
         family="gpt2",
         n_heads=heads,
         eps=_eps(cfg, "layer_norm_epsilon", 1e-5, path),
@@ -381,3 +421,5 @@ def _gpt2(cfg, tensors, path) -> Weights:
         layers=layers,
         final_ln=ln("ln_f"),
     )
+    t.check_all_used(f"n_layer = {n_layers}, n_embd = {d}")
+    return weights

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from ..engine import cpu
-from . import InputError, ReadFailed
+from . import InputError, ReadFailed, hdf5_reason, open_hdf5
 
 _FLOATS = ("float16", "float32", "float64")
 
@@ -107,6 +107,30 @@ class _DirectReader:
         return out
 
 
+def _check_written(dset: h5py.Dataset, where: str):
+    """Every value of ``dset`` was written: HDF5 reads chunks that never were as the fill
+    value (zeros), which would be computed as if they were inputs."""
+    if dset.size == 0 or dset.is_virtual:
+        return
+    status = dset.id.get_space_status()
+    if status == h5py.h5d.SPACE_STATUS_ALLOCATED:
+        return
+    fill = dset.fillvalue
+    if status == h5py.h5d.SPACE_STATUS_NOT_ALLOCATED:
+        raise InputError(
+            f"{where}: was never written (HDF5 would read every value as the fill value "
+            f"{fill}); write the data, or leave the dataset out"
+        )
+    per = np.ceil(np.divide(dset.shape, dset.chunks)).astype(np.int64)
+    total = int(np.prod(per, dtype=np.float64))
+    written = dset.id.get_num_chunks()
+    raise InputError(
+        f"{where}: only {written} of its {total} chunks were ever written (HDF5 would read "
+        f"the others as the fill value {fill}); write every input, or shrink the dataset to "
+        "the inputs written (h5py: dataset.resize)"
+    )
+
+
 def split_spec(spec: str):
     """``"path.h5:/group"`` → ``(Path("path.h5"), "/group")``; the group defaults to ``/``.
 
@@ -142,27 +166,7 @@ class QKVInput:
     def __init__(self, spec: str):
         self.spec = str(spec)
         self.path, self.group_name = split_spec(spec)
-        where = f"{self.path}"
-        if not self.path.exists():
-            raise InputError(f"{where}: no such file")
-        if self.path.is_dir():
-            raise InputError(f"{where}: is a directory, not an HDF5 file")
-        try:
-            ok = h5py.is_hdf5(self.path)
-        except OSError as exc:
-            raise InputError(f"{where}: cannot read: {exc.strerror or exc}") from None
-        if not ok:
-            raise InputError(f"{where}: not an HDF5 file")
-        try:
-            self._f = h5py.File(self.path, "r")
-        except OSError as exc:
-            hint = ""
-            if "lock" in str(exc):
-                hint = (
-                    "; another program has it open for writing: wait for it, or set "
-                    "HDF5_USE_FILE_LOCKING=FALSE to read it anyway"
-                )
-            raise InputError(f"{where}: cannot open: {exc}{hint}") from None
+        self._f = open_hdf5(self.path)
         self._fd = None
         self._direct = {}
         self._plan_lock = threading.Lock()
@@ -178,21 +182,57 @@ class QKVInput:
             loc += ("" if loc.endswith("/") else "/") + name
         return loc
 
+    def _member(self, group, name, where):
+        """``group[name]``, None when there is no such link; an :class:`InputError` for a
+        link that leads nowhere (a soft link to a missing path, an external link to a
+        missing file)."""
+        if name == "/":
+            return group["/"]
+        try:
+            link = group.get(name, getlink=True)
+        except (KeyError, RuntimeError, ValueError):  # no such name (or no such parent)
+            return None
+        if link is None:
+            return None
+        try:
+            return group[name]
+        except (KeyError, OSError, RuntimeError) as exc:
+            reason = hdf5_reason(str(exc))
+            if isinstance(link, h5py.SoftLink):
+                why = f"is a soft link to {link.path}, which does not exist in the file"
+            elif isinstance(link, h5py.ExternalLink):
+                target = Path(link.filename)
+                if not target.is_absolute():
+                    target = self.path.parent / target
+                missing = "" if target.exists() else f" ({target}: no such file)"
+                why = (
+                    f"is an external link to {link.filename}:{link.path}, which cannot be "
+                    f"opened{missing or f' ({reason})'}"
+                )
+            else:
+                why = f"cannot be opened ({reason})"
+            raise InputError(f"{where}: {why}") from None
+
     def _check(self):
-        if self.group_name not in self._f:
-            raise InputError(f"{self.path}: no group {self.group_name!r} in the file")
-        group = self._f[self.group_name]
+        group = self._member(self._f, self.group_name, f"{self.path}:{self.group_name}")
+        if group is None:
+            groups = []
+            self._f.visit_links(lambda name: groups.append(name) if len(groups) < 11 else 1)
+            groups = [f"/{g}" for g in groups if isinstance(self._f.get(g), h5py.Group)]
+            listed = f" (it has {', '.join(groups[:10])}{', ...' if len(groups) > 10 else ''})"
+            listed = listed if groups else " (it has no groups)"
+            raise InputError(f"{self.path}: no group {self.group_name!r} in the file{listed}")
         if not isinstance(group, h5py.Group):
             raise InputError(f"{self.where()}: is a dataset, not a group")
         self.group = group
         dsets = {}
         for name in ("q", "k", "v"):
-            if name not in group:
+            d = self._member(group, name, self.where(name))
+            if d is None:
                 raise InputError(
                     f"{self.where()}: missing dataset {name!r} (need q, k and v of shape "
                     "(batch, [layer,] head, seq, dim))"
                 )
-            d = group[name]
             if not isinstance(d, h5py.Dataset):
                 raise InputError(f"{self.where(name)}: is a group, not a dataset")
             if d.dtype.kind != "f" or d.dtype.name not in _FLOATS:
@@ -226,6 +266,8 @@ class QKVInput:
             raise InputError(f"{self.where('q')}: has no heads (head axis is 0)")
         if q.ndim == 5 and q.shape[1] == 0:
             raise InputError(f"{self.where('q')}: has no layers (layer axis is 0)")
+        for name, d in dsets.items():
+            _check_written(d, self.where(name))
         self.q, self.k, self.v = q, k, v
         self.rank = q.ndim
         self.n_inputs = q.shape[0]
@@ -237,9 +279,9 @@ class QKVInput:
         self.causal_attr = None if causal is None else parse_causal(causal, self.where())
 
     def _read_lengths(self, group):
-        if "lengths" not in group:
+        d = self._member(group, "lengths", self.where("lengths"))
+        if d is None:
             return np.full(self.n_inputs, self.seq, dtype=np.int64)
-        d = group["lengths"]
         if not isinstance(d, h5py.Dataset) or d.dtype.kind not in "iu":
             raise InputError(f"{self.where('lengths')}: must be an integer dataset")
         if d.shape != (self.n_inputs,):
@@ -247,6 +289,7 @@ class QKVInput:
                 f"{self.where('lengths')}: shape {d.shape}, expected ({self.n_inputs},) "
                 "(one count per input)"
             )
+        _check_written(d, self.where("lengths"))
         lengths = d[...].astype(np.int64)
         bad = np.flatnonzero((lengths < 0) | (lengths > self.seq))
         if bad.size:

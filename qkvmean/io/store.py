@@ -32,12 +32,16 @@ import h5py
 import numpy as np
 from numba import njit
 
-from . import InputError, ReadFailed
+from ..resources import format_bytes
+from . import InputError, ReadFailed, hdf5_reason, lexists, open_hdf5
 
 FORMAT = "qkvmean-store"
 FORMAT_VERSION = 1
 METRIC_NAMES = ("entropy", "kl_from_baseline", "top_key_mass")
 CONDITION_ORDER = ("baseline", "mean_q", "mean_k", "mean_v")
+
+#: The largest chunk HDF5 can store (its chunk sizes are 32-bit).
+MAX_CHUNK_BYTES = 2**32 - 1
 
 #: Maps smaller than this are chunked a few heads together, so that small maps do not
 #: each pay for a chunk index entry, an HDF5 call and a compression call (at 128 tokens,
@@ -95,10 +99,33 @@ class Layout:
     compression: str = "deflate"
     maps: bool = True
     layer_ids: list = field(default_factory=list)  # layer numbers for the layer scale
+    digests: tuple = ()  # tensors with a CRC-32 per input in /input/crc32 (raw Q/K/V)
 
     def __post_init__(self):
         if not self.layer_ids:
             self.layer_ids = list(range(self.n_layers))
+
+    def map_chunk_bytes(self) -> int:
+        return int(np.prod(self.map_chunks(), dtype=np.int64)) * np.dtype(self.map_dtype).itemsize
+
+    def fixed_bytes(self) -> int:
+        """Bytes of the store that do not depend on how well the maps compress: the
+        metrics, lengths, digests and dimension scales (a lower bound of its size)."""
+        metrics = 4 * len(self.conditions) * self.n_inputs * self.n_layers * self.n_heads * 4
+        per_input = 4 + 4 + 4 * len(self.digests)  # lengths, batch scale, CRCs
+        return metrics + self.n_inputs * per_input
+
+    def check(self):
+        """Refuse, before anything is created, a store HDF5 could not hold."""
+        if self.maps and self.map_chunk_bytes() > MAX_CHUNK_BYTES:
+            item = np.dtype(self.map_dtype).itemsize
+            longest = math.isqrt(MAX_CHUNK_BYTES // item)
+            raise InputError(
+                f"the maps of {self.seq} tokens cannot be stored: one map takes "
+                f"{format_bytes(self.seq**2 * item)}, and an HDF5 chunk holds at most 4 GiB "
+                f"(at most {longest} tokens in {self.map_dtype}); pass --no-maps to store the "
+                "metrics only, or cut the sequences"
+            )
 
     def map_chunks(self):
         per_map = max(self.seq, 1) ** 2 * np.dtype(self.map_dtype).itemsize
@@ -143,6 +170,12 @@ try:  # ISA-L's deflate: the same zlib stream, about 4x faster than zlib at leve
 except ImportError:  # pragma: no cover - isal is a dependency where wheels exist
     _fast_zlib, _FAST_LEVELS = zlib, range(0, 10)
 _crc32 = _fast_zlib.crc32
+
+
+def crc32(data, value: int = 0) -> int:
+    """CRC-32 (zlib's), with ISA-L where it is installed."""
+    return _crc32(data, value)
+
 
 #: Bytes per segment of a shuffled byte plane that is either deflated or stored as it is
 #: (see :func:`_deflate_planes`), and bytes of each segment that decide which.
@@ -271,8 +304,19 @@ def _encodable(filters) -> bool:
 
 
 #: Version of the journal entries (``batch-START-STOP.npz``) in a partial directory.
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
 _ENTRY = re.compile(r"batch-(\d+)-(\d+)\.npz")
+
+
+def entry_checksum(fields: dict) -> int:
+    """CRC-32 of a journal entry's fields (names, dtypes, shapes and bytes), so that an
+    entry whose metrics or chunk table changed after it was written is never trusted."""
+    crc = 0
+    for name in sorted(fields):
+        value = np.ascontiguousarray(fields[name])
+        head = f"{name}:{value.dtype.str}:{value.shape};".encode()
+        crc = _crc32(value.tobytes(), _crc32(head, crc))
+    return crc
 
 
 def entry_name(start: int, stop: int) -> str:
@@ -287,6 +331,49 @@ def journal(directory: Path) -> dict:
         if match:
             done[(int(match[1]), int(match[2]))] = path
     return done
+
+
+def partial_dir(out: Path) -> Path:
+    """Where the run that writes ``out`` keeps its work until the store is complete."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def read_manifest(work: Path) -> dict:
+    """The manifest of a partial directory, checked, or an :class:`InputError`."""
+    try:
+        manifest = json.loads((work / "manifest.json").read_text())
+        batches = [tuple(int(x) for x in b) for b in manifest["batches"]]
+        if not isinstance(manifest["config"], dict) or any(len(b) != 2 for b in batches):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(
+            f"{work}: no readable manifest.json, so not an interrupted qkvmean run that can "
+            "be continued; move it away, or pass --overwrite to start over"
+        ) from None
+    manifest["batches"] = batches
+    return manifest
+
+
+def progress(work: Path, manifest: dict) -> tuple:
+    """``(inputs done, inputs in all)`` of an interrupted run."""
+    batches = set(manifest["batches"])
+    total = max((b for _, b in batches), default=0)
+    return sum(b - a for a, b in journal(work) if (a, b) in batches), total
+
+
+def interrupted_message(out: Path) -> str:
+    """What to say of a store whose run was interrupted (it has a partial directory)."""
+    work = partial_dir(out)
+    try:
+        done, total = progress(work, read_manifest(work))
+        count = f" with {done} of {total} inputs done"
+    except InputError:
+        count = ""
+    return (
+        f"not written yet: the run that writes it was interrupted{count} (its work is in "
+        f"{work.name}/); finish it with the same qkvmean run command plus --resume"
+    )
 
 
 def _dimension_scales(f: h5py.File, layout: Layout):
@@ -365,6 +452,14 @@ class Assembly:
         group = f.create_group("input")
         lengths = group.create_dataset("lengths", data=np.asarray(inputs["lengths"], np.int32))
         _attach(lengths, f, ["batch"])
+        if layout.digests:
+            names = group.create_dataset("tensor", data=np.array(layout.digests, dtype=_STR))
+            names.make_scale("tensor")
+            crc = group.create_dataset(
+                "crc32", shape=(layout.n_inputs, len(layout.digests)), dtype="uint32"
+            )
+            _attach(crc, f, ["batch"])
+            crc.dims[1].attach_scale(names)
         if "text" in inputs:
             text = group.create_dataset("text", data=np.array(inputs["text"], dtype=_STR))
             _attach(text, f, ["batch"])
@@ -378,13 +473,14 @@ class Assembly:
 
     # -- writing
 
-    def add(self, start, stop, maps, metrics, pool=None):
+    def add(self, start, stop, maps, metrics, pool=None, digests=None):
         """Write inputs ``start:stop`` and journal them.
 
         ``maps[condition]``: ``(n, layer, head, seq, seq)`` (a condition whose map is
         another's array — mean-V of raw Q/K/V is the baseline — is encoded once);
-        ``metrics[name]``: ``(condition, n, layer, head)``. With a thread ``pool``, the
-        chunks are encoded on its threads (ISA-L and zlib release the GIL).
+        ``metrics[name]``: ``(condition, n, layer, head)``; ``digests``: ``(n, tensor)``
+        CRC-32 of each input as read (for a layout with ``digests``). With a thread
+        ``pool``, the chunks are encoded on its threads (ISA-L and zlib release the GIL).
         """
         rows = []
         if self.layout.maps and not _encodable(self.filters):  # a filter only HDF5 applies
@@ -410,7 +506,7 @@ class Assembly:
                     where = (offset[0] + start, *offset[1:])
                     did.write_direct_chunk(where, data, 0)
                     rows.append((index, *where, _crc32(data)))
-        self._put(start, stop, rows, metrics)
+        self._put(start, stop, rows, metrics, digests)
 
     def _chunk_coords(self, start, stop):
         per = self.layout.map_chunks()[2]
@@ -421,28 +517,43 @@ class Assembly:
             for head in range(0, self.layout.n_heads, per)
         ]
 
-    def _put(self, start, stop, rows, metrics):
+    def _put(self, start, stop, rows, metrics, digests):
         """Metrics into the store; flush; the journal entry (atomically); writeback."""
         for name in (*METRIC_NAMES, "top_key_index"):
             self.f["metrics"][name][:, start:stop] = metrics[name]
+        digests = self._digests(start, stop, digests)
+        if self.layout.digests:
+            self.f["input/crc32"][start:stop] = digests
         self.f.flush()  # the batch's chunk index entries reach the file before its entry
         final = self.work / entry_name(start, stop)
         tmp = final.with_name(final.name + ".tmp")
+        fields = {
+            "version": np.int64(JOURNAL_VERSION),
+            "store_file": np.str_(self.path.name),
+            "start": np.int64(start),
+            "stop": np.int64(stop),
+            "chunks": np.asarray(rows, dtype=np.int64).reshape(-1, 7),
+            "inputs_crc32": digests,
+            **{name: np.asarray(metrics[name]) for name in (*METRIC_NAMES, "top_key_index")},
+        }
         with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                version=np.int64(JOURNAL_VERSION),
-                store_file=np.str_(self.path.name),
-                start=np.int64(start),
-                stop=np.int64(stop),
-                chunks=np.asarray(rows, dtype=np.int64).reshape(-1, 7),
-                **{name: metrics[name] for name in (*METRIC_NAMES, "top_key_index")},
-            )
+            np.savez(fh, checksum=np.uint32(entry_checksum(fields)), **fields)
         # No fsync: the rename is atomic against a killed process (the page cache keeps
         # what was written), and after an OS crash salvage checks every chunk's CRC.
         os.replace(tmp, final)
         self.filled.append((start, stop))
         self._writeback()
+
+    def _digests(self, start, stop, digests):
+        shape = (stop - start, len(self.layout.digests))
+        if digests is None:
+            digests = np.zeros(shape, np.uint32)
+        digests = np.asarray(digests, dtype=np.uint32)
+        if digests.shape != shape:
+            raise ValueError(
+                f"digests of inputs {start}..{stop}: shape {digests.shape}, not {shape}"
+            )
+        return digests
 
     def _writeback(self):
         """Start writing what is done to disk now, on a thread of its own, so that the
@@ -456,26 +567,37 @@ class Assembly:
 
     # -- resuming
 
-    def salvage(self, entries: dict) -> set:
+    def salvage(self, entries: dict, verify=None) -> set:
         """Copy the journaled batches ``{(start, stop): entry path}`` of interrupted runs
-        into this file and journal them anew; return the batches copied. An entry that
-        is unreadable, or whose chunks are missing or fail their CRC, is deleted (its
-        batch is computed again). Then every older store file is deleted."""
+        into this file and journal them anew; return the batches copied.
+
+        An entry that is unreadable, fails its checksum, or whose chunks are missing or
+        fail their CRC, is deleted (its batch is computed again). ``verify(start, stop,
+        digests)`` checks that the inputs are still those the entry was computed from (the
+        CRC-32 of each input as read then): it returns None if so, else what changed, and
+        the batch is computed again (:attr:`changed` lists them). Then every older store
+        file is deleted."""
         done = set()
         files = {}
+        self.changed = []
         try:
             for (start, stop), path in sorted(entries.items()):
                 batch = self._read_entry(path, start, stop, files)
-                if batch is None:
+                change = None
+                if batch is not None and verify is not None:
+                    change = verify(start, stop, batch[2])
+                    if change is not None:
+                        self.changed.append((start, stop, change))
+                if batch is None or change is not None:
                     path.unlink(missing_ok=True)
                     continue
-                chunks, metrics = batch
+                chunks, metrics, digests = batch
                 rows = []
                 for index, where, mask, data in chunks:
                     dset = self.f["attention"][self.layout.conditions[index]]
                     dset.id.write_direct_chunk(where, data, mask)
                     rows.append((index, *where, _crc32(data)))
-                self._put(start, stop, rows, metrics)
+                self._put(start, stop, rows, metrics, digests)
                 done.add((start, stop))
         finally:
             for old in files.values():
@@ -512,24 +634,34 @@ class Assembly:
         return files[name]
 
     def _read_entry(self, path, start, stop, files):
-        """``(chunks, metrics)`` of a journal entry, each chunk read back and checked;
-        None if anything is missing, inconsistent or damaged."""
+        """``(chunks, metrics, digests)`` of a journal entry, its checksum verified and each
+        chunk read back and checked; None if anything is missing, inconsistent or
+        damaged."""
         try:
             with np.load(path, allow_pickle=False) as z:
                 if int(z["version"]) != JOURNAL_VERSION:
                     return None
-                if (int(z["start"]), int(z["stop"])) != (start, stop):
+                fields = {name: z[name] for name in z.files if name != "checksum"}
+                if int(z["checksum"]) != entry_checksum(fields):
                     return None
-                name = str(z["store_file"])
-                table = z["chunks"]
-                metrics = {m: z[m] for m in (*METRIC_NAMES, "top_key_index")}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError):
             return None  # not an entry of ours: a foreign or damaged file
         except zipfile.BadZipFile:
             return None
+        try:
+            if (int(fields["start"]), int(fields["stop"])) != (start, stop):
+                return None
+            name = str(fields["store_file"])
+            table = fields["chunks"]
+            digests = fields["inputs_crc32"]
+            metrics = {m: fields[m] for m in (*METRIC_NAMES, "top_key_index")}
+        except (KeyError, TypeError, ValueError):
+            return None
         shape = (len(self.layout.conditions), stop - start, self.layout.n_layers)
         shape += (self.layout.n_heads,)
         if any(v.shape != shape for v in metrics.values()):
+            return None
+        if digests.shape != (stop - start, len(self.layout.digests)):
             return None
         expected = self._expected(start, stop)
         if table.shape != (len(expected), 7):
@@ -549,7 +681,7 @@ class Assembly:
             if _crc32(data) != crc:
                 return None
             chunks.append((index, tuple(where), mask, data))
-        return chunks, metrics
+        return chunks, metrics, digests
 
     # -- ending
 
@@ -619,37 +751,122 @@ class Store:
 
     def __init__(self, path):
         self.path = Path(path)
-        if not self.path.exists():
-            raise InputError(f"{self.path}: no such file")
+        if not lexists(self.path) and lexists(partial_dir(self.path)):
+            raise InputError(f"{self.path}: {interrupted_message(self.path)}")
         if self.path.is_dir():
             raise InputError(f"{self.path}: is a directory, not a store")
-        if not h5py.is_hdf5(self.path):
-            raise InputError(f"{self.path}: not an HDF5 file (a qkvmean store is HDF5)")
-        self._f = h5py.File(self.path, "r")
+        self._f = open_hdf5(self.path, "an HDF5 file (a qkvmean store is HDF5)")
         try:
-            self._check_format()
-            self.attrs = {k: _plain(v) for k, v in self._f.attrs.items()}
-            self.config = json.loads(self.attrs.get("config", "{}"))
-            self.conditions = [
-                s.decode() if isinstance(s, bytes) else str(s)
-                for s in self._f["metrics/condition"][...]
-            ]
-            self.lengths = self._f["input/lengths"][...].astype(np.int64)
-            shape = self._f["metrics/entropy"].shape
-            self.n_inputs, self.n_layers, self.n_heads = shape[1:]
-            self.seq = len(self._f["seq"])
-            self.layer_ids = [int(x) for x in self._f["layer"][...]]
-            self.has_maps = "attention" in self._f
+            self._validate()
         except Exception:
             self._f.close()
             raise
+
+    def _damaged(self, what: str) -> InputError:
+        return InputError(
+            f"{self.path}: {what}; the store is damaged or was not written by qkvmean"
+        )
+
+    def _dataset(self, name, *, kind, ndim, shape=None):
+        """The dataset at ``name``, checked: exists, is a dataset, has the dtype ``kind``
+        (numpy kind letters), ``ndim`` axes and, where given, ``shape``."""
+        try:
+            obj = self._f.get(name)
+        except (KeyError, OSError, RuntimeError, ValueError):  # e.g. a link to nowhere
+            obj = None
+        if obj is None:
+            raise self._damaged(f"no /{name}")
+        if not isinstance(obj, h5py.Dataset):
+            raise self._damaged(f"/{name} is a group, not a dataset")
+        if obj.dtype.kind not in kind or obj.ndim != ndim:
+            raise self._damaged(f"/{name} has dtype {obj.dtype} and shape {obj.shape}")
+        if shape is not None and obj.shape != tuple(shape):
+            raise self._damaged(f"/{name} has shape {obj.shape}, expected {tuple(shape)}")
+        return obj
+
+    def _validate(self):
+        """Everything the reader, ``inspect`` and ``render`` rely on, checked once."""
+        f = self._f
+        self._check_format()
+        self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        try:
+            self.config = json.loads(self.attrs.get("config", "{}"))
+        except (TypeError, ValueError):
+            raise self._damaged("its config attribute is not JSON") from None
+        if not isinstance(self.config, dict):
+            raise self._damaged("its config attribute is not a JSON object")
+        if not isinstance(f.get("metrics"), h5py.Group):
+            raise self._damaged("no /metrics group")
+        names = self._dataset("metrics/condition", kind="OSU", ndim=1)[...]
+        self.conditions = [s.decode() if isinstance(s, bytes) else str(s) for s in names]
+        unknown = [c for c in self.conditions if c not in CONDITION_ORDER]
+        if unknown:
+            raise self._damaged(
+                f"unknown condition {unknown[0]!r} in /metrics/condition (qkvmean knows "
+                f"{', '.join(CONDITION_ORDER)})"
+            )
+        if self.conditions != sorted(set(self.conditions), key=CONDITION_ORDER.index) or (
+            self.conditions[:1] != ["baseline"]
+        ):
+            raise self._damaged(
+                f"/metrics/condition lists {', '.join(self.conditions)}: baseline first, each "
+                "condition once, in the order baseline, mean_q, mean_k, mean_v"
+            )
+        entropy = self._dataset("metrics/entropy", kind="f", ndim=4)
+        shape = entropy.shape
+        if shape[0] != len(self.conditions):
+            raise self._damaged(
+                f"/metrics/entropy has {shape[0]} conditions, /metrics/condition names "
+                f"{len(self.conditions)}"
+            )
+        for name in METRIC_NAMES[1:]:
+            self._dataset(f"metrics/{name}", kind="f", ndim=4, shape=shape)
+        self._dataset("metrics/top_key_index", kind="iu", ndim=4, shape=shape)
+        self.n_inputs, self.n_layers, self.n_heads = shape[1:]
+        self.seq = self._dataset("seq", kind="iu", ndim=1).shape[0]
+        layer = self._dataset("layer", kind="iu", ndim=1, shape=(self.n_layers,))
+        self.layer_ids = [int(x) for x in layer[...]]
+        for name, size in (("batch", self.n_inputs), ("head", self.n_heads)):
+            self._dataset(name, kind="iu", ndim=1, shape=(size,))
+        for name in ("query", "key"):
+            self._dataset(name, kind="iu", ndim=1, shape=(self.seq,))
+        lengths = self._dataset("input/lengths", kind="iu", ndim=1, shape=(self.n_inputs,))
+        self.lengths = lengths[...].astype(np.int64)
+        bad = np.flatnonzero((self.lengths < 0) | (self.lengths > self.seq))
+        if bad.size:
+            i = int(bad[0])
+            raise self._damaged(
+                f"/input/lengths gives input {i} length {self.lengths[i]}, outside 0..{self.seq}"
+            )
+        if "input/text" in f:
+            self._dataset("input/text", kind="OSU", ndim=1, shape=(self.n_inputs,))
+        if "input/tokens" in f:
+            self._dataset("input/tokens", kind="OSU", ndim=2, shape=(self.n_inputs, self.seq))
+        self.has_maps = "attention" in f
+        if not self.has_maps and self.config.get("maps", True):
+            raise self._damaged("no /attention, though its config says the maps were stored")
+        if self.has_maps:
+            if not isinstance(f["attention"], h5py.Group):
+                raise self._damaged("/attention is a dataset, not a group of maps")
+            extra = sorted(set(f["attention"]) - set(self.conditions))
+            if extra:
+                raise self._damaged(
+                    f"/attention/{extra[0]} is not one of the conditions in /metrics/condition"
+                )
+            full = (self.n_inputs, self.n_layers, self.n_heads, self.seq, self.seq)
+            for cond in self.conditions:
+                self._dataset(f"attention/{cond}", kind="f", ndim=5, shape=full)
 
     def _check_format(self):
         fmt = self._f.attrs.get("format")
         if fmt != FORMAT:
             raise InputError(f"{self.path}: not a qkvmean store (no format = {FORMAT!r} attribute)")
-        version = int(self._f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
+        version = _plain(self._f.attrs.get("format_version"))
+        if isinstance(version, list) and len(version) == 1:
+            version = version[0]
+        if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
+            raise self._damaged(f"its format_version {version!r} is not an integer")
+        if int(version) != FORMAT_VERSION:
             from .._version import __version__
 
             raise InputError(
@@ -697,6 +914,14 @@ class Store:
         row = self._f["input/tokens"][index, : self.lengths[index]]
         return [s.decode() if isinstance(s, bytes) else s for s in row]
 
+    def input_digests(self):
+        """``/input/crc32``: the CRC-32 of each input's q, k and v as read (raw Q/K/V
+        runs), ``(batch, tensor)``; None where the store has none."""
+        d = self._f.get("input/crc32")
+        if not isinstance(d, h5py.Dataset) or d.shape[:1] != (self.n_inputs,):
+            return None
+        return d[...]
+
     # -- maps
     def input_index(self, index) -> int:
         """A valid input index (negative counts from the end), or an InputError."""
@@ -729,7 +954,9 @@ class Store:
         """One attention map ``(query, key)``.
 
         ``head``: an index, or ``"mean"`` for the mean over heads. ``trim``: only the valid
-        ``n × n`` region of the input.
+        ``n × n`` region of the input. A map that cannot be read (a damaged chunk) or that
+        holds values no attention weight can have (NaN, below 0, above 1) is an
+        :class:`~qkvmean.io.InputError` naming the input, condition and layer.
         """
         condition = self._condition(condition)
         dset = self._f["attention"][condition]
@@ -738,7 +965,7 @@ class Store:
         if isinstance(head, str):
             if head != "mean":
                 raise InputError(f"head must be an index or 'mean', got {head!r}")
-            m = dset[b, layer].astype(np.float64).mean(axis=0).astype(np.float32)
+            heads = slice(None)
         else:
             if isinstance(head, (bool, np.bool_)) or not isinstance(head, (int, np.integer)):
                 raise TypeError(f"head must be an int or 'mean', got {head!r}")
@@ -747,16 +974,31 @@ class Store:
                     f"{self.path.name} has {self.n_heads} heads (0..{self.n_heads - 1}); "
                     f"there is no head {head}"
                 )
-            m = dset[b, layer, int(head) % self.n_heads].astype(np.float32)
+            heads = int(head) % self.n_heads
+        where = f"input {b}, condition {condition}, layer {self.layer_ids[layer]}"
+        m = self._read(dset, (b, layer, heads), where)
+        _check_weights(m, self.path, where)
+        m = m.astype(np.float64).mean(axis=0) if heads == slice(None) else m
+        m = m.astype(np.float32)
         if trim:
             n = self.lengths[b]
             m = m[:n, :n]
         return m
 
+    def _read(self, dset, index, where):
+        try:
+            return dset[index]
+        except (OSError, RuntimeError) as exc:
+            raise InputError(
+                f"{self.path}: cannot read the maps of {where} ({hdf5_reason(str(exc))}); "
+                "the store is damaged"
+            ) from None
+
     def maps(self, condition, inputs=slice(None), layer=slice(None), head=slice(None)):
         """A slice of ``/attention/<condition>``, as stored (numpy indexing)."""
         condition = self._condition(condition)
-        return self._f["attention"][condition][inputs, layer, head]
+        where = f"inputs {inputs}, condition {condition}, layers {layer}"
+        return self._read(self._f["attention"][condition], (inputs, layer, head), where)
 
     def metric(self, name):
         """``/metrics/<name>``: ``(condition, input, layer, head)``."""
@@ -816,6 +1058,13 @@ class Store:
             "compression_ratio": raw / stored if stored else None,
             "config": cfg,
         }
+
+
+def _check_weights(m: np.ndarray, path, where: str):
+    """Attention weights lie in [0, 1]; anything else is damage, not something to draw."""
+    if m.size and not (np.isfinite(m).all() and m.min() >= 0 and m.max() <= 1 + 1e-3):
+        bad = "NaN or infinity" if not np.isfinite(m).all() else "values outside 0..1"
+        raise InputError(f"{path}: the maps of {where} hold {bad}; the store is damaged")
 
 
 def _plain(value):

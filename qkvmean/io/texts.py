@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
-from . import InputError
+from . import InputError, existing
 
 #: The embedded demo's inputs: about 15 tokens each with all-MiniLM-L6-v2 and the
 #: synthetic model.
@@ -19,26 +19,26 @@ BUILTIN_SENTENCES = (
 def read_texts(path) -> list:
     """Texts from ``path``: JSON Lines (``.jsonl``, a ``text`` field) or one per line.
 
-    Blank lines are skipped. Errors name the file and line.
+    Blank lines are skipped; a UTF-8 byte-order mark at the start of the file is not part
+    of the first text. Errors name the file and line.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not a text file")
+    path = existing(path)
     try:
         # lines end at "\n" only: str.splitlines would also split at U+2028, form feeds
         # and other separators that may sit inside a text (or a JSON string)
-        lines = [line.removesuffix("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {os.strerror(exc.errno).lower()}") from None
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     texts = []
     jsonl = path.suffix.lower() == ".jsonl"
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if not jsonl:
-            texts.append(line)
+            texts.append(_checked(line, path, number))
             continue
         try:
             record = json.loads(line)
@@ -46,7 +46,29 @@ def read_texts(path) -> list:
             raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InputError(f"{path}:{number}: expected an object with a string 'text' field")
-        texts.append(record["text"])
+        texts.append(_checked(record["text"], path, number))
     if not texts:
         raise InputError(f"{path}: holds no texts")
     return texts
+
+
+def check_text(text: str, where: str) -> str:
+    """``text``, if the store can hold it as a UTF-8 HDF5 string: no NUL character (HDF5
+    strings end there) and no unpaired surrogate (JSON's ``"\\ud800"``; not Unicode)."""
+    if "\x00" in text:
+        raise InputError(
+            f"{where}: contains a NUL character (U+0000, column {text.index(chr(0)) + 1}), "
+            "which an HDF5 string cannot hold; remove it"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{where}: contains an unpaired surrogate {text[exc.start]!r} (column "
+            f"{exc.start + 1}), which is not Unicode text; remove it"
+        ) from None
+    return text
+
+
+def _checked(text: str, path, number: int) -> str:
+    return check_text(text, f"{path}:{number}")

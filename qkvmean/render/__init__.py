@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..io import InputError, check_output_dir
+from ..io import InputError, check_output_dir, lexists, refuse_inputs
 from ..io.store import Store, open_store
 
 TENSORS = {"mean_q": "Query", "mean_k": "Key", "mean_v": "Value"}
@@ -158,6 +158,8 @@ def draw(
                 tokens=tokens,
                 title=title,
             )
+    if title is not None:
+        check_title(title)
     columns = _columns(store, baseline, diff)
     rows = _inputs(store, inputs)
     layer = store.layer_index(layer)
@@ -227,8 +229,9 @@ def _ticks(ax, labels, n):
         return
     step = math.ceil(n / MAX_LABELS)  # every k-th label on long inputs
     ticks = range(0, n, step)
-    ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=90, fontsize=7)
-    ax.set_yticks(ticks, [labels[t] for t in ticks], fontsize=7)
+    shown = [labels[t].replace("$", r"\$") for t in ticks]  # a token is text, not mathtext
+    ax.set_xticks(ticks, shown, rotation=90, fontsize=7)
+    ax.set_yticks(ticks, shown, fontsize=7)
     ax.tick_params(length=0)
 
 
@@ -240,19 +243,41 @@ def _nice_ceiling(x: float) -> float:
     return math.ceil(x / step - 1e-9) * step
 
 
-def check_output(path, overwrite=False) -> Path:
-    """Refuse an output we cannot or should not write, before any work."""
+def check_output(path, overwrite=False, inputs=()) -> Path:
+    """Refuse an output we cannot or should not write, before any work: never one of
+    ``inputs`` (the store being drawn), whatever ``overwrite`` says."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise InputError(
             f"{path}: unknown format {path.suffix or '(none)'!r}; use .png, .pdf or .svg"
         )
+    refuse_inputs(path, inputs, flag="-o")
     check_output_dir(path)
     if path.is_dir():
         raise InputError(f"{path}: is a directory")
-    if path.exists() and not overwrite:
+    if lexists(path) and not overwrite:
         raise InputError(f"{path}: exists; pass --overwrite to replace it")
     return path
+
+
+def check_title(title: str) -> str:
+    """A title matplotlib can draw: its ``$...$`` parts must be valid mathtext."""
+    from matplotlib import cbook
+    from matplotlib.mathtext import MathTextParser
+
+    if not isinstance(title, str):
+        raise TypeError(f"title must be a string, got {title!r}")
+    if cbook.is_math_text(title):
+        try:
+            MathTextParser("path").parse(title, dpi=72)
+        except ValueError as exc:
+            reason = str(exc).strip().splitlines()[-1].split("Exception: ", 1)[-1]
+            reason = reason if len(reason) <= 90 else reason[:87] + "..."
+            raise InputError(
+                f"--title {title!r} is not valid mathtext ({reason}); fix the $...$ part, "
+                "or write \\$ for a dollar sign"
+            ) from None
+    return title
 
 
 def save(fig: Figure, path, *, dpi=150):

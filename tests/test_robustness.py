@@ -1,0 +1,578 @@
+"""What a hostile user tried: nothing lost, nothing stale, no traceback.
+
+Each test here is one finding of a reliability campaign (issue 10): an output written over
+its own input, a resume that kept results of a changed input or trusted a tampered
+journal, a model run on a config that disagrees with its weights, inputs and stores that
+cannot work or are damaged, and the messages that said the wrong thing. In-process runs
+(``main``) raise any unexpected exception, so a test that passes had no traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from model_support import edit_config, write_gpt2_dir
+from test_run import _assert_same_store
+from test_store import make_qkv
+
+import qkvmean
+from qkvmean import pipeline
+from qkvmean.cli import main
+from qkvmean.io import store as st
+
+
+def expect(capsys, code, argv, rx):
+    """``main(argv)`` exits ``code`` with one line on stderr that matches ``rx``."""
+    assert main([str(a) for a in argv]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert re.search(rx, err), err
+    return err
+
+
+def leftovers(directory, name):
+    """What a refused run left next to ``name``: partial directories, staging, temps."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(f"{name}."))
+
+
+@pytest.fixture()
+def qkv_input(tmp_path):
+    path = tmp_path / "in.h5"
+    make_qkv(path, n=12, layers=2, heads=3, seq=7, dim=4, causal=True, seed=9)
+    return path
+
+
+def fail_at(monkeypatch, start):
+    """The run fails (an I/O error) when it comes to write the batch at ``start``."""
+    original = st.Assembly.add
+
+    def add(self, first, *args, **kwargs):
+        if first == start:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return original(self, first, *args, **kwargs)
+
+    monkeypatch.setattr(st.Assembly, "add", add)
+    return original
+
+
+# --------------------------------------------------------------- 1. own input overwritten
+
+
+def test_render_never_writes_over_the_store_it_reads(tmp_path, qkv_input, capsys):
+    store = tmp_path / "run.png"  # a store whose name ends in an image extension
+    assert main(["run", "--qkv", str(qkv_input), "--out", str(store), "-q"]) == 0
+    before = store.read_bytes()
+    (tmp_path / "link.png").symlink_to(store)
+    os.link(store, tmp_path / "hard.png")
+    for out in (store, tmp_path / "link.png", tmp_path / "hard.png"):
+        expect(capsys, 2, ["render", store, "-o", out, "--overwrite"], r"is an input of this")
+    assert store.read_bytes() == before
+    assert (tmp_path / "link.png").is_symlink()
+
+
+def test_run_and_figure_never_write_over_their_inputs(tmp_path, qkv_input, capsys):
+    before = qkv_input.read_bytes()
+    os.link(qkv_input, tmp_path / "hard.h5")
+    (tmp_path / "soft.h5").symlink_to(qkv_input)
+    for out in (qkv_input, tmp_path / "hard.h5", tmp_path / "soft.h5"):
+        argv = ["run", "--qkv", qkv_input, "--out", out, "--overwrite", "-q"]
+        expect(capsys, 2, argv, r"is an input of this command")
+    assert qkv_input.read_bytes() == before
+    model = write_gpt2_dir(tmp_path / "gpt2", n_layer=1)
+    texts = tmp_path / "t.txt"
+    texts.write_text("the quick brown fox\n")
+    weights = (model / "model.safetensors").read_bytes()
+    for out in (model / "model.safetensors", texts):
+        argv = ["run", "--model", model, "--text", texts, "--out", out, "--overwrite", "-q"]
+        expect(capsys, 2, argv, r"is an input of this command")
+    # figure: its store FIGURE.h5 a link to the weights
+    (tmp_path / "fig.h5").symlink_to(model / "model.safetensors")
+    argv = ["figure", "--model", model, "-o", tmp_path / "fig.png", "--overwrite", "-q"]
+    expect(capsys, 2, argv, r"fig.h5: is an input of this command")
+    assert (model / "model.safetensors").read_bytes() == weights
+
+
+# ------------------------------------------------------------ 2. an input that changed
+
+
+def _rewrite(path, name, index, value):
+    with h5py.File(path, "r+") as f:
+        data = f[name][...]
+        data[index] = value
+        f[name][...] = data
+
+
+def test_resume_recomputes_batches_whose_inputs_changed_and_says_so(
+    tmp_path, qkv_input, monkeypatch, capsys
+):
+    """A middle input changed between the kill and the resume: the batch that holds it is
+    computed again from the new values (and named); the others are copied."""
+    base = ["run", "--qkv", str(qkv_input), "--batch-size", "2", "--quiet"]
+    out = tmp_path / "o.h5"
+    original = fail_at(monkeypatch, 10)
+    assert main([*base, "--out", str(out)]) == 1
+    capsys.readouterr()
+    _rewrite(qkv_input, "k", 5, 0.25)  # input 5: batch 4..6, neither first nor last input
+    monkeypatch.setattr(st.Assembly, "add", original)
+    assert main([*base, "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "inputs 4..5 changed since the interrupted run read them (k of input 5" in err
+    assert main([*base, "--out", str(tmp_path / "ref.h5")]) == 0  # the changed input, whole
+    _assert_same_store(out, tmp_path / "ref.h5")
+
+
+def test_resume_of_a_complete_store_names_an_input_that_changed(tmp_path, qkv_input, capsys):
+    out = tmp_path / "o.h5"
+    argv = ["run", "--qkv", qkv_input, "--out", out, "-q"]
+    assert main([str(a) for a in argv]) == 0
+    assert main([str(a) for a in [*argv, "--resume"]]) == 0  # unchanged: nothing to do
+    _rewrite(qkv_input, "v", 7, 1.5)
+    expect(capsys, 2, [*argv, "--resume"], r"the input changed since it was made \(v of input 7")
+
+
+# --------------------------------------------------------- 3. journal entries checksummed
+
+
+def test_a_journal_entry_whose_metrics_changed_is_not_trusted(
+    tmp_path, qkv_input, monkeypatch, capsys
+):
+    base = ["run", "--qkv", str(qkv_input), "--batch-size", "2", "--quiet"]
+    out = tmp_path / "o.h5"
+    original = fail_at(monkeypatch, 10)
+    assert main([*base, "--out", str(out)]) == 1
+    entries = st.journal(pipeline.partial_dir(out))
+    with np.load(entries[(4, 6)]) as z:  # the entropy of one head, changed; all else kept
+        fields = {name: z[name] for name in z.files}
+    fields["entropy"] = fields["entropy"] + np.float32(0.5)
+    with open(entries[(4, 6)], "wb") as fh:
+        np.savez(fh, **fields)
+    added = []
+
+    def add(self, start, *args, **kwargs):
+        added.append(start)
+        return original(self, start, *args, **kwargs)
+
+    monkeypatch.setattr(st.Assembly, "add", add)
+    assert main([*base, "--out", str(out), "--resume"]) == 0
+    assert sorted(added) == [4, 10]  # the tampered batch and the one never written
+    monkeypatch.setattr(st.Assembly, "add", original)
+    assert main([*base, "--out", str(tmp_path / "ref.h5")]) == 0
+    _assert_same_store(out, tmp_path / "ref.h5")
+
+
+# ----------------------------------------------------- 4. config.json against the weights
+
+
+def test_a_config_that_disagrees_with_the_weights_is_refused(tmp_path, capsys):
+    model = write_gpt2_dir(tmp_path / "gpt2", n_layer=3)
+    texts = tmp_path / "t.txt"
+    texts.write_text("the quick brown fox\n")
+    argv = ["run", "--model", model, "--text", texts, "--out", tmp_path / "o.h5", "-q"]
+    edit_config(model, n_layer=2)  # the checkpoint has three
+    expect(
+        capsys,
+        2,
+        argv,
+        r"tensor 'h\.2\.attn\.c_attn\.bias' and \d+ more has no place .*n_layer = 2",
+    )
+    edit_config(model, n_layer=3)
+    assert main([str(a) for a in argv]) == 0
+    assert not leftovers(tmp_path, "o.h5")
+
+
+def test_a_bert_config_with_fewer_layers_is_refused(tmp_path, capsys):
+    from qkvmean.io import models as M
+
+    if not M.minilm_available():
+        pytest.skip("all-MiniLM-L6-v2 not installed")
+    model = tmp_path / "minilm"
+    shutil.copytree(M.minilm_path(), model)
+    edit_config(model, num_hidden_layers=5)
+    argv = ["run", "--model", model, "--out", tmp_path / "o.h5", "-q"]
+    expect(capsys, 2, argv, r"'encoder\.layer\.5\..*has no place .*num_hidden_layers = 5")
+
+
+# ------------------------------------------------ 5. shapes that cannot work, found first
+
+
+def test_declared_shapes_that_cannot_work_are_refused_up_front(tmp_path, capsys):
+    long = tmp_path / "long.h5"
+    with h5py.File(long, "w") as f:  # one input of a million tokens: 4 TB per map
+        for name in "qkv":
+            f.create_dataset(
+                name, data=np.ones((1, 1, 10**6, 1), np.float32), chunks=(1, 1, 10**5, 1)
+            )
+    out = tmp_path / "o.h5"
+    expect(capsys, 2, ["run", "--qkv", long, "--out", out], r"cannot be stored: one map takes 4 TB")
+    expect(
+        capsys, 2, ["run", "--qkv", long, "--out", out, "--no-maps"], r"more than this machine's"
+    )
+    never = tmp_path / "never.h5"
+    with h5py.File(never, "w") as f:  # 10^8 inputs declared, ten written
+        for name in "qkv":
+            d = f.create_dataset(name, shape=(10**8, 1, 4, 2), chunks=(1000, 1, 4, 2), dtype="f4")
+            d[:10] = 1.0
+    expect(capsys, 2, ["run", "--qkv", never, "--out", out], r"only 1 of its 100000 chunks")
+    assert not leftovers(tmp_path, "o.h5") and not out.exists()
+
+
+def test_a_batch_larger_than_memory_is_refused(tmp_path, qkv_input, monkeypatch, capsys):
+    from qkvmean import resources
+
+    monkeypatch.setattr(resources, "memory_limit", lambda: 10e3)
+    argv = ["run", "--qkv", qkv_input, "--out", tmp_path / "o.h5", "--batch-size", "12"]
+    expect(
+        capsys, 2, argv, r"one batch \(12 inputs .* more than this machine's 10 kB .*--batch-size"
+    )
+
+
+# ----------------------------------------------------------------------- 6. texts
+
+
+def test_texts_with_a_nul_or_a_bom(tmp_path, capsys):
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"fine\nbad\x00text\n")
+    argv = ["run", "--model", "synthetic", "--text", nul, "--out", tmp_path / "o.h5"]
+    expect(capsys, 2, argv, r"nul.txt:2: contains a NUL character")
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "a\\u0000b"}\n{"text": "lone \\ud800"}\n')
+    argv[4] = jsonl
+    expect(capsys, 2, argv, r"t.jsonl:1: contains a NUL character")
+    jsonl.write_text('{"text": "lone \\ud800"}\n')
+    expect(capsys, 2, argv, r"t.jsonl:1: contains an unpaired surrogate")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffThe cat sat.\nA dog.\n".encode())
+    argv[4] = bom
+    assert main([str(a) for a in [*argv, "-q"]]) == 0
+    with qkvmean.open_store(tmp_path / "o.h5") as s:
+        assert s.texts == ["The cat sat.", "A dog."]
+        assert not any("\ufeff" in t for t in s.tokens(0))
+    assert not leftovers(tmp_path, "o.h5")
+
+
+# --------------------------------------------------------------- 7. links to nowhere
+
+
+def test_q_as_a_link_to_nothing(tmp_path, capsys):
+    q = np.ones((2, 1, 3, 2), np.float32)
+    for name, link, rx in [
+        ("soft.h5", h5py.SoftLink("/gone"), r"soft.h5:/q: is a soft link to /gone, which does not"),
+        (
+            "ext.h5",
+            h5py.ExternalLink("missing.h5", "/q"),
+            r"ext.h5:/q: is an external link to missing.h5:/q, which cannot be opened",
+        ),
+    ]:
+        with h5py.File(tmp_path / name, "w") as f:
+            f["k"], f["v"], f["q"] = q, q, link
+        expect(capsys, 2, ["run", "--qkv", tmp_path / name, "--out", tmp_path / "o.h5"], rx)
+    with h5py.File(tmp_path / "len.h5", "w") as f:
+        f["q"], f["k"], f["v"], f["lengths"] = q, q, q, h5py.SoftLink("/nope")
+    argv = ["run", "--qkv", tmp_path / "len.h5", "--out", tmp_path / "o.h5"]
+    expect(capsys, 2, argv, r"/lengths: is a soft link to /nope")
+    assert not leftovers(tmp_path, "o.h5")
+
+
+# ------------------------------------------------------------------- 8. damaged stores
+
+
+@pytest.fixture(scope="module")
+def good_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("damage")
+    make_qkv(tmp / "in.h5", n=5, layers=2, heads=2, seq=6, dim=3)
+    out = tmp / "good.h5"
+    assert main(["run", "--qkv", str(tmp / "in.h5"), "--out", str(out), "-q"]) == 0
+    return out
+
+
+def _delete(path):
+    def damage(f):
+        del f[path]
+
+    return damage
+
+
+def _attr(name, value):
+    def damage(f):
+        f.attrs[name] = value
+
+    return damage
+
+
+def _replace(path, data):
+    def damage(f):
+        del f[path]
+        f[path] = data
+
+    return damage
+
+
+DAMAGE = {
+    "no entropy": (_delete("metrics/entropy"), r"no /metrics/entropy"),
+    "no lengths": (_delete("input/lengths"), r"no /input/lengths"),
+    "no mean_k maps": (_delete("attention/mean_k"), r"no /attention/mean_k"),
+    "no seq scale": (_delete("seq"), r"no /seq"),
+    "no layer scale": (_delete("layer"), r"no /layer"),
+    "config not JSON": (_attr("config", "{not json"), r"config attribute is not JSON"),
+    "config a list": (_attr("config", "[1, 2]"), r"config attribute is not a JSON object"),
+    "format_version a word": (
+        _attr("format_version", "one"),
+        r"format_version 'one' is not an integer",
+    ),
+    "format_version 1.5": (_attr("format_version", 1.5), r"format_version 1.5 is not an integer"),
+    "attention a dataset": (_replace("attention", np.zeros(3)), r"/attention is a dataset"),
+    "unknown condition": (
+        _replace(
+            "metrics/condition",
+            np.array(["baseline", "mean_q", "mean_x", "mean_v"], dtype=h5py.string_dtype()),
+        ),
+        r"unknown condition 'mean_x'",
+    ),
+    "maps shorter than metrics": (
+        _replace("attention/mean_v", np.zeros((4, 2, 2, 6, 6), np.float32)),
+        r"/attention/mean_v has shape \(4, 2, 2, 6, 6\), expected \(5, 2, 2, 6, 6\)",
+    ),
+    "negative length": (
+        _replace("input/lengths", np.array([6, -1, 2, 3, 4], np.int32)),
+        r"length -1, outside 0..6",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_stores_are_refused_by_inspect_and_render(tmp_path, good_store, damage, capsys):
+    edit, rx = DAMAGE[damage]
+    path = tmp_path / "s.h5"
+    shutil.copy(good_store, path)
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    for argv in (
+        ["inspect", path],
+        ["inspect", "--json", path],
+        ["render", path, "-o", tmp_path / "f.png"],
+    ):
+        expect(capsys, 2, argv, rx)
+    assert not (tmp_path / "f.png").exists()
+    with pytest.raises(ValueError, match=rx):
+        qkvmean.open_store(path)
+
+
+def test_a_damaged_chunk_and_nan_maps_are_named_not_drawn(tmp_path, good_store, capsys):
+    path = tmp_path / "s.h5"
+    shutil.copy(good_store, path)
+    with h5py.File(path, "r") as f:
+        info = f["attention/mean_k"].id.get_chunk_info_by_coord((3, 1, 0, 0, 0))
+    with open(path, "r+b") as fh:  # garble the deflate stream of input 3, layer 1
+        fh.seek(info.byte_offset + 2)
+        fh.write(bytes(64))
+    assert main(["inspect", str(path)]) == 0  # inspect reads no maps
+    capsys.readouterr()
+    argv = ["render", path, "-o", tmp_path / "f.png", "--inputs", "3", "--layer", "1"]
+    expect(capsys, 2, argv, r"cannot read the maps of input 3, condition mean_k, layer 1 .*damaged")
+    shutil.copy(good_store, path)
+    with h5py.File(path, "r+") as f:
+        d = f["attention/mean_q"]
+        m = d[2, 1]
+        m[0, 0, 0] = np.nan
+        d[2, 1] = m
+    argv = ["render", path, "-o", tmp_path / "f.png", "--inputs", "0,2"]
+    expect(capsys, 2, argv, r"the maps of input 2, condition mean_q, layer 1 hold NaN")
+    assert not (tmp_path / "f.png").exists()
+
+
+# ----------------------------------------------------------------------- 9. titles
+
+
+def test_a_title_that_is_not_mathtext(tmp_path, good_store, capsys):
+    argv = ["render", good_store, "-o", tmp_path / "f.png", "--title", r"$\frac{1}$ of it"]
+    expect(capsys, 2, argv, r"--title .* is not valid mathtext")
+    assert not (tmp_path / "f.png").exists()
+    argv[-1] = r"costs $5, or \$6: $\alpha$"
+    assert main([str(a) for a in argv]) == 0
+
+
+# --------------------------------------------------------------- 10. larger than memory
+
+
+def test_api_results_larger_than_memory_are_one_value_error():
+    q = np.broadcast_to(np.float32(0.5), (4096, 64, 4096, 8))  # 16 GB of input, 17 TB out
+    for call in (
+        lambda: qkvmean.attention_weights(q, q),
+        lambda: qkvmean.attention(q, q, q),
+        lambda: qkvmean.ablate(q, q, q, target="k"),
+        lambda: qkvmean.conditions(q, q),
+    ):
+        with pytest.raises(ValueError, match=r"would take [\d.]+ TB, more than this machine's"):
+            call()
+
+
+def test_api_memory_error_while_allocating_becomes_a_value_error(monkeypatch):
+    from qkvmean.engine import cpu
+
+    def attention(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(cpu, "attention", attention)
+    q = np.ones((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"out of memory: the results need"):
+        qkvmean.attention_weights(q, q)
+
+
+# ----------------------------------------------------------------- 11. what messages say
+
+
+def test_a_truncated_input_is_called_truncated_not_locked(tmp_path, qkv_input, capsys):
+    data = qkv_input.read_bytes()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(data[: len(data) // 2])
+    err = expect(
+        capsys,
+        2,
+        ["run", "--qkv", cut, "--out", tmp_path / "o.h5"],
+        r"cut.h5: cannot open: the file is truncated",
+    )
+    assert "lock" not in err.replace("block", "")
+    store = tmp_path / "s.h5"
+    assert main(["run", "--qkv", str(qkv_input), "--out", str(store), "-q"]) == 0
+    cut.write_bytes(store.read_bytes()[:3000])
+    expect(capsys, 2, ["inspect", cut], r"cut.h5: cannot open: the file is truncated")
+
+
+# ------------------------------------------------------------ 12. --out a dangling link
+
+
+def test_out_as_a_dangling_link_is_refused_before_any_work(
+    tmp_path, qkv_input, monkeypatch, capsys
+):
+    out = tmp_path / "o.h5"
+    out.symlink_to(tmp_path / "nowhere" / "x.h5")
+    computed = []
+    monkeypatch.setattr(pipeline, "_compute_batches", lambda *a: computed.append(1))
+    argv = ["run", "--qkv", qkv_input, "--out", out, "-q"]
+    expect(capsys, 2, argv, r"o.h5: is a symbolic link that leads nowhere .*--overwrite")
+    assert not computed and not leftovers(tmp_path, "o.h5")
+    monkeypatch.undo()
+    assert main([str(a) for a in [*argv, "--overwrite"]]) == 0
+    assert not out.is_symlink() and h5py.is_hdf5(out)
+
+
+# ----------------------------------------------------- 13. resuming a killed --overwrite
+
+
+def test_a_killed_overwrite_run_resumes_with_the_same_command(
+    tmp_path, qkv_input, monkeypatch, capsys
+):
+    out = tmp_path / "o.h5"
+    base = ["run", "--qkv", str(qkv_input), "--out", str(out), "--batch-size", "2", "-q"]
+    assert main(base) == 0  # the store the user means to replace
+    original = fail_at(monkeypatch, 6)
+    assert main([*base, "--over", "causal", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume" in err
+    monkeypatch.setattr(st.Assembly, "add", original)
+    expect(
+        capsys, 2, [*base, "--over", "causal", "--resume"], r"continue it with --resume --overwrite"
+    )
+    assert main([*base, "--over", "causal", "--overwrite", "--resume"]) == 0
+    with qkvmean.open_store(out) as s:
+        assert s.attrs["over"] == "causal"
+    assert not pipeline.partial_dir(out).exists()
+    assert main([*base, "--over", "causal", "--out", str(tmp_path / "ref.h5")]) == 0
+    _assert_same_store(out, tmp_path / "ref.h5")
+
+
+def test_a_kill_after_the_final_rename_is_complete_on_resume(
+    tmp_path, qkv_input, monkeypatch, capsys
+):
+    """Killed after the store was put in place, before its partial directory was removed:
+    the resume (with or without --overwrite) recognises the finished store."""
+    out = tmp_path / "o.h5"
+    argv = ["run", "--qkv", str(qkv_input), "--out", str(out), "--batch-size", "4"]
+    original = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the store is in place; the partial dir stays
+        if str(path).endswith(".partial"):
+            raise KeyboardInterrupt
+        return original(path, *args, **kwargs)
+
+    for extra in ([], ["--overwrite"]):
+        monkeypatch.setattr(pipeline.shutil, "rmtree", killed)
+        assert main([*argv, "-q", *extra]) == 130
+        monkeypatch.undo()
+        assert out.exists() and pipeline.partial_dir(out).exists()
+        capsys.readouterr()
+        assert main([*argv, "--resume", *extra]) == 0
+        assert "already complete" in capsys.readouterr().out
+        assert not pipeline.partial_dir(out).exists()
+
+
+# ------------------------------------------------------------ 14. a full file system
+
+
+def test_a_full_file_system_at_start_names_the_path_and_leaves_nothing(
+    tmp_path, qkv_input, monkeypatch, capsys
+):
+    def full(path, data):
+        path.write_bytes(b"")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pipeline, "_atomic_json", full)
+    out = tmp_path / "o.h5"
+    argv = ["run", "--qkv", qkv_input, "--out", out]
+    expect(capsys, 1, argv, rf"{re.escape(str(out))}.partial: cannot start the run: no space left")
+    assert not leftovers(tmp_path, "o.h5")
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "disk_free", lambda directory: 100.0)
+    expect(capsys, 2, argv, r"needs at least .* for its metrics alone, and .* has 100 bytes free")
+    assert not leftovers(tmp_path, "o.h5")
+
+
+# --------------------------------------------------- 15. an interrupted run, a link loop
+
+
+def test_render_and_open_store_on_an_interrupted_run_say_how_to_finish(
+    tmp_path, qkv_input, monkeypatch, capsys
+):
+    out = tmp_path / "o.h5"
+    fail_at(monkeypatch, 8)
+    assert main(["run", "--qkv", str(qkv_input), "--out", str(out), "--batch-size", "4", "-q"]) == 1
+    capsys.readouterr()
+    rx = r"o.h5: not written yet: the run that writes it was interrupted with 8 of 12 inputs done"
+    expect(capsys, 2, ["render", out, "-o", tmp_path / "f.png"], rx)
+    with pytest.raises(ValueError, match=rx):
+        qkvmean.open_store(out)
+    (tmp_path / "a.h5").symlink_to(tmp_path / "b.h5")
+    (tmp_path / "b.h5").symlink_to(tmp_path / "a.h5")
+    for argv in (
+        ["render", tmp_path / "a.h5", "-o", tmp_path / "f.png"],
+        ["inspect", tmp_path / "a.h5"],
+    ):
+        expect(capsys, 2, argv, r"a.h5: is a symbolic link in a loop")
+    expect(capsys, 2, ["run", "--qkv", tmp_path / "a.h5", "--out", tmp_path / "x.h5"], r"in a loop")
+
+
+# ------------------------------------------------------------- 16. reproducibility
+
+
+def test_the_batch_size_is_recorded_and_a_different_one_is_named_on_resume(
+    tmp_path, qkv_input, monkeypatch, capsys
+):
+    out = tmp_path / "o.h5"
+    argv = ["run", "--qkv", str(qkv_input), "--out", str(out), "-q"]
+    original = fail_at(monkeypatch, 4)
+    assert main([*argv, "--batch-size", "4"]) == 1
+    monkeypatch.setattr(st.Assembly, "add", original)
+    capsys.readouterr()
+    expect(capsys, 2, [*argv, "--batch-size", "3", "--resume"], r"batch_size = 4 \(now 3\)")
+    assert main([*argv, "--resume"]) == 0  # without --batch-size: the run's own
+    with qkvmean.open_store(out) as s:
+        assert s.config["batch_size"] == 4
+    assert main(["run", "--qkv", str(qkv_input), "--out", str(tmp_path / "auto.h5"), "-q"]) == 0
+    with qkvmean.open_store(tmp_path / "auto.h5") as s:
+        assert s.config["batch_size"] == 12  # the automatic size, as it was chosen
