@@ -543,7 +543,7 @@ def cmd_inspect(args) -> int:
         with open_store(path) as store:
             info = store.summary()
     if args.json:
-        print(json.dumps(info, indent=1, sort_keys=True))
+        print(json.dumps(info, indent=1, sort_keys=True, default=str))
     else:
         print("\n".join(_describe(info)))
     return 0

@@ -175,6 +175,20 @@ class _Prepared:
     max_abs: dict  # largest |value| of each tensor, for the overflow guards
     nbytes: float  # what the results take, for the out-of-memory message
 
+    def attention(self, backend, modes, v, with_output, **metrics):
+        """The backend's attention kernel on these inputs; memory it could not get is a
+        one-line ValueError."""
+        try:
+            return backend.attention(
+                self.q, self.k, v, self.lengths, self.group, modes, self.causal, self.scale,
+                config.ROW_BLOCK, with_output, **metrics,
+            )  # fmt: skip
+        except MemoryError:
+            raise ValueError(
+                f"out of memory: the results need {format_bytes(self.nbytes)}; pass fewer "
+                "inputs at a time, or shorter sequences"
+            ) from None
+
     def substitute(self, backend, name, select, prefix):
         """Mean-substitute tensor ``name`` ("q", "k" or "v") for the selected groups."""
         x = getattr(self, name)
@@ -292,35 +306,10 @@ def _prepare(
 # ----------------------------------------------------------------------------- API
 
 
-def _launch(call, nbytes):
-    """Run a backend call; the memory it could not get becomes a one-line ValueError."""
-    try:
-        return call()
-    except MemoryError:
-        raise ValueError(
-            f"out of memory: the results need {format_bytes(nbytes)}; pass fewer inputs "
-            "at a time, or shorter sequences"
-        ) from None
-
-
 def _run_attention(p, backend, modes, with_output):
     if modes is None:
         modes = np.zeros(p.group, dtype=np.int8)
-    w, o, _ = _launch(
-        lambda: backend.attention(
-            p.q,
-            p.k,
-            p.v,
-            p.lengths,
-            p.group,
-            modes,
-            p.causal,
-            p.scale,
-            config.ROW_BLOCK,
-            with_output,
-        ),
-        p.nbytes,
-    )
+    w, o, _ = p.attention(backend, modes, p.v, with_output)
     weights = w.reshape(p.shape[:-1] + (p.shape[-2],))
     if not with_output:
         return weights
@@ -582,23 +571,7 @@ def conditions(
     names, weights, per_pair = [], {}, []
 
     def run(name, modes, base):
-        w, _, rows = _launch(
-            lambda: backend.attention(
-                p.q,
-                p.k,
-                None,
-                p.lengths,
-                p.group,
-                modes,
-                p.causal,
-                p.scale,
-                config.ROW_BLOCK,
-                False,
-                metrics=True,
-                base=base,
-            ),
-            p.nbytes,
-        )
+        w, _, rows = p.attention(backend, modes, None, False, metrics=True, base=base)
         names.append(name)
         weights[name] = w.reshape(lead + (p.shape[-2], p.shape[-2]))
         per_pair.append(backend.reduce_metrics(rows, p.lengths, p.group))

@@ -332,7 +332,7 @@ class QKVInput:
             if direct is not None:
                 x = direct.read(start, stop, self.where(name))
             else:
-                x = getattr(self, name)[start:stop]
+                x = self._hdf5_read(name, start, stop)
             if self.rank == 4:
                 x = x[:, None]
             # float16 is computed in float32 anyway (and Numba has no float16 arithmetic)
@@ -350,6 +350,21 @@ class QKVInput:
                 )
             out.append(x)
         return tuple(out)
+
+    def _hdf5_read(self, name, start, stop):
+        """``name[start:stop]`` through HDF5: a system error is a :class:`ReadFailed`
+        (resumable), anything HDF5 itself cannot decode a damaged input."""
+        try:
+            return getattr(self, name)[start:stop]
+        except (OSError, RuntimeError) as exc:
+            where = f"{self.where(name)}: inputs {start}..{stop - 1}"
+            if isinstance(exc, OSError) and exc.errno:
+                raise ReadFailed(
+                    f"reading {where} failed: {os.strerror(exc.errno).lower()}"
+                ) from exc
+            raise InputError(
+                f"{where} cannot be read ({hdf5_reason(str(exc))}); the file is damaged"
+            ) from None
 
     def _direct_reader(self, name):
         """The :class:`_DirectReader` of dataset ``name``, planned on first use (None
