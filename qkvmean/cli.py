@@ -457,7 +457,11 @@ def _describe(info) -> list:
     else:
         lines.append("maps         none (metrics only)")
     lines.append(f"on disk      {mb:.2f} MB")
-    extra = {k: v for k, v in cfg.items() if k in ("max_tokens", "model_family", "row_block")}
+    extra = {
+        k: v
+        for k, v in cfg.items()
+        if k in ("batch_size", "max_tokens", "model_family", "row_block")
+    }
     if extra:
         lines.append("config       " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
     return lines

@@ -28,7 +28,7 @@ from ._version import __version__
 from .io import InputError, ReadFailed, check_output_dir, lexists, refuse_inputs
 from .io import store as st
 from .io.qkv import QKVInput
-from .resources import check_memory, disk_free, format_bytes
+from .resources import check_memory, disk_free, environment, format_bytes
 
 #: Auto batch size: inputs per batch such that one batch's maps (all conditions, float32)
 #: take about this many bytes. Two batches are in memory at once (one computing, one
@@ -406,8 +406,9 @@ def _check_output(out: Path, inputs=(), overwrite=False):
 
 partial_dir = st.partial_dir
 
-#: Where the inputs are (they may have moved); their identities are compared instead.
-_LOCATIONS = ("input", "model", "texts")
+#: Where the inputs are (they may have moved; their identities are compared instead),
+#: and the machine that computed them (a resumed run may be on another).
+_LOCATIONS = ("input", "model", "texts", "environment")
 #: Recorded, but compared for --resume only where the command gives them again.
 _IMPLIED = ("batch_size",)
 
@@ -553,7 +554,7 @@ def _new_work(work: Path, config, source, batch_size, overwrite):
     align = 1 if batch_size else source.align()  # an explicit --batch-size is honoured
     size = _aligned(size, align)
     batches = _batches(source.n_inputs, size)
-    config = {**config, "batch_size": size}
+    config = {**config, "batch_size": size, "environment": environment()}
     manifest = {
         "config": config,
         "batches": batches,

@@ -66,3 +66,57 @@ def disk_free(directory) -> float:
     except OSError:
         return float("inf")
     return float(st.f_bavail * st.f_frsize)
+
+
+def environment() -> dict:
+    """What, besides the run's configuration, can change the last bits of a model run:
+    library versions, the BLAS library with its CPU kernel and threads, Numba's threads
+    and threading layer, the processor. Recorded in a store's configuration; not compared
+    by ``--resume`` (a resumed run may be on another machine)."""
+    import platform
+
+    import h5py
+    import numba
+    import numpy as np
+
+    from . import config
+    from ._version import __version__
+
+    config.kernel_guard()  # starts Numba's threads, so that the layer is known
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [
+            {
+                key: pool.get(key)
+                for key in ("internal_api", "version", "architecture", "num_threads")
+            }
+            for pool in threadpool_info()
+            if pool.get("user_api") == "blas"
+        ]
+    except Exception:  # pragma: no cover - threadpoolctl inspects native libraries
+        blas = []
+    return {
+        "qkvmean": __version__,
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "h5py": h5py.version.version,
+        "hdf5": h5py.version.hdf5_version,
+        "blas": blas,
+        "numba_threads": numba.get_num_threads(),
+        "threading_layer": numba.threading_layer(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()

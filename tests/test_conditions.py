@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import assert_within, cases, patched, unit_roundoff, weight_tolerance
 
@@ -136,3 +136,22 @@ def test_bad_targets(targets, exc, match):
     q = np.ones((1, 2, 3, 4), np.float32)
     with pytest.raises(exc, match=match):
         qkvmean.conditions(q, q, targets=targets)
+
+
+@settings(max_examples=30)
+@given(case=cases(dtypes=(np.float32, np.float64), head_axis=True, max_seq=70))
+def test_metrics_do_not_depend_on_how_rows_are_shared_out(case):
+    """Bit for bit: the rows of a pair are computed by one task or by one per 32 rows (the
+    split follows the batch size and the threads), and the metrics must not notice, the
+    mean-Q rows that copy a shared row included. (Smaller blocks, a test setting only,
+    also split the column sums.)"""
+    results = []
+    for row_block in (0, 32, 10**6):
+        with patched(ROW_BLOCK=row_block):
+            c = qkvmean.conditions(case.q, case.k, targets=["q", "k"], **case.kw)
+        results.append(c)
+    for other in results[1:]:
+        for name, value in results[0].metrics.items():
+            np.testing.assert_array_equal(other.metrics[name], value, err_msg=name)
+        for name, value in results[0].weights.items():
+            np.testing.assert_array_equal(other.weights[name], value, err_msg=name)

@@ -428,6 +428,19 @@ def _record_row(mx, bg, blk, i, row, jmax, entropy, spd, sp, log_z):
 
 
 @njit(**_HOT)
+def _kl_sums(p_row, d, jmax, with_kl):
+    """``(sum_j p_j d_j, sum_j p_j)`` over the first ``jmax`` keys, in float64, in key
+    order (0, 0 without a baseline)."""
+    spd = 0.0
+    sp = 0.0
+    if with_kl:
+        for j in range(jmax):
+            spd += p_row[j] * d[j]
+            sp += p_row[j]
+    return spd, sp
+
+
+@njit(**_HOT)
 def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, scratch):
     """Serial worker: weights (and outputs, metrics) of query rows ``i0:i1`` of pair ``bg``.
 
@@ -466,14 +479,9 @@ def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0
                 p_row = mx.base[bg, i + r]
             if mode == MODE_SHARED_ROW and first >= 0:
                 src = w[bg, first]
-                spd = 0.0
-                sp = 0.0
                 for j in range(n_keys):
                     row[j] = src[j]
-                if mx.with_kl:
-                    for j in range(jmax):
-                        spd += p_row[j] * scratch[j]
-                        sp += p_row[j]
+                spd, sp = _kl_sums(p_row, scratch, jmax, mx.with_kl)
                 entropy, log_z = shared[0], shared[3]
             elif mode == MODE_UNIFORM:
                 entropy, spd, sp, log_z = _uniform_row(row, jmax, n_keys, mx.with_kl, p_row)
@@ -485,6 +493,9 @@ def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0
                 if mode == MODE_SHARED_ROW:
                     first = i + r
                     shared = (entropy, spd, sp, log_z)
+                    # the KL sums as the rows that copy this one take them: the same
+                    # bits whichever row of the pair a task starts at
+                    spd, sp = _kl_sums(p_row, scratch, jmax, mx.with_kl)
             if mx.with_metrics:
                 _record_row(mx, bg, (i + r) // col_block, i + r, row, jmax, entropy, spd, sp, log_z)
         if with_output:  # weights beyond a row's own keys are 0: one jmax for the group

@@ -49,6 +49,8 @@ def existing(path, kind: str = "file") -> Path:
         raise InputError(f"{path}: no such {kind}")
     if kind == "file" and path.is_dir():
         raise InputError(f"{path}: is a directory, not a file")
+    if kind == "file" and not path.is_file():  # a FIFO or a device would block or never end
+        raise InputError(f"{path}: is not a regular file (a pipe or a device?); give a file")
     if kind == "directory" and not path.is_dir():
         raise InputError(f"{path}: is not a directory")
     return path
