@@ -10,6 +10,7 @@ cannot work or are damaged, and the messages that said the wrong thing. In-proce
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -576,3 +577,33 @@ def test_the_batch_size_is_recorded_and_a_different_one_is_named_on_resume(
     assert main(["run", "--qkv", str(qkv_input), "--out", str(tmp_path / "auto.h5"), "-q"]) == 0
     with qkvmean.open_store(tmp_path / "auto.h5") as s:
         assert s.config["batch_size"] == 12  # the automatic size, as it was chosen
+
+
+def _chunks(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        for name, d in f["attention"].items():
+            for i in range(d.id.get_num_chunks()):
+                offset = d.id.get_chunk_info(i).chunk_offset
+                out[name, offset] = d.id.read_direct_chunk(offset)[1]
+    return out
+
+
+def test_zlib_levels_write_the_same_chunk_bytes_and_the_machine_is_recorded(tmp_path, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(f"text {i} " + "word " * (i % 7) for i in range(12)))
+    argv = ["run", "--model", "synthetic", "--text", str(texts), "--compression", "deflate:4"]
+    for name in ("a.h5", "b.h5"):
+        assert main([*argv, "--out", str(tmp_path / name), "-q"]) == 0
+    a, b = _chunks(tmp_path / "a.h5"), _chunks(tmp_path / "b.h5")
+    assert a.keys() == b.keys() and all(a[key] == b[key] for key in a)
+    with qkvmean.open_store(tmp_path / "a.h5") as s:
+        env = s.config["environment"]
+    assert env["numba_threads"] >= 1 and env["threading_layer"] and env["numpy"]
+    assert all("architecture" in pool for pool in env["blas"])
+    with h5py.File(tmp_path / "a.h5", "r+") as f:  # made on another machine: still the run
+        config = json.loads(f.attrs["config"])
+        config["environment"]["cpu"] = "another processor"
+        f.attrs["config"] = json.dumps(config)
+    assert main([*argv, "--out", str(tmp_path / "a.h5"), "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
