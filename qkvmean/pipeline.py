@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -394,6 +396,13 @@ def _check_output(out: Path, inputs=(), overwrite=False):
     if not out.name:
         raise InputError("--out is empty; give a file name for the store")
     refuse_inputs(out, inputs)
+    work = st.partial_dir(out).resolve()
+    for path in inputs:
+        if work in Path(path).resolve().parents:
+            raise InputError(
+                f"{path}: lies in {st.partial_dir(out)}/, where the run writing {out} keeps "
+                "its work (and deletes it when done); move the input, or choose another --out"
+            )
     check_output_dir(out)
     if out.is_dir():
         raise InputError(f"{out}: is a directory; give a file name for the store")
@@ -594,21 +603,64 @@ def _finished_by(out: Path, manifest: dict) -> bool:
         return False
 
 
+#: What a run puts in its partial directory; a directory that holds anything else is
+#: not ours, and is neither used nor deleted.
+_OURS = re.compile(
+    r"manifest\.json|manifest\.tmp|lock|store-\d+-\d+\.h5|batch-\d+-\d+\.npz(\.tmp)?"
+)
+
+
+def _foreign(directory: Path) -> str | None:
+    """None when ``directory`` is a partial directory of ours, else what says it is not."""
+    if directory.is_symlink() or not directory.is_dir():
+        return "it is not a directory" if not directory.is_symlink() else "it is a link"
+    for path in directory.iterdir():
+        if not _OURS.fullmatch(path.name) or (path.is_dir() and not path.is_symlink()):
+            return f"it holds {path.name}, which no qkvmean run writes"
+    return None
+
+
+def _discard(work: Path):
+    """Remove a partial directory: renamed aside first (atomically), so that a kill while
+    it is being deleted never leaves a half-deleted one under the name a resume reads."""
+    trash = work.with_name(f"{work.name}.{os.getpid()}.done")
+    try:
+        os.rename(work, trash)
+    except OSError:
+        trash = work
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _sweep(work: Path):
+    """Remove what a kill left beside ``work``: a partial directory being created
+    (``.<pid>.new``) or being deleted (``.<pid>.done``), if it is ours and not in use."""
+    pattern = re.compile(re.escape(work.name) + r"\.\d+\.(new|done)")
+    for aside in work.parent.glob(f"{glob.escape(work.name)}.*"):
+        if not pattern.fullmatch(aside.name) or _foreign(aside):
+            continue
+        try:
+            os.close(_lock(aside))
+        except (InputError, OSError):
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwrite):
     """Lock (and create or reopen) the partial directory: ``(manifest, created, lock)``,
     or ``(None, False, None)`` when ``out`` is the finished store of the run that left
     the partial directory (which is then removed).
 
     The lock is taken before anything in the directory is judged or removed, so a run
-    that is still going is never mistaken for an interrupted one, nor deleted.
+    that is still going is never mistaken for an interrupted one, nor deleted; and a
+    directory that is not a partial directory of ours is neither used nor deleted.
     """
-    for staging in out.parent.glob(f"{work.name}.*.new"):  # a kill during creation
-        try:
-            os.close(_lock(staging))
-        except InputError:
-            continue
-        shutil.rmtree(staging, ignore_errors=True)
-    if work.exists():
+    if lexists(work):
+        foreign = _foreign(work)
+        if foreign:
+            raise InputError(
+                f"{work}: is where this run would keep its work, but {foreign}; move it "
+                "away, or choose another --out"
+            )
         lock = _lock(work)
         try:
             if not resume:
@@ -617,13 +669,16 @@ def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwr
                         f"{work}: an interrupted run left this; add --resume to continue it "
                         "or --overwrite to start over"
                     )
-                shutil.rmtree(work)
+                _discard(work)
             else:
                 manifest = st.read_manifest(work)
                 if lexists(out) and _finished_by(out, manifest):
-                    shutil.rmtree(work, ignore_errors=True)
+                    _discard(work)
                     return None, False, None
                 differences = _differences(manifest["config"], config)
+                covered = manifest["batches"][-1][1] if manifest["batches"] else 0
+                if not differences and covered != source.n_inputs:
+                    differences = f"batches of {covered} inputs (the input has {source.n_inputs})"
                 if differences:
                     raise InputError(
                         f"{work}: was started with {differences}; rerun with the same "
@@ -636,25 +691,20 @@ def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwr
                         f"{started}to write {out.name}) would replace it; continue it with "
                         "--resume --overwrite"
                     )
-                _remove_stale(work, out)
+                _remove_stale(work)
                 return manifest, False, lock
         except BaseException:
             os.close(lock)
             raise
         os.close(lock)
-    _remove_stale(work, out)
     manifest, lock = _new_work(work, config, source, batch_size, overwrite)
     return manifest, True, lock
 
 
-def _remove_stale(work: Path, out: Path):
-    """Temporary files a kill left: half-renamed journal entries and, from qkvmean
-    versions before the journal, stores assembled next to ``out`` (the caller holds the
-    lock; store files inside ``work`` are not stale: resume copies from them)."""
-    stale = [*out.parent.glob(f"{out.name}.*.tmp")]
-    if work.exists():
-        stale += work.glob("*.tmp")
-    for path in stale:
+def _remove_stale(work: Path):
+    """Half-renamed journal entries and manifests a kill left (the caller holds the lock;
+    store files inside ``work`` are not stale: resume copies from them)."""
+    for path in work.glob("*.tmp"):
         path.unlink(missing_ok=True)
 
 
@@ -766,7 +816,8 @@ def run(
     layout = _layout(source, options)
     _check_sizes(source, layout, out, batch_size)
     work = partial_dir(out)
-    if lexists(out) and not overwrite and not work.exists():
+    _sweep(work)
+    if lexists(out) and not overwrite and not lexists(work):
         if not resume:
             raise InputError(f"{out}: exists; pass --overwrite to replace it")
         with st.open_store(out) as existing:
@@ -814,7 +865,7 @@ def run(
             assembly = None
         except InputError:
             if created:  # the input is bad: there is nothing worth resuming
-                shutil.rmtree(work, ignore_errors=True)
+                _discard(work)
             raise
         except ReadFailed as exc:
             raise RunFailed(
@@ -831,7 +882,7 @@ def run(
                 bar.close()
             if assembly is not None:
                 assembly.abort()
-        shutil.rmtree(work, ignore_errors=True)
+        _discard(work)
     finally:
         os.close(lock)
     return Summary(

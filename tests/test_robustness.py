@@ -491,19 +491,22 @@ def test_a_killed_overwrite_run_resumes_with_the_same_command(
 def test_a_kill_after_the_final_rename_is_complete_on_resume(
     tmp_path, qkv_input, monkeypatch, capsys
 ):
-    """Killed after the store was put in place, before its partial directory was removed:
-    the resume (with or without --overwrite) recognises the finished store."""
+    """Killed after the store was put in place, before its partial directory was removed
+    (or while it was being removed): the resume, with or without --overwrite, recognises
+    the finished store, and what the kill left is cleared away."""
     out = tmp_path / "o.h5"
     argv = ["run", "--qkv", str(qkv_input), "--out", str(out), "--batch-size", "4"]
     original = shutil.rmtree
 
-    def killed(path, *args, **kwargs):  # the store is in place; the partial dir stays
-        if str(path).endswith(".partial"):
-            raise KeyboardInterrupt
-        return original(path, *args, **kwargs)
+    def killed(work):  # the store is in place; the partial directory stays
+        raise KeyboardInterrupt
+
+    def killed_midway(path, *args, **kwargs):  # deleting it: the manifest went first
+        (path / "manifest.json").unlink()
+        raise KeyboardInterrupt
 
     for extra in ([], ["--overwrite"]):
-        monkeypatch.setattr(pipeline.shutil, "rmtree", killed)
+        monkeypatch.setattr(pipeline, "_discard", killed)
         assert main([*argv, "-q", *extra]) == 130
         monkeypatch.undo()
         assert out.exists() and pipeline.partial_dir(out).exists()
@@ -511,6 +514,46 @@ def test_a_kill_after_the_final_rename_is_complete_on_resume(
         assert main([*argv, "--resume", *extra]) == 0
         assert "already complete" in capsys.readouterr().out
         assert not pipeline.partial_dir(out).exists()
+    monkeypatch.setattr(pipeline.shutil, "rmtree", killed_midway)
+    assert main([*argv, "-q", "--overwrite"]) == 130
+    monkeypatch.setattr(pipeline.shutil, "rmtree", original)
+    assert not pipeline.partial_dir(out).exists() and leftovers(tmp_path, "o.h5")
+    assert main([*argv, "--resume"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert not leftovers(tmp_path, "o.h5")
+
+
+def test_files_beside_the_output_that_are_not_ours_are_left_alone(tmp_path, qkv_input, capsys):
+    """Names like the run's own (temporary files, a partial directory, one being created
+    or deleted) that hold a user's files: never deleted, never used."""
+    out = tmp_path / "s.h5"
+    mine = tmp_path / "s.h5.in.tmp"
+    shutil.copy(qkv_input, mine)
+    assert main(["run", "--qkv", str(mine), "--out", str(out), "-q"]) == 0
+    assert mine.exists()
+    (tmp_path / "s.h5.partial.1.new").write_text("a note")  # a file, not a directory
+    (tmp_path / "s.h5.partial.2.done").mkdir()
+    (tmp_path / "s.h5.partial.2.done" / "thesis.tex").write_text("precious")
+    assert main(["run", "--qkv", str(qkv_input), "--out", str(tmp_path / "t.h5"), "-q"]) == 0
+    work = tmp_path / "s.h5.partial"
+    work.mkdir()
+    shutil.copy(qkv_input, work / "in.h5")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        argv = ["run", "--qkv", qkv_input, "--out", out, *extra]
+        expect(
+            capsys,
+            2,
+            argv,
+            r"s.h5.partial: is where this run would keep its work, but it holds in.h5",
+        )
+    argv = ["run", "--qkv", work / "in.h5", "--out", out, "--overwrite"]
+    expect(capsys, 2, argv, r"lies in .*s.h5.partial/, where the run writing")
+    assert (work / "in.h5").exists() and (tmp_path / "s.h5.partial.1.new").read_text() == "a note"
+    assert (tmp_path / "s.h5.partial.2.done" / "thesis.tex").exists()
+    shutil.rmtree(work)
+    work.write_text("a file")
+    argv = ["run", "--qkv", qkv_input, "--out", out, "--overwrite"]
+    expect(capsys, 2, argv, r"s.h5.partial: is where .* but it is not a directory")
 
 
 # ------------------------------------------------------------ 14. a full file system

@@ -9,6 +9,7 @@ output directory that takes new files (:func:`check_output_dir`).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -131,6 +132,19 @@ def refuse_inputs(out, inputs, flag: str = "--out"):
             raise InputError(
                 f"{flag} {out}: is an input of this command{which}; write the output elsewhere"
             )
+
+
+def load_json(text):
+    """``json.loads``, with every way it can fail a ``ValueError``: nesting too deep for
+    Python's recursion limit, integers too long to convert, bytes that are not UTF-8."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise ValueError(getattr(exc, "msg", None) or str(exc)) from None
 
 
 def check_output_dir(path: Path):

