@@ -7,6 +7,7 @@ options, unreadable or invalid files): one line on stderr, no traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors on one line (the usage itself is one --help away)."""
 
     def error(self, message):
+        message = _one_line(message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -359,6 +361,8 @@ def make_source(args, options):
                 raise UsageError(f"{flag} applies to --model runs, not to --qkv")
         return pipeline.QKVSource(args.qkv, options)
     model = args.model
+    if model is not None and not model.strip():
+        raise UsageError("--model is empty; give a model directory, 'minilm' or 'synthetic'")
     if model is None:
         model = "minilm" if minilm_available() else "synthetic"
         label = (
@@ -376,7 +380,7 @@ def make_source(args, options):
         model,
         texts,
         options,
-        ablate_layers=args.ablate_layers or [0],
+        ablate_layers=[0] if args.ablate_layers is None else args.ablate_layers,
         max_tokens=args.max_tokens,
         texts_label=label,
     )
@@ -493,13 +497,21 @@ def cmd_figure(args) -> int:
     from . import pipeline, render
     from .io import lexists, refuse_inputs
     from .io.models import minilm_available
+    from .io.store import partial_dir
     from .io.texts import BUILTIN_SENTENCES
 
     image = render.check_output(args.out, args.overwrite)
     store = image.with_suffix(".h5")
     if lexists(store) and not args.overwrite:
         raise UsageError(f"{store}: exists (the figure's store); pass --overwrite to replace it")
+    if args.model is not None and not args.model.strip():
+        raise UsageError("--model is empty; give a model directory, 'minilm' or 'synthetic'")
     model = args.model or ("minilm" if minilm_available() else "synthetic")
+    if lexists(partial_dir(store)) and not args.overwrite:
+        raise UsageError(
+            f"{partial_dir(store)}: an interrupted qkvmean figure left this; run the same "
+            "command with --overwrite to start again"
+        )
     options = pipeline.Options()
     source = pipeline.ModelSource(model, BUILTIN_SENTENCES, options)
     refuse_inputs(image, source.paths, flag="--out")
@@ -533,6 +545,17 @@ def cmd_figure(args) -> int:
     return 0
 
 
+def _jsonable(value):
+    """``value`` with every float JSON cannot hold (NaN, infinity) as its name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def cmd_inspect(args) -> int:
     import json
 
@@ -547,10 +570,15 @@ def cmd_inspect(args) -> int:
         with open_store(path) as store:
             info = store.summary()
     if args.json:
-        print(json.dumps(info, indent=1, sort_keys=True, default=str))
+        print(json.dumps(_jsonable(info), indent=1, sort_keys=True, default=str))
     else:
         print("\n".join(_describe(info)))
     return 0
+
+
+def _one_line(exc) -> str:
+    """The message on one line, whatever the file names in it hold."""
+    return str(exc).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, InputError) as exc:
-        print(f"qkvmean {args.command}: error: {exc}", file=sys.stderr)
+        print(f"qkvmean {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader (| head) went away: nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -575,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qkvmean {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (RunFailed, OSError) as exc:
-        print(f"qkvmean {args.command}: failed: {exc}", file=sys.stderr)
+        print(f"qkvmean {args.command}: failed: {_one_line(exc)}", file=sys.stderr)
         return 1
 
 

@@ -93,7 +93,7 @@ class QKVSource:
     def __init__(self, spec, options: Options):
         self.input = QKVInput(spec)
         inp = self.input
-        self.paths = [inp.path]
+        self.paths = list(dict.fromkeys(inp.files))  # the file, and any it links to
         self.n_inputs, self.n_layers = inp.n_inputs, inp.n_layers
         self.n_heads, self.seq = inp.n_heads, inp.seq
         self.layer_ids = list(range(self.n_layers))
@@ -406,6 +406,12 @@ def _check_output(out: Path, inputs=(), overwrite=False):
     check_output_dir(out)
     if out.is_dir():
         raise InputError(f"{out}: is a directory; give a file name for the store")
+    longest = _name_max(out.parent) - len(".partial.4194304.done")
+    if len(os.fsencode(out.name)) > longest:
+        raise InputError(
+            f"--out: the file name is too long ({len(os.fsencode(out.name))} bytes; with the "
+            f"names of its work files beside it, this file system allows {longest})"
+        )
     if out.is_symlink() and not out.exists() and not overwrite:
         raise InputError(
             f"{out}: is a symbolic link that leads nowhere ({os.readlink(out)}); remove it, "
@@ -414,6 +420,14 @@ def _check_output(out: Path, inputs=(), overwrite=False):
 
 
 partial_dir = st.partial_dir
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory if str(directory) else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
 
 #: Where the inputs are (they may have moved; their identities are compared instead),
 #: and the machine that computed them (a resumed run may be on another).
@@ -538,7 +552,7 @@ def _check_sizes(source, layout: st.Layout, out: Path, batch_size):
     layout.check()
     per_input = source.bytes_per_input() * len(layout.conditions)
     # one batch computing, one being written, one being read: about three in memory
-    batch = batch_size or 1
+    batch = min(batch_size or 1, source.n_inputs)
     try:
         check_memory(
             3 * batch * per_input,

@@ -650,3 +650,188 @@ def test_zlib_levels_write_the_same_chunk_bytes_and_the_machine_is_recorded(tmp_
         f.attrs["config"] = json.dumps(config)
     assert main([*argv, "--out", str(tmp_path / "a.h5"), "--resume"]) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+# ------------------------------------------------------ more of the same kinds (campaign 2)
+
+
+def test_outputs_never_replace_files_an_input_links_to(tmp_path, capsys):
+    """The files behind external links and virtual datasets are inputs too; a virtual
+    dataset whose source is missing is refused, not read as zeros."""
+    q = np.ones((2, 1, 3, 2), np.float32)
+    src = tmp_path / "src.h5"
+    with h5py.File(src, "w") as f:
+        f["q"], f["k"], f["v"] = q, q, q
+    with h5py.File(tmp_path / "ext.h5", "w") as f:
+        for name in "qkv":
+            f[name] = h5py.ExternalLink("src.h5", f"/{name}")
+    with h5py.File(tmp_path / "vds.h5", "w") as f:
+        for name in "qkv":
+            layout = h5py.VirtualLayout(shape=q.shape, dtype="f4")
+            layout[:] = h5py.VirtualSource("src.h5", name, shape=q.shape)
+            f.create_virtual_dataset(name, layout)
+    before = src.read_bytes()
+    for spec in ("ext.h5", "vds.h5"):
+        argv = ["run", "--qkv", tmp_path / spec, "--out", src, "--overwrite", "-q"]
+        expect(capsys, 2, argv, r"src.h5: is an input of this command")
+    assert src.read_bytes() == before
+    src.rename(tmp_path / "away.h5")
+    argv = ["run", "--qkv", tmp_path / "vds.h5", "--out", tmp_path / "o.h5"]
+    expect(capsys, 2, argv, r"vds.h5:/q: is a virtual dataset whose source file src.h5 does not")
+    with h5py.File(tmp_path / "typed.h5", "w") as f:
+        f["k"], f["v"] = q, q
+        f["q"] = np.dtype("f4")  # a named datatype, not a dataset
+    argv = ["run", "--qkv", tmp_path / "typed.h5", "--out", tmp_path / "o.h5"]
+    expect(capsys, 2, argv, r"typed.h5:/q: is a named datatype, not a dataset")
+
+
+def test_stores_with_attributes_and_text_of_the_wrong_kind(tmp_path, good_store, capsys):
+    cases = {
+        "format as an array": (
+            _attr("format", np.array(["qkvmean-store", "x"], dtype=object)),
+            r"not a qkvmean store",
+        ),
+        "causal a word": (
+            _attr("causal", "perhaps"),
+            r"its causal attribute 'perhaps' is not a boolean",
+        ),
+        "config deeply nested": (
+            _attr("config", "[" * 100000 + "]" * 100000),
+            r"config attribute is not JSON",
+        ),
+        "condition names not UTF-8": (
+            _replace(
+                "metrics/condition",
+                np.array(
+                    [b"baseline", b"mean_\xff", b"mean_k", b"mean_v"], dtype=h5py.string_dtype()
+                ),
+            ),
+            r"/metrics/condition holds text that is not UTF-8",
+        ),
+    }
+    for edit, rx in cases.values():
+        path = tmp_path / "s.h5"
+        shutil.copy(good_store, path)
+        with h5py.File(path, "r+") as f:
+            edit(f)
+        for argv in (["inspect", "--json", path], ["render", path, "-o", tmp_path / "f.png"]):
+            expect(capsys, 2, argv, rx)
+    shutil.copy(good_store, path)
+    with h5py.File(path, "r+") as f:  # odd values that are still a store: valid JSON out
+        f.attrs["created_utc"] = np.nan
+        f.attrs["causal"] = "false"
+    assert main(["inspect", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["created_utc"] == "nan" and info["causal"] is False
+
+
+def test_store_api_indices_must_be_ints(good_store):
+    from qkvmean import render
+
+    with qkvmean.open_store(good_store) as s:
+        for bad in (1.5, True):
+            with pytest.raises(TypeError, match="layer index must be an int"):
+                s.map("baseline", 0, layer=bad)
+            with pytest.raises(TypeError, match="must be an int"):
+                render.draw(s, head=bad)
+        with pytest.raises(
+            ValueError, match=r"inputs slice\(None, None, None\).*out of range|Index"
+        ):
+            s.maps("baseline", 100)
+        with pytest.raises(TypeError, match="inputs must be a sequence of ints"):
+            render.draw(s, inputs=3)
+
+
+def test_odd_options_and_names(tmp_path, qkv_input, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("the quick brown fox\n")
+    base = ["run", "--model", "synthetic", "--text", texts, "--out", tmp_path / "o.h5"]
+    expect(capsys, 2, [*base, "--ablate-layers", ","], r"--ablate-layers is empty")
+    expect(
+        capsys,
+        2,
+        ["run", "--model", "", "--text", texts, "--out", tmp_path / "o.h5"],
+        r"--model is empty",
+    )
+    expect(capsys, 2, ["figure", "--model", " ", "-o", tmp_path / "f.png"], r"--model is empty")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": ' + "[" * 100000 + "]" * 100000 + "}\n")
+    expect(
+        capsys,
+        2,
+        ["run", "--model", "synthetic", "--text", deep, "--out", tmp_path / "o.h5"],
+        r"deep.jsonl:1: not valid JSON \(nested too deeply\)",
+    )
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"text": "a", "n": ' + "9" * 5000 + "}\n")
+    expect(
+        capsys,
+        2,
+        ["run", "--model", "synthetic", "--text", big, "--out", tmp_path / "o.h5"],
+        r"big.jsonl:1: not valid JSON",
+    )
+    odd = tmp_path / "two\nlines.h5"
+    expect(
+        capsys,
+        2,
+        ["run", "--qkv", odd, "--out", tmp_path / "o.h5"],
+        r"two\\nlines.h5: no such file",
+    )
+    expect(
+        capsys,
+        2,
+        ["run", "--qkv", qkv_input, "--out", tmp_path / ("a" * 250 + ".h5")],
+        r"the file name is too long",
+    )
+    assert (
+        main(
+            [
+                "run",
+                "--qkv",
+                str(qkv_input),
+                "--out",
+                str(tmp_path / "b.h5"),
+                "--batch-size",
+                str(10**12),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    argv = [
+        "render",
+        tmp_path / "b.h5",
+        "-o",
+        tmp_path / "f.png",
+        "--title",
+        "$" + "{" * 5000 + "x" + "}" * 5000 + "$",
+    ]
+    expect(capsys, 2, argv, r"--title .* is not valid mathtext")
+    assert not leftovers(tmp_path, "o.h5")
+
+
+def test_a_killed_render_leaves_no_temporary_file_behind(tmp_path, good_store, capsys):
+    dead = tmp_path / ".f.png.999999999.tmp.png"  # a writer that no longer runs
+    dead.write_bytes(b"half a png")
+    alive = tmp_path / f".f.png.{os.getpid()}1.tmp.png"
+    alive.write_bytes(b"")
+    mine = tmp_path / ".f.png.notes.tmp.png"
+    mine.write_bytes(b"the user's")
+    assert main(["render", str(good_store), "-o", str(tmp_path / "f.png"), "-q"]) == 0
+    assert not dead.exists() and mine.exists() and (tmp_path / "f.png").exists()
+
+
+def test_an_interrupted_figure_says_what_to_do(tmp_path, monkeypatch, capsys):
+    fail_at(monkeypatch, 0)
+    out = tmp_path / "f.png"
+    assert main(["figure", "--model", "synthetic", "-o", str(out), "-q"]) == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    expect(
+        capsys,
+        2,
+        ["figure", "--model", "synthetic", "-o", out],
+        r"interrupted qkvmean figure left this; run the same command with --overwrite",
+    )
+    assert main(["figure", "--model", "synthetic", "-o", str(out), "-q", "--overwrite"]) == 0
+    assert out.exists() and not leftovers(tmp_path, "f.h5")

@@ -147,6 +147,25 @@ def load_json(text):
         raise ValueError(getattr(exc, "msg", None) or str(exc)) from None
 
 
+def parse_causal(value, where):
+    """The ``causal`` attribute: a bool, 0/1, or a string such as "true"/"no"."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "1", "on"):
+            return True
+        if word in ("false", "no", "0", "off", ""):
+            return False
+    else:
+        import numpy as np
+
+        arr = np.asarray(value)
+        if arr.size == 1 and arr.dtype.kind in "biu" and arr.item() in (0, 1):
+            return bool(arr.item())
+    raise InputError(f"{where}: attribute causal = {value!r} is not a boolean (use true/false)")
+
+
 def check_output_dir(path: Path):
     """``path``'s directory exists and takes new files, or an :class:`InputError`.
 

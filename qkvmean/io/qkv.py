@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from ..engine import cpu
-from . import InputError, ReadFailed, hdf5_reason, open_hdf5
+from . import InputError, ReadFailed, hdf5_reason, open_hdf5, parse_causal
 
 _FLOATS = ("float16", "float32", "float64")
 
@@ -107,6 +107,35 @@ class _DirectReader:
         return out
 
 
+def _kind(obj) -> str:
+    if isinstance(obj, h5py.Group):
+        return "a group"
+    if isinstance(obj, h5py.Datatype):
+        return "a named datatype"
+    return "a dataset" if isinstance(obj, h5py.Dataset) else f"a {type(obj).__name__}"
+
+
+def _files(dset: h5py.Dataset, where: str) -> list:
+    """The files ``dset``'s values come from: its own (the target of an external link),
+    and for a virtual dataset each source file, which must exist (HDF5 would read a
+    missing one as the fill value)."""
+    own = Path(dset.file.filename)
+    files = [own]
+    if dset.is_virtual:
+        for source in dset.virtual_sources():
+            if source.file_name == ".":
+                continue
+            name = Path(source.file_name)
+            found = [p for p in (own.parent / name, name) if p.exists()]
+            if not found:
+                raise InputError(
+                    f"{where}: is a virtual dataset whose source file {source.file_name} "
+                    "does not exist (HDF5 would read its part as the fill value)"
+                )
+            files.append(found[0])
+    return files
+
+
 def _check_written(dset: h5py.Dataset, where: str):
     """Every value of ``dset`` was written: HDF5 reads chunks that never were as the fill
     value (zeros), which would be computed as if they were inputs."""
@@ -141,23 +170,6 @@ def split_spec(spec: str):
     if sep and path and not Path(spec).exists():
         return Path(path), "/" + group.lstrip("/")
     return Path(spec), "/"
-
-
-def parse_causal(value, where):
-    """The ``causal`` attribute: a bool, 0/1, or a string such as "true"/"no"."""
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in ("true", "yes", "1", "on"):
-            return True
-        if word in ("false", "no", "0", "off", ""):
-            return False
-    else:
-        arr = np.asarray(value)
-        if arr.size == 1 and arr.dtype.kind in "biu" and arr.item() in (0, 1):
-            return bool(arr.item())
-    raise InputError(f"{where}: attribute causal = {value!r} is not a boolean (use true/false)")
 
 
 class QKVInput:
@@ -223,7 +235,7 @@ class QKVInput:
             listed = listed if groups else " (it has no groups)"
             raise InputError(f"{self.path}: no group {self.group_name!r} in the file{listed}")
         if not isinstance(group, h5py.Group):
-            raise InputError(f"{self.where()}: is a dataset, not a group")
+            raise InputError(f"{self.where()}: is {_kind(group)}, not a group")
         self.group = group
         dsets = {}
         for name in ("q", "k", "v"):
@@ -234,7 +246,7 @@ class QKVInput:
                     "(batch, [layer,] head, seq, dim))"
                 )
             if not isinstance(d, h5py.Dataset):
-                raise InputError(f"{self.where(name)}: is a group, not a dataset")
+                raise InputError(f"{self.where(name)}: is {_kind(d)}, not a dataset")
             if d.dtype.kind != "f" or d.dtype.name not in _FLOATS:
                 raise InputError(
                     f"{self.where(name)}: dtype {d.dtype} is not float16, float32 or float64"
@@ -266,8 +278,10 @@ class QKVInput:
             raise InputError(f"{self.where('q')}: has no heads (head axis is 0)")
         if q.ndim == 5 and q.shape[1] == 0:
             raise InputError(f"{self.where('q')}: has no layers (layer axis is 0)")
+        self.files = [self.path]
         for name, d in dsets.items():
             _check_written(d, self.where(name))
+            self.files += _files(d, self.where(name))
         self.q, self.k, self.v = q, k, v
         self.rank = q.ndim
         self.n_inputs = q.shape[0]
@@ -283,13 +297,15 @@ class QKVInput:
         if d is None:
             return np.full(self.n_inputs, self.seq, dtype=np.int64)
         if not isinstance(d, h5py.Dataset) or d.dtype.kind not in "iu":
-            raise InputError(f"{self.where('lengths')}: must be an integer dataset")
+            what = "" if isinstance(d, h5py.Dataset) else f" (it is {_kind(d)})"
+            raise InputError(f"{self.where('lengths')}: must be an integer dataset{what}")
         if d.shape != (self.n_inputs,):
             raise InputError(
                 f"{self.where('lengths')}: shape {d.shape}, expected ({self.n_inputs},) "
                 "(one count per input)"
             )
         _check_written(d, self.where("lengths"))
+        self.files += _files(d, self.where("lengths"))
         lengths = d[...].astype(np.int64)
         bad = np.flatnonzero((lengths < 0) | (lengths > self.seq))
         if bad.size:

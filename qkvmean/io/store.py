@@ -32,7 +32,15 @@ import numpy as np
 from numba import njit
 
 from ..resources import format_bytes
-from . import InputError, ReadFailed, hdf5_reason, lexists, load_json, open_hdf5
+from . import (
+    InputError,
+    ReadFailed,
+    hdf5_reason,
+    lexists,
+    load_json,
+    open_hdf5,
+    parse_causal,
+)
 
 FORMAT = "qkvmean-store"
 FORMAT_VERSION = 1
@@ -771,6 +779,13 @@ class Store:
             self._f.close()
             raise
 
+    def _text(self, values, where) -> list:
+        """Strings of a UTF-8 string dataset; text that is not UTF-8 is damage."""
+        try:
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+        except UnicodeDecodeError:
+            raise self._damaged(f"{where} holds text that is not UTF-8") from None
+
     def _damaged(self, what: str) -> InputError:
         return InputError(
             f"{self.path}: {what}; the store is damaged or was not written by qkvmean"
@@ -799,6 +814,12 @@ class Store:
         self._check_format()
         self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
         try:
+            self.causal = parse_causal(self.attrs.get("causal", False), str(self.path))
+        except InputError:
+            raise self._damaged(
+                f"its causal attribute {self.attrs.get('causal')!r} is not a boolean"
+            ) from None
+        try:
             self.config = load_json(self.attrs.get("config", "{}"))
         except (TypeError, ValueError):
             raise self._damaged("its config attribute is not JSON") from None
@@ -807,7 +828,7 @@ class Store:
         if not isinstance(f.get("metrics"), h5py.Group):
             raise self._damaged("no /metrics group")
         names = self._dataset("metrics/condition", kind="OSU", ndim=1)[...]
-        self.conditions = [s.decode() if isinstance(s, bytes) else str(s) for s in names]
+        self.conditions = self._text(names, "/metrics/condition")
         unknown = [c for c in self.conditions if c not in CONDITION_ORDER]
         if unknown:
             raise self._damaged(
@@ -867,8 +888,11 @@ class Store:
                 self._dataset(f"attention/{cond}", kind="f", ndim=5, shape=full)
 
     def _check_format(self):
-        fmt = self._f.attrs.get("format")
-        if fmt != FORMAT:
+        try:
+            fmt = _plain(self._f.attrs.get("format"))
+        except (OSError, TypeError, ValueError):  # an attribute h5py cannot read
+            fmt = None
+        if not isinstance(fmt, str) or fmt != FORMAT:
             raise InputError(f"{self.path}: not a qkvmean store (no format = {FORMAT!r} attribute)")
         version = _plain(self._f.attrs.get("format_version"))
         if isinstance(version, list) and len(version) == 1:
@@ -909,7 +933,7 @@ class Store:
         """The input texts (model stores), else None."""
         if "input/text" not in self._f:
             return None
-        return [s.decode() if isinstance(s, bytes) else s for s in self._f["input/text"][...]]
+        return self._text(self._f["input/text"][...], "/input/text")
 
     @property
     def has_tokens(self) -> bool:
@@ -921,7 +945,7 @@ class Store:
         if not self.has_tokens:
             return None
         row = self._f["input/tokens"][index, : self.lengths[index]]
-        return [s.decode() if isinstance(s, bytes) else s for s in row]
+        return self._text(row, f"/input/tokens of input {index}")
 
     def input_digests(self):
         """``/input/crc32``: the CRC-32 of each input's q, k and v as read (raw Q/K/V
@@ -943,6 +967,8 @@ class Store:
         return self._in_range(layer, self.n_layers, "layer")
 
     def _in_range(self, value, count, noun) -> int:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{noun} index must be an int, got {value!r}")
         if not -count <= value < count:
             raise InputError(
                 f"{self.path.name} has {count} {noun}s (0..{count - 1}); there is no {noun} {value}"
@@ -997,6 +1023,8 @@ class Store:
     def _read(self, dset, index, where):
         try:
             return dset[index]
+        except IndexError as exc:
+            raise InputError(f"{self.path.name}: {where}: {exc}") from None
         except (OSError, RuntimeError) as exc:
             raise InputError(
                 f"{self.path}: cannot read the maps of {where} ({hdf5_reason(str(exc))}); "
@@ -1054,7 +1082,7 @@ class Store:
             },
             "conditions": self.conditions,
             "over": self.attrs.get("over"),
-            "causal": bool(self.attrs.get("causal")),
+            "causal": self.causal,
             "ablate_layers": self.attrs.get("ablate_layers"),
             "ablate_heads": self.attrs.get("ablate_heads"),
             "scale": cfg.get("scale"),

@@ -6,8 +6,10 @@ Uses matplotlib's object API (no pyplot, no GUI backend).
 
 from __future__ import annotations
 
+import glob
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +93,10 @@ def _columns(store: Store, baseline: bool, diff: bool):
 def _inputs(store: Store, inputs):
     if inputs is None:
         return list(range(min(3, store.n_inputs)))
-    inputs = list(inputs)
+    try:
+        inputs = list(inputs)
+    except TypeError:
+        raise TypeError(f"inputs must be a sequence of ints, got {inputs!r}") from None
     if not inputs:
         raise InputError("--inputs is empty; give input numbers (counting from 0)")
     for i in inputs:
@@ -100,8 +105,10 @@ def _inputs(store: Store, inputs):
 
 
 def _check_head(store: Store, head):
-    if head == "mean":
+    if isinstance(head, str) and head == "mean":
         return head
+    if isinstance(head, (bool, np.bool_)) or not isinstance(head, (int, np.integer)):
+        raise TypeError(f"head must be an int or 'mean', got {head!r}")
     if not -store.n_heads <= head < store.n_heads:
         raise InputError(
             f"{store.path.name} has {store.n_heads} heads "
@@ -270,14 +277,33 @@ def check_title(title: str) -> str:
     if cbook.is_math_text(title):
         try:
             MathTextParser("path").parse(title, dpi=72)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             reason = str(exc).strip().splitlines()[-1].split("Exception: ", 1)[-1]
             reason = reason if len(reason) <= 90 else reason[:87] + "..."
+            if isinstance(exc, RecursionError):
+                reason = "nested too deeply"
             raise InputError(
                 f"--title {title!r} is not valid mathtext ({reason}); fix the $...$ part, "
                 "or write \\$ for a dollar sign"
             ) from None
     return title
+
+
+def _sweep_temporaries(path: Path):
+    """Remove the temporary files of earlier saves of ``path`` whose process is gone (a
+    kill while it wrote): ``.NAME.<pid>.tmp.EXT``, and only those."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)" + re.escape(f".tmp{path.suffix}"))
+    parent = path.parent if str(path.parent) else Path(".")
+    for tmp in parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        match = pattern.fullmatch(tmp.name)
+        if not match or not tmp.is_file() or tmp.is_symlink():
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:  # its writer is dead
+            tmp.unlink(missing_ok=True)
+        except (OSError, OverflowError, ValueError):
+            continue
 
 
 def save(fig: Figure, path, *, dpi=150):
@@ -289,6 +315,7 @@ def save(fig: Figure, path, *, dpi=150):
             f"{path}: {width * dpi:.0f} x {height * dpi:.0f} pixels is too large an image; "
             "lower --dpi, draw fewer inputs, or write .pdf/.svg"
         )
+    _sweep_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
         fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower())
