@@ -659,6 +659,22 @@ def _sweep(work: Path):
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def _drop_broken(work: Path):
+    """Remove a partial directory of ours whose manifest is gone or unreadable, beside a
+    store that exists: what is left of a run that finished (a kill while an older qkvmean
+    deleted it, or damage) — with no manifest, none of its batches could be used."""
+    if _foreign(work):
+        return
+    lock = _lock(work)
+    try:
+        try:
+            st.read_manifest(work)
+        except InputError:
+            _discard(work)
+    finally:
+        os.close(lock)
+
+
 def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwrite):
     """Lock (and create or reopen) the partial directory: ``(manifest, created, lock)``,
     or ``(None, False, None)`` when ``out`` is the finished store of the run that left
@@ -831,6 +847,8 @@ def run(
     _check_sizes(source, layout, out, batch_size)
     work = partial_dir(out)
     _sweep(work)
+    if resume and lexists(out) and lexists(work):
+        _drop_broken(work)
     if lexists(out) and not overwrite and not lexists(work):
         if not resume:
             raise InputError(f"{out}: exists; pass --overwrite to replace it")

@@ -835,3 +835,17 @@ def test_an_interrupted_figure_says_what_to_do(tmp_path, monkeypatch, capsys):
     )
     assert main(["figure", "--model", "synthetic", "-o", str(out), "-q", "--overwrite"]) == 0
     assert out.exists() and not leftovers(tmp_path, "f.h5")
+
+
+def test_a_manifest_less_partial_directory_beside_a_complete_store(tmp_path, qkv_input, capsys):
+    out = tmp_path / "o.h5"
+    argv = ["run", "--qkv", str(qkv_input), "--out", str(out), "-q"]
+    assert main(argv) == 0
+    work = pipeline.partial_dir(out)
+    work.mkdir()
+    (work / "batch-0000000000-0000000004.npz").write_bytes(b"left by a kill")
+    assert main([*argv, "--resume"]) == 0  # the store is complete: what is left goes
+    assert not work.exists() and not leftovers(tmp_path, "o.h5")
+    work.mkdir()
+    (work / "lock").write_bytes(b"")
+    expect(capsys, 2, argv, r"o.h5: exists; pass --overwrite|an interrupted run left this")
