@@ -645,12 +645,16 @@ def _discard(work: Path):
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _sweep(work: Path):
+def _sweep(work: Path, inputs=()):
     """Remove what a kill left beside ``work``: a partial directory being created
-    (``.<pid>.new``) or being deleted (``.<pid>.done``), if it is ours and not in use."""
+    (``.<pid>.new``) or being deleted (``.<pid>.done``), if it is ours, not in use, and
+    holds none of ``inputs``."""
     pattern = re.compile(re.escape(work.name) + r"\.\d+\.(new|done)")
+    held = [Path(p).resolve() for p in inputs]
     for aside in work.parent.glob(f"{glob.escape(work.name)}.*"):
         if not pattern.fullmatch(aside.name) or _foreign(aside):
+            continue
+        if any(aside.resolve() in p.parents for p in held):
             continue
         try:
             os.close(_lock(aside))
@@ -846,7 +850,7 @@ def run(
     layout = _layout(source, options)
     _check_sizes(source, layout, out, batch_size)
     work = partial_dir(out)
-    _sweep(work)
+    _sweep(work, source.paths)
     if resume and lexists(out) and lexists(work):
         _drop_broken(work)
     if lexists(out) and not overwrite and not lexists(work):

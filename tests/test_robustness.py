@@ -550,6 +550,15 @@ def test_files_beside_the_output_that_are_not_ours_are_left_alone(tmp_path, qkv_
     expect(capsys, 2, argv, r"lies in .*s.h5.partial/, where the run writing")
     assert (work / "in.h5").exists() and (tmp_path / "s.h5.partial.1.new").read_text() == "a note"
     assert (tmp_path / "s.h5.partial.2.done" / "thesis.tex").exists()
+    aside = tmp_path / "s.h5.partial.3.done"  # named like ours, holding this run's input
+    aside.mkdir()
+    shutil.copy(qkv_input, aside / "store-1-1.h5")
+    argv = ["run", "--qkv", str(aside / "store-1-1.h5"), "--out", str(tmp_path / "u.h5")]
+    assert main([*argv, "-q"]) == 0  # (u.h5's own names do not match s.h5's)
+    out_argv = ["run", "--qkv", str(aside / "store-1-1.h5"), "--out", str(out), "--resume", "-q"]
+    main(out_argv)  # refused (s.h5.partial holds in.h5); nothing beside it is swept
+    capsys.readouterr()
+    assert (aside / "store-1-1.h5").exists()
     shutil.rmtree(work)
     work.write_text("a file")
     argv = ["run", "--qkv", qkv_input, "--out", out, "--overwrite"]
