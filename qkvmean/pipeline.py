@@ -625,24 +625,41 @@ _OURS = re.compile(
 
 
 def _foreign(directory: Path) -> str | None:
-    """None when ``directory`` is a partial directory of ours, else what says it is not."""
+    """None when ``directory`` is a partial directory of ours, else what says it is not.
+
+    Ours holds a ``lock`` (every run creates it first and a deletion removes it last) and
+    nothing but the names a run writes; an empty directory (a kill before the lock was
+    made) is ours too.
+    """
     if directory.is_symlink() or not directory.is_dir():
         return "it is not a directory" if not directory.is_symlink() else "it is a link"
-    for path in directory.iterdir():
+    entries = list(directory.iterdir())
+    for path in entries:
         if not _OURS.fullmatch(path.name) or (path.is_dir() and not path.is_symlink()):
             return f"it holds {path.name}, which no qkvmean run writes"
+    if entries and not any(path.name == "lock" for path in entries):
+        return "it has no lock file, which every qkvmean run makes first"
     return None
 
 
 def _discard(work: Path):
     """Remove a partial directory: renamed aside first (atomically), so that a kill while
-    it is being deleted never leaves a half-deleted one under the name a resume reads."""
+    it is being deleted never leaves a half-deleted one under the name a resume reads;
+    its lock goes last, so that what a kill leaves is still recognisably ours."""
     trash = work.with_name(f"{work.name}.{os.getpid()}.done")
     try:
         os.rename(work, trash)
     except OSError:
         trash = work
-    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        for path in sorted(trash.iterdir(), key=lambda p: p.name == "lock"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        trash.rmdir()
+    except OSError:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _sweep(work: Path, inputs=()):

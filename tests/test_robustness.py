@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -496,14 +497,16 @@ def test_a_kill_after_the_final_rename_is_complete_on_resume(
     the finished store, and what the kill left is cleared away."""
     out = tmp_path / "o.h5"
     argv = ["run", "--qkv", str(qkv_input), "--out", str(out), "--batch-size", "4"]
-    original = shutil.rmtree
 
     def killed(work):  # the store is in place; the partial directory stays
         raise KeyboardInterrupt
 
-    def killed_midway(path, *args, **kwargs):  # deleting it: the manifest went first
-        (path / "manifest.json").unlink()
-        raise KeyboardInterrupt
+    real_unlink = Path.unlink
+
+    def killed_midway(self, *args, **kwargs):  # killed after its first file went
+        real_unlink(self, *args, **kwargs)
+        if self.parent.name.endswith(".done"):
+            raise KeyboardInterrupt
 
     for extra in ([], ["--overwrite"]):
         monkeypatch.setattr(pipeline, "_discard", killed)
@@ -514,9 +517,9 @@ def test_a_kill_after_the_final_rename_is_complete_on_resume(
         assert main([*argv, "--resume", *extra]) == 0
         assert "already complete" in capsys.readouterr().out
         assert not pipeline.partial_dir(out).exists()
-    monkeypatch.setattr(pipeline.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(Path, "unlink", killed_midway)
     assert main([*argv, "-q", "--overwrite"]) == 130
-    monkeypatch.setattr(pipeline.shutil, "rmtree", original)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
     assert not pipeline.partial_dir(out).exists() and leftovers(tmp_path, "o.h5")
     assert main([*argv, "--resume"]) == 0
     assert "already complete" in capsys.readouterr().out
@@ -550,6 +553,9 @@ def test_files_beside_the_output_that_are_not_ours_are_left_alone(tmp_path, qkv_
     expect(capsys, 2, argv, r"lies in .*s.h5.partial/, where the run writing")
     assert (work / "in.h5").exists() and (tmp_path / "s.h5.partial.1.new").read_text() == "a note"
     assert (tmp_path / "s.h5.partial.2.done" / "thesis.tex").exists()
+    lookalike = tmp_path / "s.h5.partial.8.new"  # named like ours, no lock: the user's
+    lookalike.mkdir()
+    shutil.copy(qkv_input, lookalike / "store-2-2.h5")
     aside = tmp_path / "s.h5.partial.3.done"  # named like ours, holding this run's input
     aside.mkdir()
     shutil.copy(qkv_input, aside / "store-1-1.h5")
@@ -558,7 +564,7 @@ def test_files_beside_the_output_that_are_not_ours_are_left_alone(tmp_path, qkv_
     out_argv = ["run", "--qkv", str(aside / "store-1-1.h5"), "--out", str(out), "--resume", "-q"]
     main(out_argv)  # refused (s.h5.partial holds in.h5); nothing beside it is swept
     capsys.readouterr()
-    assert (aside / "store-1-1.h5").exists()
+    assert (aside / "store-1-1.h5").exists() and (lookalike / "store-2-2.h5").exists()
     shutil.rmtree(work)
     work.write_text("a file")
     argv = ["run", "--qkv", qkv_input, "--out", out, "--overwrite"]
@@ -852,6 +858,7 @@ def test_a_manifest_less_partial_directory_beside_a_complete_store(tmp_path, qkv
     assert main(argv) == 0
     work = pipeline.partial_dir(out)
     work.mkdir()
+    (work / "lock").write_bytes(b"")  # what a kill while deleting it leaves: the lock last
     (work / "batch-0000000000-0000000004.npz").write_bytes(b"left by a kill")
     assert main([*argv, "--resume"]) == 0  # the store is complete: what is left goes
     assert not work.exists() and not leftovers(tmp_path, "o.h5")
