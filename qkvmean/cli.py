@@ -320,7 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
             "stored in HDF5 and drawn as a figure."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"qkvmean {__version__}")
+    parser.add_argument(
+        "--version",
+        action="store_true",
+        help="print the version and exit (with --verbose: libraries, threads, BLAS, CPU)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="with --version: what computes, and how"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_figure(sub)
     _add_run(sub)
@@ -334,10 +341,14 @@ def _set_threads(n):
         return
     import numba
 
+    from . import config
+
+    config.kernel_guard()  # starts Numba's threads (loading TBB first) before resizing them
     limit = numba.config.NUMBA_NUM_THREADS
     if n > limit:
         raise UsageError(f"--threads {n} exceeds the {limit} threads available (NUMBA_NUM_THREADS)")
     numba.set_num_threads(n)
+    config.THREADS = n  # the model path's tasks and the store's compression
 
 
 def _note(args, message):
@@ -418,7 +429,14 @@ def cmd_run(args) -> int:
     finally:
         source.close()
     if not args.quiet:
-        print(summary.line())
+        import numba
+
+        from . import config
+
+        line = summary.line()
+        if summary.computed:
+            line += f" on {config.compute_threads()} threads ({numba.threading_layer()} layer)"
+        print(line)
     return 0
 
 
@@ -468,6 +486,12 @@ def _describe(info) -> list:
     }
     if extra:
         lines.append("config       " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
+    env = cfg.get("environment")
+    if isinstance(env, dict):
+        lines.append(
+            f"computed on  {threads_line(env)}; BLAS {_blas_line(env.get('blas'))}; "
+            f"{env.get('cpu')}"
+        )
     return lines
 
 
@@ -581,9 +605,53 @@ def _one_line(exc) -> str:
     return str(exc).replace("\r", "\\r").replace("\n", "\\n")
 
 
+def _blas_line(blas) -> str:
+    if not blas:
+        return "none found"
+    return "; ".join(
+        f"{b.get('internal_api')} {b.get('version')} ({b.get('architecture')} kernels), "
+        f"{b.get('num_threads')} threads"
+        for b in blas
+    )
+
+
+def threads_line(env) -> str:
+    """How a run computes: threads and threading layer (from an environment record)."""
+    return (
+        f"{env.get('compute_threads', env.get('numba_threads'))} compute threads, Numba's "
+        f"{env.get('threading_layer')} layer"
+    )
+
+
+def _machine_lines() -> list:
+    import platform
+
+    from . import config
+    from .resources import environment
+
+    env = environment()
+    t = config.describe_threads()
+    tbb = f" ({t['tbb_library']})" if t["tbb_library"] else ""
+    return [
+        f"python       {platform.python_version()} ({sys.executable})",
+        f"libraries    numpy {env['numpy']}, numba {env['numba']}, h5py {env['h5py']} "
+        f"(HDF5 {env['hdf5']})",
+        f"threads      {t['compute_threads']} compute threads ({t['available_cores']} cores "
+        f"available; --threads to change); Numba: {t['threading_layer']} layer{tbb}, "
+        f"{t['numba_threads']} threads",
+        f"BLAS         {_blas_line(t['blas'])}; one thread per task in the model path",
+        f"cpu          {env['cpu']} ({env['machine']})",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        print(f"qkvmean {__version__}")
+        if args.verbose:
+            print("\n".join(_machine_lines()))
+        return 0
     if args.command is None:
         parser.print_help()
         return 0

@@ -6,12 +6,21 @@ kernels run inside threaded schedulers (the store writer, Dask workers, user thr
 pools), and Numba's ``workqueue`` layer aborts the process when two threads launch
 parallel kernels at once. If no thread-safe layer loads, kernel launches are serialised
 with a process-wide lock instead.
+
+The ``tbb`` wheel puts ``libtbb.so.12`` in the environment's ``lib/``, which is on the
+loader's path in a conda environment but not in a venv, where Numba then silently falls
+back to ``omp`` — whose spinning threads fight OpenBLAS's for the cores. Before Numba's
+threads start, :func:`_preload_tbb` loads the wheel's library by its absolute path (found
+from the wheel's own file list), so that Numba's ``tbbpool`` finds it already loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
+import sys
 import threading
 
 import numba
@@ -35,7 +44,45 @@ if not os.environ.get("NUMBA_THREADING_LAYER"):
     numba.config.THREADING_LAYER = "threadsafe"
 
 _lock = threading.Lock()
-_state = {"serialise": None}
+_state = {"serialise": None, "tbb": None}
+
+
+_TBB_NAMES = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "tbb12.dll"}
+
+
+def _tbb_library():
+    """The path of the ``tbb`` wheel's runtime library, or None."""
+    import importlib.metadata
+
+    name = _TBB_NAMES.get(sys.platform)
+    try:
+        files = importlib.metadata.files("tbb") or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == name:
+            path = f.locate()
+            if os.path.exists(path):
+                return os.path.realpath(path)
+    return None
+
+
+def _preload_tbb() -> str | None:
+    """Load the ``tbb`` wheel's library globally, so that Numba's ``tbbpool`` links to it
+    wherever the wheel put it; returns its path, or None when there is none to load."""
+    path = _tbb_library()
+    if path is None:
+        return None
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return None
+    return path
+
+
+# At import, before anything can start Numba's threads (``numba.get_num_threads()`` does).
+if numba.config.THREADING_LAYER in ("threadsafe", "tbb", "default"):
+    _state["tbb"] = _preload_tbb()
 
 
 def _start_threads() -> bool:
@@ -60,3 +107,127 @@ def kernel_guard():
             if _state["serialise"] is None:
                 _state["serialise"] = _start_threads()
     return _lock if _state["serialise"] else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------
+# Compute threads: one pool for the model path's tasks and the store's compression, BLAS
+# at one thread inside it, so the process never runs more busy threads than it has cores.
+# --------------------------------------------------------------------------------------
+
+#: Compute threads (``--threads``); None: :func:`available_cores`.
+THREADS = None
+
+
+def _cgroup_cpus() -> float:
+    """The CPU quota of this process's cgroup (``cpu.max``), in cores; inf if none."""
+    for path, parse in (
+        ("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t, None]),
+    ):
+        try:
+            with open(path) as f:
+                quota, period = parse(f.read().strip())
+            if period is None:
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    period = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if quota.isdigit() and period.isdigit() and int(period) > 0:
+            return int(quota) / int(period)
+    return float("inf")
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_cores() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota < cores:
+        cores = max(1, int(quota + 0.5))
+    return cores
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, less where a cgroup quota says
+    so (a container's ``--cpus``), at most ``NUMBA_NUM_THREADS``."""
+    return max(1, min(_machine_cores(), numba.config.NUMBA_NUM_THREADS))
+
+
+def compute_threads() -> int:
+    return THREADS or available_cores()
+
+
+_pool_lock = threading.Lock()
+_pool = {"executor": None, "size": 0, "controller": None}
+
+
+def task_pool():
+    """The process's pool of :func:`compute_threads` worker threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = compute_threads()
+    with _pool_lock:
+        if _pool["size"] != size:
+            if _pool["executor"] is not None:
+                _pool["executor"].shutdown(wait=False)
+            _pool["executor"] = ThreadPoolExecutor(size, thread_name_prefix="qkvmean")
+            _pool["size"] = size
+        return _pool["executor"]
+
+
+def _blas_controller():
+    with _pool_lock:
+        if _pool["controller"] is None:
+            from threadpoolctl import ThreadpoolController
+
+            _pool["controller"] = ThreadpoolController()
+        return _pool["controller"]
+
+
+def blas_threads(n):
+    """Context manager: BLAS libraries at ``n`` threads (threadpoolctl), then back."""
+    return _blas_controller().limit(limits=n, user_api="blas")
+
+
+def run_tasks(tasks):
+    """Run the callables ``tasks`` on :func:`task_pool`, BLAS at one thread; raise the
+    first exception once all have finished.
+
+    One BLAS thread per task always, even when there are fewer tasks than threads: a
+    task's bits then never depend on how many tasks ran beside it (a batch's size, the
+    thread count), only on its own input.
+    """
+    if not tasks:
+        return
+    with blas_threads(1):
+        if len(tasks) == 1 or compute_threads() == 1:
+            for task in tasks:
+                task()
+            return
+        futures = [task_pool().submit(task) for task in tasks]
+        errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+def describe_threads() -> dict:
+    """Which threads compute: Numba's layer and threads, the task pool, BLAS."""
+    kernel_guard()
+    from threadpoolctl import threadpool_info
+
+    blas = [
+        {key: pool.get(key) for key in ("internal_api", "version", "architecture", "num_threads")}
+        for pool in threadpool_info()
+        if pool.get("user_api") == "blas"
+    ]
+    return {
+        "threading_layer": numba.threading_layer(),
+        "tbb_library": _state["tbb"],
+        "numba_threads": numba.get_num_threads(),
+        "compute_threads": compute_threads(),
+        "available_cores": available_cores(),
+        "blas": blas,
+    }

@@ -27,15 +27,19 @@ import numpy as np
 
 from . import engine
 from ._version import __version__
+from .config import compute_threads, task_pool
 from .io import InputError, ReadFailed, check_output_dir, lexists, refuse_inputs
 from .io import store as st
 from .io.qkv import QKVInput
-from .resources import check_memory, disk_free, environment, format_bytes
+from .resources import check_memory, disk_free, environment, format_bytes, memory_limit
 
 #: Auto batch size: inputs per batch such that one batch's maps (all conditions, float32)
 #: take about this many bytes. Two batches are in memory at once (one computing, one
 #: being written).
 BATCH_BYTES = 64 * 2**20
+#: A model run's batches hold at least this many inputs per compute thread, so that the
+#: threads' tasks (one input each) even out.
+TASKS_PER_THREAD = 3
 
 
 @dataclass
@@ -87,6 +91,7 @@ class QKVSource:
     """Raw Q/K/V from an HDF5 file: each layer's maps from its own Q and K."""
 
     kind = "qkv"
+    tasks_per_input = False  # the kernels share out each batch's work themselves
     #: The tensors whose CRC-32 per input the store records, to recognise the input again.
     digests = ("q", "k", "v")
 
@@ -158,6 +163,7 @@ class ModelSource:
     """Texts through a transformer: every layer's maps, substitution at chosen layers."""
 
     kind = "model"
+    tasks_per_input = True  # one task per input on the compute threads
     digests = ()  # the texts and weight files are identified whole, in the configuration
 
     def __init__(
@@ -486,8 +492,15 @@ def _batches(n, size, align=1):
 
 
 def auto_batch_size(source, n_conditions) -> int:
+    """Inputs per batch: about ``BATCH_BYTES`` of results, and for a source that computes
+    one input per task (a model) at least ``TASKS_PER_THREAD`` tasks per compute thread
+    where three such batches take at most an eighth of the memory."""
     per_input = max(1, source.bytes_per_input() * n_conditions)
-    return int(max(1, min(source.n_inputs, BATCH_BYTES // per_input)))
+    size = BATCH_BYTES // per_input
+    if source.tasks_per_input:
+        fits = int(memory_limit() / 8 / 3 // per_input)
+        size = max(size, min(TASKS_PER_THREAD * compute_threads(), fits))
+    return int(max(1, min(source.n_inputs, size)))
 
 
 def _progress(total, initial, show):
@@ -781,18 +794,18 @@ def _compute_batches(source, options, layout, todo, bar, assembly):
     """Compute the batches ``todo``: three stages that overlap.
 
     A reader thread fetches (and checks) batch ``i + 1`` while batch ``i`` computes; a
-    writer thread compresses batch ``i - 1`` on a pool of threads (ISA-L and zlib release
-    the GIL) and writes it into the store's ``assembly``. At most three batches are in
+    writer thread compresses batch ``i - 1`` on the process's pool of compute threads
+    (:func:`qkvmean.config.task_pool`: ISA-L and zlib release the GIL; the model path's
+    tasks queue on the same pool, so the cores are never oversubscribed) and writes it
+    into the store's ``assembly``. At most three batches are in
     memory. Returns ``(inputs computed, kernel seconds, bytes of maps)``.
     """
     kernel_seconds = 0.0
     map_bytes = computed = 0
+    compress = task_pool()  # the model path's pool: never more busy threads than cores
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-reader") as reader,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkvmean-writer") as writer,
-        ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 1, thread_name_prefix="qkvmean-compress"
-        ) as compress,
     ):
         pending = None
         fetched = reader.submit(source.read, *todo[0]) if todo else None

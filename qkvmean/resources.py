@@ -82,29 +82,17 @@ def environment() -> dict:
     from . import config
     from ._version import __version__
 
-    config.kernel_guard()  # starts Numba's threads, so that the layer is known
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [
-            {
-                key: pool.get(key)
-                for key in ("internal_api", "version", "architecture", "num_threads")
-            }
-            for pool in threadpool_info()
-            if pool.get("user_api") == "blas"
-        ]
-    except Exception:  # pragma: no cover - threadpoolctl inspects native libraries
-        blas = []
+    threads = config.describe_threads()
     return {
         "qkvmean": __version__,
         "numpy": np.__version__,
         "numba": numba.__version__,
         "h5py": h5py.version.version,
         "hdf5": h5py.version.hdf5_version,
-        "blas": blas,
-        "numba_threads": numba.get_num_threads(),
-        "threading_layer": numba.threading_layer(),
+        "blas": threads["blas"],
+        "numba_threads": threads["numba_threads"],
+        "compute_threads": threads["compute_threads"],
+        "threading_layer": threads["threading_layer"],
         "machine": platform.machine(),
         "cpu": _cpu_name(),
     }

@@ -334,11 +334,13 @@ def test_a_live_run_is_never_deleted_or_mistaken_for_an_interrupted_one(tmp_path
     deadline = time.monotonic() + 120
     while not list(work.glob("batch-*.npz")) and time.monotonic() < deadline:
         time.sleep(0.01)
+    live.send_signal(signal.SIGSTOP)  # mid-run, holding its lock, however fast it is
     try:
         for extra in ([], ["--resume"], ["--overwrite"]):
             proc = qkvmean_cmd(*args, *extra)
             _one_line_error(proc, 2, r"another qkvmean run is writing this store right now")
     finally:
+        live.send_signal(signal.SIGCONT)
         _, err = live.communicate(timeout=600)
     assert live.returncode == 0, err
     assert out.exists() and not work.exists()

@@ -68,3 +68,83 @@ def test_four_threads_at_once_match_one_call_each(layer):
         assert used in ("tbb", "omp")
     else:
         assert used == layer
+
+
+def _fresh(script, **env_changes):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(env_changes)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def _tbb_installed():
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("tbb")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_a_fresh_process_runs_on_the_thread_safe_layer_it_was_given():
+    """In a venv the tbb wheel's library is not on the loader's path; qkvmean loads it, so
+    that Numba runs on TBB (not OpenMP, whose spinning threads fight BLAS's)."""
+    proc = _fresh(
+        """
+        import numpy as np, numba, qkvmean
+        from qkvmean import config
+        q = np.random.default_rng(0).normal(size=(4, 3, 16, 8)).astype(np.float32)
+        qkvmean.attention_weights(q, q)
+        print(numba.threading_layer(), config._state["tbb"])
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    layer, library = proc.stdout.split()
+    if _tbb_installed():  # a declared dependency on x86-64
+        assert layer == "tbb"
+        assert library.startswith(os.path.realpath(sys.prefix)) or "site-packages" in library
+    else:
+        assert layer == "omp"
+
+
+def test_version_verbose_says_which_layer_and_threads():
+    proc = subprocess.run(
+        [sys.executable, "-m", "qkvmean", "--version", "--verbose"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    layer = "tbb" if _tbb_installed() else "omp"
+    assert f"Numba: {layer} layer" in lines["threads"]
+    assert "compute threads" in lines["threads"] and "BLAS" in lines
+
+
+def test_threads_follow_the_cores_this_process_may_use():
+    """Started on one core (as ``taskset -c 0`` does): one compute thread, one Numba
+    thread."""
+    one = {sorted(os.sched_getaffinity(0))[0]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import numba; from qkvmean import config; config.kernel_guard(); "
+            "print(config.compute_threads(), numba.get_num_threads())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        preexec_fn=lambda: os.sched_setaffinity(0, one),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "1"]

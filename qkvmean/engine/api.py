@@ -504,6 +504,7 @@ class Conditions:
     names: list
     weights: dict
     metrics: dict
+    hidden: dict | None = None  # the model path's final hidden states, when asked for
 
 
 def conditions(

@@ -17,7 +17,6 @@ writes inside the parallel loop.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numba
@@ -26,7 +25,7 @@ from numba import get_thread_id, njit, prange
 
 from .. import config
 from .modes import MODE_SHARED_ROW, MODE_UNIFORM
-from .vmath import exp
+from .vmath import exp, gelu_erf, gelu_tanh
 
 _JIT = dict(cache=True, fastmath=set(config.FASTMATH), nogil=True)
 
@@ -35,6 +34,11 @@ _JIT = dict(cache=True, fastmath=set(config.FASTMATH), nogil=True)
 #: enters or arises: masked entries are skipped, not set to -inf), so they may use every
 #: fast-math flag; that lets LLVM vectorise the max and sum reductions of the softmax.
 _HOT = dict(cache=True, fastmath=True, nogil=True)
+
+#: The vectorised elementwise kernels (GELU): numpy's error model, so that a division
+#: is a plain division (Python's raises on zero, and that branch keeps LLVM from
+#: vectorising the loop; the divisors here are never zero).
+_VEC = dict(_HOT, error_model="numpy")
 
 #: Query rows whose scores are computed together, sharing each load of a key vector.
 ROWS = 4
@@ -441,11 +445,15 @@ def _kl_sums(p_row, d, jmax, with_kl):
 
 
 @njit(**_HOT)
-def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, scratch):
+def _attention_block(
+    q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, scratch, scored
+):  # fmt: skip
     """Serial worker: weights (and outputs, metrics) of query rows ``i0:i1`` of pair ``bg``.
 
     ``scratch`` is this thread's row of logits, kept for the rows that
-    ``MODE_SHARED_ROW`` copies.
+    ``MODE_SHARED_ROW`` copies. With ``scored``, ``w`` already holds the unscaled scores
+    ``q·k`` of the rows that need them (a BLAS product: the model path) and ``q``,
+    ``kt`` are not read.
     """
     n_keys = w.shape[2]
     p_row = mx.base[0, 0]  # zeros, unless there is a baseline (below)
@@ -464,9 +472,11 @@ def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0
         if mode == MODE_UNIFORM:
             pass  # identical keys: nothing to compute (see _uniform_row)
         elif mode == MODE_SHARED_ROW:
-            if first < 0:
+            if first < 0 and not scored:
                 _scores1(q, kt, w, bg, i, n, scale)
             rows = 1
+        elif scored:
+            pass  # scaled row by row below
         elif rows == ROWS:
             _scores4(q, kt, w, bg, i, min(n, i + rows) if causal else n, scale)
         else:
@@ -486,6 +496,9 @@ def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0
             elif mode == MODE_UNIFORM:
                 entropy, spd, sp, log_z = _uniform_row(row, jmax, n_keys, mx.with_kl, p_row)
             else:
+                if scored:
+                    for j in range(jmax):
+                        row[j] *= scale
                 logits = scratch if mode == MODE_SHARED_ROW else scratch[:0]
                 entropy, spd, sp, log_z = _softmax_row(
                     row, jmax, n_keys, mx.with_metrics, p_row, logits
@@ -514,169 +527,252 @@ def _attention_block(q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0
                 o[bg, i, e] = 0.0
 
 
+@njit(**_HOT)
+def _transpose_keys(k, bg, n, kt):
+    """``kt[d, j] = k[bg, j, d]`` for the ``n`` valid keys, in 16-key tiles (rows of k in,
+    columns of kt out)."""
+    for j0 in range(0, n, 16):
+        for d in range(k.shape[2]):
+            for j in range(j0, min(j0 + 16, n)):
+                kt[d, j] = k[bg, j, d]
+
+
+@njit(**_HOT)
+def _attention_task(
+    task, n_blocks, row_block, q, k, v, lengths, group, modes, causal, scale, w, o, with_output,
+    mx, scratch, kt, scored,
+):  # fmt: skip
+    """One task of :func:`attention_kernel`: rows ``blk * row_block`` on of one pair.
+
+    It first transposes the pair's valid keys into ``kt`` (so that the score loop runs
+    over contiguous keys), unless its rows never read keys.
+    """
+    bg = task // n_blocks
+    blk = task - bg * n_blocks
+    i0 = blk * row_block
+    i1 = min(i0 + row_block, q.shape[1])
+    n = lengths[bg // group]
+    mode = modes[bg % group]
+    if mode != MODE_UNIFORM and i0 < n and not scored:
+        _transpose_keys(k, bg, n, kt)
+    _attention_block(
+        q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, scratch, scored
+    )  # fmt: skip
+
+
 @njit(parallel=True, **_HOT)
 def attention_kernel(
-    q,
-    k,
-    v,
-    lengths,
-    group,
-    modes,
-    causal,
-    scale,
-    row_block,
-    w,
-    o,
-    with_output,
-    mx,
-    scratch,
+    q, k, v, lengths, group, modes, causal, scale, row_block, w, o, with_output, mx, scratch,
     kt_scratch,
-):
-    """Parallel driver: one task per ``(pair, block of row_block query rows)``.
-
-    Each task first transposes its pair's valid keys into this thread's ``kt_scratch``
-    (so that the score loop runs over contiguous keys), unless its rows never read keys.
-    """
-    n_pairs = q.shape[0]
-    n_rows = q.shape[1]
-    n_blocks = (n_rows + row_block - 1) // row_block
-    for task in prange(n_pairs * n_blocks):
-        bg = task // n_blocks
-        blk = task - bg * n_blocks
-        i0 = blk * row_block
-        i1 = min(i0 + row_block, n_rows)
-        n = lengths[bg // group]
-        mode = modes[bg % group]
+):  # fmt: skip
+    """Parallel driver: one task per ``(pair, block of row_block query rows)``, each with
+    this thread's rows of ``scratch`` and ``kt_scratch``."""
+    n_blocks = (q.shape[1] + row_block - 1) // row_block
+    for task in prange(q.shape[0] * n_blocks):
         tid = get_thread_id()
-        kt = kt_scratch[tid]
-        if mode != MODE_UNIFORM and i0 < n:
-            for j0 in range(0, n, 16):  # 16-key tiles: rows of k in, columns of kt out
-                for d in range(q.shape[2]):
-                    for j in range(j0, min(j0 + 16, n)):
-                        kt[d, j] = k[bg, j, d]
-        _attention_block(
-            q,
-            kt,
-            v,
-            n,
-            mode,
-            causal,
-            scale,
-            w,
-            o,
-            with_output,
-            bg,
-            i0,
-            i1,
-            mx,
-            scratch[tid],
-        )
+        _attention_task(
+            task, n_blocks, row_block, q, k, v, lengths, group, modes, causal, scale, w, o,
+            with_output, mx, scratch[tid], kt_scratch[tid], False,
+        )  # fmt: skip
+
+
+@njit(**_HOT)
+def attention_serial(
+    q, k, v, lengths, group, modes, causal, scale, w, o, with_output, mx, scratch, kt, scored
+):  # fmt: skip
+    """Serial driver: whole pairs in order, on the calling thread (the model path, which
+    runs one input per task of its own pool, with ``scored``: see
+    :func:`_attention_block`). Without ``scored``, the same tasks as
+    :func:`attention_kernel` with ``row_block`` the whole pair, so the same bits."""
+    n_rows = q.shape[1]
+    for task in range(q.shape[0]):
+        _attention_task(
+            task, 1, n_rows, q, k, v, lengths, group, modes, causal, scale, w, o, with_output,
+            mx, scratch, kt, scored,
+        )  # fmt: skip
+
+
+@njit(**_JIT)
+def _reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, out_ent, out_kl, out_mass, out_index):
+    """Pair ``bg``: means over valid rows, and the key column with the largest mean weight."""
+    n = lengths[bg // group]
+    if n == 0:  # no valid rows: nothing attends anywhere
+        out_ent[bg] = 0.0
+        out_kl[bg] = 0.0
+        out_mass[bg] = 0.0
+        out_index[bg] = -1
+        return
+    ent = 0.0
+    kl = 0.0
+    for i in range(n):
+        ent += row_ent[bg, i]
+        kl += row_kl[bg, i]
+    out_ent[bg] = ent / n
+    out_kl[bg] = kl / n
+    best = -1.0
+    best_j = 0
+    for j in range(n):
+        total = 0.0
+        for blk in range(colsum.shape[1]):
+            total += colsum[bg, blk, j]
+        if total > best:
+            best = total
+            best_j = j
+    out_mass[bg] = best / n
+    out_index[bg] = best_j
 
 
 @njit(parallel=True, **_JIT)
-def reduce_metrics_kernel(
-    row_ent, row_kl, colsum, lengths, group, out_ent, out_kl, out_mass, out_index
-):
-    """Per pair: means over valid rows, and the key column with the largest mean weight."""
+def reduce_metrics_kernel(row_ent, row_kl, colsum, lengths, group, *out):
     for bg in prange(row_ent.shape[0]):
-        n = lengths[bg // group]
-        if n == 0:  # no valid rows: nothing attends anywhere
-            out_ent[bg] = 0.0
-            out_kl[bg] = 0.0
-            out_mass[bg] = 0.0
-            out_index[bg] = -1
-            continue
-        ent = 0.0
-        kl = 0.0
-        for i in range(n):
-            ent += row_ent[bg, i]
-            kl += row_kl[bg, i]
-        out_ent[bg] = ent / n
-        out_kl[bg] = kl / n
-        best = -1.0
-        best_j = 0
-        for j in range(n):
-            total = 0.0
-            for blk in range(colsum.shape[1]):
-                total += colsum[bg, blk, j]
-            if total > best:
-                best = total
-                best_j = j
-        out_mass[bg] = best / n
-        out_index[bg] = best_j
+        _reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, *out)
+
+
+@njit(**_JIT)
+def reduce_metrics_serial(row_ent, row_kl, colsum, lengths, group, *out):
+    for bg in range(row_ent.shape[0]):
+        _reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, *out)
+
+
+@njit(**_JIT)
+def _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc, out):
+    """Replace the valid rows of pair ``bg`` by their (prefix) mean, if it is selected;
+    ``out`` may be ``x``. Summed in float64 in ``acc``, times ``shrink``, an exact power
+    of two (1 unless the sum could overflow)."""
+    n_rows, dim = x.shape[1], x.shape[2]
+    n = lengths[bg // group]
+    if not select[bg % group]:
+        n = 0  # copy through untouched
+    for d in range(dim):
+        acc[d] = 0.0
+    if prefix:
+        for t in range(n):
+            for d in range(dim):
+                acc[d] += x[bg, t, d] * shrink
+                out[bg, t, d] = acc[d] / (t + 1) / shrink
+    else:
+        for t in range(n):
+            for d in range(dim):
+                acc[d] += x[bg, t, d] * shrink
+        for t in range(n):
+            for d in range(dim):
+                out[bg, t, d] = acc[d] / n / shrink
+    for t in range(n, n_rows):
+        for d in range(dim):
+            out[bg, t, d] = x[bg, t, d]
 
 
 @njit(parallel=True, **_JIT)
 def mean_substitute_kernel(x, lengths, group, select, prefix, shrink, acc, out):
-    """Replace the valid rows of the selected groups by their (prefix) mean.
-
-    ``acc`` is a preallocated ``(BG, D)`` float64 scratch array: one accumulator row per
-    pair, so the mean is summed in float64 without allocating inside the loop. Values are
-    summed times ``shrink``, an exact power of two (1 unless the sum could overflow).
-    """
-    n_pairs, n_rows, dim = x.shape
-    for bg in prange(n_pairs):
-        n = lengths[bg // group]
-        if not select[bg % group]:
-            n = 0  # copy through untouched
-        for d in range(dim):
-            acc[bg, d] = 0.0
-        if prefix:
-            for t in range(n):
-                for d in range(dim):
-                    acc[bg, d] += x[bg, t, d] * shrink
-                    out[bg, t, d] = acc[bg, d] / (t + 1) / shrink
-        else:
-            for t in range(n):
-                for d in range(dim):
-                    acc[bg, d] += x[bg, t, d] * shrink
-            for t in range(n):
-                for d in range(dim):
-                    out[bg, t, d] = acc[bg, d] / n / shrink
-        for t in range(n, n_rows):
-            for d in range(dim):
-                out[bg, t, d] = x[bg, t, d]
+    """:func:`_mean_pair` for every pair; ``acc`` is a preallocated ``(BG, D)`` float64
+    scratch array (one accumulator row per pair: no allocation inside the loop)."""
+    for bg in prange(x.shape[0]):
+        _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc[bg], out)
 
 
-@njit(parallel=True, **_JIT)
-def layer_norm_kernel(x, residual, with_residual, gamma, beta, eps, out):
-    """``out[r] = LayerNorm(x[r] (+ residual[r]))`` per row; statistics in float64.
-
-    ``x``, ``residual``, ``out``: ``(rows, D)``; ``out`` may be ``x``.
-    """
-    n_rows, dim = x.shape
-    for r in prange(n_rows):
-        total = 0.0
-        for d in range(dim):
-            a = x[r, d] + residual[r, d] if with_residual else x[r, d]
-            out[r, d] = a
-            total += a
-        mean = total / dim
-        sq = 0.0
-        for d in range(dim):
-            c = out[r, d] - mean
-            sq += c * c
-        inv = 1.0 / np.sqrt(sq / dim + eps)
-        for d in range(dim):
-            out[r, d] = (out[r, d] - mean) * inv * gamma[d] + beta[d]
+@njit(**_JIT)
+def mean_substitute_serial(x, lengths, group, select, prefix, shrink, acc, out):
+    for bg in range(x.shape[0]):
+        _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc, out)
 
 
-_SQRT_HALF = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
+@njit(**_JIT)
+def _norm_row(r, x, bias, residual, with_residual, store_sum, gamma, beta, eps, out):
+    """``s = x[r] + bias (+ residual[r])``; ``residual[r] = s`` with ``store_sum``;
+    ``out[r] = LayerNorm(s)``, statistics in float64. ``out`` may be ``x`` or
+    ``residual``."""
+    dim = x.shape[1]
+    total = 0.0
+    for d in range(dim):
+        a = x[r, d] + bias[d]
+        if with_residual:
+            a += residual[r, d]
+        if store_sum:
+            residual[r, d] = a
+        out[r, d] = a
+        total += a
+    mean = total / dim
+    sq = 0.0
+    for d in range(dim):
+        c = out[r, d] - mean
+        sq += c * c
+    inv = 1.0 / np.sqrt(sq / dim + eps)
+    for d in range(dim):
+        out[r, d] = (out[r, d] - mean) * inv * gamma[d] + beta[d]
 
 
 @njit(parallel=True, **_JIT)
+def layer_norm_kernel(x, bias, residual, with_residual, store_sum, gamma, beta, eps, out):
+    for r in prange(x.shape[0]):
+        _norm_row(r, x, bias, residual, with_residual, store_sum, gamma, beta, eps, out)
+
+
+@njit(**_JIT)
+def add_norm_serial(x, bias, residual, with_residual, store_sum, gamma, beta, eps, out):
+    """The model path's fused residual step, on the calling thread: see :func:`_norm_row`
+    (BERT: ``h = LN(a + b + h)``; GPT-2: ``h += a + b`` and ``x = LN'(h)``)."""
+    for r in range(x.shape[0]):
+        _norm_row(r, x, bias, residual, with_residual, store_sum, gamma, beta, eps, out)
+
+
+@njit(**_VEC)
+def _gelu_row(r, x, bias, tanh_approx):
+    """``x[r] = gelu(x[r] + bias)`` with the vectorised float32 functions of
+    :mod:`~qkvmean.engine.vmath` (relative error a few units of float32 roundoff)."""
+    row = x[r]
+    if tanh_approx:
+        for d in range(row.shape[0]):
+            row[d] = gelu_tanh(row[d] + bias[d])
+    else:
+        for d in range(row.shape[0]):
+            row[d] = gelu_erf(row[d] + bias[d])
+
+
+@njit(parallel=True, **_VEC)
 def bias_gelu_kernel(x, bias, tanh_approx):
     """In place: ``x = gelu(x + bias)``, exact (erf) or the tanh approximation (GPT-2)."""
-    n_rows, dim = x.shape
-    for r in prange(n_rows):
-        for d in range(dim):
-            a = np.float64(x[r, d] + bias[d])
-            if tanh_approx:
-                g = 0.5 * a * (1.0 + math.tanh(_SQRT_2_OVER_PI * (a + 0.044715 * a * a * a)))
-            else:
-                g = 0.5 * a * (1.0 + math.erf(a * _SQRT_HALF))
-            x[r, d] = g
+    for r in prange(x.shape[0]):
+        _gelu_row(r, x, bias, tanh_approx)
+
+
+@njit(**_VEC)
+def bias_gelu_serial(x, bias, tanh_approx):
+    for r in range(x.shape[0]):
+        _gelu_row(r, x, bias, tanh_approx)
+
+
+@njit(**_JIT)
+def split_heads_serial(qkv, bias, n_heads, q, k, v):
+    """``(C*n, 3D)`` projections of ``C`` stacked copies of one input, plus ``bias``, into
+    head-major ``q``, ``k``, ``v`` ``(C*H, n, dh)``: row ``c*n + t`` to pairs
+    ``c*H + h``, token ``t``."""
+    n = q.shape[1]
+    dh = q.shape[2]
+    d_model = n_heads * dh
+    for r in range(qkv.shape[0]):
+        c = r // n
+        t = r - c * n
+        for h in range(n_heads):
+            pair = c * n_heads + h
+            col = h * dh
+            for e in range(dh):
+                q[pair, t, e] = qkv[r, col + e] + bias[col + e]
+                k[pair, t, e] = qkv[r, d_model + col + e] + bias[d_model + col + e]
+                v[pair, t, e] = qkv[r, 2 * d_model + col + e] + bias[2 * d_model + col + e]
+
+
+@njit(**_JIT)
+def merge_heads_serial(o, n_heads, ctx):
+    """Inverse of :func:`split_heads_serial` for the attention outputs ``(C*H, n, dh)``."""
+    n = o.shape[1]
+    dh = o.shape[2]
+    for r in range(ctx.shape[0]):
+        c = r // n
+        t = r - c * n
+        for h in range(n_heads):
+            src = o[c * n_heads + h, t]
+            for e in range(dh):
+                ctx[r, h * dh + e] = src[e]
 
 
 def scan_finite(flat):
@@ -804,11 +900,14 @@ def reduce_metrics(rows, lengths, group):
 def layer_norm(x, gamma, beta, eps, residual=None, out=None):
     """Row-wise LayerNorm of ``x (+ residual)`` (2-D, C-contiguous)."""
     out = np.empty_like(x) if out is None else out
+    zero = np.zeros(x.shape[1], x.dtype)
     with config.kernel_guard():
         layer_norm_kernel(
             x,
+            zero,
             x if residual is None else residual,
             residual is not None,
+            False,
             gamma,
             beta,
             float(eps),

@@ -1,14 +1,27 @@
 """Transformer forward passes (BERT and GPT-2) with mean substitution at chosen layers.
 
-Projections are BLAS matrix products through numpy (float32); attention, masking,
-softmax, substitution, LayerNorm and GELU are the engine's Numba kernels
-(:mod:`qkvmean.engine.cpu`). The substitution replaces the selected heads' Q, K or V after
-projection and before attention, at every ablated layer, and propagates: attention
-weights are recorded at every layer.
+How the work is laid out, for speed on every core and under foreign load:
 
-Weights are held in one family-neutral layout (:class:`Weights`), with every projection
-stored ``(in, out)`` so that ``y = x @ W + b``; :mod:`qkvmean.io.models` converts
-Hugging Face checkpoints into it.
+- **One input per task.** A batch's inputs are independent, so each is one task on the
+  process's pool of compute threads (:func:`qkvmean.config.task_pool`), with BLAS held to
+  one thread and the engine's serial kernels: one pool does everything, nothing waits at
+  a barrier for a thread that another process holds off its core, and an input is
+  computed at its own length (no padding work).
+- **Conditions stacked.** Up to the first substituted layer every condition is the
+  baseline, computed once. From there on the baseline and each substitution run as one
+  stack of ``C`` copies of the input: every projection is one matrix product of
+  ``C * n`` rows.
+- **Fused steps, no copies.** The projection bias is added while splitting heads; the
+  output bias, the residual and the LayerNorm are one pass (GPT-2: the residual sum and
+  the next LayerNorm); the MLP bias and GELU (vectorised float32) are one pass. The
+  attention kernel writes each map straight into the output array, zero-padded to the
+  run's length.
+
+Q, K or V of the selected heads is replaced after its projection (and bias) and before
+attention, at every ablated layer, and the change propagates: maps are recorded at every
+layer. Weights are held in one family-neutral layout (:class:`Weights`), with every
+projection stored ``(in, out)`` so that ``y = x @ W + b``; :mod:`qkvmean.io.models`
+converts Hugging Face checkpoints into it.
 """
 
 from __future__ import annotations
@@ -72,6 +85,10 @@ class Weights:
         return self.d_model // self.n_heads
 
     @property
+    def d_mlp(self) -> int:
+        return self.layers[0].w1.shape[1] if self.layers else 0
+
+    @property
     def max_positions(self) -> int:
         return self.pos_emb.shape[0]
 
@@ -80,172 +97,256 @@ class Weights:
         return self.tok_emb.shape[0]
 
 
-@dataclass
-class Ablation:
-    """Which tensor to substitute, where, and how."""
+@dataclass(frozen=True)
+class Plan:
+    """What a model run substitutes, and where: the conditions are the baseline and one
+    per target."""
 
-    target: str | None = None  # None: the baseline
+    targets: tuple = ("q", "k", "v")
     over: str = "tokens"
     layers: frozenset = frozenset({0})
     heads: np.ndarray | None = None  # boolean (n_heads,) mask; None: all heads
 
+    @property
+    def names(self) -> list:
+        return ["baseline"] + [f"mean_{t}" for t in self.targets]
 
-def _split_heads(x, batch, seq, n_heads, head_dim):
-    """(B*N, H*dh) → (B*H, N, dh), C-contiguous."""
-    x = x.reshape(batch, seq, n_heads, head_dim).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(x).reshape(batch * n_heads, seq, head_dim)
-
-
-def _merge_heads(x, batch, seq, n_heads, head_dim):
-    """(B*H, N, dh) → (B*N, H*dh)."""
-    x = x.reshape(batch, n_heads, seq, head_dim).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(x).reshape(batch * seq, n_heads * head_dim)
+    def first(self, n_layers) -> int:
+        """The first layer where a condition differs from the baseline."""
+        return min(self.layers) if self.targets and self.layers else n_layers
 
 
-def _embed(model: Weights, ids):
-    batch, seq = ids.shape
-    h = model.tok_emb[ids] + model.pos_emb[:seq][None]
-    if model.type_emb is not None:
-        h = h + model.type_emb
-    h = np.ascontiguousarray(h, dtype=np.float32).reshape(batch * seq, model.d_model)
-    if model.emb_ln is not None:
-        h = cpu.layer_norm(h, *model.emb_ln, model.eps)
-    return h
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _same_as_baseline(rows):
-    """The row metrics of a layer whose weights are the baseline's: KL exactly 0."""
-    return (rows[0], np.zeros_like(rows[1]), rows[2])
+class _Input:
+    """The buffers of one input's stacked forward pass (``C`` conditions × ``n`` tokens)."""
+
+    def __init__(self, model: Weights, n: int, stack: int):
+        d, f, heads, dh = model.d_model, model.d_mlp, model.n_heads, model.head_dim
+        rows = stack * n
+        self.h = np.empty((rows, d), np.float32)  # the residual stream
+        self.x = np.empty((rows, d), np.float32) if model.causal else self.h  # GPT-2: LN(h)
+        self.qkv = np.empty((rows, 3 * d), np.float32)
+        self.q, self.k, self.v, self.o = (
+            np.empty((stack * heads, n, dh), np.float32) for _ in range(4)
+        )
+        self.ctx = np.empty((rows, d), np.float32)
+        self.a = np.empty((rows, d), np.float32)
+        self.m = np.empty((rows, f), np.float32)
+        self.length = np.array([n], dtype=np.int64)
+        self.scratch = np.empty(n, np.float32)
+        self.kt = np.empty((0, 0), np.float32)  # the kernel reads no keys: scores are given
 
 
-def _attention_layer(model, layer, index, x, batch, seq, lengths, ablation, base, want, reuse=None):
-    """Self-attention of one layer: ``(context (B*N, D), weights, row metrics)``.
-
-    ``reuse``: the baseline's ``(weights, rows)`` of this layer when only ``v`` differs
-    from the baseline here (its weights are then the baseline's, bit for bit).
-    """
-    n_heads, head_dim = model.n_heads, model.head_dim
-    qkv = x @ layer.wqkv
-    qkv += layer.bqkv
-    d = model.d_model
-    q, k, v = (
-        _split_heads(qkv[:, i * d : (i + 1) * d], batch, seq, n_heads, head_dim) for i in range(3)
+def _add_norm(x, bias, residual, norm, eps, out, store_sum=False):
+    """``out = LN(x + bias (+ residual))``; with ``store_sum`` also ``residual = x + bias +
+    residual`` (see :func:`qkvmean.engine.cpu.add_norm_serial`)."""
+    cpu.add_norm_serial(
+        x,
+        bias,
+        x if residual is None else residual,
+        residual is not None,
+        store_sum,
+        norm[0],
+        norm[1],
+        float(eps),
+        out,
     )
-    # the guard of the public API: every logit must stay finite in float32
+
+
+def _check_logits(q, k, head_dim, index):
+    """The guard of the public API: every logit must stay finite in float32."""
     q_max, k_max = cpu.scan_finite(q.reshape(-1))[1], cpu.scan_finite(k.reshape(-1))[1]
-    if not q_max * k_max * head_dim < float(np.finfo(np.float32).max) / 4:
+    if not q_max * k_max * head_dim < _FLOAT32_MAX / 4:
         raise ValueError(
             f"the attention logits overflow float32 at layer {index} (max|q| = {q_max:.3g}, "
             f"max|k| = {k_max:.3g}); the model's weights are too large or damaged"
         )
-    modes = np.zeros(n_heads, dtype=np.int8)
-    if ablation.target is not None and index in ablation.layers:
-        select = np.ones(n_heads, np.bool_) if ablation.heads is None else ablation.heads
-        prefix = ablation.over == "causal"
-        fast = config.FAST_PATHS and not prefix
-        if ablation.target == "q":
-            q = cpu.mean_substitute(q, lengths, n_heads, select, prefix)
-            if fast and not model.causal:
-                modes[select] = MODE_SHARED_ROW
-        elif ablation.target == "k":
-            if fast:
-                modes[select] = MODE_UNIFORM
-            else:
-                k = cpu.mean_substitute(k, lengths, n_heads, select, prefix)
-        else:
-            v = cpu.mean_substitute(v, lengths, n_heads, select, prefix)
-    w, o, rows = cpu.attention(
+
+
+def _substitute(plan: Plan, target, x, length, n_heads, modes, causal):
+    """Mean-substitute ``target`` in place in ``x`` (one condition's ``(H, n, dh)``), or
+    set the fast-path ``modes`` that make it unnecessary."""
+    select = np.ones(n_heads, np.bool_) if plan.heads is None else plan.heads
+    prefix = plan.over == "causal"
+    fast = config.FAST_PATHS and not prefix
+    if target == "k" and fast:
+        modes[select] = MODE_UNIFORM  # identical keys: uniform rows, nothing to substitute
+        return
+    acc = np.empty(x.shape[2], np.float64)
+    cpu.mean_substitute_serial(x, length, n_heads, select, prefix, 1.0, acc, x)
+    if target == "q" and fast and not causal:
+        modes[select] = MODE_SHARED_ROW
+
+
+class _Outputs:
+    """A batch's maps ``(B, L, H, S, S)`` per condition and metrics ``(C, B, L, H)``."""
+
+    def __init__(self, model: Weights, plan: Plan, batch, seq, hidden):
+        shape = (batch, model.n_layers, model.n_heads, seq, seq)
+        self.maps = [np.zeros(shape, np.float32) for _ in plan.names]  # zero pages, lazily
+        mshape = (len(plan.names), batch, model.n_layers, model.n_heads)
+        self.metrics = {name: np.zeros(mshape) for name in METRICS[:3]}
+        self.metrics["top_key_index"] = np.full(mshape, -1, dtype=np.int64)
+        self.hidden = (
+            np.zeros((len(plan.names), batch, seq, model.d_model), np.float32) if hidden else None
+        )
+
+    def reduced(self, c, b, layer):
+        return tuple(self.metrics[name][c, b, layer] for name in METRICS)
+
+
+def _attention(model, buf: _Input, out: _Outputs, b, layer, c, modes, metrics, base):
+    """Condition ``c``'s attention at ``layer`` of input ``b``: its map written into the
+    outputs, its context into ``buf.o``; returns its row entropies (the baseline of the
+    next conditions).
+
+    The products ``q·kᵀ`` and ``A·v`` are BLAS calls; the scaling, mask, softmax, fast
+    paths and metrics are :func:`qkvmean.engine.cpu.attention_serial` on the scores.
+    """
+    heads = model.n_heads
+    n = buf.length[0]
+    pairs = slice(c * heads, (c + 1) * heads)
+    q, k, v = buf.q[pairs], buf.k[pairs], buf.v[pairs]
+    w = out.maps[c][b, layer]  # (H, S, S), C-contiguous: rows and columns < n are the map
+    valid = w[:, :n, :n]
+    if np.all(modes == MODE_SHARED_ROW):  # one row of scores per head is read
+        np.matmul(q[:, :1], k.transpose(0, 2, 1), out=w[:, :1, :n])
+    elif not np.all(modes == MODE_UNIFORM):  # (uniform rows read no scores)
+        np.matmul(q, k.transpose(0, 2, 1), out=valid)
+    n_keys = w.shape[2]
+    col_block = min(n, cpu.COL_BLOCK)
+    n_blocks = (n + col_block - 1) // col_block
+    with_kl = base is not None
+    mx = cpu.Metrics(
+        metrics,
+        with_kl,
+        base[0] if with_kl else np.zeros((1, 1, n_keys), np.float32),
+        base[1] if with_kl else np.empty((0, 0)),
+        np.zeros((heads, n)),
+        np.zeros((heads, n)),
+        np.empty((heads, n_blocks, n_keys)),
+        col_block,
+    )
+    cpu.attention_serial(
         q,
         k,
         v,
-        lengths,
-        n_heads,
+        buf.length,
+        heads,
         modes,
         model.causal,
-        1.0 / np.sqrt(head_dim),
-        config.ROW_BLOCK,
+        np.float32(1.0 / np.sqrt(model.head_dim)),
+        w,
+        buf.o[pairs],
+        False,
+        mx,
+        buf.scratch,
+        buf.kt,
         True,
-        metrics=want and reuse is None,
-        base=base,
     )
-    if reuse is not None:
-        w, rows = reuse[0], _same_as_baseline(reuse[1]) if want else None
-    return _merge_heads(o, batch, seq, n_heads, head_dim), w, rows
-
-
-def forward(
-    model: Weights,
-    ids,
-    lengths,
-    ablation=None,
-    *,
-    base=None,
-    metrics=True,
-    start=0,
-    hidden=None,
-    reuse_first=None,
-    keep_inputs=False,
-):
-    """Run the model on ``ids`` ``(B, N)`` (padded; ``lengths`` valid tokens each).
-
-    Returns ``(weights, rows, hidden, inputs)``: per layer from ``start`` on, the attention
-    weights ``(B*H, N, N)`` and (with ``metrics``) the row metrics for
-    :func:`cpu.reduce_metrics`; the final hidden states ``(B, N, D)``; and (with
-    ``keep_inputs``) every layer's input hidden states. ``base``: the baseline's per-layer
-    ``(weights, row entropies)``, for the KL from the baseline. ``start``/``hidden``:
-    begin at layer ``start`` from its input hidden states (those of an earlier pass).
-    ``reuse_first``: the baseline's ``(weights, rows)`` of layer ``start``, when only ``v``
-    changes there.
-    """
-    ablation = ablation or Ablation()
-    ids = np.asarray(ids)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    batch, seq = ids.shape
-    h = _embed(model, ids) if hidden is None else hidden
-    weights, rows, inputs = [], [], []
-    gpt2 = model.family == "gpt2"
-    for index in range(start, model.n_layers):
-        layer = model.layers[index]
-        if keep_inputs:
-            inputs.append(h)
-        x = cpu.layer_norm(h, *layer.ln1, model.eps) if gpt2 else h
-        layer_base = None if base is None else base[index]
-        ctx, w, r = _attention_layer(
-            model,
-            layer,
-            index,
-            x,
-            batch,
-            seq,
-            lengths,
-            ablation,
-            layer_base,
-            metrics,
-            reuse=reuse_first if index == start else None,
+    np.matmul(valid, v, out=buf.o[pairs])
+    if metrics:
+        cpu.reduce_metrics_serial(
+            mx.row_ent, mx.row_kl, mx.colsum, buf.length, heads, *out.reduced(c, b, layer)
         )
-        weights.append(w)
-        rows.append(r)
-        a = ctx @ layer.wo
-        a += layer.bo
-        if gpt2:
-            h = h + a
-            x = cpu.layer_norm(h, *layer.ln2, model.eps)
-        else:
-            h = cpu.layer_norm(a, *layer.ln1, model.eps, residual=h)
-            x = h
-        m = x @ layer.w1
-        cpu.bias_gelu(m, layer.b1, tanh_approx=gpt2)
-        m = m @ layer.w2
-        m += layer.b2
-        h = h + m if gpt2 else cpu.layer_norm(m, *layer.ln2, model.eps, residual=h)
+    return mx.row_ent
+
+
+def _same_as_baseline(out: _Outputs, b, c, layers):
+    """Condition ``c`` equals the baseline at ``layers`` of input ``b``: its maps and
+    metrics are the baseline's, with a KL of exactly 0."""
+    for layer in layers:
+        out.maps[c][b, layer] = out.maps[0][b, layer]
+        for name in METRICS:
+            out.metrics[name][c, b, layer] = out.metrics[name][0, b, layer]
+        out.metrics["kl_from_baseline"][c, b, layer] = 0.0
+
+
+def _one_input(model: Weights, plan: Plan, ids, b, out: _Outputs):
+    """Every condition's forward pass of input ``b`` (token ids ``ids``), into ``out``."""
+    n = ids.shape[0]
+    if n == 0:  # no tokens: empty maps, metrics 0 and no top key (as initialised)
+        return
+    names = plan.names
+    stack = len(names)
+    n_layers, heads, dh = model.n_layers, model.n_heads, model.head_dim
+    first = plan.first(n_layers)
+    buf = _Input(model, n, stack if first < n_layers else 1)
+    gpt2 = model.causal
+    zero = np.zeros(model.d_model, np.float32)
+    emb = model.tok_emb[ids] + model.pos_emb[:n]
+    if model.type_emb is not None:
+        emb += model.type_emb
+    if model.emb_ln is not None:
+        _add_norm(emb, zero, None, model.emb_ln, model.eps, buf.h[:n])
+    else:
+        buf.h[:n] = emb
+    if gpt2:
+        _add_norm(buf.h[:n], zero, None, model.layers[0].ln1, model.eps, buf.x[:n])
+    base_rows = [None] * n_layers
+    for index in range(n_layers):
+        layer = model.layers[index]
+        live = 1 if index < first else stack  # conditions computed at this layer
+        if index == first and live > 1:  # from here on every condition has its own rows
+            for c in range(1, live):
+                buf.h[c * n : (c + 1) * n] = buf.h[:n]
+                if gpt2:
+                    buf.x[c * n : (c + 1) * n] = buf.x[:n]
+        rows, pairs = live * n, live * heads
+        h, x = buf.h[:rows], buf.x[:rows]
+        np.matmul(x, layer.wqkv, out=buf.qkv[:rows])
+        cpu.split_heads_serial(buf.qkv[:rows], layer.bqkv, heads, buf.q[:pairs], buf.k[:pairs],
+                               buf.v[:pairs])  # fmt: skip
+        _check_logits(buf.q[:pairs], buf.k[:pairs], dh, index)
+        for c in range(live):
+            target = plan.targets[c - 1] if c else None
+            modes = np.zeros(heads, np.int8)
+            if target is not None and index in plan.layers:
+                qkv = {"q": buf.q, "k": buf.k, "v": buf.v}[target]
+                _substitute(plan, target, qkv[c * heads : (c + 1) * heads], buf.length, heads,
+                            modes, gpt2)  # fmt: skip
+            # where only V differs from the baseline, the weights are the baseline's
+            reuse = target == "v" and index == first
+            base = None if c == 0 else (out.maps[0][b, index], base_rows[index])
+            ent = _attention(model, buf, out, b, index, c, modes, not reuse, base)
+            if c == 0:
+                base_rows[index] = ent
+            if reuse:
+                _same_as_baseline(out, b, c, [index])
+        cpu.merge_heads_serial(buf.o[:pairs], heads, buf.ctx[:rows])
+        a = buf.a[:rows]
+        np.matmul(buf.ctx[:rows], layer.wo, out=a)
+        if gpt2:  # h += a + bo; x = LN2(h)
+            _add_norm(a, layer.bo, h, layer.ln2, model.eps, x, store_sum=True)
+        else:  # h = LN1(a + bo + h)
+            _add_norm(a, layer.bo, h, layer.ln1, model.eps, h)
+        m = buf.m[:rows]
+        np.matmul(x, layer.w1, out=m)
+        cpu.bias_gelu_serial(m, layer.b1, gpt2)
+        np.matmul(m, layer.w2, out=a)
+        if gpt2:  # h += m + b2; x = the next LayerNorm of h
+            following = model.layers[index + 1].ln1 if index + 1 < n_layers else model.final_ln
+            if following is None:
+                h += a
+                h += layer.b2
+            else:
+                _add_norm(a, layer.b2, h, following, model.eps, x, store_sum=True)
+        else:  # h = LN2(m + b2 + h)
+            _add_norm(a, layer.b2, h, layer.ln2, model.eps, h)
         if cpu.scan_finite(h.reshape(-1))[0] >= 0:
             raise ValueError(
                 f"the model's activations overflow float32 at layer {index}; its weights "
                 "are too large or damaged"
             )
-    if model.final_ln is not None:
-        h = cpu.layer_norm(h, *model.final_ln, model.eps)
-    return weights, rows, h.reshape(batch, seq, model.d_model), inputs
+    for c in range(1, stack):
+        _same_as_baseline(out, b, c, range(min(first, n_layers)))
+    if out.hidden is not None:
+        final = buf.x if gpt2 and model.final_ln is not None else buf.h
+        for c in range(stack):
+            src = c * n if first < n_layers else 0
+            out.hidden[c, b, :n] = final[src : src + n]
 
 
 def model_conditions(
@@ -258,12 +359,15 @@ def model_conditions(
     heads=None,
     ablate_layers=(0,),
     seq=None,
+    hidden=False,
 ):
     """Baseline and mean-substituted forward passes: every layer's maps and metrics.
 
-    Returns :class:`~qkvmean.engine.api.Conditions` with weights ``(B, L, H, S, S)``
-    (``S = seq``, default the padded length of ``ids``; maps are zero-padded to it) and
-    metrics ``(C, B, L, H)``.
+    ``ids`` ``(B, N)`` are padded token ids, ``lengths`` the valid tokens of each. Returns
+    :class:`~qkvmean.engine.api.Conditions` with weights ``(B, L, H, S, S)`` (``S = seq``,
+    default ``N``; maps are zero-padded to it) and metrics ``(C, B, L, H)``; with
+    ``hidden``, also each condition's final hidden states ``(B, S, D)`` (after GPT-2's
+    final LayerNorm; zeros at padding).
     """
     ids = np.asarray(ids)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -273,46 +377,14 @@ def model_conditions(
     if heads is not None:
         head_mask = np.zeros(model.n_heads, np.bool_)
         head_mask[list(heads)] = True
-    names, maps, per_condition = [], {}, []
-
-    def record(name, layer_weights, layer_rows):
-        out = np.zeros((batch, model.n_layers, model.n_heads, seq, seq), np.float32)
-        stats = []
-        for index, (w, r) in enumerate(zip(layer_weights, layer_rows, strict=True)):
-            out[:, index, :, :n, :n] = w.reshape(batch, model.n_heads, n, n)
-            stats.append(cpu.reduce_metrics(r, lengths, model.n_heads))
-        names.append(name)
-        maps[name] = out
-        # (metric) → (B, L, H)
-        per_condition.append(
-            [
-                np.stack([s[i].reshape(batch, model.n_heads) for s in stats], axis=1)
-                for i in range(len(METRICS))
-            ]
-        )
-
-    w0, r0, _, inputs = forward(model, ids, lengths, keep_inputs=True)
-    record("baseline", w0, r0)
-    base = [(w, r[0]) for w, r in zip(w0, r0, strict=True)]
-    layers = frozenset(ablate_layers)
-    first = min(layers)
-    # Layers before the first ablated one are the baseline's: start there, from the
-    # baseline's hidden states (same bits, KL exactly 0, work saved).
-    unchanged_w = w0[:first]
-    unchanged_r = [_same_as_baseline(r) for r in r0[:first]]
-    for target in targets:
-        ablation = Ablation(target=target, over=over, layers=layers, heads=head_mask)
-        reuse = (w0[first], r0[first]) if target == "v" else None
-        w, r, _, _ = forward(
-            model,
-            ids,
-            lengths,
-            ablation,
-            base=base,
-            start=first,
-            hidden=inputs[first],
-            reuse_first=reuse,
-        )
-        record(f"mean_{target}", unchanged_w + w, unchanged_r + r)
-    metrics = {name: np.stack([c[i] for c in per_condition]) for i, name in enumerate(METRICS)}
-    return Conditions(names=names, weights=maps, metrics=metrics)
+    plan = Plan(tuple(targets), over, frozenset(ablate_layers), head_mask)
+    out = _Outputs(model, plan, batch, seq, hidden)
+    inputs = [np.ascontiguousarray(ids[b, : lengths[b]]) for b in range(batch)]
+    config.run_tasks([lambda b=b: _one_input(model, plan, inputs[b], b, out) for b in range(batch)])
+    names = plan.names
+    return Conditions(
+        names=names,
+        weights=dict(zip(names, out.maps, strict=True)),
+        metrics=out.metrics,
+        hidden=None if out.hidden is None else dict(zip(names, out.hidden, strict=True)),
+    )

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 from numba import njit, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 #: Below this, exp(x) is under float32's smallest normal number: the result is 0.
 _EXP32_MIN = np.float32(-87.33654)
@@ -79,3 +79,67 @@ def exp_array(x, out):
     """``out[i] = exp(x[i])`` with the kernels' :func:`exp` (for tests)."""
     for i in range(x.size):
         out[i] = exp(x[i])
+
+
+# GELU, exact and tanh-approximated, in float32 arithmetic on top of :func:`exp` (so that a
+# loop of them vectorises; a C-library ``erf`` or ``tanh`` call per element does not), and
+# compiled inside their caller (``register_jitable``: a call per element would not). Both
+# are written so that no subtraction cancels: against float64 on [-12, 12], absolute error
+# below 6e-7, relative error below 1e-6 where |gelu| > 0.01 and below 2e-5 in the far
+# negative tail (values under 1e-10, where ``0.5 x (1 + erf)`` in float64 gives 0).
+_ERFC = tuple(
+    np.float32(c)
+    for c in (
+        0.17087277,
+        -0.82215223,
+        1.48851587,
+        -1.13520398,
+        0.27886807,
+        -0.18628806,
+        0.09678418,
+        0.37409196,
+        1.00002368,
+        -1.26551223,
+    )
+)
+_F32_HALF = np.float32(0.5)
+_F32_ONE = np.float32(1.0)
+_F32_TWO = np.float32(2.0)
+_SQRT_HALF = np.float32(0.7071067811865476)
+_SQRT_2_OVER_PI = np.float32(0.7978845608028654)
+_GELU_CUBIC = np.float32(0.044715)
+
+
+@register_jitable
+def erfc_pos(z):
+    """``erfc(z)`` for float32 ``z >= 0``: the Chebyshev fit of Numerical Recipes
+    (``erfcc``, fractional error below 1.2e-7 everywhere)."""
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9 = _ERFC
+    t = _F32_ONE / (_F32_ONE + _F32_HALF * z)
+    p = (((((((c0 * t + c1) * t + c2) * t + c3) * t + c4) * t + c5) * t + c6) * t + c7) * t + c8
+    return t * exp(-z * z + (p * t + c9))
+
+
+@register_jitable
+def gelu_erf(x):
+    """Exact GELU ``x Φ(x) = x erfc(-x / √2) / 2`` of a float32 (BERT's ``gelu``)."""
+    c = erfc_pos(abs(x) * _SQRT_HALF)
+    phi2 = c if x < 0 else _F32_TWO - c  # erfc(-z) = 2 - erfc(z), no cancellation: c <= 1
+    return _F32_HALF * x * phi2
+
+
+@register_jitable
+def gelu_tanh(x):
+    """GPT-2's ``gelu_new``: ``x (1 + tanh(u)) / 2``, ``u = √(2/π) (x + 0.044715 x³)``,
+    from ``1 + tanh(u) = 2 / (1 + e^{-2u})`` with the exponent always negative."""
+    u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
+    e = exp(-_F32_TWO * abs(u))
+    one_plus_tanh = _F32_TWO / (_F32_ONE + e) if u >= 0 else _F32_TWO * e / (_F32_ONE + e)
+    return _F32_HALF * x * one_plus_tanh
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def gelu_array(x, tanh_approx, out):
+    """``out[i] = gelu(x[i])`` with the kernels' functions (for tests)."""
+    for i in range(x.size):
+        out[i] = gelu_tanh(x[i]) if tanh_approx else gelu_erf(x[i])

@@ -1,0 +1,77 @@
+"""The kernels' vectorised float32 functions against float64 math."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from qkvmean.engine import cpu, vmath
+
+f32 = st.floats(-12, 12, width=32, allow_nan=False)
+
+
+def _gelu64(x, tanh_approx):
+    """GELU in float64, written without cancellation (the reference's ``1 + erf`` form
+    rounds the far negative tail to 0)."""
+    x = np.asarray(x, np.float64)
+    if tanh_approx:
+        u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+        with np.errstate(over="ignore"):  # exp(-2u) = inf: the weight is exactly 0
+            return x / (1 + np.exp(-2 * u))
+    return np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.ravel()]).reshape(x.shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.integers(1, 300), elements=f32), st.booleans())
+def test_gelu_is_accurate_everywhere(x, tanh_approx):
+    got = np.empty_like(x)
+    vmath.gelu_array(x, tanh_approx, got)
+    want = _gelu64(x, tanh_approx)
+    assert np.all(np.abs(got - want) <= 6e-7 * np.maximum(1.0, np.abs(x)))
+    big = np.abs(want) > 0.01
+    assert np.all(np.abs(got - want)[big] <= 1e-6 * np.abs(want[big]))
+    tail = (np.abs(want) > 1e-30) & ~big  # the tail keeps its relative accuracy too
+    assert np.all(np.abs(got - want)[tail] <= 2e-5 * np.abs(want[tail]))
+
+
+def test_gelu_at_the_edges():
+    x = np.array([0.0, -0.0, 1e-30, -1e-30, 12, -12, 30, -30, 1e4, -1e4], np.float32)
+    for tanh_approx in (False, True):
+        got = np.empty_like(x)
+        vmath.gelu_array(x, tanh_approx, got)
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, _gelu64(x, tanh_approx), rtol=2e-5, atol=1e-37)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.integers(1, 9),
+    st.integers(1, 70),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_bias_gelu_kernels_apply_gelu_to_x_plus_bias(rows, cols, tanh_approx, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(rows, cols)) * 4).astype(np.float32)
+    bias = rng.normal(size=cols).astype(np.float32)
+    want = np.empty_like(x)
+    vmath.gelu_array((x + bias).ravel(), tanh_approx, want.reshape(-1))
+    serial, parallel = x.copy(), x.copy()
+    cpu.bias_gelu_serial(serial, bias, tanh_approx)
+    cpu.bias_gelu(parallel, bias, tanh_approx)
+    # vectorised and scalar code may round x + bias and the polynomial differently
+    np.testing.assert_allclose(serial, want, rtol=5e-7, atol=1e-30)
+    np.testing.assert_array_equal(parallel, serial)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, st.integers(1, 200), elements=st.floats(-87, 0, width=32)))
+def test_exp_is_accurate_on_the_softmax_range(x):
+    got = np.empty_like(x)
+    vmath.exp_array(x, got)
+    want = np.exp(x.astype(np.float64))
+    assert np.all(np.abs(got - want) <= 5e-7 * want + 1e-38)
