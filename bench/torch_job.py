@@ -51,8 +51,8 @@ def _mean_hook(mask, which, d_model):
 
 
 def _metrics(maps, base, mask):
-    """Per (input, layer, head): mean row entropy, mean KL from the baseline, top-key mass
-    and index, over valid rows."""
+    """Per (input, layer, head): mean row entropy, mean KL of the condition from the
+    baseline, top-key mass and index, over valid rows."""
     a = torch.stack(maps, 1).double()  # (B, L, H, N, N)
     m = mask[:, None, None, :, None].double()
     n = mask.sum(1).double()[:, None, None]
@@ -60,8 +60,8 @@ def _metrics(maps, base, mask):
     ent = -(a * logp).sum(-1)
     out = {"entropy": (ent * m[..., 0]).sum(-1) / n}
     if base is not None:
-        b = torch.stack(base, 1).double()
-        kl = (a * (logp - torch.log(b.clamp(min=1e-30)))).sum(-1)
+        b = torch.stack(base, 1).double()  # KL(baseline || condition), as qkvmean's
+        kl = (b * (torch.log(b.clamp(min=1e-30)) - logp)).sum(-1)
         out["kl_from_baseline"] = (kl * m[..., 0]).sum(-1) / n
     else:
         out["kl_from_baseline"] = torch.zeros_like(out["entropy"])
@@ -85,6 +85,7 @@ def main(argv=None):
     t_load = time.perf_counter()
     model = AutoModel.from_pretrained(args.model, attn_implementation="eager").eval()
     tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
+    tok.no_padding()  # (a sentence-transformers tokenizer.json pads to a fixed length)
     tok.enable_truncation(max_length=args.max_tokens)
     texts = [line for line in open(args.text, encoding="utf-8").read().split("\n") if line]
     enc = [e.ids for e in tok.encode_batch(texts)]

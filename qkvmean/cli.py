@@ -174,14 +174,16 @@ def _add_run(sub):
         type=_positive_int,
         default=None,
         metavar="N",
-        help="inputs per batch (default: about 64 MB of maps per batch)",
+        help="inputs per batch (default: about 64 MB of maps per batch; with a model, at "
+        "least 3 inputs per thread)",
     )
     runp.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
         metavar="N",
-        help="compute threads (default: all cores)",
+        help="compute threads (default: the cores this process may use; "
+        "qkvmean --version --verbose shows them)",
     )
     runp.add_argument(
         "--resume",
