@@ -413,6 +413,8 @@ def cmd_run(args) -> int:
         maps=args.maps,
     )
     options.check()
+    if not args.out:
+        raise UsageError("--out is empty; give a file name for the store")
     _set_threads(args.threads)
     source = make_source(args, options)
     for note in source.notes():
@@ -446,11 +448,15 @@ def _describe(info) -> list:
     """The human lines of ``qkvmean inspect``."""
     mb = info["bytes_on_disk"] / 1e6
     if not info["complete"]:
+        running = info.get("running")
         return [
-            f"store        {info['store']} (not written yet: an interrupted run)",
+            f"store        {info['store']} (not written yet: "
+            + ("a run is writing it right now)" if running else "an interrupted run)"),
             f"source       {info['source']}: {info['input']}",
-            f"inputs       {info['inputs_done']} of {info['inputs_total']} done; finish with "
-            "the same command plus --resume",
+            f"inputs       {info['inputs_done']} of {info['inputs_total']} done; "
+            + (
+                "wait for it to finish" if running else "finish with the same command plus --resume"
+            ),
             f"conditions   {', '.join(info['conditions'])}",
             f"on disk      {mb:.2f} MB in {info['partial']}",
         ]

@@ -28,7 +28,14 @@ import numpy as np
 from . import engine
 from ._version import __version__
 from .config import compute_threads, task_pool
-from .io import InputError, ReadFailed, check_output_dir, lexists, refuse_inputs
+from .io import (
+    InputError,
+    ReadFailed,
+    check_output_dir,
+    lexists,
+    refuse_inputs,
+    refuse_special,
+)
 from .io import store as st
 from .io.qkv import QKVInput
 from .resources import check_memory, disk_free, environment, format_bytes, memory_limit
@@ -400,8 +407,12 @@ def _check_output(out: Path, inputs=(), overwrite=False):
     """Refuse, before any work, an output that is an input, that cannot be written, or
     that is a link leading nowhere (the run would compute everything, then find it)."""
     if not out.name:
-        raise InputError("--out is empty; give a file name for the store")
+        raise InputError(
+            f"--out {str(out)!r} names no file (it is empty, or a directory); give a file "
+            "name for the store"
+        )
     refuse_inputs(out, inputs)
+    refuse_special(out)
     work = st.partial_dir(out).resolve()
     for path in inputs:
         if work in Path(path).resolve().parents:
@@ -454,7 +465,15 @@ def _differences(recorded, config) -> str:
         return ""
     parts = []
     for key in changed:
-        if key.endswith(("identity", "sha256")):
+        was, now = recorded.get(key), current.get(key)
+        if key == "input_identity" and isinstance(was, dict) and isinstance(now, dict):
+            named = [  # the input's shapes or dtypes, where those changed
+                f"input {part} {was.get(part)} (now {now.get(part)})"
+                for part in ("shapes", "dtypes")
+                if was.get(part) != now.get(part)
+            ]
+            parts.extend(named or ["other input contents"])
+        elif key.endswith(("identity", "sha256")):
             parts.append(f"other {key.split('_')[0]} contents")
         else:
             parts.append(f"{key} = {recorded.get(key)!r} (now {current.get(key)!r})")
@@ -976,6 +995,7 @@ def inspect_partial(out: Path) -> dict:
     return {
         "store": str(out),
         "complete": False,
+        "running": st.run_is_live(work),
         "partial": str(work),
         "created_utc": manifest.get("created_utc"),
         "source": cfg.get("source"),

@@ -14,6 +14,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -865,3 +869,162 @@ def test_a_manifest_less_partial_directory_beside_a_complete_store(tmp_path, qkv
     work.mkdir()
     (work / "lock").write_bytes(b"")
     expect(capsys, 2, argv, r"o.h5: exists; pass --overwrite|an interrupted run left this")
+
+
+# ------------------------------------------- campaign 3: new instances of the same kinds
+
+DAMAGED = Path(__file__).parent / "data" / "damaged"
+
+
+def test_stores_whose_structure_hdf5_cannot_read_are_named_damaged(tmp_path, good_store, capsys):
+    """A metadata checksum that fails, in a group's header or a chunk index: one line,
+    exit 2, for inspect, inspect --json and render (they were tracebacks)."""
+    header = tmp_path / "header.h5"
+    shutil.copy(good_store, header)
+    with h5py.File(header) as f:
+        addr = h5py.h5o.get_info(f["attention"].id).addr
+    with open(header, "r+b") as fh:  # the /attention group's object header
+        fh.seek(addr + 8)
+        fh.write(b"\xff\xff\xff\xff")
+    index = tmp_path / "index.h5"
+    shutil.copy(DAMAGED / "store-bad-chunk-index.h5", index)
+    for store in (header, index):
+        for argv in (["inspect", store], ["inspect", "--json", store]):
+            expect(capsys, 2, argv, r"(checksum|damaged).*the store is damaged")
+    expect(capsys, 2, ["render", header, "-o", tmp_path / "f.png"], r"the store is damaged")
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_damaged_input_chunks_are_named_wherever_they_are_read(tmp_path, capsys):
+    """The identity of a Q/K/V input (read before any batch) reads through the same
+    checks as the batches: a chunk that fails its filter, or lies past the end of the
+    file, is damage named by file and dataset (exit 2), not an unnamed exit 1."""
+    for name, where in (("qkv-bad-filter.h5", "/q"), ("qkv-address-past-end.h5", "/v")):
+        path = tmp_path / name
+        shutil.copy(DAMAGED / name, path)
+        out = tmp_path / f"{name}.out.h5"
+        expect(capsys, 2, ["run", "--qkv", path, "--out", out, "-q"], rf"{name}:{where}: .*damaged")
+        assert not leftovers(tmp_path, out.name) and not out.exists()
+
+
+def test_a_title_that_is_not_utf8_is_refused(tmp_path, good_store, capsys):
+    argv = ["render", good_store, "-o", tmp_path / "t.png", "--title", "bad\udcff\udcfe"]
+    expect(capsys, 2, argv, r"--title .* is not valid UTF-8")
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_devices_and_pipes_are_never_replaced_even_with_overwrite(
+    tmp_path, qkv_input, good_store, capsys
+):
+    fifo = tmp_path / "fifo.h5"
+    os.mkfifo(fifo)
+    specials = [fifo]
+    try:  # a copy of /dev/null (needs root, as CI has)
+        os.mknod(tmp_path / "null", 0o666 | __import__("stat").S_IFCHR, os.makedev(1, 3))
+        specials.append(tmp_path / "null")
+    except PermissionError:
+        pass
+    for out in specials:
+        for extra in ([], ["--overwrite"]):
+            argv = ["run", "--qkv", qkv_input, "--out", out, "-q", *extra]
+            expect(capsys, 2, argv, r"is a (named pipe|character device).*never replaces")
+    image = tmp_path / "f.png"
+    os.mkfifo(image)
+    expect(capsys, 2, ["render", good_store, "-o", image, "--overwrite"], r"named pipe")
+    link = tmp_path / "l.h5"
+    link.symlink_to(fifo)  # through a link too
+    expect(capsys, 2, ["run", "--qkv", qkv_input, "--out", link, "--overwrite"], r"named pipe")
+    assert fifo.is_fifo() and image.is_fifo() and link.is_symlink()
+    if len(specials) > 1:
+        assert specials[1].is_char_device()
+
+
+def test_a_live_run_is_not_called_interrupted(tmp_path, capsys):
+    """inspect and render on a store a run is writing now say so (not '--resume')."""
+    src = tmp_path / "in.h5"
+    make_qkv(src, n=400, layers=1, heads=4, seq=24, dim=8, seed=5)
+    out = tmp_path / "o.h5"
+    argv = ["run", "--qkv", src, "--out", out, "--batch-size", "10", "--threads", "1", "-q"]
+    live = subprocess.Popen([sys.executable, "-m", "qkvmean", *map(str, argv)])
+    work = st.partial_dir(out)
+    deadline = time.monotonic() + 120
+    while not list(work.glob("batch-*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    live.send_signal(signal.SIGSTOP)
+    try:
+        assert main(["inspect", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert "a run is writing it right now" in text and "--resume" not in text
+        expect(capsys, 2, ["render", out, "-o", tmp_path / "f.png"], r"writing it right now")
+    finally:
+        live.send_signal(signal.SIGCONT)
+        live.wait(timeout=600)
+    assert live.returncode == 0 and out.exists()
+
+
+def test_an_input_open_in_a_live_swmr_writer_is_not_called_damaged(tmp_path, capsys):
+    path = tmp_path / "sw.h5"
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, h5py, numpy as np\n"
+            f"f = h5py.File({str(path)!r}, 'w', libver='latest')\n"
+            "for n in 'qkv': f[n] = np.ones((2, 1, 4, 2), 'f4')\n"
+            "f.swmr_mode = True\n"
+            "f.flush(); print('ready', flush=True); sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        argv = ["run", "--qkv", path, "--out", tmp_path / "o.h5", "-q"]
+        err = expect(capsys, 2, argv, r"marked open for writing .*h5clear")
+        assert "damaged" not in err
+    finally:
+        writer.communicate("", timeout=60)
+
+
+def test_campaign_3_messages_say_what_is_wrong(tmp_path, good_store, capsys):
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.h5"
+    with h5py.File(big, "w") as f:  # float64 already: "pass float64" would be no help
+        for n in "qkv":
+            f[n] = rng.normal(size=(3, 2, 6, 4)) * 1e300
+    err = expect(capsys, 2, ["run", "--qkv", big, "--out", tmp_path / "a.h5"], r"rescale them")
+    assert "pass float64" not in err
+    wrapped = tmp_path / "wrapped.h5"
+    with h5py.File(wrapped, "w") as f:
+        for n in "qkv":
+            f[n] = rng.normal(size=(3, 2, 6, 4)).astype("f4")
+        f["lengths"] = np.array([2**63, 2, 6], np.uint64)
+    argv = ["run", "--qkv", wrapped, "--out", tmp_path / "b.h5"]
+    expect(capsys, 2, argv, r"input 0 has length 9223372036854775808, outside 0\.\.6")
+    expect(capsys, 2, ["run", "--qkv", big, "--out", "."], r"--out '\.' names no file")
+    dangling = tmp_path / "d.png"
+    dangling.symlink_to("nowhere/a.png")
+    expect(capsys, 2, ["render", good_store, "-o", dangling], r"link that leads nowhere")
+
+
+def test_a_model_store_without_its_tokens_is_damaged_not_a_qkv_store(tmp_path, capsys):
+    model = write_gpt2_dir(tmp_path / "gpt2")
+    out = tmp_path / "m.h5"
+    assert main(["run", "--model", str(model), "--out", str(out), "-q"]) == 0
+    with h5py.File(out, "r+") as f:
+        del f["input/tokens"]
+    argv = ["render", out, "-o", tmp_path / "m.png", "--tokens"]
+    expect(capsys, 2, argv, r"--model run's store but has no /input/tokens; the store is damaged")
+
+
+def test_resume_after_the_input_dtype_changed_names_it(tmp_path, qkv_input, capsys):
+    out = tmp_path / "o.h5"
+    assert main(["run", "--qkv", str(qkv_input), "--out", str(out), "-q"]) == 0
+    with h5py.File(qkv_input, "r+") as f:
+        for n in "qkv":
+            data = f[n][...]
+            del f[n]
+            f[n] = data.astype(np.float64)
+    argv = ["run", "--qkv", qkv_input, "--out", out, "--resume", "-q"]
+    expect(capsys, 2, argv, r"input dtypes \{.*'q': 'float32'.*\(now \{.*'q': 'float64'")

@@ -348,7 +348,7 @@ BAD = [
         (Q, Q),
         {"scale": 1e39},
         ValueError,
-        r"scale = 1e\+39 is too large for float32; pass float64",
+        r"scale = 1e\+39 is too large for float32; use a smaller one or pass float64",
     ),
     ("dim-zero", "attention_weights", (Q[..., :0], Q[..., :0]), {}, ValueError, r"head_dim 0"),
 ]

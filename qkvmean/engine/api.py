@@ -275,13 +275,16 @@ def _prepare(
         # Every logit is bounded by dim * max|q| * max|k| * max(scale, 1); keep that
         # finite so no score overflows to inf (and no weight becomes NaN).
         limit = float(np.finfo(dtype).max) / 4
+        wider = "" if dtype == np.float64 else " or pass float64"
         if scale > limit:
-            raise ValueError(f"scale = {scale:.3g} is too large for {dtype}; pass float64 inputs")
+            raise ValueError(
+                f"scale = {scale:.3g} is too large for {dtype}; use a smaller one{wider}"
+            )
         bound = q.shape[-1] * q_max * k_max * max(scale, 1.0)
         if bound > limit:
             raise ValueError(
                 f"q and k are too large for {dtype}: max|q| = {q_max:.3g}, max|k| = "
-                f"{k_max:.3g}, so dot products can overflow; rescale them or pass float64"
+                f"{k_max:.3g}, so dot products can overflow; rescale them{wider}"
             )
     if need_v:
         vc, v_max = _contiguous(v, dtype, "v", v.shape)

@@ -87,6 +87,12 @@ def open_hdf5(path, what: str = "an HDF5 file"):
                 "another program has it open for writing: wait for it, or set "
                 "HDF5_USE_FILE_LOCKING=FALSE to read it anyway"
             )
+        elif "already open for write" in text:  # a live SWMR writer, or a dead one's flag
+            hint = (
+                "it is marked open for writing (by a program writing it now in SWMR mode, or "
+                "one that died while writing): wait for the writer, or, if none is left, "
+                "clear the mark with h5clear -s"
+            )
         elif "truncated file" in text:
             hint = "the file is truncated (a copy or a write that did not finish?)"
         elif exc.errno:
@@ -120,6 +126,35 @@ def same_file(a, b) -> bool:
         return a.exists() and b.exists() and a.samefile(b)
     except OSError:
         return False
+
+
+def refuse_special(out, flag: str = "--out"):
+    """An :class:`InputError` when the output ``out`` exists (through links too) and is
+    neither a regular file nor a directory: a device (``/dev/null``), a named pipe or a
+    socket is never replaced by a file, whatever ``--overwrite`` says."""
+    import stat
+
+    try:
+        mode = os.stat(out).st_mode
+    except (OSError, ValueError):
+        return
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = (
+        "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a named pipe (FIFO)"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    raise InputError(
+        f"{flag} {out}: is {kind}, not a regular file; qkvmean writes only regular files "
+        "and never replaces anything else, --overwrite or not: give a file name"
+    )
 
 
 def refuse_inputs(out, inputs, flag: str = "--out"):

@@ -306,14 +306,15 @@ class QKVInput:
             )
         _check_written(d, self.where("lengths"))
         self.files += _files(d, self.where("lengths"))
-        lengths = d[...].astype(np.int64)
-        bad = np.flatnonzero((lengths < 0) | (lengths > self.seq))
+        raw = d[...]  # checked before the conversion: a uint64 above 2**63 would wrap
+        bad = np.flatnonzero((raw < 0) | (raw > self.seq))
         if bad.size:
             i = int(bad[0])
             raise InputError(
-                f"{self.where('lengths')}: input {i} has length {lengths[i]}, outside "
+                f"{self.where('lengths')}: input {i} has length {int(raw[i])}, outside "
                 f"0..{self.seq} (the sequence length)"
             )
+        lengths = raw.astype(np.int64)
         return lengths
 
     def chunk_inputs(self) -> int:
@@ -327,9 +328,9 @@ class QKVInput:
         digest = hashlib.sha256()
         digest.update(self.lengths.tobytes())
         for name in ("q", "k", "v"):
-            d = getattr(self, name)
             for index in sorted({0, self.n_inputs - 1}):
-                digest.update(np.ascontiguousarray(d[index]).tobytes())
+                value = self._hdf5_read(name, index, index + 1)[0]  # damage named as such
+                digest.update(np.ascontiguousarray(value).tobytes())
         return {
             "shapes": {n: list(getattr(self, n).shape) for n in ("q", "k", "v")},
             "dtypes": {n: getattr(self, n).dtype.name for n in ("q", "k", "v")},

@@ -379,14 +379,40 @@ def progress(work: Path, manifest: dict) -> tuple:
     return sum(b - a for a, b in journal(work) if (a, b) in batches), total
 
 
+def run_is_live(work: Path) -> bool:
+    """Does a running qkvmean process hold the lock of the partial directory ``work``?
+    (Every run holds an exclusive ``flock`` on ``work/lock`` until it ends; a shared
+    lock taken here for an instant fails while it does.)"""
+    import fcntl
+
+    try:
+        fd = os.open(work / "lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (closing releases the shared lock, if it was taken)
+    return False
+
+
 def interrupted_message(out: Path) -> str:
-    """What to say of a store whose run was interrupted (it has a partial directory)."""
+    """What to say of a store that is not written yet (it has a partial directory): a
+    run is writing it now, or the run that wrote it was interrupted."""
     work = partial_dir(out)
     try:
         done, total = progress(work, read_manifest(work))
-        count = f" with {done} of {total} inputs done"
+        count = f"{done} of {total} inputs done"
     except InputError:
         count = ""
+    if run_is_live(work):
+        return (
+            f"not written yet: a qkvmean run is writing it right now ({count or 'starting'}; "
+            f"its work is in {work.name}/); wait for it to finish"
+        )
+    count = f" with {count}" if count else ""
     return (
         f"not written yet: the run that writes it was interrupted{count} (its work is in "
         f"{work.name}/); finish it with the same qkvmean run command plus --resume"
@@ -775,9 +801,25 @@ class Store:
         self._f = open_hdf5(self.path, "an HDF5 file (a qkvmean store is HDF5)")
         try:
             self._validate()
-        except Exception:
+        except InputError:
             self._f.close()
             raise
+        except (KeyError, RuntimeError, OSError, ValueError) as exc:
+            self._f.close()
+            raise self._unreadable(exc) from None
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _unreadable(self, exc) -> Exception:
+        """What HDF5 failing to read the store's own structure means: damage (a bad
+        checksum, an address past the end), unless the system said why."""
+        if isinstance(exc, OSError) and exc.errno:
+            return exc
+        from . import hdf5_reason
+
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        return self._damaged(f"HDF5 cannot read its structure ({hdf5_reason(str(text))})")
 
     def _text(self, values, where) -> list:
         """Strings of a UTF-8 string dataset; text that is not UTF-8 is damage."""
@@ -861,12 +903,13 @@ class Store:
         for name in ("query", "key"):
             self._dataset(name, kind="iu", ndim=1, shape=(self.seq,))
         lengths = self._dataset("input/lengths", kind="iu", ndim=1, shape=(self.n_inputs,))
-        self.lengths = lengths[...].astype(np.int64)
-        bad = np.flatnonzero((self.lengths < 0) | (self.lengths > self.seq))
+        raw = lengths[...]  # checked before the conversion: a uint64 above 2**63 would wrap
+        bad = np.flatnonzero((raw < 0) | (raw > self.seq))
+        self.lengths = raw.astype(np.int64)
         if bad.size:
             i = int(bad[0])
             raise self._damaged(
-                f"/input/lengths gives input {i} length {self.lengths[i]}, outside 0..{self.seq}"
+                f"/input/lengths gives input {i} length {int(raw[i])}, outside 0..{self.seq}"
             )
         if "input/text" in f:
             self._dataset("input/text", kind="OSU", ndim=1, shape=(self.n_inputs,))
@@ -1054,7 +1097,10 @@ class Store:
             for cond in self.conditions:
                 d = self._f["attention"][cond]
                 raw += d.size * d.dtype.itemsize
-                stored += d.id.get_storage_size()
+                try:
+                    stored += d.id.get_storage_size()
+                except (KeyError, RuntimeError, OSError) as exc:  # a damaged chunk index
+                    raise self._unreadable(exc) from None
         return self.path.stat().st_size, raw, stored
 
     def summary(self) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..io import InputError, check_output_dir, lexists, refuse_inputs
+from ..io import InputError, check_output_dir, lexists, refuse_inputs, refuse_special
 from ..io.store import Store, open_store
 
 TENSORS = {"mean_q": "Query", "mean_k": "Key", "mean_v": "Value"}
@@ -172,6 +172,11 @@ def draw(
     layer = store.layer_index(layer)
     head = _check_head(store, head)
     if tokens and not store.has_tokens:
+        if store.source == "model":
+            raise InputError(
+                f"{store.path.name} is a --model run's store but has no /input/tokens; the "
+                "store is damaged: drop --tokens, or run it again"
+            )
         raise InputError(
             f"{store.path.name} has no tokens (only stores of --model runs do); drop --tokens"
         )
@@ -259,9 +264,15 @@ def check_output(path, overwrite=False, inputs=()) -> Path:
             f"{path}: unknown format {path.suffix or '(none)'!r}; use .png, .pdf or .svg"
         )
     refuse_inputs(path, inputs, flag="-o")
+    refuse_special(path, flag="-o")
     check_output_dir(path)
     if path.is_dir():
         raise InputError(f"{path}: is a directory")
+    if path.is_symlink() and not path.exists() and not overwrite:
+        raise InputError(
+            f"{path}: is a symbolic link that leads nowhere ({os.readlink(path)}); remove "
+            "it, or pass --overwrite to replace the link with the image"
+        )
     if lexists(path) and not overwrite:
         raise InputError(f"{path}: exists; pass --overwrite to replace it")
     return path
@@ -274,6 +285,13 @@ def check_title(title: str) -> str:
 
     if not isinstance(title, str):
         raise TypeError(f"title must be a string, got {title!r}")
+    try:
+        title.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line
+        raise InputError(
+            f"--title {title.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
+            "UTF-8 text; write it in UTF-8"
+        ) from None
     if cbook.is_math_text(title):
         try:
             MathTextParser("path").parse(title, dpi=72)
