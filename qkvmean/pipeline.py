@@ -268,8 +268,9 @@ class ModelSource:
         return 1
 
     def bytes_per_input(self) -> int:
-        # the maps of every layer, plus the baseline's kept for the KL
-        return 2 * self.n_layers * self.n_heads * self.seq * self.seq * 4
+        # the maps of every layer, per condition (the baseline's, which the KL reads, is
+        # one of them); an input's working buffers are small beside them
+        return self.n_layers * self.n_heads * self.seq * self.seq * 4
 
     def inputs_record(self) -> dict:
         tokens = [t + [""] * (self.seq - len(t)) for t in self.tokens]
@@ -513,11 +514,11 @@ def _batches(n, size, align=1):
 def auto_batch_size(source, n_conditions) -> int:
     """Inputs per batch: about ``BATCH_BYTES`` of results, and for a source that computes
     one input per task (a model) at least ``TASKS_PER_THREAD`` tasks per compute thread
-    where three such batches take at most an eighth of the memory."""
+    where three such batches take at most a quarter of the memory."""
     per_input = max(1, source.bytes_per_input() * n_conditions)
     size = BATCH_BYTES // per_input
     if source.tasks_per_input:
-        fits = int(memory_limit() / 8 / 3 // per_input)
+        fits = int(memory_limit() / 4 / 3 // per_input)
         size = max(size, min(TASKS_PER_THREAD * compute_threads(), fits))
     return int(max(1, min(source.n_inputs, size)))
 
