@@ -107,11 +107,12 @@ def test_fast_paths_equal_general_path_in_a_model(minilm):
                 minilm.weights, ids, lengths, ablate_layers=(0, 3), hidden=True
             )
     # The model path's scores are BLAS products, whose rows need not round alike: the fast
-    # paths agree with the general path to float32 rounding (the raw API's kernels agree
-    # bit for bit: tests/test_invariants.py).
+    # paths agree with the general path to float32 rounding, carried through three more
+    # layers (1.1e-6 with some BLAS kernels; the raw API's kernels agree bit for bit:
+    # tests/test_invariants.py).
     for name in ("mean_q", "mean_k"):
         fast, slow = runs[True].weights[name], runs[False].weights[name]
-        assert np.abs(fast - slow).max() < 1e-6
+        assert np.abs(fast - slow).max() < 5e-6
         assert np.abs(runs[True].hidden[name] - runs[False].hidden[name]).max() < 1e-4
 
 
@@ -262,12 +263,8 @@ def test_pickles_are_refused_with_a_conversion_hint(tmp_path, gpt2_dir):
 def test_bad_model_directories(tmp_path, gpt2_dir):
     _expect(tmp_path / "none", "no such model directory")
     d = copy_model(gpt2_dir, tmp_path / "a")
-    edit_config(d, model_type="llama")
-    _expect(
-        d,
-        r"model_type 'llama' is not supported; qkvmean runs the BERT \('bert'\) and "
-        r"GPT-2 \('gpt2'\) families",
-    )
+    edit_config(d, model_type="t5")
+    _expect(d, r"model_type 't5' is not supported; qkvmean runs 'bert', 'gpt2', 'llama'")
     d = copy_model(gpt2_dir, tmp_path / "b")
     edit_config(d, n_layer=4)
     _expect(d, r"no tensor 'h.3.attn.c_attn.weight' \(config.json: n_layer = 4\)")
@@ -560,7 +557,7 @@ def test_bfloat16_and_gamma_beta_checkpoints_load(tmp_path, gpt2_dir, minilm):
         ),
     )
     m = M.load_model(str(old))
-    np.testing.assert_array_equal(m.weights.layers[2].ln1[0], minilm.weights.layers[2].ln1[0])
+    np.testing.assert_array_equal(m.weights.layers[2].norm1[0], minilm.weights.layers[2].norm1[0])
 
 
 def test_more_bad_directories(tmp_path, gpt2_dir):

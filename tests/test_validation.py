@@ -57,7 +57,16 @@ BAD = [
         ValueError,
         r"v has sequence length 4 but q has 5",
     ),
-    ("v-heads", "attention", (Q, Q, V[:, :2]), {}, ValueError, r"v has shape .* batch and group"),
+    (
+        "v-heads",
+        "attention",
+        (Q, Q, V[:, :2]),
+        {},
+        ValueError,
+        r"v has 2 heads on axis -3 but q has 3: v must have q's heads, or \(grouped-query "
+        r"attention\) a number of heads that divides q's",
+    ),
+    ("v-batch", "attention", (Q, Q, V[:1]), {}, ValueError, r"v has shape .* batch and group"),
     (
         "q-1d",
         "attention_weights",

@@ -16,18 +16,22 @@ import numpy as np
 from .. import config
 from ..resources import check_memory, format_bytes
 from . import cpu
-from .modes import MODE_SHARED_ROW, MODE_UNIFORM
+from .names import CONDITIONS, METRICS, OVER, TARGETS, condition_name
+from .plan import Plan
 
+#: The backends by device name. A backend is a module (or object) with the names of
+#: :mod:`qkvmean.engine.backend`'s protocol; the raw API and the model path both go
+#: through it.
 BACKENDS = {"cpu": cpu}
 
-OVER = ("tokens", "causal")
-TARGETS = ("q", "k", "v")
+__all__ = ["BACKENDS", "CONDITIONS", "METRICS", "OVER", "TARGETS", "backend"]
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def _backend(device):
+def backend(device):
+    """The backend registered for ``device``, or a ValueError naming the choices."""
     try:
         return BACKENDS[device]
     except (KeyError, TypeError):
@@ -209,6 +213,20 @@ def _flat(arr, batched):
     return arr.reshape(batch * group, arr.shape[-2], arr.shape[-1]), batch, group
 
 
+def _expand_kv(x, name, q):
+    """Grouped-query attention: ``x`` (k or v) with fewer heads on axis -3 than q, a
+    divisor of q's, is repeated so that query head ``h`` reads KV head ``h // (H / G)``."""
+    if x.ndim != q.ndim or x.ndim < 4 or x.shape[-3] == q.shape[-3]:
+        return x
+    heads, kv_heads = q.shape[-3], x.shape[-3]
+    if kv_heads == 0 or heads % kv_heads or x.shape[:-3] != q.shape[:-3]:
+        raise ValueError(
+            f"{name} has {kv_heads} heads on axis -3 but q has {heads}: {name} must have q's "
+            "heads, or (grouped-query attention) a number of heads that divides q's"
+        )
+    return np.repeat(x, heads // kv_heads, axis=-3)
+
+
 def _check_like_q(x, name, q, *, share_dim):
     """``x`` (k or v) must match q's shape; v's last axis may differ."""
     if x.ndim != q.ndim:
@@ -252,12 +270,12 @@ def _prepare(
 ):
     q = _float_array(q, q_name)
     if need_k:
-        k = _float_array(k, "k")
+        k = _expand_kv(_float_array(k, "k"), "k", q)
         _check_like_q(k, "k", q, share_dim=True)
         if q.shape[-1] == 0:
             raise ValueError("q and k have head_dim 0; attention needs head_dim >= 1")
     if need_v:
-        v = _float_array(v, "v")
+        v = _expand_kv(_float_array(v, "v"), "v", q)
         _check_like_q(v, "v", q, share_dim=False)
     causal = _check_bool(causal, "causal")
     scale = _check_scale(scale, q.shape[-1]) if k is not None else 1.0
@@ -309,10 +327,10 @@ def _prepare(
 # ----------------------------------------------------------------------------- API
 
 
-def _run_attention(p, backend, modes, with_output):
+def _run_attention(p, ops, modes, with_output):
     if modes is None:
         modes = np.zeros(p.group, dtype=np.int8)
-    w, o, _ = p.attention(backend, modes, p.v, with_output)
+    w, o, _ = p.attention(ops, modes, p.v, with_output)
     weights = w.reshape(p.shape[:-1] + (p.shape[-2],))
     if not with_output:
         return weights
@@ -351,9 +369,9 @@ def attention_weights(q, k, *, lengths=None, causal=False, scale=None, device="c
            [0.5       , 0.5       , 0.        ],
            [0.33333334, 0.33333334, 0.33333334]], dtype=float32)
     """
-    backend = _backend(device)
+    ops = backend(device)
     p = _prepare(q, k, lengths=lengths, causal=causal, scale=scale, need_v=False)
-    return _run_attention(p, backend, None, with_output=False)
+    return _run_attention(p, ops, None, with_output=False)
 
 
 def attention(q, k, v, *, lengths=None, causal=False, scale=None, device="cpu"):
@@ -370,9 +388,9 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, device="cpu"):
     >>> qkvmean.attention(q, q, v)[1][0, :, 0]
     array([2., 2.])
     """
-    backend = _backend(device)
+    ops = backend(device)
     p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=True)
-    return _run_attention(p, backend, None, with_output=True)
+    return _run_attention(p, ops, None, with_output=True)
 
 
 def mean_substitute(x, *, over="tokens", lengths=None, device="cpu"):
@@ -396,13 +414,13 @@ def mean_substitute(x, *, over="tokens", lengths=None, device="cpu"):
     >>> qkvmean.mean_substitute(x, over="causal")[0, :, 0]
     array([1., 2., 4.])
     """
-    backend = _backend(device)
+    ops = backend(device)
     over = _check_choice(over, "over", OVER)
     p = _prepare(
         x, lengths=lengths, causal=False, scale=None, need_v=False, need_k=False, q_name="x"
     )
     select = np.ones(p.group, dtype=np.bool_)
-    p.substitute(backend, "q", select, over == "causal")
+    p.substitute(ops, "q", select, over == "causal")
     return p.q.reshape(p.shape)
 
 
@@ -414,24 +432,15 @@ def _group_select(p, head_mask):
     return np.tile(head_mask, p.group // head_mask.size)
 
 
-def _substitute(p, backend, target, over, select):
-    """Substitute ``target`` of prepared inputs in place; return the per-group modes."""
-    prefix = over == "causal"
+def _substitute(p, ops, target, over, select):
+    """Substitute ``target`` of prepared inputs in place, as the plan says; return the
+    per-group modes."""
+    plan = Plan(over=over)
+    step = plan.step(target, causal=p.causal)
     modes = np.zeros(p.group, dtype=np.int8)
-    fast = config.FAST_PATHS and not prefix
-    if target == "q":
-        if fast and not p.causal:
-            modes[select] = MODE_SHARED_ROW
-        p.substitute(backend, "q", select, prefix)
-    elif target == "k":
-        if fast:
-            # Identical valid keys give uniform rows; k is not needed at all.
-            modes[select] = MODE_UNIFORM
-        else:
-            p.substitute(backend, "k", select, prefix)
-    elif p.v is not None:
-        # The weights never see v: they are the baseline weights.
-        p.substitute(backend, "v", select, prefix)
+    modes[select] = step.mode
+    if step.substitute and getattr(p, target) is not None:
+        p.substitute(ops, target, select, plan.prefix)
     return modes
 
 
@@ -478,7 +487,7 @@ def ablate(
     >>> w[0, 0, 0]
     array([0.33333333, 0.33333333, 0.33333333, 0.        ])
     """
-    backend = _backend(device)
+    ops = backend(device)
     target = _check_choice(target, "target", TARGETS)
     over = _check_choice(over, "over", OVER)
     if v is None and target == "v":
@@ -486,14 +495,10 @@ def ablate(
     with_output = v is not None
     p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=with_output)
     select = _group_select(p, _check_heads(heads, p.shape))
-    modes = _substitute(p, backend, target, over, select)
+    modes = _substitute(p, ops, target, over, select)
     if not with_output:
-        return _run_attention(p, backend, modes, with_output=False), None
-    return _run_attention(p, backend, modes, with_output=True)
-
-
-CONDITIONS = ("baseline", "mean_q", "mean_k", "mean_v")
-METRICS = ("entropy", "kl_from_baseline", "top_key_mass", "top_key_index")
+        return _run_attention(p, ops, modes, with_output=False), None
+    return _run_attention(p, ops, modes, with_output=True)
 
 
 @dataclass
@@ -558,14 +563,14 @@ def conditions(
     >>> round(float(c.metrics["entropy"][1, 0, 0]), 6) == round(float(np.log(4)), 6)
     True
     """
-    backend = _backend(device)
+    ops = backend(device)
     over = _check_choice(over, "over", OVER)
     if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
         raise TypeError(f"targets must be a sequence of 'q', 'k', 'v', got {targets!r}")
     targets = [_check_choice(t, "targets", TARGETS) for t in targets]
     if len(set(targets)) != len(targets):
         raise ValueError(f"targets has a duplicate: {targets!r}")
-    n_maps = 1 + sum(t != "v" for t in targets)
+    n_maps = 1 + sum(not Plan.weights_unchanged(t) for t in targets)
     p = _prepare(
         q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=v is not None, n_maps=n_maps
     )
@@ -575,23 +580,24 @@ def conditions(
     names, weights, per_pair = [], {}, []
 
     def run(name, modes, base):
-        w, _, rows = p.attention(backend, modes, None, False, metrics=True, base=base)
+        w, _, rows = p.attention(ops, modes, None, False, metrics=True, base=base)
         names.append(name)
         weights[name] = w.reshape(lead + (p.shape[-2], p.shape[-2]))
-        per_pair.append(backend.reduce_metrics(rows, p.lengths, p.group))
+        per_pair.append(ops.reduce_metrics(rows, p.lengths, p.group))
         return w, rows
 
-    w0, rows0 = run("baseline", np.zeros(p.group, dtype=np.int8), None)
+    w0, rows0 = run(CONDITIONS[0], np.zeros(p.group, dtype=np.int8), None)
     base = (w0, rows0[0])  # baseline weights and row entropies
     for target in targets:
-        if target == "v":
+        name = condition_name(target)
+        if Plan.weights_unchanged(target):
             # v never reaches the weights: mean-V maps and metrics are the baseline's
-            names.append("mean_v")
-            weights["mean_v"] = weights["baseline"]
+            names.append(name)
+            weights[name] = weights[CONDITIONS[0]]
             per_pair.append(per_pair[0][:1] + (np.zeros_like(per_pair[0][1]),) + per_pair[0][2:])
             continue
         p.q, p.k, p.v = original
-        run(f"mean_{target}", _substitute(p, backend, target, over, select), base)
+        run(name, _substitute(p, ops, target, over, select), base)
     metrics = {
         name: np.stack([m[i] for m in per_pair]).reshape((len(names),) + lead)
         for i, name in enumerate(METRICS)

@@ -25,7 +25,7 @@ from numba import get_thread_id, njit, prange
 
 from .. import config
 from .modes import MODE_SHARED_ROW, MODE_UNIFORM
-from .vmath import exp, gelu_erf, gelu_tanh
+from .vmath import exp, gelu_erf, gelu_tanh, silu
 
 _JIT = dict(cache=True, fastmath=set(config.FASTMATH), nogil=True)
 
@@ -677,10 +677,10 @@ def mean_substitute_serial(x, lengths, group, select, prefix, shrink, acc, out):
 
 
 @njit(**_JIT)
-def _norm_row(r, x, bias, residual, with_residual, store_sum, gamma, beta, eps, out):
+def _norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
     """``s = x[r] + bias (+ residual[r])``; ``residual[r] = s`` with ``store_sum``;
-    ``out[r] = LayerNorm(s)``, statistics in float64. ``out`` may be ``x`` or
-    ``residual``."""
+    ``out[r] = LayerNorm(s)`` (``rms``: RMSNorm, no centring; ``beta`` is zero),
+    statistics in float64. ``out`` may be ``x`` or ``residual``."""
     dim = x.shape[1]
     total = 0.0
     for d in range(dim):
@@ -691,7 +691,7 @@ def _norm_row(r, x, bias, residual, with_residual, store_sum, gamma, beta, eps, 
             residual[r, d] = a
         out[r, d] = a
         total += a
-    mean = total / dim
+    mean = 0.0 if rms else total / dim
     sq = 0.0
     for d in range(dim):
         c = out[r, d] - mean
@@ -702,17 +702,17 @@ def _norm_row(r, x, bias, residual, with_residual, store_sum, gamma, beta, eps, 
 
 
 @njit(parallel=True, **_JIT)
-def layer_norm_kernel(x, bias, residual, with_residual, store_sum, gamma, beta, eps, out):
+def layer_norm_kernel(x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
     for r in prange(x.shape[0]):
-        _norm_row(r, x, bias, residual, with_residual, store_sum, gamma, beta, eps, out)
+        _norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out)
 
 
 @njit(**_JIT)
-def add_norm_serial(x, bias, residual, with_residual, store_sum, gamma, beta, eps, out):
+def add_norm_serial(x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
     """The model path's fused residual step, on the calling thread: see :func:`_norm_row`
-    (BERT: ``h = LN(a + b + h)``; GPT-2: ``h += a + b`` and ``x = LN'(h)``)."""
+    (post-norm: ``h = N(a + b + h)``; pre-norm: ``h += a + b`` and ``x = N'(h)``)."""
     for r in range(x.shape[0]):
-        _norm_row(r, x, bias, residual, with_residual, store_sum, gamma, beta, eps, out)
+        _norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out)
 
 
 @njit(**_VEC)
@@ -742,23 +742,58 @@ def bias_gelu_serial(x, bias, tanh_approx):
 
 
 @njit(**_JIT)
-def split_heads_serial(qkv, bias, n_heads, q, k, v):
-    """``(C*n, 3D)`` projections of ``C`` stacked copies of one input, plus ``bias``, into
-    head-major ``q``, ``k``, ``v`` ``(C*H, n, dh)``: row ``c*n + t`` to pairs
-    ``c*H + h``, token ``t``."""
+def split_heads_serial(qkv, bias, n_heads, n_kv_heads, q, k, v):
+    """Projections ``(C*n, (H + 2G) dh)`` of ``C`` stacked copies of one input (columns:
+    the ``H`` query heads, then ``G`` key heads, then ``G`` value heads), plus ``bias``,
+    into head-major ``q``, ``k``, ``v`` ``(C*H, n, dh)``: row ``c*n + t`` to pairs
+    ``c*H + h``, token ``t``. Keys and values are expanded to one per query head
+    (query head ``h`` reads KV head ``h // (H / G)``), so that each can be substituted
+    for its own query head."""
     n = q.shape[1]
     dh = q.shape[2]
-    d_model = n_heads * dh
+    per_kv = n_heads // n_kv_heads
+    k0 = n_heads * dh
+    v0 = k0 + n_kv_heads * dh
     for r in range(qkv.shape[0]):
         c = r // n
         t = r - c * n
         for h in range(n_heads):
             pair = c * n_heads + h
             col = h * dh
+            kv = (h // per_kv) * dh
             for e in range(dh):
                 q[pair, t, e] = qkv[r, col + e] + bias[col + e]
-                k[pair, t, e] = qkv[r, d_model + col + e] + bias[d_model + col + e]
-                v[pair, t, e] = qkv[r, 2 * d_model + col + e] + bias[2 * d_model + col + e]
+                k[pair, t, e] = qkv[r, k0 + kv + e] + bias[k0 + kv + e]
+                v[pair, t, e] = qkv[r, v0 + kv + e] + bias[v0 + kv + e]
+
+
+@njit(**_JIT)
+def rotary_serial(x, cos, sin):
+    """In place, the rotary embedding of the first ``2 * cos.shape[1]`` dimensions of
+    every vector of ``x`` ``(P, n, dh)`` (rotate-half layout: dimension ``i`` pairs with
+    ``i + half``); ``cos``, ``sin`` ``(>= n, half)`` by position."""
+    n = x.shape[1]
+    half = cos.shape[1]
+    for p in range(x.shape[0]):
+        for t in range(n):
+            row = x[p, t]
+            for i in range(half):
+                a = row[i]
+                b = row[i + half]
+                row[i] = a * cos[t, i] - b * sin[t, i]
+                row[i + half] = b * cos[t, i] + a * sin[t, i]
+
+
+@njit(**_VEC)
+def bias_swiglu_serial(g, bias, out):
+    """``out = silu(g[:, :F] + bias[:F]) * (g[:, F:] + bias[F:])`` (SwiGLU: the gate and
+    up projections side by side in ``g`` ``(rows, 2F)``)."""
+    f = out.shape[1]
+    for r in range(g.shape[0]):
+        row = g[r]
+        dst = out[r]
+        for d in range(f):
+            dst[d] = silu(row[d] + bias[d]) * (row[f + d] + bias[f + d])
 
 
 @njit(**_JIT)
@@ -897,8 +932,8 @@ def reduce_metrics(rows, lengths, group):
     return out
 
 
-def layer_norm(x, gamma, beta, eps, residual=None, out=None):
-    """Row-wise LayerNorm of ``x (+ residual)`` (2-D, C-contiguous)."""
+def layer_norm(x, gamma, beta, eps, residual=None, out=None, rms=False):
+    """Row-wise LayerNorm (``rms``: RMSNorm) of ``x (+ residual)`` (2-D, C-contiguous)."""
     out = np.empty_like(x) if out is None else out
     zero = np.zeros(x.shape[1], x.dtype)
     with config.kernel_guard():
@@ -908,6 +943,7 @@ def layer_norm(x, gamma, beta, eps, residual=None, out=None):
             x if residual is None else residual,
             residual is not None,
             False,
+            bool(rms),
             gamma,
             beta,
             float(eps),
@@ -930,3 +966,121 @@ def mean_substitute(x, lengths, group, select, prefix, shrink=1.0):
     with config.kernel_guard():
         mean_substitute_kernel(x, lengths, group, select, prefix, float(shrink), acc, out)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Model-path interface: one input on the calling thread (qkvmean.engine.transformer runs
+# one input per task of run_tasks). A backend provides the same names.
+# --------------------------------------------------------------------------------------
+
+
+def run_tasks(tasks):
+    """Run independent per-input tasks (here: on the pool of compute threads, BLAS at one
+    thread each)."""
+    return config.run_tasks(tasks)
+
+
+def matmul(a, b, out):
+    """``out = a @ b`` (BLAS)."""
+    np.matmul(a, b, out=out)
+
+
+def add(a, b, out):
+    """``out = a + b``, elementwise."""
+    np.add(a, b, out=out)
+
+
+def add_norm(x, bias, residual, norm, out, store_sum=False):
+    """``out = N(x + bias (+ residual))``; with ``store_sum`` also ``residual = x + bias +
+    residual``. ``norm`` is ``(gamma, beta, rms, eps)``; ``residual`` None: no residual."""
+    gamma, beta, rms, eps = norm
+    add_norm_serial(
+        x, bias, x if residual is None else residual, residual is not None, store_sum, rms,
+        gamma, beta, eps, out,
+    )  # fmt: skip
+
+
+def head_norm(x, gamma, eps, zero):
+    """In place, RMSNorm of every ``head_dim`` vector of ``x`` ``(P, n, dh)`` (Qwen3's q/k
+    norm); ``zero`` is a ``(dh,)`` array of zeros."""
+    flat = x.reshape(-1, x.shape[2])
+    add_norm_serial(flat, zero, flat, False, False, True, gamma, zero, eps, flat)
+
+
+def bias_activation(m, bias, code, out):
+    """``out = act(m + bias)``: GELU in place (``out`` is ``m``), or SwiGLU from the gate
+    and up halves of ``m`` into ``out``; ``code`` from
+    :data:`qkvmean.engine.arch.ACTIVATION_CODES`."""
+    if code == 2:
+        bias_swiglu_serial(m, bias, out)
+    else:
+        bias_gelu_serial(m, bias, code == 1)
+
+
+split_heads = split_heads_serial
+merge_heads = merge_heads_serial
+rotary = rotary_serial
+
+
+def substitute(x, length, n_heads, select, prefix, acc):
+    """In place, mean-substitute the selected heads of one condition's ``(H, n, dh)``."""
+    mean_substitute_serial(x, length, n_heads, select, prefix, 1.0, acc, x)
+
+
+class InputScratch:
+    """Per-input buffers of :func:`attention_one` (row metrics, per-thread scratch)."""
+
+    def __init__(self, n_heads, n, seq):
+        n_blocks = (n + min(n, COL_BLOCK) - 1) // max(min(n, COL_BLOCK), 1)
+        self.length = np.array([n], dtype=np.int64)
+        self.base_ent = np.zeros((n_heads, n))
+        self.row_ent = np.zeros((n_heads, n))
+        self.row_kl = np.zeros((n_heads, n))
+        self.colsum = np.empty((n_heads, n_blocks, seq))
+        self.no_base = np.zeros((1, 1, seq), np.float32)
+        self.no_ent = np.empty((0, 0))
+        self.logits = np.empty(n, np.float32)
+        self.kt = np.empty((0, 0), np.float32)  # the kernel reads no keys: scores are given
+
+
+def attention_one(q, k, v, modes, causal, scale, w, o, scratch, base, metrics, reduced):
+    """One condition's attention for every head of one input.
+
+    ``q``, ``k``, ``v`` ``(H, n, dh)``; the map is written into ``w`` ``(H, S, S)`` (its
+    ``n x n`` corner; the rest stays zero), the output into ``o``. ``base`` is None for the
+    baseline, else ``(baseline map, True)``: the row entropies of the baseline (kept in
+    ``scratch`` by its call) give the KL. With ``metrics``, the four metrics of each head
+    are written into ``reduced`` (four ``(H,)`` arrays). The products ``q·kᵀ`` and ``A·v``
+    are BLAS calls; scaling, mask, softmax, fast paths and metrics are
+    :func:`attention_serial` on the scores.
+    """
+    heads = q.shape[0]
+    n = scratch.length[0]
+    valid = w[:, :n, :n]
+    if np.all(modes == MODE_SHARED_ROW):  # one row of scores per head is read
+        np.matmul(q[:, :1], k.transpose(0, 2, 1), out=w[:, :1, :n])
+    elif not np.all(modes == MODE_UNIFORM):  # (uniform rows read no scores)
+        np.matmul(q, k.transpose(0, 2, 1), out=valid)
+    with_kl = base is not None
+    mx = Metrics(
+        metrics,
+        with_kl,
+        base if with_kl else scratch.no_base,
+        scratch.base_ent if with_kl else scratch.no_ent,
+        scratch.row_ent if with_kl else scratch.base_ent,
+        scratch.row_kl,
+        scratch.colsum,
+        min(n, COL_BLOCK),
+    )
+    attention_serial(
+        q, k, v, scratch.length, heads, modes, causal, np.float32(scale), w, o, False, mx,
+        scratch.logits, scratch.kt, True,
+    )  # fmt: skip
+    np.matmul(valid, v, out=o)
+    if metrics:
+        reduce_metrics_serial(mx.row_ent, mx.row_kl, mx.colsum, scratch.length, heads, *reduced)
+
+
+def check_finite(x):
+    """:func:`scan_finite` of any array."""
+    return scan_finite(x.reshape(-1))

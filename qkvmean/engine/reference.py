@@ -207,6 +207,19 @@ def layer_norm(x, gamma, beta, eps):
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
+def rms_norm(x, gamma, eps):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + eps) * gamma
+
+
+def norm(spec, weights, x):
+    """The norm an :class:`~qkvmean.engine.arch.Norm` describes, with ``(gamma, beta)``."""
+    gamma = np.asarray(weights[0], np.float64) + spec.offset
+    if spec.kind == "rms":
+        return rms_norm(x, gamma, spec.eps)
+    return layer_norm(x, gamma, weights[1], spec.eps)
+
+
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
@@ -218,46 +231,91 @@ def gelu(x, tanh_approx):
     return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)).astype(np.float64))
 
 
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def activation(kind, x):
+    """The MLP's nonlinearity; ``silu_gated`` reads the gate and up halves of ``x``."""
+    if kind == "silu_gated":
+        gate, up = np.split(x, 2, axis=-1)
+        return silu(gate) * up
+    return gelu(x, kind == "gelu_tanh")
+
+
+def rotate(x, rotary, n):
+    """The rotary embedding (rotate-half layout) of ``x`` ``(..., n, dh)`` at positions
+    ``0 .. n - 1``: the first ``rotary.dim`` dimensions turn, the rest pass through."""
+    angles = np.arange(n)[:, None] * rotary.inv_freq()[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    half = rotary.dim // 2
+    x1, x2, rest = x[..., :half], x[..., half : rotary.dim], x[..., rotary.dim :]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+
+
 def transformer_forward(
     model, ids, lengths, *, target=None, over="tokens", heads=None, ablate_layers=(0,)
 ):
-    """Reference forward pass of a :class:`qkvmean.engine.transformer.Weights` model.
+    """Reference forward pass of a :class:`qkvmean.engine.transformer.Weights` model,
+    following its :class:`~qkvmean.engine.arch.Arch`.
 
     Returns ``(weights, hidden)``: a list with each layer's attention weights
     ``(batch, head, seq, seq)`` and the final hidden states ``(batch, seq, d_model)``, all
-    float64.
+    float64. ``heads`` names query heads; keys and values are expanded to one per query
+    head before the substitution, so substituting K of one head of a group leaves the
+    others' keys as they are.
     """
-    gpt2 = model.family == "gpt2"
+    arch = model.arch
     ids = np.asarray(ids)
     batch, seq = ids.shape
-    n_heads, head_dim, d = model.n_heads, model.head_dim, model.d_model
+    n_heads, n_kv, dh = arch.n_heads, arch.n_kv_heads, arch.head_dim
 
-    def heads_first(x):  # (B, N, D) → (B, H, N, dh)
-        return x.reshape(batch, seq, n_heads, head_dim).transpose(0, 2, 1, 3)
+    def heads_first(x, count):  # (B, N, count*dh) → (B, count, N, dh)
+        return x.reshape(batch, seq, count, dh).transpose(0, 2, 1, 3)
 
-    h = model.tok_emb[ids].astype(np.float64) + model.pos_emb[:seq]
+    def n(weights, x):
+        return norm(arch.norm, weights, x)
+
+    h = model.tok_emb[ids].astype(np.float64)
+    if model.pos_emb is not None:
+        h = h + model.pos_emb[:seq]
     if model.type_emb is not None:
         h = h + model.type_emb
-    if model.emb_ln is not None:
-        h = layer_norm(h, *model.emb_ln, model.eps)
+    if model.emb_norm is not None:
+        h = n(model.emb_norm, h)
     all_weights = []
     for index, layer in enumerate(model.layers):
-        x = layer_norm(h, *layer.ln1, model.eps) if gpt2 else h
+        x = h if arch.placement == "post" else n(layer.norm1, h)
         qkv = x @ layer.wqkv + layer.bqkv
-        q, k, v = (heads_first(qkv[..., i * d : (i + 1) * d]) for i in range(3))
+        q_cols, kv_cols = n_heads * dh, n_kv * dh
+        q = heads_first(qkv[..., :q_cols], n_heads)
+        k = heads_first(qkv[..., q_cols : q_cols + kv_cols], n_kv)
+        v = heads_first(qkv[..., q_cols + kv_cols :], n_kv)
+        k = np.repeat(k, arch.group_size, axis=1)  # query head h reads KV head h // group
+        v = np.repeat(v, arch.group_size, axis=1)
         if target is not None and index in ablate_layers:
             q, k, v = substitute(q, k, v, target=target, over=over, heads=heads, lengths=lengths)
-        weights, out = attention(q, k, v, lengths=lengths, causal=gpt2)
-        all_weights.append(weights)
-        a = out.transpose(0, 2, 1, 3).reshape(batch, seq, d) @ layer.wo + layer.bo
-        if gpt2:
-            h = h + a
-            m = gelu(layer_norm(h, *layer.ln2, model.eps) @ layer.w1 + layer.b1, True)
-            h = h + (m @ layer.w2 + layer.b2)
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, arch.norm.eps)
+            k = rms_norm(k, layer.k_norm, arch.norm.eps)
+        if arch.rotary is not None:
+            q, k = rotate(q, arch.rotary, seq), rotate(k, arch.rotary, seq)
+        weights, out = attention(q, k, v, lengths=lengths, causal=arch.causal)
+        all_weights.append(weights.astype(np.float64))
+        a = out.astype(np.float64).transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+        a = a @ layer.wo + layer.bo
+
+        def mlp(y, layer=layer):
+            return activation(arch.activation, y @ layer.w1 + layer.b1) @ layer.w2 + layer.b2
+
+        if arch.placement == "post":
+            h = n(layer.norm1, h + a)
+            h = n(layer.norm2, h + mlp(h))
+        elif arch.placement == "parallel":
+            h = h + a + mlp(n(layer.norm2, h))
         else:
-            h = layer_norm(h + a, *layer.ln1, model.eps)
-            m = gelu(h @ layer.w1 + layer.b1, False)
-            h = layer_norm(h + (m @ layer.w2 + layer.b2), *layer.ln2, model.eps)
-    if model.final_ln is not None:
-        h = layer_norm(h, *model.final_ln, model.eps)
+            h = h + a
+            h = h + mlp(n(layer.norm2, h))
+    if model.final_norm is not None:
+        h = n(model.final_norm, h)
     return all_weights, h

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arch import Arch, Norm
 from .transformer import Layer, Weights
 
 SEED = 0
@@ -130,29 +131,34 @@ def build(seed: int = SEED):
                 bqkv=np.concatenate([bq, np.zeros(2 * D_MODEL)]),
                 wo=rng.normal(size=(D_MODEL, D_MODEL)) * 0.1 / np.sqrt(D_MODEL),
                 bo=np.zeros(D_MODEL),
-                ln1=(np.ones(D_MODEL), np.zeros(D_MODEL)),
+                norm1=(np.ones(D_MODEL), np.zeros(D_MODEL)),
                 w1=rng.normal(size=(D_MODEL, D_FF)) / np.sqrt(D_MODEL),
                 b1=np.zeros(D_FF),
                 w2=rng.normal(size=(D_FF, D_MODEL)) * 0.1 / np.sqrt(D_FF),
                 b2=np.zeros(D_MODEL),
-                ln2=(np.ones(D_MODEL), np.zeros(D_MODEL)),
+                norm2=(np.ones(D_MODEL), np.zeros(D_MODEL)),
             )
         )
     f32 = _as_float32
+    arch = Arch(
+        family="gpt2", causal=True, placement="pre", norm=Norm("layer", 1e-5),
+        activation="gelu_tanh", n_heads=N_HEADS, n_kv_heads=N_HEADS, head_dim=HEAD_DIM,
+        final_norm=True,
+    )  # fmt: skip
     weights = Weights(
-        family="gpt2",
-        n_heads=N_HEADS,
-        eps=1e-5,
+        arch=arch,
         tok_emb=f32(tok_emb),
         pos_emb=f32(pos_emb),
         layers=[Layer(**{k: f32(v) for k, v in vars(layer).items()}) for layer in layers],
-        final_ln=(f32(np.ones(D_MODEL)), f32(np.zeros(D_MODEL))),
+        final_norm=(f32(np.ones(D_MODEL)), f32(np.zeros(D_MODEL))),
         name="synthetic",
     )
     return weights, tokenizer()
 
 
 def _as_float32(x):
+    if x is None:
+        return None
     if isinstance(x, tuple):
         return tuple(_as_float32(a) for a in x)
     return np.ascontiguousarray(x, dtype=np.float32)

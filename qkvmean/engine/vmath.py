@@ -138,8 +138,23 @@ def gelu_tanh(x):
     return _F32_HALF * x * one_plus_tanh
 
 
+@register_jitable
+def silu(x):
+    """``x sigmoid(x)`` of a float32 (SwiGLU's gate), from ``e^{-|x|}`` (never overflows)."""
+    e = exp(-abs(x))
+    sigmoid = _F32_ONE / (_F32_ONE + e) if x >= 0 else e / (_F32_ONE + e)
+    return x * sigmoid
+
+
 @njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_array(x, tanh_approx, out):
     """``out[i] = gelu(x[i])`` with the kernels' functions (for tests)."""
     for i in range(x.size):
         out[i] = gelu_tanh(x[i]) if tanh_approx else gelu_erf(x[i])
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def silu_array(x, out):
+    """``out[i] = silu(x[i])`` with the kernels' function (for tests)."""
+    for i in range(x.size):
+        out[i] = silu(x[i])

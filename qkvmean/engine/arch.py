@@ -1,0 +1,177 @@
+"""Architecture as data: what a transformer block is, in one description.
+
+A family (BERT, GPT-2, Llama, Qwen, GPT-NeoX, ...) is an :class:`Arch` value that a loader
+entry in :mod:`qkvmean.io.models` fills in from a Hugging Face ``config.json``; the forward
+pass (:mod:`qkvmean.engine.transformer`) and the numpy reference
+(:func:`qkvmean.engine.reference.transformer_forward`) follow it and never ask which family
+they run. Adding a family is a loader entry, not a branch in a forward pass.
+
+The pieces:
+
+- **norm**: LayerNorm (``x - mean``, scaled, plus a bias) or RMSNorm (no centring, no
+  bias), with its ``eps``; the weight is applied as ``offset + gamma`` (0 for every family
+  here; Gemma-style checkpoints store ``gamma - 1`` and use offset 1).
+- **placement**: ``post`` (BERT: ``h = N1(h + attn(h))``, ``h = N2(h + mlp(h))``), ``pre``
+  (GPT-2, Llama: ``h += attn(N1(h))``, ``h += mlp(N2(h))``, a final norm) or ``parallel``
+  (GPT-NeoX: ``h += attn(N1(h)) + mlp(N2(h))``, both from the same ``h``).
+- **activation**: ``gelu`` (exact, erf), ``gelu_tanh`` (GPT-2's ``gelu_new``) or
+  ``silu_gated`` (SwiGLU: ``silu(gate(x)) * up(x)``).
+- **positions**: ``learned`` absolute embeddings added to the tokens, or ``rotary``
+  (:class:`Rotary`: ``theta``, the rotated dimensions of a head, and the frequency scaling
+  ``default``, ``linear`` or ``llama3``), applied to Q and K after the projection (and
+  after any q/k norm), in the rotate-half layout of Hugging Face's Llama and GPT-NeoX.
+- **heads**: ``n_heads`` query heads, ``n_kv_heads`` key/value heads (grouped-query
+  attention when fewer: query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``),
+  ``head_dim`` (not always ``d_model / n_heads``: Qwen3).
+- **qk_norm**: an RMSNorm over ``head_dim`` of every query and key vector (Qwen3).
+
+Mean substitution happens at the projection output (bias included), before the q/k norm
+and the rotary embedding: what a forward hook on ``q_proj``/``k_proj``/``v_proj`` changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+NORMS = ("layer", "rms")
+PLACEMENTS = ("post", "pre", "parallel")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu_gated")
+POSITIONS = ("learned", "rotary")
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+#: Kernel codes of the activations (the Numba kernels take an int, not a string).
+ACTIVATION_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+
+@dataclass(frozen=True)
+class Norm:
+    kind: str = "layer"  # "layer" or "rms"
+    eps: float = 1e-5
+    offset: float = 0.0  # the weight is applied as offset + gamma
+
+    def __post_init__(self):
+        _choice(self.kind, NORMS, "norm kind")
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary position embedding of the first ``dim`` dimensions of every head."""
+
+    theta: float = 10000.0
+    dim: int = 0  # rotated dimensions per head (even; head_dim unless partial)
+    scaling: str = "default"
+    factor: float = 1.0  # linear, llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_positions: int = 8192  # llama3
+
+    def __post_init__(self):
+        _choice(self.scaling, ROPE_SCALINGS, "rope scaling")
+        if self.dim <= 0 or self.dim % 2:
+            raise ValueError(f"rotary dimensions must be even and positive, got {self.dim}")
+
+    def inv_freq(self) -> np.ndarray:
+        """The ``dim / 2`` angular frequencies (float64), after the scaling."""
+        inv = 1.0 / self.theta ** (np.arange(0, self.dim, 2, dtype=np.float64) / self.dim)
+        if self.scaling == "linear":
+            return inv / self.factor
+        if self.scaling == "llama3":  # Llama 3.1: long wavelengths slowed, a smooth band
+            old = float(self.original_max_positions)
+            low_wavelen = old / self.low_freq_factor
+            high_wavelen = old / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = (old / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return np.where(medium, smoothed, scaled)
+        return inv
+
+    def tables(self, n: int):
+        """``(cos, sin)`` float32 ``(n, dim / 2)`` for positions ``0 .. n - 1``."""
+        angles = np.arange(n, dtype=np.float64)[:, None] * self.inv_freq()[None, :]
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One block structure, shared by every layer of a model."""
+
+    family: str
+    causal: bool
+    placement: str
+    norm: Norm
+    activation: str
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    positions: str = "learned"
+    rotary: Rotary | None = None
+    qk_norm: bool = False
+    embedding_norm: bool = False  # a norm of the embeddings (BERT)
+    final_norm: bool = False  # a norm after the last layer (pre-norm decoders)
+
+    def __post_init__(self):
+        _choice(self.placement, PLACEMENTS, "norm placement")
+        _choice(self.activation, ACTIVATIONS, "activation")
+        _choice(self.positions, POSITIONS, "position scheme")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"{self.n_heads} query heads cannot share {self.n_kv_heads} key/value heads equally"
+            )
+        if (self.positions == "rotary") != (self.rotary is not None):
+            raise ValueError("rotary positions need a Rotary description, and only they")
+        if self.rotary is not None and self.rotary.dim > self.head_dim:
+            raise ValueError(
+                f"rotary dimensions {self.rotary.dim} exceed the head dimension {self.head_dim}"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation == "silu_gated"
+
+    @property
+    def exact_fast_paths(self) -> bool:
+        """Are the mean-K (uniform rows) and mean-Q (one shared row) fast paths exact?
+
+        Only when identical projections give identical keys or queries at the attention:
+        a rotary embedding makes them differ by position.
+        """
+        return self.positions != "rotary"
+
+    def describe(self) -> dict:
+        """The architecture as plain JSON values (for the store's configuration)."""
+        out = {
+            "family": self.family,
+            "causal": self.causal,
+            "placement": self.placement,
+            "norm": self.norm.kind,
+            "norm_eps": self.norm.eps,
+            "activation": self.activation,
+            "heads": self.n_heads,
+            "kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "positions": self.positions,
+            "qk_norm": self.qk_norm,
+        }
+        if self.rotary is not None:
+            r = self.rotary
+            out["rotary"] = {"theta": r.theta, "dim": r.dim, "scaling": r.scaling}
+            if r.scaling != "default":
+                out["rotary"]["factor"] = r.factor
+        return out
+
+
+def _choice(value, choices, what):
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")

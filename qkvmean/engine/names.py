@@ -1,0 +1,37 @@
+"""The one table of condition, target and metric names.
+
+Every module that names a condition (the engine, the model path, the store, the renderer,
+the CLI) takes it from here, so a name is spelled once.
+"""
+
+from __future__ import annotations
+
+#: The tensors that can be replaced by their mean, in the figure's column order.
+TARGETS = ("q", "k", "v")
+#: Their names in figures and messages.
+TENSOR_LABELS = {"q": "Query", "k": "Key", "v": "Value"}
+#: What the mean is taken over.
+OVER = ("tokens", "causal")
+
+BASELINE = "baseline"
+#: Per-(condition, input, layer, head) metrics, in the store's order.
+METRICS = ("entropy", "kl_from_baseline", "top_key_mass", "top_key_index")
+
+
+def condition_name(target: str) -> str:
+    """``"mean_q"`` for target ``"q"``."""
+    return f"mean_{target}"
+
+
+#: Every condition, in the store's order: the baseline, then one per target.
+CONDITIONS = (BASELINE, *(condition_name(t) for t in TARGETS))
+
+
+def condition_names(targets) -> list:
+    """The conditions of a run with these targets: the baseline first."""
+    return [BASELINE] + [condition_name(t) for t in targets]
+
+
+def target_of(condition: str) -> str | None:
+    """The target of a condition (``"mean_k"`` → ``"k"``); None for the baseline."""
+    return None if condition == BASELINE else condition.removeprefix("mean_")
