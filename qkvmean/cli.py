@@ -417,8 +417,6 @@ def cmd_run(args) -> int:
         raise UsageError("--out is empty; give a file name for the store")
     _set_threads(args.threads)
     source = make_source(args, options)
-    for note in source.notes():
-        print(f"qkvmean run: {note}", file=sys.stderr)
     try:
         summary = pipeline.run(
             source,

@@ -188,7 +188,7 @@ class ModelSource:
         if options.causal is not None:
             raise InputError(
                 "--causal/--no-causal apply to --qkv inputs; a model uses its own mask "
-                "(causal for GPT-2, none for BERT)"
+                "(causal for decoders such as GPT-2 and Llama, none for BERT)"
             )
         if options.scale is not None:
             raise InputError("--scale applies to --qkv inputs; a model uses 1/sqrt(head dim)")
@@ -241,6 +241,11 @@ class ModelSource:
         self.seq = max(1, int(self.lengths.max(initial=0)))
 
     def notes(self):
+        if self.causal and self.options.over == "tokens":
+            yield (
+                f"warning: the mean over tokens on a causal model ({self.model.family}) leaks "
+                "later tokens into earlier positions; --over causal is its natural mean"
+            )
         if self.empty:
             yield (
                 f"warning: {len(self.empty)} inputs have no tokens at all (the first is "
@@ -258,6 +263,7 @@ class ModelSource:
             "source": "model",
             "model": self.model.name,
             "model_family": self.model.family,
+            "model_architecture": self.model.weights.arch.describe(),
             "model_identity": self.model.identity,
             "texts": self.texts_label,
             "texts_sha256": digest,
@@ -447,9 +453,10 @@ def _name_max(directory: Path) -> int:
         return 255
 
 
-#: Where the inputs are (they may have moved; their identities are compared instead),
-#: and the machine that computed them (a resumed run may be on another).
-_LOCATIONS = ("input", "model", "texts", "environment")
+#: Not compared for --resume: where the inputs are (they may have moved; their identities
+#: are compared instead), the machine that computed them (a resumed run may be on
+#: another), and what the model's identity (its files' checksums) already fixes.
+_LOCATIONS = ("input", "model", "texts", "environment", "model_architecture")
 #: Recorded, but compared for --resume only where the command gives them again.
 _IMPLIED = ("batch_size",)
 
@@ -888,8 +895,8 @@ def run(
     """Compute every input of ``source`` and write the store ``out``.
 
     ``show_progress``: None shows a progress bar only when stderr is a terminal.
-    ``notes``: called with each line the run has to say on the way (batches of an
-    interrupted run whose inputs changed since, and are computed again).
+    ``notes``: called with each line the run has to say on the way (the source's warnings,
+    batches of an interrupted run whose inputs changed since, and are computed again).
     """
     out = Path(out)
     if show_progress is None:
@@ -899,6 +906,8 @@ def run(
     config = _run_config(source, options, batch_size)
     layout = _layout(source, options)
     _check_sizes(source, layout, out, batch_size)
+    for line in source.notes():  # once the run is known to go ahead
+        notes(line)
     work = partial_dir(out)
     _sweep(work, source.paths)
     if resume and lexists(out) and lexists(work):

@@ -101,3 +101,211 @@ def padded_ids(tokenizer, texts):
     for i, e in enumerate(encs):
         ids[i, : len(e.ids)] = e.ids
     return ids, lengths
+
+
+def special_tokenizer(path: Path, *, bos=None, eos=None, vocab_size=320):
+    """A byte-level BPE tokenizer whose post-processor adds ``bos`` (and ``eos``) the way
+    the family's real tokenizer.json does (Llama: ``<s>`` or ``<|begin_of_text|>``; Qwen
+    and Pythia: nothing)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    specials = [t for t in (bos, eos) if t]
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(
+        CORPUS, vocab_size=vocab_size, min_frequency=1, show_progress=False,
+        special_tokens=specials,
+    )  # fmt: skip
+    if specials:
+        single = " ".join(([bos] if bos else []) + ["$A"] + ([eos] if eos else []))
+        tok.post_processor = TemplateProcessing(
+            single=single, special_tokens=[(t, tok.token_to_id(t)) for t in specials]
+        )
+    tok.save(str(path / "tokenizer.json"))
+    return tok.get_vocab_size()
+
+
+def _save(path, tensors, shards):
+    """``model.safetensors``, or ``shards`` files and their index, as save_pretrained does."""
+    if shards == 1:
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: tensors[k] for k in part}, str(path / file), metadata={"format": "pt"})
+        weight_map |= {k: file for k in part}
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+#: The Llama-style families' tokenizers: BOS as their real post-processors add it.
+LLAMA_BOS = {"llama": "<|begin_of_text|>", "mistral": "<s>", "qwen2": None, "qwen3": None}
+
+
+def write_llama_dir(
+    path: Path,
+    model_type="llama",
+    *,
+    n_layer=3,
+    n_head=4,
+    n_kv=2,
+    d=32,
+    head_dim=None,
+    d_ff=48,
+    max_positions=128,
+    rope=None,
+    seed=0,
+    scale=0.3,
+    shards=1,
+    extra_config=None,
+):
+    """A Llama-style checkpoint (llama, mistral, qwen2, qwen3): ``model.`` names,
+    ``self_attn.{q,k,v,o}_proj``, SwiGLU ``mlp.{gate,up,down}_proj``, RMSNorm weights,
+    grouped KV heads; qwen2 with q/k/v biases, qwen3 with ``q_norm``/``k_norm``; ``rope``
+    (config keys, e.g. ``rope_scaling``) as the family writes them."""
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = special_tokenizer(path, bos=LLAMA_BOS[model_type])
+    rng = np.random.default_rng(seed)
+    dh = head_dim or d // n_head
+
+    def r(*shape):
+        return (rng.normal(size=shape) * scale).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": r(vocab, d), "model.norm.weight": 1 + r(d)}
+    for i in range(n_layer):
+        p = f"model.layers.{i}"
+        t |= {
+            f"{p}.input_layernorm.weight": 1 + r(d),
+            f"{p}.post_attention_layernorm.weight": 1 + r(d),
+            f"{p}.self_attn.q_proj.weight": r(n_head * dh, d),
+            f"{p}.self_attn.k_proj.weight": r(n_kv * dh, d),
+            f"{p}.self_attn.v_proj.weight": r(n_kv * dh, d),
+            f"{p}.self_attn.o_proj.weight": r(d, n_head * dh),
+            f"{p}.mlp.gate_proj.weight": r(d_ff, d),
+            f"{p}.mlp.up_proj.weight": r(d_ff, d),
+            f"{p}.mlp.down_proj.weight": r(d, d_ff),
+        }
+        if model_type == "qwen2":
+            t |= {
+                f"{p}.self_attn.q_proj.bias": r(n_head * dh),
+                f"{p}.self_attn.k_proj.bias": r(n_kv * dh),
+                f"{p}.self_attn.v_proj.bias": r(n_kv * dh),
+            }
+        if model_type == "qwen3":
+            t |= {
+                f"{p}.self_attn.q_norm.weight": 1 + r(dh),
+                f"{p}.self_attn.k_norm.weight": 1 + r(dh),
+            }
+    t["lm_head.weight"] = r(vocab, d)
+    _save(path, t, shards)
+    config = {
+        "model_type": model_type,
+        "hidden_size": d,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "num_hidden_layers": n_layer,
+        "intermediate_size": d_ff,
+        "max_position_embeddings": max_positions,
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+    }
+    if head_dim:
+        config["head_dim"] = head_dim
+    if model_type == "mistral":
+        config["sliding_window"] = 4096
+    config |= rope or {}
+    config |= extra_config or {}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def write_neox_dir(
+    path: Path,
+    *,
+    n_layer=3,
+    n_head=4,
+    d=32,
+    d_ff=128,
+    rotary_pct=0.25,
+    parallel=True,
+    max_positions=128,
+    seed=0,
+    scale=0.3,
+):
+    """A GPT-NeoX (Pythia) checkpoint: ``gpt_neox.`` names, the fused
+    ``attention.query_key_value`` interleaved per head ([q | k | v] of each head), biases,
+    LayerNorms, partial rotary, and the buffers older checkpoints carry."""
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = special_tokenizer(path)
+    rng = np.random.default_rng(seed)
+
+    def r(*shape):
+        return (rng.normal(size=shape) * scale).astype(np.float32)
+
+    t = {
+        "gpt_neox.embed_in.weight": r(vocab, d),
+        "gpt_neox.final_layer_norm.weight": 1 + r(d),
+        "gpt_neox.final_layer_norm.bias": r(d),
+        "embed_out.weight": r(vocab, d),
+    }
+    for i in range(n_layer):
+        p = f"gpt_neox.layers.{i}"
+        t |= {
+            f"{p}.input_layernorm.weight": 1 + r(d),
+            f"{p}.input_layernorm.bias": r(d),
+            f"{p}.post_attention_layernorm.weight": 1 + r(d),
+            f"{p}.post_attention_layernorm.bias": r(d),
+            f"{p}.attention.query_key_value.weight": r(3 * d, d),
+            f"{p}.attention.query_key_value.bias": r(3 * d),
+            f"{p}.attention.dense.weight": r(d, d),
+            f"{p}.attention.dense.bias": r(d),
+            f"{p}.mlp.dense_h_to_4h.weight": r(d_ff, d),
+            f"{p}.mlp.dense_h_to_4h.bias": r(d_ff),
+            f"{p}.mlp.dense_4h_to_h.weight": r(d, d_ff),
+            f"{p}.mlp.dense_4h_to_h.bias": r(d),
+            f"{p}.attention.rotary_emb.inv_freq": r(int(d // n_head * rotary_pct) // 2),
+        }
+    _save(path, t, 1)
+    config = {
+        "model_type": "gpt_neox",
+        "hidden_size": d,
+        "num_attention_heads": n_head,
+        "num_hidden_layers": n_layer,
+        "intermediate_size": d_ff,
+        "max_position_embeddings": max_positions,
+        "vocab_size": vocab,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "rotary_pct": rotary_pct,
+        "rotary_emb_base": 10000,
+        "use_parallel_residual": parallel,
+        "tie_word_embeddings": False,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+#: Every family's test directory, as the golden maps were made from (tests/data/
+#: make_golden.py): name → (writer, keyword arguments).
+FAMILY_DIRS = {
+    "llama": (write_llama_dir, dict(model_type="llama", rope={"rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})),
+    "mistral": (write_llama_dir, dict(model_type="mistral", n_kv=1, shards=2)),
+    "qwen2": (write_llama_dir, dict(model_type="qwen2", rope={"rope_theta": 1000000.0})),
+    "qwen3": (write_llama_dir, dict(model_type="qwen3", head_dim=16, rope={
+        "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}})),
+    "gpt_neox": (write_neox_dir, dict()),
+    "gpt_neox_sequential": (write_neox_dir, dict(parallel=False, rotary_pct=0.5)),
+}  # fmt: skip
+
+
+def write_family_dir(name: str, path: Path) -> Path:
+    writer, kwargs = FAMILY_DIRS[name]
+    return writer(path, **kwargs)

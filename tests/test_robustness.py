@@ -1011,7 +1011,7 @@ def test_campaign_3_messages_say_what_is_wrong(tmp_path, good_store, capsys):
 def test_a_model_store_without_its_tokens_is_damaged_not_a_qkv_store(tmp_path, capsys):
     model = write_gpt2_dir(tmp_path / "gpt2")
     out = tmp_path / "m.h5"
-    assert main(["run", "--model", str(model), "--out", str(out), "-q"]) == 0
+    assert main(["run", "--model", str(model), "--out", str(out), "--over", "causal", "-q"]) == 0
     with h5py.File(out, "r+") as f:
         del f["input/tokens"]
     argv = ["render", out, "-o", tmp_path / "m.png", "--tokens"]

@@ -1,0 +1,235 @@
+"""Llama, Mistral, Qwen2, Qwen3 and GPT-NeoX: loaders, the forward pass against
+transformers (golden maps) and the numpy reference, GQA semantics, bad configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_support import FAMILY_DIRS, edit_config, padded_ids, write_family_dir, write_llama_dir
+
+from qkvmean.engine import reference as R
+from qkvmean.engine import transformer as T
+from qkvmean.engine.plan import Plan
+from qkvmean.io import InputError
+from qkvmean.io import models as M
+
+GOLDEN = np.load(Path(__file__).parent / "data" / "golden_families.npz")
+GOLDEN_TEXTS = ("the quick brown fox jumps", "mean keys and values")  # make_family_golden.py
+CONDITIONS = ("baseline", "mean_q", "mean_k", "mean_v")
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {name: write_family_dir(name, root / name) for name in FAMILY_DIRS}
+
+
+@pytest.fixture(scope="module")
+def loaded(family_dirs):
+    return {name: M.load_model(str(path)) for name, path in family_dirs.items()}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_DIRS))
+@pytest.mark.parametrize("setting", ["causal", "tokens_heads"])
+def test_every_layer_matches_transformers(loaded, name, setting):
+    """Every layer's baseline and mean-Q/K/V maps (substituted at layer 1) against
+    transformers' eager attention with hooks on the projections: the loader's names and
+    layouts (GPT-NeoX's interleaved QKV), RMSNorm, SwiGLU, rotary with llama3/linear
+    scaling and partial rotary, GQA, Qwen3's q/k norm, parallel residual."""
+    model = loaded[name]
+    arch = model.weights.arch
+    heads = None
+    over = "causal"
+    if setting == "tokens_heads":  # the last KV group's query heads, mean over tokens
+        heads = list(range(arch.n_heads - arch.group_size, arch.n_heads))
+        over = "tokens"
+    for i, text in enumerate(GOLDEN_TEXTS):
+        ids = np.array(model.tokenizer.encode(text).ids)
+        np.testing.assert_array_equal(ids, GOLDEN[f"{name}/ids/{i}"])
+        got = T.model_conditions(
+            model.weights, ids[None], [len(ids)], over=over, heads=heads, ablate_layers=(1,)
+        )
+        for cond in CONDITIONS:
+            want = GOLDEN[f"{name}/{setting}/{cond}/{i}"]
+            np.testing.assert_allclose(got.weights[cond][0], want, atol=1e-5, rtol=0)
+        # the substitution changed something downstream (the golden maps would catch a
+        # substitution that did nothing only if they differ, which they must)
+        assert np.abs(got.weights["mean_k"][0, 2] - got.weights["baseline"][0, 2]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(FAMILY_DIRS))
+@pytest.mark.parametrize(
+    ("layers", "heads", "over"),
+    [
+        ((0,), None, "tokens"),
+        ((0, 2), [1], "causal"),
+        ((2,), [0, 3], "tokens"),
+        ((1,), [2], "causal"),
+    ],
+)
+def test_forward_pass_matches_reference(loaded, name, layers, heads, over):
+    """The fast forward pass against the float64 reference, at several ablated layers and
+    head subsets (partial GQA groups among them), and the final hidden states."""
+    model = loaded[name]
+    ids, lengths = padded_ids(model.tokenizer, ["a model reads every word", "mean keys", "the"])
+    got = T.model_conditions(
+        model.weights, ids, lengths, over=over, heads=heads, ablate_layers=layers, hidden=True
+    )
+    for cond in CONDITIONS:
+        target = None if cond == "baseline" else cond[-1]
+        want, hidden = R.transformer_forward(
+            model.weights, ids, lengths, target=target, over=over, heads=heads,
+            ablate_layers=layers,
+        )  # fmt: skip
+        for layer, w in enumerate(want):
+            for b, n in enumerate(lengths):
+                np.testing.assert_allclose(
+                    got.weights[cond][b, layer, :, :n, :n], w[b, :, :n, :n], atol=2e-5, rtol=0
+                )
+        for b, n in enumerate(lengths):
+            np.testing.assert_allclose(got.hidden[cond][b, :n], hidden[b, :n], atol=2e-4, rtol=1e-4)
+
+
+def test_gqa_substitution_is_per_query_head(loaded):
+    """K of query head 0 replaced: head 1, which shares its KV head, keeps the baseline's
+    map at the substituted layer; selecting both heads of the group equals the whole-KV-
+    head substitution that the golden maps (hooks on k_proj) check."""
+    model = loaded["llama"]
+    assert model.weights.arch.group_size == 2
+    ids, lengths = padded_ids(model.tokenizer, ["the quick brown fox jumps over"])
+    one = T.model_conditions(model.weights, ids, lengths, targets=("k",), heads=[0], over="causal")
+    base, sub = one.weights["baseline"][:, 0], one.weights["mean_k"][:, 0]
+    np.testing.assert_array_equal(sub[:, 1:], base[:, 1:])  # heads 1..3 untouched at layer 0
+    assert np.abs(sub[:, 0] - base[:, 0]).max() > 1e-3
+
+
+def test_fast_paths_are_not_used_with_rotary(loaded):
+    """With rotary positions, mean-K over tokens does not give uniform rows: the plan picks
+    the general path, and the maps match transformers (test above) — not 1/n."""
+    arch = loaded["qwen2"].weights.arch
+    assert not arch.exact_fast_paths
+    assert Plan(over="tokens").step("k", causal=True, exact_fast=False).substitute
+    model = loaded["qwen2"]
+    ids, lengths = padded_ids(model.tokenizer, ["the quick brown fox jumps over"])
+    c = T.model_conditions(model.weights, ids, lengths, targets=("k",), over="tokens")
+    row = c.weights["mean_k"][0, 0, 0, 5, :6]
+    assert np.abs(row - 1 / 6).max() > 1e-3
+
+
+def test_tokenizers_add_bos_as_their_post_processors_do(loaded):
+    for name, bos in [("llama", "<|begin_of_text|>"), ("mistral", "<s>")]:
+        enc = loaded[name].tokenizer.encode("mean keys")
+        assert enc.tokens[0] == bos and bos not in enc.tokens[1:]
+    for name in ("qwen2", "qwen3", "gpt_neox"):
+        enc = loaded[name].tokenizer.encode("mean keys")
+        assert enc.tokens[0] != "<s>" and "<|begin_of_text|>" not in enc.tokens
+
+
+def test_sharded_checkpoint_and_sliding_window(loaded, family_dirs):
+    assert (family_dirs["mistral"] / "model.safetensors.index.json").is_file()
+    assert not (family_dirs["mistral"] / "model.safetensors").exists()
+    w = loaded["mistral"].weights
+    assert w.n_kv_heads == 1 and w.max_positions == 128  # window 4096 > positions
+
+
+def test_bfloat16_weights_read_as_float32(tmp_path, loaded):
+    """Checkpoints in bf16 (as Llama-3.2 ships) are read exactly: each weight is the bf16
+    value as float32."""
+    from safetensors.numpy import load_file, save_file
+
+    d = write_family_dir("llama", tmp_path / "bf16")
+    tensors = load_file(str(d / "model.safetensors"))
+    bits = {k: (v.view(np.uint32) >> 16).astype(np.uint16) for k, v in tensors.items()}
+    header = {k: {"dtype": "BF16", "shape": list(v.shape)} for k, v in bits.items()}
+    # write the file by hand: numpy has no bfloat16 for safetensors to take
+    order = sorted(bits)
+    offset, meta = 0, {"__metadata__": {"format": "pt"}}
+    for k in order:
+        size = bits[k].nbytes
+        meta[k] = {**header[k], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(meta).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(d / "model.safetensors", "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for k in order:
+            fh.write(bits[k].astype("<u2").tobytes())
+    model = M.load_model(str(d))
+    want = (bits["model.embed_tokens.weight"].astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(model.weights.tok_emb, want)
+    del save_file
+
+
+def _refused(path, rx):
+    with pytest.raises(InputError, match=rx) as info:
+        M.load_model(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_configs_are_one_line(tmp_path):
+    base = write_llama_dir(tmp_path / "base")
+
+    def variant(name, **changes):
+        d = tmp_path / name
+        import shutil
+
+        shutil.copytree(base, d)
+        edit_config(d, **changes)
+        return d
+
+    _refused(
+        variant("yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        r"rope type 'yarn' is not supported \(qkvmean runs 'default', 'linear' and 'llama3'\)",
+    )
+    _refused(
+        variant("kv", num_key_value_heads=3),
+        r"4 query heads cannot share 3 key/value heads equally",
+    )
+    _refused(variant("heads", num_attention_heads=5), r"hidden_size 32 is not a multiple of")
+    _refused(variant("act", hidden_act="relu"), r"hidden_act 'relu' is not supported for llama")
+    _refused(
+        variant("llama3", rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+        r"rope low_freq_factor must be a positive number, got None",
+    )
+    _refused(variant("bias", attention_bias=True), r"no tensor 'layers.0.self_attn.q_proj.bias'")
+    _refused(
+        variant("layers", num_hidden_layers=2),
+        r"tensor 'model.layers.2.input_layernorm.weight' and 8 more has no place",
+    )
+    missing = variant("missing")
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(missing / "model.safetensors"))
+    del t["model.layers.1.mlp.up_proj.weight"]
+    save_file(t, str(missing / "model.safetensors"))
+    _refused(missing, r"no tensor 'layers.1.mlp.up_proj.weight'")
+
+
+def test_cli_runs_a_family_and_warns_about_tokens_on_causal(family_dirs, tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "qkvmean", "run", "--quiet", *args],
+            capture_output=True, text=True, cwd=tmp_path,
+        )  # fmt: skip
+
+    d = family_dirs["qwen3"]
+    ok = run("--model", str(d), "--ablate-layers", "1", "--over", "causal", "--out", "a.h5")
+    assert ok.returncode == 0, ok.stderr
+    assert "leaks" not in ok.stderr
+    warned = run("--model", str(d), "--heads", "0,1", "--over", "tokens", "--out", "b.h5")
+    assert warned.returncode == 0, warned.stderr
+    lines = [line for line in warned.stderr.splitlines() if "leaks later tokens" in line]
+    assert len(lines) == 1 and "--over causal" in lines[0]
+    bad = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(d, bad)
+    edit_config(bad, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4})
+    refused = run("--model", str(bad), "--out", "c.h5")
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "rope type 'dynamic'" in refused.stderr
