@@ -95,7 +95,8 @@ def main():
                 ids = tok.encode(text).ids
                 out[f"{name}/ids/{i}"] = np.array(ids, np.int64)
                 for setting, over in SETTINGS.items():
-                    heads = range(n_heads) if setting == "causal" else range(n_heads - group, n_heads)
+                    last_group = range(n_heads - group, n_heads)
+                    heads = range(n_heads) if setting == "causal" else last_group
                     for cond in ("baseline", "mean_q", "mean_k", "mean_v"):
                         handles = []
                         if cond != "baseline":
