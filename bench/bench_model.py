@@ -5,8 +5,9 @@
         [--rounds 3] [--json bench/model.json]
 
 For each model (all-MiniLM-L6-v2; a GPT-2-small-shaped directory the bench writes: 12
-layers, 768 wide, 12 heads, random weights) at 128 and 512 tokens, the same texts go
-through, as separate processes, one after another in each round:
+layers, 768 wide, 12 heads, random weights; a Llama-3.2-1B-shaped one in bfloat16: 16
+layers, 2048 wide, 32 heads, 8 KV heads, MLP 8192) at 128 and 512 tokens (Llama: 128),
+the same texts go through, as separate processes, one after another in each round:
 
 - ``qkvmean run --model M --text F --max-tokens N`` with default options (every layer's
   maps and metrics stored, deflate), and with ``--no-maps`` (metrics only);
@@ -44,7 +45,13 @@ SENTENCE = (
     "the tokens and then look at how the attention of every later layer changes. "
 )
 #: (model, tokens) → inputs per run, so that each run takes seconds, not minutes
-SIZES = {("minilm", 128): 64, ("minilm", 512): 16, ("gpt2", 128): 16, ("gpt2", 512): 4}
+SIZES = {
+    ("minilm", 128): 64,
+    ("minilm", 512): 16,
+    ("gpt2", 128): 16,
+    ("gpt2", 512): 4,
+    ("llama", 128): 4,
+}
 
 
 def install_torch(venv: Path):
@@ -62,15 +69,43 @@ def write_gpt2_small(path: Path) -> Path:
     return write_gpt2_dir(path, n_layer=12, n_head=12, n_embd=768, n_positions=1024, scale=0.02)
 
 
+def write_llama_1b(path: Path) -> Path:
+    """A Llama-3.2-1B-shaped checkpoint in bfloat16: 16 layers, hidden 2048, 32 heads, 8 KV
+    heads, MLP 8192, llama3 rope scaling (random weights; the tests' small vocabulary, which
+    changes nothing but the embedding lookup)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from model_support import convert_to_bfloat16, write_llama_dir
+
+    rope = {
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        },
+    }  # fmt: skip
+    write_llama_dir(
+        path, n_layer=16, n_head=32, n_kv=8, d=2048, d_ff=8192, max_positions=131072,
+        rope=rope, scale=0.02,
+    )  # fmt: skip
+    convert_to_bfloat16(path)
+    return path
+
+
+def _shapes(weights):
+    """The (in, out) shapes of one layer's projections (QKV fused, the MLP's)."""
+    layer = weights.layers[0]
+    return [w.shape for w in (layer.wqkv, layer.wo, layer.w1, layer.w2)]
+
+
 def flops_per_input(model_dir, tokens) -> float:
     """Multiply-adds ×2 of the four forward passes (baseline, mean-Q, -K, -V) of one input
     of ``tokens`` tokens: projections, MLP and the two attention products."""
     from qkvmean.io.models import load_model
 
     w = load_model(str(model_dir)).weights
-    d, f, layers = w.d_model, w.d_mlp, w.n_layers
-    per_layer = 2 * tokens * (d * 3 * d + d * d + 2 * d * f) + 2 * 2 * tokens * tokens * d
-    return 4.0 * layers * per_layer
+    qk = w.n_heads * w.head_dim
+    per_layer = 2 * tokens * sum(a * b for a, b in _shapes(w)) + 2 * 2 * tokens * tokens * qk
+    return 4.0 * w.n_layers * per_layer
 
 
 def matmul_rate(model_dir, tokens, threads) -> float:
@@ -81,11 +116,10 @@ def matmul_rate(model_dir, tokens, threads) -> float:
     from qkvmean.io.models import load_model
 
     w = load_model(str(model_dir)).weights
-    d, f = w.d_model, w.d_mlp
     rows = 4 * tokens
     rng = np.random.default_rng(0)
-    shapes = [(d, 3 * d), (d, d), (d, f), (f, d)]
-    xs = {k: rng.normal(size=(rows, k)).astype(np.float32) for k in (d, f)}
+    shapes = _shapes(w)
+    xs = {k: rng.normal(size=(rows, k)).astype(np.float32) for k in {s[0] for s in shapes}}
     ws = [rng.normal(size=s).astype(np.float32) for s in shapes]
     outs = [np.empty((rows, s[1]), np.float32) for s in shapes]
     flop = sum(2 * rows * a * b for a, b in shapes)
@@ -170,6 +204,9 @@ def main(argv=None):
             dirs = {"minilm": ("minilm", minilm_path())}
             gpt2 = write_gpt2_small(tmp / "gpt2-small")
             dirs["gpt2"] = (str(gpt2), gpt2)
+            if not args.only or args.only.startswith("llama"):
+                llama = write_llama_1b(tmp / "llama-1b")
+                dirs["llama"] = (str(llama), llama)
             for (name, tokens), n in SIZES.items():
                 if args.only and args.only != f"{name}:{tokens}":
                     continue

@@ -27,10 +27,14 @@ from transformers import AutoModel
 
 def _projections(model):
     """``(kind, modules)`` for the hooks of layer 0: BERT's query/key/value Linear
-    modules, or GPT-2's fused ``c_attn``."""
+    modules, Llama's q/k/v_proj (grouped K/V heads: all heads are substituted, so the
+    whole K/V projection), or GPT-2's fused ``c_attn``."""
     if hasattr(model, "encoder"):
         att = model.encoder.layer[0].attention.self
         return "split", {"q": att.query, "k": att.key, "v": att.value}
+    if hasattr(model, "layers"):
+        att = model.layers[0].self_attn
+        return "split", {"q": att.q_proj, "k": att.k_proj, "v": att.v_proj}
     return "fused", {"qkv": model.h[0].attn.c_attn}
 
 
@@ -83,7 +87,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     t_load = time.perf_counter()
-    model = AutoModel.from_pretrained(args.model, attn_implementation="eager").eval()
+    model = AutoModel.from_pretrained(
+        args.model, attn_implementation="eager", dtype=torch.float32
+    ).eval()  # (bfloat16 checkpoints converted to float32, as qkvmean reads them)
     tok = Tokenizer.from_file(f"{args.model}/tokenizer.json")
     tok.no_padding()  # (a sentence-transformers tokenizer.json pads to a fixed length)
     tok.enable_truncation(max_length=args.max_tokens)

@@ -309,3 +309,31 @@ FAMILY_DIRS = {
 def write_family_dir(name: str, path: Path) -> Path:
     writer, kwargs = FAMILY_DIRS[name]
     return writer(path, **kwargs)
+
+
+def convert_to_bfloat16(path: Path):
+    """Rewrite ``path/model.safetensors`` in bfloat16 (as Llama 3.2 ships): each float32
+    weight truncated to its top 16 bits, the file written by hand (numpy has no
+    bfloat16 for safetensors' numpy API to take). Returns the tensors' bits."""
+    from safetensors.numpy import load_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    bits = {k: (v.view(np.uint32) >> 16).astype("<u2") for k, v in tensors.items()}
+    del tensors
+    offset, meta = 0, {"__metadata__": {"format": "pt"}}
+    for k in sorted(bits):
+        size = bits[k].nbytes
+        meta[k] = {
+            "dtype": "BF16",
+            "shape": list(bits[k].shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(meta).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(file, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for k in sorted(bits):
+            fh.write(bits[k].tobytes())
+    return bits

@@ -201,3 +201,53 @@ def test_ablate_without_v_gives_the_weights_only():
         w, o = qkvmean.ablate(q, k, None, target=target, lengths=[6, 2])
         assert o is None
         np.testing.assert_array_equal(w, qkvmean.ablate(q, k, v, target=target, lengths=[6, 2])[0])
+
+
+def test_every_backend_provides_the_protocol():
+    from qkvmean.engine import backend
+
+    for name, ops in qkvmean.engine.BACKENDS.items():
+        assert backend.missing(ops) == [], name
+    assert backend.missing(object()) == ["name", *backend.BATCH_OPS, *backend.MODEL_OPS]
+
+
+def test_raw_api_and_model_path_go_through_the_backend_seam(monkeypatch):
+    """A backend registered under a new name is what both paths call: the CPU module's own
+    functions are made to fail, a recording backend holds the originals, and the results
+    are the CPU's."""
+    import types
+
+    from qkvmean.engine import api, backend, cpu, transformer
+    from qkvmean.io.models import load_model
+
+    calls = []
+    recorder = types.SimpleNamespace(name="recorder")
+    for name in ("name", *backend.BATCH_OPS, *backend.MODEL_OPS)[1:]:
+        original = getattr(cpu, name)
+
+        def traced(*args, _f=original, _n=name, **kwargs):
+            calls.append(_n)
+            return _f(*args, **kwargs)
+
+        setattr(recorder, name, traced)
+    model = load_model("synthetic")
+    ids = np.array([[1, 5, 9, 2, 7], [1, 3, 3, 0, 0]])
+    want = transformer.model_conditions(model.weights, ids, [5, 3], ablate_layers=(1,))
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(2, 2, 3, 6, 4))
+    want_raw = qkvmean.conditions(q, k, lengths=[6, 4])
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a kernel module was called past the backend seam")
+
+    for name in (*backend.BATCH_OPS, *backend.MODEL_OPS):
+        monkeypatch.setattr(cpu, name, fail)
+    monkeypatch.setitem(api.BACKENDS, "recorder", recorder)
+    got = transformer.model_conditions(
+        model.weights, ids, [5, 3], ablate_layers=(1,), device="recorder"
+    )
+    got_raw = qkvmean.conditions(q, k, lengths=[6, 4], device="recorder")
+    for name in want.names:
+        np.testing.assert_array_equal(got.weights[name], want.weights[name])
+        np.testing.assert_array_equal(got_raw.weights[name], want_raw.weights[name])
+    assert {"attention_one", "add_norm", "split_heads", "substitute", "attention"} <= set(calls)

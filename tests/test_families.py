@@ -3,14 +3,20 @@ transformers (golden maps) and the numpy reference, GQA semantics, bad configs."
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from model_support import FAMILY_DIRS, edit_config, padded_ids, write_family_dir, write_llama_dir
+from model_support import (
+    FAMILY_DIRS,
+    convert_to_bfloat16,
+    edit_config,
+    padded_ids,
+    write_family_dir,
+    write_llama_dir,
+)
 
 from qkvmean.engine import reference as R
 from qkvmean.engine import transformer as T
@@ -137,32 +143,16 @@ def test_sharded_checkpoint_and_sliding_window(loaded, family_dirs):
     assert w.n_kv_heads == 1 and w.max_positions == 128  # window 4096 > positions
 
 
-def test_bfloat16_weights_read_as_float32(tmp_path, loaded):
+def test_bfloat16_weights_read_as_float32(tmp_path):
     """Checkpoints in bf16 (as Llama-3.2 ships) are read exactly: each weight is the bf16
     value as float32."""
-    from safetensors.numpy import load_file, save_file
-
     d = write_family_dir("llama", tmp_path / "bf16")
-    tensors = load_file(str(d / "model.safetensors"))
-    bits = {k: (v.view(np.uint32) >> 16).astype(np.uint16) for k, v in tensors.items()}
-    header = {k: {"dtype": "BF16", "shape": list(v.shape)} for k, v in bits.items()}
-    # write the file by hand: numpy has no bfloat16 for safetensors to take
-    order = sorted(bits)
-    offset, meta = 0, {"__metadata__": {"format": "pt"}}
-    for k in order:
-        size = bits[k].nbytes
-        meta[k] = {**header[k], "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(meta).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(d / "model.safetensors", "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little") + raw)
-        for k in order:
-            fh.write(bits[k].astype("<u2").tobytes())
+    bits = convert_to_bfloat16(d)
     model = M.load_model(str(d))
     want = (bits["model.embed_tokens.weight"].astype(np.uint32) << 16).view(np.float32)
     np.testing.assert_array_equal(model.weights.tok_emb, want)
-    del save_file
+    gate = (bits["model.layers.1.mlp.gate_proj.weight"].astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(model.weights.layers[1].w1[:, : gate.shape[0]], gate.T)
 
 
 def _refused(path, rx):
