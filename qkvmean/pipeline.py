@@ -28,6 +28,7 @@ import numpy as np
 from . import engine
 from ._version import __version__
 from .config import compute_threads, task_pool
+from .engine.names import condition_names
 from .io import (
     InputError,
     ReadFailed,
@@ -91,7 +92,7 @@ class Options:
 
     @property
     def conditions(self):
-        return ["baseline"] + [f"mean_{t}" for t in self.targets]
+        return condition_names(self.targets)
 
 
 class QKVSource:

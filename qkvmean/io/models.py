@@ -305,7 +305,14 @@ def _arch(path, **fields) -> Arch:
         raise InputError(f"{path}/config.json: {exc}") from None
 
 
-def _head_dim(cfg, path, d, heads, d_key, h_key):
+def _sizes(cfg, path):
+    """``hidden_size``, ``num_attention_heads``, ``num_hidden_layers`` and
+    ``intermediate_size``: the sizes most families name alike."""
+    keys = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
+    return tuple(_int(cfg, key, path) for key in keys)
+
+
+def _head_dim(cfg, path, d, heads, d_key="hidden_size", h_key="num_attention_heads"):
     """``head_dim`` from config.json, else ``d / heads`` (which must divide)."""
     if cfg.get("head_dim") is not None:
         return _int(cfg, "head_dim", path)
@@ -435,14 +442,8 @@ def family(*model_types):
 
 @family("bert")
 def _bert(cfg, tensors, path) -> Weights:
-    d = _int(cfg, "hidden_size", path)
-    heads = _int(cfg, "num_attention_heads", path)
-    n_layers = _int(cfg, "num_hidden_layers", path)
-    d_ff = _int(cfg, "intermediate_size", path)
-    if d % heads:
-        raise InputError(
-            f"{path}/config.json: hidden_size {d} is not a multiple of num_attention_heads {heads}"
-        )
+    d, heads, n_layers, d_ff = _sizes(cfg, path)
+    dh = _head_dim({}, path, d, heads)  # BERT: always hidden_size / heads
     act = _choice(cfg, "hidden_act", "gelu", {"gelu": "gelu"}, path, "BERT")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise InputError(
@@ -452,7 +453,7 @@ def _bert(cfg, tensors, path) -> Weights:
     arch = _arch(
         path, family="bert", causal=False, placement="post",
         norm=Norm("layer", _eps(cfg, "layer_norm_eps", 1e-12, path)), activation=act,
-        n_heads=heads, n_kv_heads=heads, head_dim=d // heads, embedding_norm=True,
+        n_heads=heads, n_kv_heads=heads, head_dim=dh, embedding_norm=True,
     )  # fmt: skip
     t = _Tensors(tensors, path, "bert.", unused=BERT_UNUSED)
     r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
@@ -583,12 +584,9 @@ def _window(cfg, path, family, max_positions):
 def _llama_like(cfg, tensors, path) -> Weights:
     family_name = cfg["model_type"]
     rules = LLAMA_LIKE[family_name]
-    d = _int(cfg, "hidden_size", path)
-    heads = _int(cfg, "num_attention_heads", path)
+    d, heads, n_layers, d_ff = _sizes(cfg, path)
     kv_heads = _int(cfg, "num_key_value_heads", path, heads)
-    n_layers = _int(cfg, "num_hidden_layers", path)
-    d_ff = _int(cfg, "intermediate_size", path)
-    dh = _head_dim(cfg, path, d, heads, "hidden_size", "num_attention_heads")
+    dh = _head_dim(cfg, path, d, heads)
     _choice(cfg, "hidden_act", "silu", {"silu": "silu_gated"}, path, family_name)
     max_positions = _window(
         cfg, path, family_name, _int(cfg, "max_position_embeddings", path, 2048)
@@ -648,15 +646,8 @@ NEOX_UNUSED = (
 
 @family("gpt_neox")
 def _gpt_neox(cfg, tensors, path) -> Weights:
-    d = _int(cfg, "hidden_size", path)
-    heads = _int(cfg, "num_attention_heads", path)
-    n_layers = _int(cfg, "num_hidden_layers", path)
-    d_ff = _int(cfg, "intermediate_size", path)
-    if d % heads:
-        raise InputError(
-            f"{path}/config.json: hidden_size {d} is not a multiple of num_attention_heads {heads}"
-        )
-    dh = d // heads
+    d, heads, n_layers, d_ff = _sizes(cfg, path)
+    dh = _head_dim({}, path, d, heads)  # GPT-NeoX: always hidden_size / heads
     act = _choice(cfg, "hidden_act", "gelu", GELU_NAMES, path, "GPT-NeoX")
     parallel = _flag(cfg, "use_parallel_residual", path) if "use_parallel_residual" in cfg else True
     bias = _flag(cfg, "attention_bias", path) if "attention_bias" in cfg else True

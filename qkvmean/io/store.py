@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 from numba import njit
 
+from ..engine.names import CONDITIONS, METRICS
 from ..resources import format_bytes
 from . import (
     InputError,
@@ -44,8 +45,8 @@ from . import (
 
 FORMAT = "qkvmean-store"
 FORMAT_VERSION = 1
-METRIC_NAMES = ("entropy", "kl_from_baseline", "top_key_mass")
-CONDITION_ORDER = ("baseline", "mean_q", "mean_k", "mean_v")
+METRIC_NAMES = METRICS[:3]  # the float metrics; top_key_index is stored apart
+CONDITION_ORDER = CONDITIONS
 
 #: The largest chunk HDF5 can store (its chunk sizes are 32-bit).
 MAX_CHUNK_BYTES = 2**32 - 1

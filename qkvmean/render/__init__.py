@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..engine.names import BASELINE, TENSOR_LABELS, condition_name
 from ..io import InputError, check_output_dir, lexists, refuse_inputs, refuse_special
 from ..io.store import Store, open_store
 
-TENSORS = {"mean_q": "Query", "mean_k": "Key", "mean_v": "Value"}
+TENSORS = {condition_name(t): label for t, label in TENSOR_LABELS.items()}
 FORMATS = (".png", ".pdf", ".svg")
 TITLE = r"The Mean Operation For $\it{Query}$, $\it{Key}$ and $\it{Value}$"
 COLORBAR_LABEL = "Attention Weight"
@@ -33,7 +34,7 @@ def italic(word: str) -> str:
 
 def panel_title(condition: str, index: int) -> str:
     """``Taking the Mean of Query (Input 1)``, the tensor in italics; inputs count from 1."""
-    if condition == "baseline":
+    if condition == BASELINE:
         return f"Baseline (Input {index + 1})"
     return f"Taking the Mean of {italic(TENSORS[condition])} (Input {index + 1})"
 

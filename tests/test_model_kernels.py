@@ -1,0 +1,108 @@
+"""The model path's kernels against the numpy reference: RMSNorm, rotary embedding,
+SwiGLU, SiLU, grouped-query head splitting."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkvmean.engine import cpu, vmath
+from qkvmean.engine import reference as R
+from qkvmean.engine.arch import Rotary
+
+SEEDS = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 70), st.booleans(), SEEDS)
+def test_add_norm_rms_and_layer_match_the_reference(rows, dim, rms, seed):
+    rng = np.random.default_rng(seed)
+    x, res = (rng.normal(size=(2, rows, dim)) * 3).astype(np.float32)
+    bias, gamma, beta = rng.normal(size=(3, dim)).astype(np.float32)
+    if rms:
+        beta = np.zeros(dim, np.float32)
+    out = np.empty_like(x)
+    h = res.copy()
+    cpu.add_norm(x, bias, h, (gamma, beta, rms, 1e-6), out, store_sum=True)
+    s = x.astype(np.float64) + bias + res
+    want = R.rms_norm(s, gamma, 1e-6) if rms else R.layer_norm(s, gamma, beta, 1e-6)
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(h, s, rtol=1e-6, atol=1e-6)  # the residual sum, stored
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.integers(1, 40),
+    st.sampled_from([(8, 8), (8, 2), (16, 4), (6, 6)]),
+    st.sampled_from(["default", "linear", "llama3"]),
+    SEEDS,
+)
+def test_rotary_kernel_matches_the_reference(pairs, n, dims, scaling, seed):
+    head_dim, rot = dims
+    rotary = Rotary(theta=500.0, dim=rot, scaling=scaling, factor=4.0, original_max_positions=16)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(pairs, n, head_dim)).astype(np.float32)
+    got = x.copy()
+    cpu.rotary(got, *rotary.tables(n + 3))  # tables longer than the input
+    want = R.rotate(x.astype(np.float64), rotary, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    np.testing.assert_array_equal(got[..., rot:], x[..., rot:])  # partial: the rest passes
+
+
+def test_llama3_frequencies_follow_the_published_rule():
+    """High frequencies kept, low ones divided by the factor, a smooth band between."""
+    r = Rotary(theta=500000.0, dim=64, scaling="llama3", factor=32.0, original_max_positions=8192)
+    base = Rotary(theta=500000.0, dim=64).inv_freq()
+    got = r.inv_freq()
+    wavelen = 2 * np.pi / base
+    np.testing.assert_array_equal(got[wavelen < 8192 / 4], base[wavelen < 8192 / 4])
+    np.testing.assert_allclose(got[wavelen > 8192], base[wavelen > 8192] / 32)
+    band = (wavelen >= 8192 / 4) & (wavelen <= 8192)
+    assert band.any() and np.all((got[band] < base[band]) & (got[band] > base[band] / 32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 60), st.integers(0, 2), SEEDS)
+def test_bias_activation_matches_the_reference(rows, f, code, seed):
+    rng = np.random.default_rng(seed)
+    gated = code == 2
+    m = (rng.normal(size=(rows, 2 * f if gated else f)) * 4).astype(np.float32)
+    bias = rng.normal(size=m.shape[1]).astype(np.float32)
+    out = np.empty((rows, f), np.float32) if gated else m.copy()
+    src = m.copy()
+    cpu.bias_activation(src if gated else out, bias, code, out)
+    kind = ("gelu", "gelu_tanh", "silu_gated")[code]
+    want = R.activation(kind, m.astype(np.float64) + bias)
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-6)
+
+
+@given(st.lists(st.floats(-100, 100, width=32), min_size=1, max_size=50))
+def test_silu_is_x_sigmoid_x(values):
+    x = np.array(values, np.float32)
+    out = np.empty_like(x)
+    vmath.silu_array(x, out)
+    np.testing.assert_allclose(out, R.silu(x.astype(np.float64)), rtol=1e-6, atol=1e-30)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 9), st.sampled_from([(4, 4), (4, 2), (6, 1)]), SEEDS)
+def test_split_heads_expands_grouped_kv(stack, n, heads_kv, seed):
+    heads, kv = heads_kv
+    dh = 3
+    rng = np.random.default_rng(seed)
+    qkv = rng.normal(size=(stack * n, (heads + 2 * kv) * dh)).astype(np.float32)
+    bias = rng.normal(size=qkv.shape[1]).astype(np.float32)
+    q, k, v = (np.empty((stack * heads, n, dh), np.float32) for _ in range(3))
+    cpu.split_heads(qkv, bias, heads, kv, q, k, v)
+    full = (qkv + bias).reshape(stack, n, heads + 2 * kv, dh).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(q, full[:, :heads].reshape(-1, n, dh))
+    group = heads // kv
+    for h in range(heads):
+        np.testing.assert_array_equal(
+            k.reshape(stack, heads, n, dh)[:, h], full[:, heads + h // group]
+        )
+        np.testing.assert_array_equal(
+            v.reshape(stack, heads, n, dh)[:, h], full[:, heads + kv + h // group]
+        )
