@@ -95,7 +95,7 @@ def _add_run(sub):
         "--model",
         metavar="MODEL",
         help="a Hugging Face-format directory (config.json, model.safetensors, "
-        "tokenizer.json; bert, gpt2, llama, mistral, qwen2, qwen3 or gpt_neox), "
+        "tokenizer.json; bert, gpt2, llama, mistral, qwen2, qwen3, phi3 or gpt_neox), "
         "'minilm' or 'synthetic'",
     )
     src.add_argument(

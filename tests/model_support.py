@@ -142,7 +142,13 @@ def _save(path, tensors, shards):
 
 
 #: The Llama-style families' tokenizers: BOS as their real post-processors add it.
-LLAMA_BOS = {"llama": "<|begin_of_text|>", "mistral": "<s>", "qwen2": None, "qwen3": None}
+LLAMA_BOS = {
+    "llama": "<|begin_of_text|>",
+    "mistral": "<s>",
+    "qwen2": None,
+    "qwen3": None,
+    "phi3": "<s>",
+}
 
 
 def write_llama_dir(
@@ -291,6 +297,25 @@ def write_neox_dir(
     return path
 
 
+def write_phi3_dir(path: Path, **kwargs):
+    """A Phi-3 checkpoint: the Llama-style one with Phi-3's fused ``self_attn.qkv_proj``
+    (query, key, value rows stacked) and ``mlp.gate_up_proj`` ([gate; up])."""
+    from safetensors.numpy import load_file
+
+    write_llama_dir(path, "phi3", **kwargs)
+    t = load_file(str(path / "model.safetensors"))
+    layers = {k.split(".")[2] for k in t if k.startswith("model.layers.")}
+    for i in sorted(layers):
+        p = f"model.layers.{i}"
+        a, m = f"{p}.self_attn", f"{p}.mlp"
+        t[f"{a}.qkv_proj.weight"] = np.concatenate([t.pop(f"{a}.{x}_proj.weight") for x in "qkv"])
+        t[f"{m}.gate_up_proj.weight"] = np.concatenate(
+            [t.pop(f"{m}.gate_proj.weight"), t.pop(f"{m}.up_proj.weight")]
+        )
+    _save(path, t, 1)
+    return path
+
+
 #: Every family's test directory, as the golden maps were made from (tests/data/
 #: make_golden.py): name → (writer, keyword arguments).
 FAMILY_DIRS = {
@@ -302,6 +327,10 @@ FAMILY_DIRS = {
     "qwen3": (write_llama_dir, dict(model_type="qwen3", head_dim=16, rope={
         "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}})),
     "gpt_neox": (write_neox_dir, dict()),
+    "phi3": (
+        write_phi3_dir,
+        dict(rope={"partial_rotary_factor": 0.5}, extra_config={"pad_token_id": None}),
+    ),
     "gpt_neox_sequential": (write_neox_dir, dict(parallel=False, rotary_pct=0.5)),
 }  # fmt: skip
 

@@ -5,7 +5,7 @@ A directory holds ``config.json``, ``model.safetensors`` (or shards listed in
 :data:`FAMILIES`, keyed by ``config.json``'s ``model_type``: a function that reads the
 configuration into an :class:`~qkvmean.engine.arch.Arch` and the tensors, by their
 Hugging Face names, into :class:`~qkvmean.engine.transformer.Weights`. Entries: ``bert``,
-``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gpt_neox``. Weights are read with
+``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gpt_neox``, ``phi3``. Weights are read with
 the ``safetensors`` package's numpy API (bfloat16 and float16 become float32); pickled
 checkpoints (``pytorch_model.bin`` and the like) are refused, never opened.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -685,6 +686,52 @@ def _gpt_neox(cfg, tensors, path) -> Weights:
         layers=layers,
         final_norm=r.norm("final_layer_norm", d),
         max_positions=_int(cfg, "max_position_embeddings", path, 2048),
+    )
+    t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
+    return weights
+
+
+@family("phi3")
+def _phi3(cfg, tensors, path) -> Weights:
+    """Phi-3: a Llama-style block with fused projections — ``self_attn.qkv_proj`` (query
+    heads, then key heads, then value heads) and ``mlp.gate_up_proj`` ([gate | up])."""
+    d, heads, n_layers, d_ff = _sizes(cfg, path)
+    kv_heads = _int(cfg, "num_key_value_heads", path, heads)
+    dh = _head_dim(cfg, path, d, heads)
+    _choice(cfg, "hidden_act", "silu", {"silu": "silu_gated"}, path, "phi3")
+    arch = _arch(
+        path, family="phi3", causal=True, placement="pre",
+        norm=Norm("rms", _eps(cfg, "rms_norm_eps", 1e-5, path)), activation="silu_gated",
+        n_heads=heads, n_kv_heads=kv_heads, head_dim=dh, positions="rotary",
+        rotary=_rotary(cfg, path, dh), final_norm=True,
+    )  # fmt: skip
+    t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
+    q_cols, kv_cols = heads * dh, kv_heads * dh
+    layers = []
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        w, b = r.linear(f"{p}.self_attn.qkv_proj", d, q_cols + 2 * kv_cols, bias=False)
+        cuts = (0, q_cols, q_cols + kv_cols, q_cols + 2 * kv_cols)
+        q, k, v = ((w[:, a:z], b[a:z]) for a, z in itertools.pairwise(cuts))
+        layers.append(
+            _layer(
+                q,
+                k,
+                v,
+                r.linear(f"{p}.self_attn.o_proj", q_cols, d, bias=False),
+                r.norm(f"{p}.input_layernorm", d, bias=False),
+                r.linear(f"{p}.mlp.gate_up_proj", d, 2 * d_ff, bias=False),
+                r.linear(f"{p}.mlp.down_proj", d_ff, d, bias=False),
+                r.norm(f"{p}.post_attention_layernorm", d, bias=False),
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
+        layers=layers,
+        final_norm=r.norm("norm", d, bias=False),
+        max_positions=_window(cfg, path, "phi3", _int(cfg, "max_position_embeddings", path)),
     )
     t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
     return weights

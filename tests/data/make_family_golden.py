@@ -54,17 +54,26 @@ def hooks(model, family, target, over, heads):
     cfg = model.config
     n_heads = cfg.num_attention_heads
     dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    group = n_heads // getattr(cfg, "num_key_value_heads", n_heads)
     if family == "gpt_neox":
         module = model.layers[LAYER].attention.query_key_value
         # fused output: per head [q | k | v], dh each
         cols = [h * 3 * dh + "qkv".index(target) * dh for h in heads]
+    elif family == "phi3":
+        module = model.layers[LAYER].self_attn.qkv_proj
+        # fused output: the query heads, then the key heads, then the value heads
+        kv = sorted({h // group for h in heads})
+        cols = {
+            "q": [h * dh for h in heads],
+            "k": [(n_heads + g) * dh for g in kv],
+            "v": [(n_heads + cfg.num_key_value_heads + g) * dh for g in kv],
+        }[target]
     else:
         attn = model.layers[LAYER].self_attn
         module = getattr(attn, f"{target}_proj")
         if target == "q":
             cols = [h * dh for h in heads]
         else:  # a whole KV head per group of query heads
-            group = n_heads // cfg.num_key_value_heads
             cols = sorted({(h // group) * dh for h in heads})
 
     def hook(mod, inp, res):
