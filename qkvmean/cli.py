@@ -400,6 +400,29 @@ def make_source(args, options):
     )
 
 
+def _arch_line(arch: dict) -> str:
+    """A model's recorded architecture in one line (``inspect``)."""
+    rotary = arch.get("rotary")
+    positions = "learned positions"
+    if isinstance(rotary, dict):
+        scaling = rotary.get("scaling", "default")
+        positions = f"rotary (theta {rotary.get('theta'):g}, {rotary.get('dim')} dims" + (
+            f", {scaling} x{rotary.get('factor'):g})" if scaling != "default" else ")"
+        )
+    heads = f"{arch.get('heads')} heads"
+    if arch.get("kv_heads") != arch.get("heads"):
+        heads += f" / {arch.get('kv_heads')} KV heads"
+    parts = [
+        f"{arch.get('placement')}-norm {arch.get('norm')}",
+        str(arch.get("activation")),
+        positions,
+        f"{heads} of {arch.get('head_dim')}",
+    ]
+    if arch.get("qk_norm"):
+        parts.append("q/k norm")
+    return ", ".join(parts)
+
+
 def cmd_run(args) -> int:
     from . import pipeline
 
@@ -493,6 +516,9 @@ def _describe(info) -> list:
     }
     if extra:
         lines.append("config       " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
+    arch = cfg.get("model_architecture")
+    if isinstance(arch, dict):
+        lines.append(f"architecture {_arch_line(arch)}")
     env = cfg.get("environment")
     if isinstance(env, dict):
         lines.append(

@@ -211,6 +211,12 @@ def test_cli_runs_a_family_and_warns_about_tokens_on_causal(family_dirs, tmp_pat
     ok = run("--model", str(d), "--ablate-layers", "1", "--over", "causal", "--out", "a.h5")
     assert ok.returncode == 0, ok.stderr
     assert "leaks" not in ok.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "qkvmean", "inspect", "a.h5"], capture_output=True, text=True,
+        cwd=tmp_path,
+    ).stdout  # fmt: skip
+    assert "architecture pre-norm rms, silu_gated, rotary (theta 10000, 16 dims, linear x2), " \
+        "4 heads / 2 KV heads of 16, q/k norm" in shown  # fmt: skip
     warned = run("--model", str(d), "--heads", "0,1", "--over", "tokens", "--out", "b.h5")
     assert warned.returncode == 0, warned.stderr
     lines = [line for line in warned.stderr.splitlines() if "leaks later tokens" in line]

