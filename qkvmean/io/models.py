@@ -188,8 +188,11 @@ def _bfloat16(file: Path, key: str) -> np.ndarray:
     if info.get("dtype") != "BF16":
         raise TypeError(f"tensor {key!r} has dtype {info.get('dtype')}, which numpy cannot hold")
     start, stop = info["data_offsets"]
-    raw = np.fromfile(file, dtype="<u2", count=(stop - start) // 2, offset=8 + size + start)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+    count = (stop - start) // 2
+    raw = np.fromfile(file, dtype="<u2", count=count, offset=8 + size + start)
+    bits = np.zeros(count, "<u4")  # the low halves stay zero (calloc: pages on demand)
+    bits.view("<u2")[1::2] = raw  # the high half of each little-endian float32
+    return bits.view("<f4").astype(np.float32, copy=False).reshape(info["shape"])
 
 
 def _read_tokenizer(path: Path):
@@ -394,9 +397,10 @@ class _Reader:
         return self.t.get(name, shape, self.why)
 
     def linear(self, name, n_in, n_out, bias=True):
-        """A torch ``Linear`` (stored ``(out, in)``) as ``(in, out)`` and its bias (zeros
-        when it has none)."""
-        w = self.get(f"{name}.weight", (n_out, n_in)).T.copy()
+        """A torch ``Linear`` (stored ``(out, in)``) as ``(in, out)`` — a transposed view,
+        not a copy: BLAS multiplies by it as it is — and its bias (zeros when it has
+        none)."""
+        w = self.get(f"{name}.weight", (n_out, n_in)).T
         b = self.get(f"{name}.bias", (n_out,)) if bias else np.zeros(n_out, np.float32)
         return w, b
 
@@ -406,11 +410,20 @@ class _Reader:
         return gamma, self.get(f"{name}.bias", (d,)) if bias else np.zeros(d, np.float32)
 
 
+def _fuse(*pairs):
+    """``(w, b)`` pairs side by side: ``(in, out1 + out2 + ...)``, built from the
+    transposes (the checkpoints' ``(out, in)`` rows), so that stacking them is a copy of
+    contiguous rows."""
+    w = np.concatenate([p[0].T for p in pairs], axis=0).T
+    return w, np.concatenate([p[1] for p in pairs])
+
+
 def _layer(wq, wk, wv, wo, norm1, mlp_in, mlp_out, norm2, q_norm=None, k_norm=None):
     """A :class:`Layer` from ``(w, b)`` pairs: Q, K and V fused column-wise."""
+    wqkv, bqkv = _fuse(wq, wk, wv)
     return Layer(
-        wqkv=np.ascontiguousarray(np.concatenate([wq[0], wk[0], wv[0]], axis=1)),
-        bqkv=np.concatenate([wq[1], wk[1], wv[1]]),
+        wqkv=wqkv,
+        bqkv=bqkv,
         wo=wo[0],
         bo=wo[1],
         norm1=norm1,
@@ -615,10 +628,7 @@ def _llama_like(cfg, tensors, path) -> Weights:
                 r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, qkv_bias),
                 r.linear(f"{p}.self_attn.o_proj", heads * dh, d, o_bias),
                 r.norm(f"{p}.input_layernorm", d, bias=False),
-                (
-                    np.ascontiguousarray(np.concatenate([gate[0], up[0]], axis=1)),
-                    np.concatenate([gate[1], up[1]]),
-                ),
+                _fuse(gate, up),
                 r.linear(f"{p}.mlp.down_proj", d_ff, d, mlp_bias),
                 r.norm(f"{p}.post_attention_layernorm", d, bias=False),
                 q_norm=r.get(f"{p}.self_attn.q_norm.weight", (dh,)) if arch.qk_norm else None,
