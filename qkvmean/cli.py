@@ -662,8 +662,8 @@ def _machine_lines() -> list:
     from . import config
     from .resources import environment
 
-    env = environment()
-    t = config.describe_threads()
+    t = config.describe_threads()  # (threadpoolctl's scan of the libraries, once)
+    env = environment(t)
     tbb = f" ({t['tbb_library']})" if t["tbb_library"] else ""
     return [
         f"python       {platform.python_version()} ({sys.executable})",

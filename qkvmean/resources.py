@@ -68,11 +68,12 @@ def disk_free(directory) -> float:
     return float(st.f_bavail * st.f_frsize)
 
 
-def environment() -> dict:
+def environment(threads=None) -> dict:
     """What, besides the run's configuration, can change the last bits of a model run:
     library versions, the BLAS library with its CPU kernel and threads, Numba's threads
     and threading layer, the processor. Recorded in a store's configuration; not compared
-    by ``--resume`` (a resumed run may be on another machine)."""
+    by ``--resume`` (a resumed run may be on another machine). ``threads``: a
+    :func:`qkvmean.config.describe_threads` the caller already has."""
     import platform
 
     import h5py
@@ -82,7 +83,7 @@ def environment() -> dict:
     from . import config
     from ._version import __version__
 
-    threads = config.describe_threads()
+    threads = threads or config.describe_threads()
     return {
         "qkvmean": __version__,
         "numpy": np.__version__,
