@@ -26,3 +26,20 @@ def test_help_and_unknown_verb():
     proc = _run("no-such-verb")
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """``qkvmean --version --verbose | head -1``: no BrokenPipeError traceback. The pipe is
+    closed before the process writes (it takes a moment to start), so the write fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qkvmean", "--version", "--verbose"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait() == 0, err
+    assert err == ""
