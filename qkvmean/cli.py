@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
+from .engine.names import OVER, TARGETS
 
 
 class UsageError(Exception):
@@ -122,13 +123,13 @@ def _add_run(sub):
     what.add_argument(
         "--targets",
         type=_csv(str),
-        default=["q", "k", "v"],
+        default=list(TARGETS),
         help="tensors to mean-substitute, comma-separated (default: q,k,v)",
     )
     what.add_argument(
         "--over",
-        choices=["tokens", "causal"],
-        default="tokens",
+        choices=list(OVER),
+        default=OVER[0],
         help="mean over all valid tokens, or the causal prefix mean (default: tokens)",
     )
     what.add_argument(
@@ -404,10 +405,14 @@ def _arch_line(arch: dict) -> str:
     """A model's recorded architecture in one line (``inspect``)."""
     rotary = arch.get("rotary")
     positions = "learned positions"
-    if isinstance(rotary, dict):
+    if isinstance(rotary, dict):  # (as recorded; str() of whatever a damaged store holds)
         scaling = rotary.get("scaling", "default")
-        positions = f"rotary (theta {rotary.get('theta'):g}, {rotary.get('dim')} dims" + (
-            f", {scaling} x{rotary.get('factor'):g})" if scaling != "default" else ")"
+        theta = rotary.get("theta")
+        theta = f"{theta:g}" if isinstance(theta, (int, float)) else str(theta)
+        factor = rotary.get("factor")
+        factor = f"{factor:g}" if isinstance(factor, (int, float)) else str(factor)
+        positions = f"rotary (theta {theta}, {rotary.get('dim')} dims" + (
+            f", {scaling} x{factor})" if scaling != "default" else ")"
         )
     heads = f"{arch.get('heads')} heads"
     if arch.get("kv_heads") != arch.get("heads"):

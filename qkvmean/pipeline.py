@@ -28,7 +28,7 @@ import numpy as np
 from . import engine
 from ._version import __version__
 from .config import compute_threads, task_pool
-from .engine.names import condition_names
+from .engine.names import METRICS, OVER, TARGETS, condition_names
 from .io import (
     InputError,
     ReadFailed,
@@ -54,8 +54,8 @@ TASKS_PER_THREAD = 3
 class Options:
     """What is computed and how it is stored (everything but the input itself)."""
 
-    targets: list = field(default_factory=lambda: ["q", "k", "v"])
-    over: str = "tokens"
+    targets: list = field(default_factory=lambda: list(TARGETS))
+    over: str = OVER[0]
     heads: list | None = None  # None: all heads
     causal: bool | None = None  # None: the input's own setting
     scale: float | None = None
@@ -852,7 +852,7 @@ def _compute_batches(source, options, layout, todo, bar, assembly):
                     if id(w) not in converted:
                         converted[id(w)] = w.astype(options.map_dtype, copy=False)
                     maps[n] = converted[id(w)]
-            metrics = {name: c.metrics[name] for name in (*st.METRIC_NAMES, "top_key_index")}
+            metrics = {name: c.metrics[name] for name in METRICS}
             map_bytes += sum(w.nbytes for w in c.weights.values())
             if pending is not None:
                 pending.result()  # at most one batch waits to be written

@@ -191,11 +191,27 @@ def test_bad_configs_are_one_line(tmp_path):
         variant("layers", num_hidden_layers=2),
         r"tensor 'model.layers.2.input_layernorm.weight' and 8 more has no place",
     )
-    missing = variant("missing")
+    _refused(variant("type", model_type=["llama"]), r"model_type \['llama'\] is not supported")
+    _refused(variant("actlist", hidden_act=["silu"]), r"hidden_act \['silu'\] is not supported")
+    _refused(
+        variant("scaling", rope_scaling="linear"),
+        r"rope_scaling must be an object, got 'linear'",
+    )
+    # transformers 5 fills rope_parameters from the top-level keys: so does the loader
+    merged = variant("merged", rope_parameters={"rope_theta": 500.0}, partial_rotary_factor=0.5)
+    rotary = M.load_model(str(merged)).weights.arch.rotary
+    assert (rotary.theta, rotary.dim) == (500.0, 4)
+    # a sequence-classification (reward model) head has no place but is not a mismatch
     from safetensors.numpy import load_file, save_file
 
+    scored = variant("score")
+    t = load_file(str(scored / "model.safetensors"))
+    t["score.weight"] = np.zeros((2, 32), np.float32)
+    save_file(t, str(scored / "model.safetensors"))
+    assert M.load_model(str(scored)).family == "llama"
+    missing = variant("missing")
     t = load_file(str(missing / "model.safetensors"))
-    del t["model.layers.1.mlp.up_proj.weight"]
+    del t["model.layers.1.mlp.up_proj.weight"]  # (load_file, save_file imported above)
     save_file(t, str(missing / "model.safetensors"))
     _refused(missing, r"no tensor 'layers.1.mlp.up_proj.weight'")
 
@@ -229,3 +245,21 @@ def test_cli_runs_a_family_and_warns_about_tokens_on_causal(family_dirs, tmp_pat
     refused = run("--model", str(bad), "--out", "c.h5")
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "rope type 'dynamic'" in refused.stderr
+
+
+def test_model_conditions_refuses_what_the_kernels_cannot_take(loaded):
+    w = loaded["llama"].weights
+    ids = np.array([[1, 2, 3]])
+    for kwargs, rx in [
+        (dict(ablate_layers=(-1,)), "layer -1 is out of range for 3 layers"),
+        (dict(seq=2), r"seq >= 3"),
+    ]:
+        with pytest.raises(ValueError, match=rx):
+            T.model_conditions(w, ids, [3], **kwargs)
+    with pytest.raises(ValueError, match=r"lengths of shape \(1,\) within \[0, 3\]"):
+        T.model_conditions(w, ids, [4])
+    import dataclasses
+
+    short = dataclasses.replace(w.layers[0], bqkv=w.layers[0].bqkv[:-1])
+    with pytest.raises(ValueError, match=r"layer 0: bqkv has shape \(63,\), the architecture"):
+        dataclasses.replace(w, layers=[short, *w.layers[1:]])

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import config
 from .modes import MODE_GENERAL, MODE_SHARED_ROW, MODE_UNIFORM
-from .names import condition_names
+from .names import OVER, TARGETS, condition_names
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class Step:
 class Plan:
     """Conditions: the baseline, then one per target (each alone, from the same inputs)."""
 
-    targets: tuple = ("q", "k", "v")
-    over: str = "tokens"
+    targets: tuple = TARGETS
+    over: str = OVER[0]
     heads: np.ndarray | None = None  # boolean mask over (query) heads; None: every head
     layers: frozenset = frozenset({0})  # the model path's substituted layers
 
@@ -39,7 +39,7 @@ class Plan:
     @property
     def prefix(self) -> bool:
         """The causal prefix mean (``over="causal"``) rather than the mean over tokens."""
-        return self.over == "causal"
+        return self.over == OVER[1]  # "causal"
 
     def first(self, n_layers) -> int:
         """The first layer where a condition differs from the baseline."""

@@ -79,6 +79,35 @@ class Weights:
     def __post_init__(self):
         if not self.max_positions and self.pos_emb is not None:
             self.max_positions = self.pos_emb.shape[0]
+        self._check_shapes()
+
+    def _check_shapes(self):
+        """Every layer's arrays have the shapes the kernels index by (a kernel reading
+        past an array is memory corruption, not an error)."""
+        a = self.arch
+        d, dh = self.d_model, a.head_dim
+        cols = (a.n_heads + 2 * a.n_kv_heads) * dh
+        for i, layer in enumerate(self.layers):
+            f = layer.w2.shape[0]
+            want = {
+                "wqkv": (d, cols), "bqkv": (cols,), "wo": (a.n_heads * dh, d), "bo": (d,),
+                "w1": (d, 2 * f if a.gated else f), "b1": (2 * f if a.gated else f,),
+                "w2": (f, d), "b2": (d,),
+            }  # fmt: skip
+            got = {name: getattr(layer, name).shape for name in want}
+            got |= {
+                f"norm{j}[{k}]": getattr(layer, f"norm{j}")[k].shape for j in (1, 2) for k in (0, 1)
+            }
+            want |= {f"norm{j}[{k}]": (d,) for j in (1, 2) for k in (0, 1)}
+            if a.qk_norm:
+                got |= {"q_norm": np.shape(layer.q_norm), "k_norm": np.shape(layer.k_norm)}
+                want |= {"q_norm": (dh,), "k_norm": (dh,)}
+            for name, shape in want.items():
+                if tuple(got[name]) != shape:
+                    raise ValueError(
+                        f"layer {i}: {name} has shape {tuple(got[name])}, the architecture "
+                        f"needs {shape}"
+                    )
 
     family = property(lambda self: self.arch.family)
     causal = property(lambda self: self.arch.causal)
@@ -160,7 +189,7 @@ class _Outputs:
         self.maps = [np.zeros(shape, np.float32) for _ in plan.names]  # zero pages, lazily
         mshape = (len(plan.names), batch, model.n_layers, model.n_heads)
         self.metrics = {name: np.zeros(mshape) for name in METRICS[:3]}
-        self.metrics["top_key_index"] = np.full(mshape, -1, dtype=np.int64)
+        self.metrics[METRICS[3]] = np.full(mshape, -1, dtype=np.int64)  # no top key
         self.hidden = (
             np.zeros((len(plan.names), batch, seq, model.d_model), np.float32) if hidden else None
         )
@@ -176,7 +205,7 @@ def _same_as_baseline(out: _Outputs, b, c, layers):
         out.maps[c][b, layer] = out.maps[0][b, layer]
         for name in METRICS:
             out.metrics[name][c, b, layer] = out.metrics[name][0, b, layer]
-        out.metrics["kl_from_baseline"][c, b, layer] = 0.0
+        out.metrics[METRICS[1]][c, b, layer] = 0.0  # the KL from the baseline
 
 
 def _mlp(ops, model, layer, buf, rows, inp, out):
@@ -331,6 +360,15 @@ def model_conditions(
     lengths = np.asarray(lengths, dtype=np.int64)
     batch, n = ids.shape
     seq = n if seq is None else seq
+    if seq < n or lengths.shape != (batch,) or np.any((lengths < 0) | (lengths > n)):
+        raise ValueError(
+            f"ids {ids.shape} need lengths of shape ({batch},) within [0, {n}] and seq >= {n}"
+        )
+    if n > max(model.max_positions, 1) and model.pos_emb is not None:
+        raise ValueError(f"{n} tokens exceed the model's {model.max_positions} positions")
+    bad = [layer for layer in ablate_layers if not 0 <= layer < model.n_layers]
+    if bad:
+        raise ValueError(f"layer {bad[0]} is out of range for {model.n_layers} layers")
     head_mask = None
     if heads is not None:
         head_mask = np.zeros(model.n_heads, np.bool_)

@@ -114,7 +114,7 @@ def _read_config(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise InputError(f"{file}: expected a JSON object")
     model_type = cfg.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise InputError(
             f"{file}: model_type {model_type!r} is not supported; qkvmean runs "
             f"{', '.join(map(repr, FAMILIES))}"
@@ -217,7 +217,7 @@ def _read_tokenizer(path: Path):
 
 #: Tensors of BERT checkpoints that attention maps do not need: the pooler, the
 #: pre-training heads (BertForPreTraining and friends) and the position-ids buffer.
-BERT_UNUSED = (r"pooler\..*", r"cls\..*", r"embeddings\.position_ids")
+BERT_UNUSED = (r"pooler\..*", r"cls\..*", r"classifier\..*", r"embeddings\.position_ids")
 #: GPT-2's language-model head (tied to the embeddings) and the causal-mask buffers.
 GPT2_UNUSED = (r"lm_head\.weight", r"h\.\d+\.attn\.(masked_)?bias")
 
@@ -327,7 +327,7 @@ def _head_dim(cfg, path, d, heads, d_key="hidden_size", h_key="num_attention_hea
 
 def _choice(cfg, key, default, choices, path, what):
     value = cfg.get(key, default)
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise InputError(
             f"{path}/config.json: {key} {value!r} is not supported for {what} "
             f"(supported: {', '.join(map(repr, choices))})"
@@ -350,14 +350,15 @@ def _rotary(cfg, path, head_dim, partial_default=1.0) -> Rotary:
     """The rotary embedding from config.json: ``rope_parameters`` (transformers 5) or
     ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor`` / ``rotary_pct`` /
     ``rotary_emb_base`` (the keys of checkpoints written before it)."""
-    params = cfg.get("rope_parameters")
-    if params is None:
-        params = dict(cfg.get("rope_scaling") or {})
-        params.setdefault("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
-        partial = cfg.get("partial_rotary_factor", cfg.get("rotary_pct", partial_default))
-        params.setdefault("partial_rotary_factor", partial)
+    key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+    params = cfg.get(key) or {}
     if not isinstance(params, dict):
-        raise InputError(f"{path}/config.json: rope_parameters must be an object")
+        raise InputError(f"{path}/config.json: {key} must be an object, got {params!r}")
+    # as transformers 5 standardises them: top-level keys fill in what the object lacks
+    params = dict(params)
+    params.setdefault("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0)))
+    partial = cfg.get("partial_rotary_factor", cfg.get("rotary_pct", partial_default))
+    params.setdefault("partial_rotary_factor", partial)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise InputError(
@@ -560,7 +561,11 @@ def _gpt2(cfg, tensors, path) -> Weights:
 
 
 #: Llama-style checkpoints: the language-model head (often tied) and old rotary buffers.
-LLAMA_UNUSED = (r"lm_head\.weight", r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+LLAMA_UNUSED = (
+    r"lm_head\.weight",
+    r"score\.weight",  # *ForSequenceClassification (reward models)
+    r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+)
 
 #: What distinguishes the Llama-style families (``self_attn.{q,k,v,o}_proj``,
 #: ``mlp.{gate,up,down}_proj``, RMSNorm, SwiGLU, rotary): which projections have biases
@@ -651,6 +656,7 @@ def _llama_like(cfg, tensors, path) -> Weights:
 #: GPT-NeoX: the language-model head and the buffers older checkpoints carry.
 NEOX_UNUSED = (
     r"embed_out\.weight",
+    r"score\.weight",
     r"layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",
 )
 
