@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 from numba import njit
 
-from ..engine.names import CONDITIONS, METRICS
+from ..engine.names import BASELINE, CONDITIONS, METRICS
 from ..resources import format_bytes
 from . import (
     InputError,
@@ -157,7 +157,7 @@ class Layout:
         shape = (len(self.conditions), n_inputs, self.n_layers, self.n_heads)
         for name in METRIC_NAMES:
             group.create_dataset(name, shape=shape, dtype="float32")
-        group.create_dataset("top_key_index", shape=shape, dtype="int32")
+        group.create_dataset(METRICS[3], shape=shape, dtype="int32")  # top_key_index
 
 
 # ------------------------------------------------------------------ writing (crash-safe)
@@ -509,7 +509,7 @@ class Assembly:
             _attach(text, f, ["batch"])
             tokens = np.array(inputs["tokens"], dtype=_STR).reshape(layout.n_inputs, layout.seq)
             _attach(group.create_dataset("tokens", data=tokens), f, ["batch", "seq"])
-        for name in (*METRIC_NAMES, "top_key_index"):
+        for name in METRICS:
             _attach(f["metrics"][name], f, ["condition", "batch", "layer", "head"])
         if layout.maps:
             for cond in layout.conditions:
@@ -563,7 +563,7 @@ class Assembly:
 
     def _put(self, start, stop, rows, metrics, digests):
         """Metrics into the store; flush; the journal entry (atomically); writeback."""
-        for name in (*METRIC_NAMES, "top_key_index"):
+        for name in METRICS:
             self.f["metrics"][name][:, start:stop] = metrics[name]
         digests = self._digests(start, stop, digests)
         if self.layout.digests:
@@ -578,7 +578,7 @@ class Assembly:
             "stop": np.int64(stop),
             "chunks": np.asarray(rows, dtype=np.int64).reshape(-1, 7),
             "inputs_crc32": digests,
-            **{name: np.asarray(metrics[name]) for name in (*METRIC_NAMES, "top_key_index")},
+            **{name: np.asarray(metrics[name]) for name in METRICS},
         }
         with open(tmp, "wb") as fh:
             np.savez(fh, checksum=np.uint32(entry_checksum(fields)), **fields)
@@ -698,7 +698,7 @@ class Assembly:
             name = str(fields["store_file"])
             table = fields["chunks"]
             digests = fields["inputs_crc32"]
-            metrics = {m: fields[m] for m in (*METRIC_NAMES, "top_key_index")}
+            metrics = {m: fields[m] for m in METRICS}
         except (KeyError, TypeError, ValueError):
             return None
         shape = (len(self.layout.conditions), stop - start, self.layout.n_layers)
@@ -879,11 +879,11 @@ class Store:
                 f"{', '.join(CONDITION_ORDER)})"
             )
         if self.conditions != sorted(set(self.conditions), key=CONDITION_ORDER.index) or (
-            self.conditions[:1] != ["baseline"]
+            self.conditions[:1] != [BASELINE]
         ):
             raise self._damaged(
                 f"/metrics/condition lists {', '.join(self.conditions)}: baseline first, each "
-                "condition once, in the order baseline, mean_q, mean_k, mean_v"
+                f"condition once, in the order {', '.join(CONDITIONS)}"
             )
         entropy = self._dataset("metrics/entropy", kind="f", ndim=4)
         shape = entropy.shape
@@ -1083,7 +1083,7 @@ class Store:
 
     def metric(self, name):
         """``/metrics/<name>``: ``(condition, input, layer, head)``."""
-        if name not in (*METRIC_NAMES, "top_key_index"):
+        if name not in METRICS:
             raise InputError(
                 f"unknown metric {name!r}; the store has "
                 f"{', '.join((*METRIC_NAMES, 'top_key_index'))}"

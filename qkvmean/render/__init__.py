@@ -81,14 +81,14 @@ def _columns(store: Store, baseline: bool, diff: bool):
     present = [c for c in TENSORS if c in store.conditions]
     if not present:
         raise InputError(
-            f"{store.path.name} holds none of mean_q, mean_k, mean_v (it has "
+            f"{store.path.name} holds none of {', '.join(TENSORS)} (it has "
             f"{', '.join(store.conditions)}); nothing to draw"
         )
     if diff and baseline:
         raise InputError(
             "--baseline and --diff do not combine (the baseline's difference from itself is zero)"
         )
-    return (["baseline"] if baseline else []) + present
+    return ([BASELINE] if baseline else []) + present
 
 
 def _inputs(store: Store, inputs):
@@ -184,8 +184,7 @@ def draw(
     maps = {(i, c): store.map(c, i, layer=layer, head=head) for i in rows for c in columns}
     if diff:
         maps = {
-            (i, c): m - store.map("baseline", i, layer=layer, head=head)
-            for (i, c), m in maps.items()
+            (i, c): m - store.map(BASELINE, i, layer=layer, head=head) for (i, c), m in maps.items()
         }
         peak = max((float(np.abs(m).max(initial=0.0)) for m in maps.values()), default=0.0)
         limit = _nice_ceiling(peak)
