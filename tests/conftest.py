@@ -1,5 +1,10 @@
 import os
 
+# The CUDA kernels are tested under Numba's CUDA simulator unless the environment says
+# otherwise (NUMBA_ENABLE_CUDASIM=0 on a machine with a GPU); Numba reads this when it is
+# first imported, so it is set before anything imports it.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 from hypothesis import HealthCheck, settings
 
 # Kernels compile on first use (seconds), so no per-example deadline; the "ci" profile
