@@ -23,7 +23,7 @@ def test_attention_matches_the_reference(shape, causal, with_output, seed):
     q, k, v = rng.normal(size=(3, batch * group, seq, dim)).astype(np.float32)
     lengths = rng.integers(0, seq + 1, size=batch).astype(np.int64)
     modes = np.zeros(group, np.int8)
-    w, o = cuda_kernels.attention(q, k, v, lengths, group, modes, causal, 0.5, with_output)
+    w, o, _ = cuda_kernels.attention(q, k, v, lengths, group, modes, causal, 0.5, with_output)
     per_input = np.repeat(lengths, group)
     want_w, want_o = R.attention(q, k, v, lengths=per_input, causal=causal, scale=0.5)
     np.testing.assert_allclose(w, want_w, atol=2e-6, rtol=0)
@@ -41,7 +41,7 @@ def test_uniform_mode_is_mean_k(shape, causal, seed):
     q, k = rng.normal(size=(2, batch * group, seq, dim)).astype(np.float32)
     lengths = rng.integers(0, seq + 1, size=batch).astype(np.int64)
     modes = np.full(group, MODE_UNIFORM, np.int8)
-    w, _ = cuda_kernels.attention(q, k, k, lengths, group, modes, causal, 1.0, False)
+    w, _, _ = cuda_kernels.attention(q, k, k, lengths, group, modes, causal, 1.0, False)
     per_input = np.repeat(lengths, group)
     mean_k = R.mean_substitute(k, lengths=per_input)
     want = R.attention_weights(q, mean_k, lengths=per_input, causal=causal, scale=1.0)
@@ -62,3 +62,34 @@ def test_mean_substitute_matches_the_reference(shape, prefix, seed):
     chosen = np.tile(select, batch)
     np.testing.assert_allclose(got[chosen], want[chosen], atol=1e-6, rtol=0)
     np.testing.assert_array_equal(got[~chosen], x[~chosen])
+
+
+@settings(max_examples=12, deadline=None)
+@given(SHAPES, st.booleans(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_metrics_match_the_reference(shape, causal, uniform, seed):
+    """Entropy, KL from the baseline, top-key mass and index of a condition (mean-K in
+    the uniform mode, or other keys) against the reference's metrics of the same maps."""
+    batch, group, seq, dim = shape
+    rng = np.random.default_rng(seed)
+    q, k, k2 = (rng.normal(size=(3, batch * group, seq, dim)) * 2).astype(np.float32)
+    lengths = rng.integers(0, seq + 1, size=batch).astype(np.int64)
+    per_input = np.repeat(lengths, group)
+    general = np.zeros(group, np.int8)
+    w0, _, rows0 = cuda_kernels.attention(
+        q, k, k, lengths, group, general, causal, 1.0, False, True
+    )
+    modes = np.full(group, MODE_UNIFORM if uniform else 0, np.int8)
+    _, _, rows1 = cuda_kernels.attention(
+        q, k2, k2, lengths, group, modes, causal, 1.0, False, True, base=(w0, rows0[0])
+    )
+    got = cuda_kernels.reduce_metrics(rows1, lengths, group)
+    keys = R.mean_substitute(k2, lengths=per_input) if uniform else k2
+    log_a = R.log_attention_weights(q, keys, lengths=per_input, causal=causal, scale=1.0)
+    log_p = R.log_attention_weights(q, k, lengths=per_input, causal=causal, scale=1.0)
+    want = R.metrics(log_a[:, None], log_p[:, None], per_input)  # pairs as inputs
+    names = ("entropy", "kl_from_baseline", "top_key_mass")
+    for name, value in zip(names, got[:3], strict=False):
+        np.testing.assert_allclose(value, want[name][:, 0], atol=2e-5, rtol=1e-5, err_msg=name)
+    mass = want["top_key_mass"][:, 0]
+    index_ok = (got[3] == want["top_key_index"][:, 0]) | np.isclose(mass, got[2], atol=1e-6)
+    assert index_ok.all()
