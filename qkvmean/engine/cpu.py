@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 from numba import get_thread_id, njit, prange
+from numba.extending import register_jitable
 
 from .. import config
 from .modes import MODE_SHARED_ROW, MODE_UNIFORM
@@ -592,9 +593,11 @@ def attention_serial(
         )  # fmt: skip
 
 
-@njit(**_JIT)
-def _reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, out_ent, out_kl, out_mass, out_index):
-    """Pair ``bg``: means over valid rows, and the key column with the largest mean weight."""
+@register_jitable
+def reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, out_ent, out_kl, out_mass, out_index):
+    """Pair ``bg``: means over valid rows, and the key column with the largest mean weight
+    (``colsum`` ``(BG, blocks, N)``: column sums per block of rows). Compiled into the
+    CPU kernels and into the CUDA backend's, so both reduce alike."""
     n = lengths[bg // group]
     if n == 0:  # no valid rows: nothing attends anywhere
         out_ent[bg] = 0.0
@@ -625,13 +628,13 @@ def _reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, out_ent, out_kl, o
 @njit(parallel=True, **_JIT)
 def reduce_metrics_kernel(row_ent, row_kl, colsum, lengths, group, *out):
     for bg in prange(row_ent.shape[0]):
-        _reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, *out)
+        reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, *out)
 
 
 @njit(**_JIT)
 def reduce_metrics_serial(row_ent, row_kl, colsum, lengths, group, *out):
     for bg in range(row_ent.shape[0]):
-        _reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, *out)
+        reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, *out)
 
 
 @njit(**_JIT)

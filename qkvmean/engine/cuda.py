@@ -22,6 +22,7 @@ import math
 import numpy as np
 from numba import cuda
 
+from .cpu import reduce_pair
 from .modes import MODE_UNIFORM
 
 #: Threads per block along the two grid axes (pairs × rows or features).
@@ -131,44 +132,23 @@ def _attention_kernel(
 
 @cuda.jit
 def _colsum_kernel(w, lengths, group, colsum):
-    """``colsum[bg, j]``: the sum of column ``j`` over the valid rows, in row order."""
+    """``colsum[bg, 0, j]``: the sum of column ``j`` over the valid rows, in row order (one
+    block of rows, in the CPU backend's ``(BG, blocks, N)`` layout)."""
     bg, j = cuda.grid(2)
     if bg >= w.shape[0] or j >= w.shape[2]:
         return
     acc = 0.0
     for i in range(lengths[bg // group]):
         acc += w[bg, i, j]
-    colsum[bg, j] = acc
+    colsum[bg, 0, j] = acc
 
 
 @cuda.jit
 def _reduce_kernel(row_ent, row_kl, colsum, lengths, group, ent, kl, mass, index):
-    """Per pair: the means over valid rows, and the key column of largest mean weight."""
+    """Per pair: :func:`qkvmean.engine.cpu.reduce_pair`, the CPU backend's own code."""
     bg = cuda.grid(1)
-    if bg >= row_ent.shape[0]:
-        return
-    n = lengths[bg // group]
-    if n == 0:
-        ent[bg] = 0.0
-        kl[bg] = 0.0
-        mass[bg] = 0.0
-        index[bg] = -1
-        return
-    e = 0.0
-    d = 0.0
-    for i in range(n):
-        e += row_ent[bg, i]
-        d += row_kl[bg, i]
-    ent[bg] = e / n
-    kl[bg] = d / n
-    best = -1.0
-    best_j = 0
-    for j in range(n):
-        if colsum[bg, j] > best:
-            best = colsum[bg, j]
-            best_j = j
-    mass[bg] = best / n
-    index[bg] = best_j
+    if bg < row_ent.shape[0]:
+        reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, ent, kl, mass, index)
 
 
 def reduce_metrics(rows, lengths, group):
@@ -218,7 +198,7 @@ def attention(q, k, v, lengths, group, modes, causal, scale, with_output, metric
     )  # fmt: skip
     rows = None
     if metrics:
-        colsum = np.zeros((n_pairs, n_rows))
+        colsum = np.zeros((n_pairs, 1, n_rows))
         _colsum_kernel[_grid(n_pairs, n_rows), BLOCK](w, lengths, np.int64(group), colsum)
         rows = (row_ent, row_kl, colsum)
     return w, (o if with_output else None), rows
