@@ -16,6 +16,16 @@ CORPUS = [
 ] * 5
 
 
+def _random(seed, scale):
+    """``r(*shape)``: float32 normal weights times ``scale``, from ``seed``, in call order."""
+    rng = np.random.default_rng(seed)
+
+    def r(*shape):
+        return (rng.normal(size=shape) * scale).astype(np.float32)
+
+    return r
+
+
 def byte_level_tokenizer(path: Path, vocab_size=320):
     """A GPT-2 style byte-level BPE tokenizer trained on a tiny corpus."""
     from tokenizers import ByteLevelBPETokenizer
@@ -32,10 +42,7 @@ def write_gpt2_dir(
     """A GPT-2 checkpoint: real tensor names, Conv1D (in, out) layout, buffers included."""
     path.mkdir(parents=True, exist_ok=True)
     vocab = byte_level_tokenizer(path)
-    rng = np.random.default_rng(seed)
-
-    def r(*shape):
-        return (rng.normal(size=shape) * scale).astype(np.float32)
+    r = _random(seed, scale)
 
     t = {
         "wte.weight": r(vocab, n_embd),
@@ -174,11 +181,8 @@ def write_llama_dir(
     (config keys, e.g. ``rope_scaling``) as the family writes them."""
     path.mkdir(parents=True, exist_ok=True)
     vocab = special_tokenizer(path, bos=LLAMA_BOS[model_type])
-    rng = np.random.default_rng(seed)
+    r = _random(seed, scale)
     dh = head_dim or d // n_head
-
-    def r(*shape):
-        return (rng.normal(size=shape) * scale).astype(np.float32)
 
     t = {"model.embed_tokens.weight": r(vocab, d), "model.norm.weight": 1 + r(d)}
     for i in range(n_layer):
@@ -249,10 +253,7 @@ def write_neox_dir(
     LayerNorms, partial rotary, and the buffers older checkpoints carry."""
     path.mkdir(parents=True, exist_ok=True)
     vocab = special_tokenizer(path)
-    rng = np.random.default_rng(seed)
-
-    def r(*shape):
-        return (rng.normal(size=shape) * scale).astype(np.float32)
+    r = _random(seed, scale)
 
     t = {
         "gpt_neox.embed_in.weight": r(vocab, d),
