@@ -3,6 +3,7 @@ transformers (golden maps) and the numpy reference, GQA semantics, bad configs."
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,8 +167,6 @@ def test_bad_configs_are_one_line(tmp_path):
 
     def variant(name, **changes):
         d = tmp_path / name
-        import shutil
-
         shutil.copytree(base, d)
         edit_config(d, **changes)
         return d
@@ -238,8 +237,6 @@ def test_cli_runs_a_family_and_warns_about_tokens_on_causal(family_dirs, tmp_pat
     lines = [line for line in warned.stderr.splitlines() if "leaks later tokens" in line]
     assert len(lines) == 1 and "--over causal" in lines[0]
     bad = tmp_path / "bad"
-    import shutil
-
     shutil.copytree(d, bad)
     edit_config(bad, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4})
     refused = run("--model", str(bad), "--out", "c.h5")

@@ -1034,7 +1034,7 @@ class InputScratch:
     """Per-input buffers of :func:`attention_one` (row metrics, per-thread scratch)."""
 
     def __init__(self, n_heads, n, seq):
-        n_blocks = (n + min(n, COL_BLOCK) - 1) // max(min(n, COL_BLOCK), 1)
+        n_blocks = -(-n // COL_BLOCK)  # blocks of min(n, COL_BLOCK) rows (n >= 1)
         self.length = np.array([n], dtype=np.int64)
         self.base_ent = np.zeros((n_heads, n))
         self.row_ent = np.zeros((n_heads, n))
