@@ -1,29 +1,70 @@
-"""The CUDA kernels under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set by
-tests/conftest.py unless the environment says otherwise) against the numpy reference.
-Small shapes: the simulator runs every GPU thread as a Python thread."""
+"""The CUDA backend against the numpy reference and the CPU backend.
+
+Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set by tests/conftest.py unless the
+environment says otherwise) on machines without a GPU; the same tests run on a GPU with
+NUMBA_ENABLE_CUDASIM=0. Small shapes: the simulator runs every GPU thread as a Python
+thread.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qkvmean
+from qkvmean.engine import api, cpu
 from qkvmean.engine import cuda as cuda_kernels  # numba-cuda: in the test extra
 from qkvmean.engine import reference as R
+from qkvmean.engine.arch import ACTIVATION_CODES
 from qkvmean.engine.modes import MODE_UNIFORM
 
-SHAPES = st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 6), st.integers(1, 4))
+# seq up to 9: more keys than the simulator's 4 threads per row, so that the rows'
+# strided loops and the shared-memory reductions combine several keys per thread
+SHAPES = st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 9), st.integers(1, 4))
+
+
+@pytest.fixture(autouse=True)
+def quick_barriers():
+    """The simulator's threads wait at a barrier by polling: switch between them often."""
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(2e-5)
+    yield
+    sys.setswitchinterval(saved)
+
+
+@contextlib.contextmanager
+def blocks_of_one_pair():
+    """The raw API's pipeline with one pair per block: every block boundary, offset and
+    alternating slot of the copies is exercised."""
+    saved = cuda_kernels.BLOCK_BYTES
+    cuda_kernels.BLOCK_BYTES = 1
+    try:
+        yield
+    finally:
+        cuda_kernels.BLOCK_BYTES = saved
+
+
+def _maybe_blocks(flag):
+    return blocks_of_one_pair() if flag else contextlib.nullcontext()
 
 
 @settings(max_examples=12, deadline=None)
-@given(SHAPES, st.booleans(), st.booleans(), st.integers(0, 2**32 - 1))
-def test_attention_matches_the_reference(shape, causal, with_output, seed):
+@given(SHAPES, st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_attention_matches_the_reference(shape, causal, with_output, small_blocks, seed):
     batch, group, seq, dim = shape
     rng = np.random.default_rng(seed)
     q, k, v = rng.normal(size=(3, batch * group, seq, dim)).astype(np.float32)
     lengths = rng.integers(0, seq + 1, size=batch).astype(np.int64)
     modes = np.zeros(group, np.int8)
-    w, o, _ = cuda_kernels.attention(q, k, v, lengths, group, modes, causal, 0.5, with_output)
+    with _maybe_blocks(small_blocks):
+        w, o, _ = cuda_kernels.attention(
+            q, k, v, lengths, group, modes, causal, 0.5, 0, with_output
+        )
     per_input = np.repeat(lengths, group)
     want_w, want_o = R.attention(q, k, v, lengths=per_input, causal=causal, scale=0.5)
     np.testing.assert_allclose(w, want_w, atol=2e-6, rtol=0)
@@ -41,7 +82,7 @@ def test_uniform_mode_is_mean_k(shape, causal, seed):
     q, k = rng.normal(size=(2, batch * group, seq, dim)).astype(np.float32)
     lengths = rng.integers(0, seq + 1, size=batch).astype(np.int64)
     modes = np.full(group, MODE_UNIFORM, np.int8)
-    w, _, _ = cuda_kernels.attention(q, k, k, lengths, group, modes, causal, 1.0, False)
+    w, _, _ = cuda_kernels.attention(q, k, k, lengths, group, modes, causal, 1.0, 0, False)
     per_input = np.repeat(lengths, group)
     mean_k = R.mean_substitute(k, lengths=per_input)
     want = R.attention_weights(q, mean_k, lengths=per_input, causal=causal, scale=1.0)
@@ -65,23 +106,26 @@ def test_mean_substitute_matches_the_reference(shape, prefix, seed):
 
 
 @settings(max_examples=12, deadline=None)
-@given(SHAPES, st.booleans(), st.booleans(), st.integers(0, 2**32 - 1))
-def test_metrics_match_the_reference(shape, causal, uniform, seed):
+@given(SHAPES, st.booleans(), st.booleans(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_metrics_match_the_reference(shape, causal, uniform, small_blocks, seed):
     """Entropy, KL from the baseline, top-key mass and index of a condition (mean-K in
-    the uniform mode, or other keys) against the reference's metrics of the same maps."""
+    the uniform mode, or other keys) against the reference's metrics of the same maps;
+    the baseline's weights are read where its call left them, on the device."""
     batch, group, seq, dim = shape
     rng = np.random.default_rng(seed)
     q, k, k2 = (rng.normal(size=(3, batch * group, seq, dim)) * 2).astype(np.float32)
     lengths = rng.integers(0, seq + 1, size=batch).astype(np.int64)
     per_input = np.repeat(lengths, group)
     general = np.zeros(group, np.int8)
-    w0, _, rows0 = cuda_kernels.attention(
-        q, k, k, lengths, group, general, causal, 1.0, False, True
-    )
     modes = np.full(group, MODE_UNIFORM if uniform else 0, np.int8)
-    _, _, rows1 = cuda_kernels.attention(
-        q, k2, k2, lengths, group, modes, causal, 1.0, False, True, base=(w0, rows0[0])
-    )
+    with _maybe_blocks(small_blocks):
+        w0, _, rows0 = cuda_kernels.attention(
+            q, k, k, lengths, group, general, causal, 1.0, 0, False, True, maps=False
+        )
+        assert w0 is None  # nothing came back but the row metrics' handle
+        _, _, rows1 = cuda_kernels.attention(
+            q, k2, k2, lengths, group, modes, causal, 1.0, 0, False, True, base=(w0, rows0)
+        )
     got = cuda_kernels.reduce_metrics(rows1, lengths, group)
     keys = R.mean_substitute(k2, lengths=per_input) if uniform else k2
     log_a = R.log_attention_weights(q, keys, lengths=per_input, causal=causal, scale=1.0)
@@ -93,3 +137,222 @@ def test_metrics_match_the_reference(shape, causal, uniform, seed):
     mass = want["top_key_mass"][:, 0]
     index_ok = (got[3] == want["top_key_index"][:, 0]) | np.isclose(mass, got[2], atol=1e-6)
     assert index_ok.all()
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _api_inputs(data):
+    batch = data.draw(st.integers(1, 3), label="batch")
+    heads = data.draw(st.integers(1, 3), label="heads")
+    seq = data.draw(st.integers(1, 7), label="seq")
+    dim = data.draw(st.integers(1, 4), label="dim")
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.normal(size=(3, batch, heads, seq, dim)).astype(np.float32)
+    lengths = rng.integers(0, seq + 1, size=batch)
+    return q, k, v, lengths
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.data(), st.sampled_from(["q", "k", "v"]), st.sampled_from(["tokens", "causal"]),
+    st.booleans(), st.booleans(),
+)  # fmt: skip
+def test_public_functions_agree_across_devices(data, target, over, causal, padded):
+    """``attention_weights``, ``attention``, ``ablate`` (every target, both means, a head
+    subset, padded and causal) and ``conditions`` on ``device="cuda"`` against
+    ``device="cpu"``: within 2e-5."""
+    q, k, v, lengths = _api_inputs(data)
+    lengths = lengths if padded else None
+    heads = [0] if q.shape[1] > 1 and data.draw(st.booleans(), label="one head") else None
+    kw = dict(lengths=lengths, causal=causal)
+
+    def both(f, *args, **extra):
+        return [f(*args, **kw, **extra, device=d) for d in ("cpu", "cuda")]
+
+    cpu_w, cuda_w = both(qkvmean.attention_weights, q, k)
+    np.testing.assert_allclose(cuda_w, cpu_w, atol=2e-5, rtol=0)
+    (cpu_wo, cuda_wo) = both(qkvmean.attention, q, k, v)
+    for a, b in zip(cuda_wo, cpu_wo, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    (cpu_a, cuda_a) = both(qkvmean.ablate, q, k, v, target=target, over=over, heads=heads)
+    for a, b in zip(cuda_a, cpu_a, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+    (cpu_c, cuda_c) = both(qkvmean.conditions, q, k, v, over=over, heads=heads)
+    assert cuda_c.names == cpu_c.names
+    for name in cpu_c.names:
+        np.testing.assert_allclose(cuda_c.weights[name], cpu_c.weights[name], atol=2e-5)
+    for metric in ("entropy", "kl_from_baseline", "top_key_mass"):
+        np.testing.assert_allclose(cuda_c.metrics[metric], cpu_c.metrics[metric], atol=2e-5)
+    np.testing.assert_allclose(
+        qkvmean.mean_substitute(q, over=over, lengths=lengths, device="cuda"),
+        qkvmean.mean_substitute(q, over=over, lengths=lengths, device="cpu"),
+        atol=2e-6,
+    )
+
+
+def test_conditions_without_maps_keep_the_metrics():
+    rng = np.random.default_rng(3)
+    q, k = rng.normal(size=(2, 2, 3, 7, 4)).astype(np.float32)
+    full = qkvmean.conditions(q, k, lengths=[7, 5], device="cuda")
+    bare = qkvmean.conditions(q, k, lengths=[7, 5], device="cuda", maps=False)
+    assert bare.weights == {} and bare.names == full.names
+    for name, value in full.metrics.items():
+        np.testing.assert_array_equal(bare.metrics[name], value)
+    with pytest.raises(TypeError, match="maps must be True or False"):
+        qkvmean.conditions(q, k, maps="no")
+
+
+def test_the_cuda_backend_provides_the_protocol():
+    from qkvmean.engine import backend
+
+    assert backend.missing(api.backend("cuda")) == []
+    assert api.backend("cuda") is cuda_kernels
+    name, what = api.choose_device("auto")
+    assert name == "cpu" if cuda_kernels.SIMULATOR else "cuda"
+    assert "simulator" in what if cuda_kernels.SIMULATOR else what
+    with pytest.raises(ValueError, match=r"device must be one of \['auto', 'cpu', 'cuda'"):
+        api.backend("tpu")
+
+
+# ----------------------------------------------------------------------------- model path
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    st.integers(1, 6), st.integers(1, 3), st.integers(1, 3), st.booleans(), st.booleans(),
+    st.integers(0, 2**32 - 1),
+)  # fmt: skip
+def test_model_ops_match_the_cpu_backend(rows, kv_heads, per_kv, rms, store_sum, seed):
+    """Norms (with residual and stored sum; RMS), head norm, the three activations, head
+    split with grouped keys and values, merge, rotary and the per-head substitution: the
+    CUDA backend's model-path operations against the CPU backend's."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    heads, dh, d = kv_heads * per_kv, 4, 6
+    x, residual = rng.normal(size=(2, rows, d)).astype(f32)
+    bias, gamma, beta = rng.normal(size=(3, d)).astype(f32)
+    norm = (gamma, np.zeros(d, f32) if rms else beta, rms, 1e-5)
+    outs = []
+    for ops in (cpu, cuda_kernels):
+        res, out = residual.copy(), np.empty_like(x)
+        ops.add_norm(x, bias, res, norm, out, store_sum=store_sum)
+        outs.append((res, out))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(b, a, atol=2e-5)
+
+    hx = rng.normal(size=(heads, rows, dh)).astype(f32)
+    got = [hx.copy(), hx.copy()]
+    for ops, arr in zip((cpu, cuda_kernels), got, strict=True):
+        ops.head_norm(arr, gamma[:dh], 1e-6, np.zeros(dh, f32))
+    np.testing.assert_allclose(got[1], got[0], atol=2e-5)
+
+    m = (rng.normal(size=(rows, 2 * d)) * 3).astype(f32)
+    b1 = rng.normal(size=2 * d).astype(f32)
+    for act, code in ACTIVATION_CODES.items():
+        if act == "silu_gated":
+            res = [np.empty((rows, d), f32) for _ in range(2)]
+            for ops, out in zip((cpu, cuda_kernels), res, strict=True):
+                ops.bias_activation(m, b1, code, out)
+        else:
+            res = [m.copy(), m.copy()]
+            for ops, arr in zip((cpu, cuda_kernels), res, strict=True):
+                ops.bias_activation(arr, b1, code, arr)
+        np.testing.assert_allclose(res[1], res[0], atol=1e-5, rtol=1e-5, err_msg=act)
+
+    stack = 2
+    qkv = rng.normal(size=(stack * rows, (heads + 2 * kv_heads) * dh)).astype(f32)
+    bqkv = rng.normal(size=qkv.shape[1]).astype(f32)
+    split = []
+    for ops in (cpu, cuda_kernels):
+        q, k, v = (np.empty((stack * heads, rows, dh), f32) for _ in range(3))
+        ops.split_heads(qkv, bqkv, heads, kv_heads, q, k, v)
+        ctx = np.empty((stack * rows, heads * dh), f32)
+        ops.merge_heads(q, heads, ctx)
+        split.append((q, k, v, ctx))
+    for a, b in zip(*split, strict=True):
+        np.testing.assert_array_equal(b, a)
+
+    half = 1 + seed % 2
+    angle = rng.normal(size=(rows, half)).astype(f32)
+    cos, sin = np.cos(angle), np.sin(angle)
+    rot = [hx.copy(), hx.copy()]
+    for ops, arr in zip((cpu, cuda_kernels), rot, strict=True):
+        ops.rotary(arr, cos, sin)
+    np.testing.assert_allclose(rot[1], rot[0], atol=1e-6)
+
+    select = rng.random(heads) < 0.6
+    length = np.array([max(rows - 1, 1)], np.int64)
+    for prefix in (False, True):
+        sub = [hx.copy(), hx.copy()]
+        for ops, arr in zip((cpu, cuda_kernels), sub, strict=True):
+            ops.substitute(arr, length, heads, select, prefix, np.empty(dh))
+        np.testing.assert_allclose(sub[1], sub[0], atol=1e-6)
+
+    bad = hx.copy()
+    bad[0, 0, 1] = np.nan
+    assert cuda_kernels.check_finite(bad) == cpu.check_finite(bad)
+    assert cuda_kernels.check_finite(hx) == cpu.check_finite(hx)
+
+
+def _close(got, want, atol=1e-4):
+    assert got.names == want.names
+    for name in want.names:
+        np.testing.assert_allclose(got.weights[name], want.weights[name], atol=atol, err_msg=name)
+    for name in ("entropy", "kl_from_baseline", "top_key_mass"):
+        np.testing.assert_allclose(got.metrics[name], want.metrics[name], atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "over, layers, heads", [("tokens", (0,), None), ("causal", (1,), [1])]
+)  # fmt: skip
+def test_synthetic_model_agrees_across_devices(over, layers, heads):
+    """The model path (BERT-shaped synthetic model; mean-V reused at the first ablated
+    layer, conditions stacked) on ``device="cuda"``: maps, metrics and hidden states within
+    1e-4 of the CPU's; without maps, the same metrics."""
+    from qkvmean.engine.transformer import model_conditions
+    from qkvmean.io.models import load_model
+
+    weights = load_model("synthetic").weights
+    ids = np.array([[1, 5, 9, 2, 7, 4], [1, 3, 3, 0, 0, 0]])
+    kw = dict(over=over, ablate_layers=layers, heads=heads, hidden=True, seq=7)
+    want = model_conditions(weights, ids, [6, 3], **kw)
+    got = model_conditions(weights, ids, [6, 3], device="cuda", **kw)
+    _close(got, want)
+    for name in want.names:
+        np.testing.assert_allclose(got.hidden[name], want.hidden[name], atol=1e-4)
+    if over == "causal":
+        return
+    bare = model_conditions(weights, ids, [6, 3], device="cuda", maps=False, **kw)
+    assert bare.weights == {}
+    for name, value in got.metrics.items():
+        np.testing.assert_array_equal(bare.metrics[name], value)
+
+
+@pytest.fixture(scope="module")
+def small_families(tmp_path_factory):
+    from model_support import write_family_dir
+
+    from qkvmean.io.models import load_model
+
+    root = tmp_path_factory.mktemp("cuda_families")
+    # GQA + llama3 rope + SwiGLU; q/k norm; partial rotary, parallel residual
+    return {n: load_model(str(write_family_dir(n, root / n))) for n in ("llama", "qwen3", "gpt_neox")}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox"])
+def test_decoder_families_agree_across_devices(small_families, family):
+    from qkvmean.engine.transformer import model_conditions
+
+    model = small_families[family]
+    enc = model.tokenizer.encode_batch(["mean keys and values", "the fox"])
+    n = max(len(e.ids) for e in enc)
+    ids = np.zeros((2, n), np.int64)
+    for row, e in enumerate(enc):
+        ids[row, : len(e.ids)] = e.ids
+    lengths = [len(e.ids) for e in enc]
+    kw = dict(over="causal", ablate_layers=(0, 1), heads=[0, 3])
+    want = model_conditions(model.weights, ids, lengths, **kw)
+    got = model_conditions(model.weights, ids, lengths, device="cuda", **kw)
+    _close(got, want)

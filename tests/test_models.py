@@ -640,3 +640,24 @@ def test_model_results_do_not_depend_on_batch_or_threads(minilm):
         for metric, values in whole.metrics.items():
             np.testing.assert_array_equal(alone.metrics[metric][:, 0], values[:, b])
             np.testing.assert_array_equal(one.metrics[metric][:, b], values[:, b])
+
+
+@pytest.mark.parametrize("layers", [(0,), (1, 2)])
+def test_model_metrics_are_those_of_its_maps(layers):
+    """Every condition's metrics at every layer against the reference's metrics of the
+    maps themselves; the baseline's KL from itself is exactly 0 (its row buffers are reused
+    by the other conditions, whose KL must not leak into the next layer's baseline)."""
+    weights, _ = synthetic.build()
+    ids = np.array([[1, 5, 9, 2, 7, 4], [1, 3, 3, 8, 0, 0]])
+    lengths = [6, 4]
+    c = T.model_conditions(weights, ids, lengths, ablate_layers=layers)
+    assert not c.metrics["kl_from_baseline"][0].any()
+    base = c.weights["baseline"]
+    for ci, name in enumerate(c.names):
+        for layer in range(weights.n_layers):
+            want = ref.metrics_from_maps(c.weights[name][:, layer], base[:, layer], lengths)
+            for metric in ("entropy", "kl_from_baseline", "top_key_mass"):
+                np.testing.assert_allclose(
+                    c.metrics[metric][ci, :, layer], want[metric], atol=2e-5,
+                    err_msg=f"{name} layer {layer} {metric}",
+                )  # fmt: skip

@@ -21,21 +21,62 @@ from .plan import Plan
 
 #: The backends by device name. A backend is a module (or object) with the names of
 #: :mod:`qkvmean.engine.backend`'s protocol; the raw API and the model path both go
-#: through it.
+#: through it. ``"cuda"`` (:mod:`qkvmean.engine.cuda`) is added on first use, so that
+#: numba-cuda and CuPy are imported only when asked for.
 BACKENDS = {"cpu": cpu}
+#: What ``device=`` accepts: a backend, or ``"auto"`` (CUDA when a GPU is usable, else
+#: the CPU).
+DEVICES = ("cpu", "cuda", "auto")
 
-__all__ = ["BACKENDS", "CONDITIONS", "METRICS", "OVER", "TARGETS", "backend"]
+__all__ = ["BACKENDS", "CONDITIONS", "DEVICES", "METRICS", "OVER", "TARGETS", "backend"]
 
 
 # ----------------------------------------------------------------------------- checks
 
 
+def _cuda():
+    """``(the CUDA backend, None)``, or ``(None, why it cannot run here)``."""
+    if "cuda" in BACKENDS:
+        return BACKENDS["cuda"], None
+    try:
+        from . import cuda
+    except ImportError as exc:
+        return None, f"numba-cuda is not installed ({exc}): pip install 'qkvmean[cuda]'"
+    reason = cuda.unavailable()
+    if reason is not None:
+        return None, reason
+    BACKENDS["cuda"] = cuda
+    return cuda, None
+
+
+def choose_device(device) -> tuple:
+    """``(backend name, what it is)`` for ``device``: ``"auto"`` is CUDA on a GPU (never
+    Numba's simulator), else the CPU, and says why."""
+    if device == "auto":
+        ops, why = _cuda()
+        if ops is None:
+            return "cpu", f"no usable CUDA device: {why}"
+        if ops.SIMULATOR:
+            return "cpu", "Numba's CUDA simulator is not a GPU (pass 'cuda' to use it)"
+        return "cuda", ops.describe()
+    ops = backend(device)
+    return ops.name, ops.describe() if hasattr(ops, "describe") else ""
+
+
 def backend(device):
-    """The backend registered for ``device``, or a ValueError naming the choices."""
+    """The backend registered for ``device`` (``"auto"``: see :func:`choose_device`), or a
+    one-line ValueError naming the choices, or saying why CUDA cannot run here."""
+    if device == "auto":
+        return BACKENDS[choose_device(device)[0]]
+    if device == "cuda" and "cuda" not in BACKENDS:
+        ops, why = _cuda()
+        if ops is None:
+            raise ValueError(f"device 'cuda' cannot run here: {why}; use 'cpu' or 'auto'")
     try:
         return BACKENDS[device]
     except (KeyError, TypeError):
-        raise ValueError(f"device must be one of {sorted(BACKENDS)}, got {device!r}") from None
+        choices = sorted(set(BACKENDS) | set(DEVICES))
+        raise ValueError(f"device must be one of {choices}, got {device!r}") from None
 
 
 def _float_array(x, name):
@@ -179,13 +220,13 @@ class _Prepared:
     max_abs: dict  # largest |value| of each tensor, for the overflow guards
     nbytes: float  # what the results take, for the out-of-memory message
 
-    def attention(self, backend, modes, v, with_output, **metrics):
+    def attention(self, backend, modes, v, with_output, **options):
         """The backend's attention kernel on these inputs; memory it could not get is a
         one-line ValueError."""
         try:
             return backend.attention(
                 self.q, self.k, v, self.lengths, self.group, modes, self.causal, self.scale,
-                config.ROW_BLOCK, with_output, **metrics,
+                config.ROW_BLOCK, with_output, **options,
             )  # fmt: skip
         except MemoryError:
             raise ValueError(
@@ -351,8 +392,11 @@ def attention_weights(q, k, *, lengths=None, causal=False, scale=None, device="c
         Allow key ``j`` for query ``i`` only when ``j <= i``.
     scale : float, optional
         Logit scale, default ``1 / sqrt(dim)``.
-    device : str
-        Backend; ``"cpu"`` (Numba, all cores).
+    device : {"cpu", "cuda", "auto"}
+        Where to compute: ``"cpu"`` (Numba, all cores), ``"cuda"`` (numba-cuda and CuPy,
+        ``pip install 'qkvmean[cuda]'``; a ValueError says why when it cannot run) or
+        ``"auto"`` (CUDA when a GPU is usable, else the CPU). Results agree to float32
+        rounding.
 
     Returns
     -------
@@ -527,6 +571,7 @@ def conditions(
     causal=False,
     scale=None,
     device="cpu",
+    maps=True,
 ):
     """Baseline and mean-substituted attention weights, with per-head metrics.
 
@@ -547,6 +592,9 @@ def conditions(
         Substitutions to run after the baseline, in this order.
     over, heads, lengths, causal, scale, device
         As for :func:`ablate`.
+    maps : bool
+        False: return the metrics only (``weights`` is empty); on a GPU the maps then
+        never leave it.
 
     Returns
     -------
@@ -564,6 +612,7 @@ def conditions(
     True
     """
     ops = backend(device)
+    maps = _check_bool(maps, "maps")
     over = _check_choice(over, "over", OVER)
     if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
         raise TypeError(f"targets must be a sequence of 'q', 'k', 'v', got {targets!r}")
@@ -580,20 +629,21 @@ def conditions(
     names, weights, per_pair = [], {}, []
 
     def run(name, modes, base):
-        w, _, rows = p.attention(ops, modes, None, False, metrics=True, base=base)
+        w, _, rows = p.attention(ops, modes, None, False, metrics=True, base=base, maps=maps)
         names.append(name)
-        weights[name] = w.reshape(lead + (p.shape[-2], p.shape[-2]))
+        if maps:
+            weights[name] = w.reshape(lead + (p.shape[-2], p.shape[-2]))
         per_pair.append(ops.reduce_metrics(rows, p.lengths, p.group))
         return w, rows
 
-    w0, rows0 = run(CONDITIONS[0], np.zeros(p.group, dtype=np.int8), None)
-    base = (w0, rows0[0])  # baseline weights and row entropies
+    base = run(CONDITIONS[0], np.zeros(p.group, dtype=np.int8), None)  # (weights, rows)
     for target in targets:
         name = condition_name(target)
         if Plan.weights_unchanged(target):
             # v never reaches the weights: mean-V maps and metrics are the baseline's
             names.append(name)
-            weights[name] = weights[CONDITIONS[0]]
+            if maps:
+                weights[name] = weights[CONDITIONS[0]]
             per_pair.append(per_pair[0][:1] + (np.zeros_like(per_pair[0][1]),) + per_pair[0][2:])
             continue
         p.q, p.k, p.v = original

@@ -1,7 +1,8 @@
 """The backend seam: what a device provides, for the raw API and the model path alike.
 
 A backend is registered in :data:`qkvmean.engine.api.BACKENDS` under its device name
-(``"cpu"``: :mod:`qkvmean.engine.cpu`). :mod:`qkvmean.engine.api` validates, flattens and
+(``"cpu"``: :mod:`qkvmean.engine.cpu`; ``"cuda"``: :mod:`qkvmean.engine.cuda`, on first
+use). :mod:`qkvmean.engine.api` validates, flattens and
 plans; :mod:`qkvmean.engine.transformer` runs the forward pass; both call only the names
 below, so a new device is one module that provides them plus one registration.
 """
@@ -15,6 +16,9 @@ from typing import Protocol
 BATCH_OPS = ("attention", "reduce_metrics", "mean_substitute")
 #: What the model path calls, one input at a time (inside ``run_tasks``).
 MODEL_OPS = (
+    "xp",
+    "upload",
+    "to_host",
     "run_tasks",
     "matmul",
     "add",
@@ -39,11 +43,14 @@ class Backend(Protocol):
 
     # raw API
     def attention(self, q, k, v, lengths, group, modes, causal, scale, row_block,
-                  with_output, metrics=False, base=None): ...  # fmt: skip
+                  with_output, metrics=False, base=None, maps=True): ...  # fmt: skip
     def reduce_metrics(self, rows, lengths, group): ...
     def mean_substitute(self, x, lengths, group, select, prefix, shrink=1.0): ...
 
     # model path
+    xp: object  # the array module of the model path's buffers (numpy, CuPy)
+    def upload(self, model): ...  # the Weights where this backend computes
+    def to_host(self, x): ...  # a buffer as a numpy array
     def run_tasks(self, tasks): ...
     def matmul(self, a, b, out): ...
     def add(self, a, b, out): ...
@@ -54,8 +61,8 @@ class Backend(Protocol):
     def merge_heads(self, o, n_heads, ctx): ...
     def rotary(self, x, cos, sin): ...
     def substitute(self, x, length, n_heads, select, prefix, acc): ...
-    def InputScratch(self, n_heads, n, seq): ...  # a class in the CPU backend
-    def attention_one(self, q, k, v, modes, causal, scale, w, o, scratch, base, metrics,
+    def InputScratch(self, n_heads, n, seq, stack, maps): ...  # a class, with finish()
+    def attention_one(self, q, k, v, modes, causal, scale, c, w, o, scratch, metrics,
                       reduced): ...  # fmt: skip
     def check_finite(self, x): ...
 

@@ -17,6 +17,7 @@ writes inside the parallel loop.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numba
@@ -427,6 +428,8 @@ def _record_row(mx, bg, blk, i, row, jmax, entropy, spd, sp, log_z):
         # KL(p || a) = sum p log p - sum p log a, with log a_j = d_j - log Z
         kl = -mx.base_ent[bg, i] - spd + log_z * sp
         mx.row_kl[bg, i] = max(kl, 0.0)  # >= 0; rounding can dip a hair below
+    else:  # the baseline (the model path reuses its row buffers across conditions)
+        mx.row_kl[bg, i] = 0.0
     col = mx.colsum[bg, blk]
     for j in range(jmax):
         col[j] += row[j]
@@ -679,11 +682,12 @@ def mean_substitute_serial(x, lengths, group, select, prefix, shrink, acc, out):
         _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc, out)
 
 
-@njit(**_JIT)
-def _norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
+@register_jitable
+def norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
     """``s = x[r] + bias (+ residual[r])``; ``residual[r] = s`` with ``store_sum``;
     ``out[r] = LayerNorm(s)`` (``rms``: RMSNorm, no centring; ``beta`` is zero),
-    statistics in float64. ``out`` may be ``x`` or ``residual``."""
+    statistics in float64. ``out`` may be ``x`` or ``residual``. Compiled into the CPU
+    kernels and the CUDA backend's (one thread per row there)."""
     dim = x.shape[1]
     total = 0.0
     for d in range(dim):
@@ -699,7 +703,7 @@ def _norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, 
     for d in range(dim):
         c = out[r, d] - mean
         sq += c * c
-    inv = 1.0 / np.sqrt(sq / dim + eps)
+    inv = 1.0 / math.sqrt(sq / dim + eps)
     for d in range(dim):
         out[r, d] = (out[r, d] - mean) * inv * gamma[d] + beta[d]
 
@@ -707,7 +711,7 @@ def _norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, 
 @njit(parallel=True, **_JIT)
 def layer_norm_kernel(x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
     for r in prange(x.shape[0]):
-        _norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out)
+        norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out)
 
 
 @njit(**_JIT)
@@ -715,7 +719,7 @@ def add_norm_serial(x, bias, residual, with_residual, store_sum, rms, gamma, bet
     """The model path's fused residual step, on the calling thread: see :func:`_norm_row`
     (post-norm: ``h = N(a + b + h)``; pre-norm: ``h += a + b`` and ``x = N'(h)``)."""
     for r in range(x.shape[0]):
-        _norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out)
+        norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out)
 
 
 @njit(**_VEC)
@@ -744,6 +748,26 @@ def bias_gelu_serial(x, bias, tanh_approx):
         _gelu_row(r, x, bias, tanh_approx)
 
 
+@register_jitable
+def split_heads_row(r, qkv, bias, n_heads, n_kv_heads, q, k, v):
+    """Row ``r`` of :func:`split_heads_serial` (shared with the CUDA backend)."""
+    n = q.shape[1]
+    dh = q.shape[2]
+    per_kv = n_heads // n_kv_heads
+    k0 = n_heads * dh
+    v0 = k0 + n_kv_heads * dh
+    c = r // n
+    t = r - c * n
+    for h in range(n_heads):
+        pair = c * n_heads + h
+        col = h * dh
+        kv = (h // per_kv) * dh
+        for e in range(dh):
+            q[pair, t, e] = qkv[r, col + e] + bias[col + e]
+            k[pair, t, e] = qkv[r, k0 + kv + e] + bias[k0 + kv + e]
+            v[pair, t, e] = qkv[r, v0 + kv + e] + bias[v0 + kv + e]
+
+
 @njit(**_JIT)
 def split_heads_serial(qkv, bias, n_heads, n_kv_heads, q, k, v):
     """Projections ``(C*n, (H + 2G) dh)`` of ``C`` stacked copies of one input (columns:
@@ -752,22 +776,20 @@ def split_heads_serial(qkv, bias, n_heads, n_kv_heads, q, k, v):
     ``c*H + h``, token ``t``. Keys and values are expanded to one per query head
     (query head ``h`` reads KV head ``h // (H / G)``), so that each can be substituted
     for its own query head."""
-    n = q.shape[1]
-    dh = q.shape[2]
-    per_kv = n_heads // n_kv_heads
-    k0 = n_heads * dh
-    v0 = k0 + n_kv_heads * dh
     for r in range(qkv.shape[0]):
-        c = r // n
-        t = r - c * n
-        for h in range(n_heads):
-            pair = c * n_heads + h
-            col = h * dh
-            kv = (h // per_kv) * dh
-            for e in range(dh):
-                q[pair, t, e] = qkv[r, col + e] + bias[col + e]
-                k[pair, t, e] = qkv[r, k0 + kv + e] + bias[k0 + kv + e]
-                v[pair, t, e] = qkv[r, v0 + kv + e] + bias[v0 + kv + e]
+        split_heads_row(r, qkv, bias, n_heads, n_kv_heads, q, k, v)
+
+
+@register_jitable
+def rotary_vector(x, p, t, cos, sin):
+    """In place, the rotary embedding of vector ``x[p, t]`` (see :func:`rotary_serial`;
+    shared with the CUDA backend)."""
+    half = cos.shape[1]
+    for i in range(half):
+        a = x[p, t, i]
+        b = x[p, t, i + half]
+        x[p, t, i] = a * cos[t, i] - b * sin[t, i]
+        x[p, t, i + half] = b * cos[t, i] + a * sin[t, i]
 
 
 @njit(**_JIT)
@@ -775,16 +797,9 @@ def rotary_serial(x, cos, sin):
     """In place, the rotary embedding of the first ``2 * cos.shape[1]`` dimensions of
     every vector of ``x`` ``(P, n, dh)`` (rotate-half layout: dimension ``i`` pairs with
     ``i + half``); ``cos``, ``sin`` ``(>= n, half)`` by position."""
-    n = x.shape[1]
-    half = cos.shape[1]
     for p in range(x.shape[0]):
-        for t in range(n):
-            row = x[p, t]
-            for i in range(half):
-                a = row[i]
-                b = row[i + half]
-                row[i] = a * cos[t, i] - b * sin[t, i]
-                row[i + half] = b * cos[t, i] + a * sin[t, i]
+        for t in range(x.shape[1]):
+            rotary_vector(x, p, t, cos, sin)
 
 
 @njit(**_VEC)
@@ -799,33 +814,39 @@ def bias_swiglu_serial(g, bias, out):
             dst[d] = silu(row[d] + bias[d]) * (row[f + d] + bias[f + d])
 
 
+@register_jitable
+def merge_heads_row(r, o, n_heads, ctx):
+    """Row ``r`` of :func:`merge_heads_serial` (shared with the CUDA backend)."""
+    n = o.shape[1]
+    dh = o.shape[2]
+    c = r // n
+    t = r - c * n
+    for h in range(n_heads):
+        for e in range(dh):
+            ctx[r, h * dh + e] = o[c * n_heads + h, t, e]
+
+
 @njit(**_JIT)
 def merge_heads_serial(o, n_heads, ctx):
     """Inverse of :func:`split_heads_serial` for the attention outputs ``(C*H, n, dh)``."""
-    n = o.shape[1]
-    dh = o.shape[2]
     for r in range(ctx.shape[0]):
-        c = r // n
-        t = r - c * n
-        for h in range(n_heads):
-            src = o[c * n_heads + h, t]
-            for e in range(dh):
-                ctx[r, h * dh + e] = src[e]
+        merge_heads_row(r, o, n_heads, ctx)
 
 
-def scan_finite(flat):
-    """``(index of the first non-finite value or -1, max |value|)`` of a 1-D array.
+def scan_finite(flat, xp=np):
+    """``(index of the first non-finite value or -1, max |value|)`` of a 1-D array (of
+    the array module ``xp``: numpy, or CuPy for the CUDA backend).
 
-    numpy's ``max`` and ``min`` propagate NaN and are SIMD loops: two passes tell whether
+    ``max`` and ``min`` propagate NaN and are SIMD loops: two passes tell whether
     everything is finite and give the largest magnitude; the index is looked for only when
     something is wrong.
     """
     if flat.size == 0:
         return -1, 0.0
-    top, bottom = flat.max(), flat.min()
-    if np.isfinite(top) and np.isfinite(bottom):
-        return -1, float(max(abs(top), abs(bottom)))
-    return int(np.flatnonzero(~np.isfinite(flat))[0]), float("inf")
+    top, bottom = float(flat.max()), float(flat.min())
+    if math.isfinite(top) and math.isfinite(bottom):
+        return -1, max(abs(top), abs(bottom))
+    return int((~xp.isfinite(flat)).argmax()), float("inf")
 
 
 # --------------------------------------------------------------------------------------
@@ -855,13 +876,15 @@ def _no_metrics(dtype):
 
 
 def attention(
-    q, k, v, lengths, group, modes, causal, scale, row_block, with_output, metrics=False, base=None
-):
+    q, k, v, lengths, group, modes, causal, scale, row_block, with_output, metrics=False,
+    base=None, maps=True,
+):  # fmt: skip
     """Weights ``(BG, N, N)``, outputs ``(BG, N, E)`` or None, and row metrics or None.
 
     With ``metrics``, also returns ``(row_ent, row_kl, colsum)`` for
-    :func:`reduce_metrics`; ``base`` (the baseline weights and row entropies, from a
-    metrics call without ``base``) adds the KL from the baseline.
+    :func:`reduce_metrics`; ``base`` (the baseline's weights and row metrics, from a
+    metrics call without ``base``) adds the KL from the baseline. ``maps`` False: the
+    caller will not read the weights (here they are computed all the same).
     """
     n_pairs, n_rows, dim = q.shape
     threads = numba.config.NUMBA_NUM_THREADS
@@ -887,7 +910,7 @@ def attention(
             True,
             with_kl,
             base[0] if with_kl else np.zeros((1, 1, n_rows), q.dtype),  # p = 0: no KL
-            base[1] if with_kl else np.empty((0, 0)),
+            base[1][0] if with_kl else np.empty((0, 0)),  # the baseline's row entropies
             np.zeros((n_pairs, n_rows)),
             np.zeros((n_pairs, n_rows)),
             np.empty((n_pairs, n_blocks, n_rows)),
@@ -1031,9 +1054,10 @@ def substitute(x, length, n_heads, select, prefix, acc):
 
 
 class InputScratch:
-    """Per-input buffers of :func:`attention_one` (row metrics, per-thread scratch)."""
+    """Per-input buffers of :func:`attention_one` (row metrics, per-thread scratch, the
+    baseline's map of the current layer for the KL of the other conditions)."""
 
-    def __init__(self, n_heads, n, seq):
+    def __init__(self, n_heads, n, seq, stack, maps):
         n_blocks = -(-n // COL_BLOCK)  # blocks of min(n, COL_BLOCK) rows (n >= 1)
         self.length = np.array([n], dtype=np.int64)
         self.base_ent = np.zeros((n_heads, n))
@@ -1044,31 +1068,41 @@ class InputScratch:
         self.no_ent = np.empty((0, 0))
         self.logits = np.empty(n, np.float32)
         self.kt = np.empty((0, 0), np.float32)  # the kernel reads no keys: scores are given
+        # without maps to return: the baseline's and the current condition's, here
+        self.own = None if maps else np.zeros((min(stack, 2), n_heads, n, n), np.float32)
+        self.base_map = None
+
+    def finish(self):
+        """Every result of this input is in place (they are written as computed here)."""
 
 
-def attention_one(q, k, v, modes, causal, scale, w, o, scratch, base, metrics, reduced):
-    """One condition's attention for every head of one input.
+def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
+    """Condition ``c``'s attention for every head of one input (``c = 0``: the baseline,
+    which the KL of the later conditions of the same layer reads).
 
     ``q``, ``k``, ``v`` ``(H, n, dh)``; the map is written into ``w`` ``(H, S, S)`` (its
-    ``n x n`` corner; the rest stays zero), the output into ``o``. ``base`` is None for the
-    baseline, else ``(baseline map, True)``: the row entropies of the baseline (kept in
-    ``scratch`` by its call) give the KL. With ``metrics``, the four metrics of each head
+    ``n x n`` corner; the rest stays zero), or kept in ``scratch`` when ``w`` is None (no
+    maps wanted); the output into ``o``. With ``metrics``, the four metrics of each head
     are written into ``reduced`` (four ``(H,)`` arrays). The products ``q·kᵀ`` and ``A·v``
     are BLAS calls; scaling, mask, softmax, fast paths and metrics are
     :func:`attention_serial` on the scores.
     """
     heads = q.shape[0]
     n = scratch.length[0]
+    if w is None:
+        w = scratch.own[min(c, 1)]
+    if c == 0:
+        scratch.base_map = w
     valid = w[:, :n, :n]
     if np.all(modes == MODE_SHARED_ROW):  # one row of scores per head is read
         np.matmul(q[:, :1], k.transpose(0, 2, 1), out=w[:, :1, :n])
     elif not np.all(modes == MODE_UNIFORM):  # (uniform rows read no scores)
         np.matmul(q, k.transpose(0, 2, 1), out=valid)
-    with_kl = base is not None
+    with_kl = c > 0
     mx = Metrics(
         metrics,
         with_kl,
-        base if with_kl else scratch.no_base,
+        scratch.base_map if with_kl else scratch.no_base,
         scratch.base_ent if with_kl else scratch.no_ent,
         scratch.row_ent if with_kl else scratch.base_ent,
         scratch.row_kl,
@@ -1087,3 +1121,17 @@ def attention_one(q, k, v, modes, causal, scale, w, o, scratch, base, metrics, r
 def check_finite(x):
     """:func:`scan_finite` of any array."""
     return scan_finite(x.reshape(-1))
+
+
+#: The model path's array module (allocation, slicing, indexing of the buffers).
+xp = np
+
+
+def upload(model):
+    """The model's weights where this backend computes: here, as they are."""
+    return model
+
+
+def to_host(x):
+    """``x`` as a numpy array: here, itself."""
+    return x

@@ -1,144 +1,333 @@
-"""CUDA kernels (numba-cuda) for masked softmax attention and mean substitution.
+"""CUDA backend: numba-cuda kernels, CuPy (cuBLAS) for the matrix products.
 
-Work in progress for the CUDA backend (issue 13): these kernels (attention weights and
-outputs, the uniform mean-K mode, the per-row metrics and their per-pair reduction, mean
-substitution) are tested under Numba's CUDA simulator against the numpy reference, but the
-module is not yet registered in :data:`qkvmean.engine.api.BACKENDS` — it does not provide
-the model-path operations of :mod:`qkvmean.engine.backend` yet, nor device-resident
-buffers and streams, so ``device="cuda"`` is still refused.
+Registered as ``device="cuda"`` in :mod:`qkvmean.engine.api` on first use, with the names of
+:mod:`qkvmean.engine.backend`'s protocol, so the raw API and the model path run here
+unchanged. Imported only when CUDA is asked for: the core package never needs numba-cuda or
+CuPy (``pip install 'qkvmean[cuda]'``).
 
-Same layout as the CPU kernels (:mod:`qkvmean.engine.cpu`): flattened, validated,
-C-contiguous ``(batch * group, seq, dim)`` arrays, ``lengths`` ``(batch,)`` int64 within
-``[0, seq]``, ``modes`` ``(group,)`` int8. One GPU thread per (pair, query row) for
-attention and per (pair, feature) for the mean; every thread writes only its own row or
-column of the preallocated outputs. numba-cuda is imported when this module is: the core
-package never imports it.
+How the work is laid out:
+
+- **Products on cuBLAS**: every matrix product (``q·kᵀ``, ``A·v``, the model's
+  projections) is one CuPy ``matmul``; the kernels here do what is not a product: the
+  masked softmax with its metrics, the mean substitution, norms, activations, head
+  layout, rotary embedding, column sums and the per-pair reduction.
+- **Inputs copied once per batch**, to the device; nothing returns but what is asked for:
+  the maps (in blocks, see below) unless ``maps`` is off, and the metrics, reduced on the
+  device (:func:`qkvmean.engine.cpu.reduce_pair`, the CPU backend's own code, compiled for
+  the GPU). The baseline's maps stay on the device for the KL of the other conditions.
+- **Copies overlap the compute**: maps go back block by block (the raw API: blocks of
+  pairs of about :data:`BLOCK_BYTES`; the model path: each layer's maps of each
+  condition) on a copy stream of their own, into pinned host buffers, while the next
+  block computes on the default stream; a block's device buffer is written again only
+  after its copy has finished (two slots, alternating).
+- **One block of threads per attention row**: the threads of a block read a row's scores
+  side by side (coalesced) and combine maximum and sums in shared memory.
+
+Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, how the tests run without a GPU)
+the arrays are numpy arrays, the products numpy's ``matmul``, the copies plain
+assignments, and a block has :data:`ROW_THREADS` = 4 threads (each simulated thread is a
+Python thread) and the other kernels' blocks are smaller; everything else is the same
+code.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import weakref
+from dataclasses import fields, replace
 
+import numba
+import numba_cuda  # noqa: F401  (the maintained CUDA target; an ImportError without it)
 import numpy as np
-from numba import cuda
 
-from .cpu import reduce_pair
-from .modes import MODE_UNIFORM
+# Every kernel and product runs on the default stream, in order: numba need not
+# synchronise on the stream that CuPy's arrays name (it would, on every launch).
+os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
 
-#: Threads per block along the two grid axes (pairs × rows or features).
-BLOCK = (4, 32)
+from numba import cuda  # noqa: E402  (numba-cuda)
+from numba.cuda.core import config as _cuda_config  # noqa: E402
+
+from .cpu import (  # noqa: E402
+    merge_heads_row,
+    norm_row,
+    reduce_pair,
+    rotary_vector,
+    scan_finite,
+    split_heads_row,
+)
+from .modes import MODE_UNIFORM  # noqa: E402
+
+_cuda_config.CUDA_ARRAY_INTERFACE_SYNC = int(os.environ["NUMBA_CUDA_ARRAY_INTERFACE_SYNC"])
+
+name = "cuda"
+
+#: Numba's CUDA simulator: numpy arrays and products, Python threads.
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+_MISSING = None
+if SIMULATOR:
+    xp = np
+else:
+    try:
+        import cupy as xp
+        import cupyx
+    except ImportError as exc:  # reported by unavailable()
+        xp = None
+        _MISSING = f"CuPy is not installed ({exc}): pip install 'qkvmean[cuda]'"
+
+#: Threads per attention row (a power of two).
+ROW_THREADS = 4 if SIMULATOR else 128
+#: Threads per block of the elementwise kernels, along their two grid axes, and of the
+#: one-axis kernels (fewer under the simulator: each thread beyond the work is a Python
+#: thread that only checks its bounds).
+BLOCK = (2, 8) if SIMULATOR else (4, 32)
+THREADS = 8 if SIMULATOR else 64
+#: Maps per block of the raw API's pipeline (bytes): a block computes while the previous
+#: one is copied back.
+BLOCK_BYTES = 64 * 2**20
 
 
-def _grid(n_pairs, n_inner):
+def unavailable() -> str | None:
+    """None when this backend can run here, else why not (one line)."""
+    if _MISSING:
+        return _MISSING
+    if SIMULATOR:
+        return None
+    try:
+        cuda.current_context()
+        xp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # the driver's and the runtime's own errors
+        return " ".join(str(exc).split()) or type(exc).__name__
+    return None
+
+
+def describe() -> str:
+    """Which GPU computes (for the CLI's ``--device auto`` line and ``--version``)."""
+    if SIMULATOR:
+        return "Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), products in numpy"
+    dev = cuda.get_current_device()
+    label = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    free, total = xp.cuda.runtime.memGetInfo()
+    return f"{label}, {total / 2**30:.0f} GiB, compute capability {dev.compute_capability}"
+
+
+def _grid(n_a, n_b):
     return (
-        (max(n_pairs, 1) + BLOCK[0] - 1) // BLOCK[0],
-        (max(n_inner, 1) + BLOCK[1] - 1) // BLOCK[1],
+        (max(n_a, 1) + BLOCK[0] - 1) // BLOCK[0],
+        (max(n_b, 1) + BLOCK[1] - 1) // BLOCK[1],
     )
 
 
+def _grid1(n):
+    return (max(n, 1) + THREADS - 1) // THREADS, THREADS
+
+
+def _strided(n):
+    """Blocks for a grid-stride loop over ``n`` elements (a few under the simulator)."""
+    blocks = (max(n, 1) + THREADS - 1) // THREADS
+    return min(blocks, 2 if SIMULATOR else 8192), THREADS
+
+
+_constants: dict = {}
+
+
+def constant(arr):
+    """A small host array (modes, head selection, a length) on the device, kept for reuse
+    (a copy from pageable memory would make the host wait for the device every time)."""
+    arr = np.ascontiguousarray(arr)
+    if SIMULATOR:
+        return arr
+    key = (arr.dtype.str, arr.shape, arr.tobytes())
+    found = _constants.get(key)
+    if found is None:
+        if len(_constants) > 1024:
+            _constants.clear()
+        found = _constants[key] = xp.asarray(arr)
+    return found
+
+
+def to_host(x):
+    """``x`` as a numpy array."""
+    return x if SIMULATOR or x is None else xp.asnumpy(x)
+
+
+def _launch(kernel, grid, block=None):
+    """``kernel[grid, block]`` (``grid`` may be the pair); under the simulator the numpy arguments are passed as they
+    are (it would copy each one in and back out, and an array passed twice — in place,
+    ``out`` is ``x`` — would be written back from a stale copy)."""
+    launch = kernel[grid] if block is None else kernel[grid, block]
+    if not SIMULATOR:
+        return launch
+
+    def run(*args):
+        return launch(*(_Fake(a) if isinstance(a, np.ndarray) and a.ndim else a for a in args))
+
+    return run
+
+
+if SIMULATOR:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _Fake
+
+
+def _out_of_memory(exc) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+# ----------------------------------------------------------------------------- copies
+
+
+class _Link:
+    """Device-to-host copies that overlap the compute.
+
+    ``send(slot, pairs)`` queues the copy of each ``(device array, host view)`` pair on a
+    copy stream, after everything queued so far on the default stream, into pinned
+    staging buffers; ``retire(slot)`` waits for that slot's copy and moves it into its
+    host views (call it before the slot's device buffers are written again); ``finish``
+    retires every slot.
+    """
+
+    def __init__(self, slots):
+        self.pending = [None] * slots
+        self.stream = None if SIMULATOR else xp.cuda.Stream(non_blocking=True)
+
+    def send(self, slot, pairs):
+        self.retire(slot)
+        if SIMULATOR:
+            for src, dest in pairs:
+                dest[...] = src
+            return
+        ready = xp.cuda.Event(disable_timing=True)
+        ready.record()
+        self.stream.wait_event(ready)
+        staged = []
+        for src, dest in pairs:
+            pinned = cupyx.empty_pinned(src.shape, src.dtype)
+            src.get(stream=self.stream, out=pinned, blocking=False)
+            staged.append((pinned, dest))
+        done = xp.cuda.Event(disable_timing=True)
+        done.record(self.stream)
+        self.pending[slot] = (done, staged)
+
+    def retire(self, slot):
+        job = self.pending[slot]
+        if job is None:
+            return
+        self.pending[slot] = None
+        done, staged = job
+        done.synchronize()
+        for pinned, dest in staged:
+            dest[...] = pinned
+
+    def finish(self):
+        for slot in range(len(self.pending)):
+            self.retire(slot)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
 @cuda.jit
-def _mean_kernel(x, lengths, group, select, prefix, out):
-    bg, d = cuda.grid(2)
-    if bg >= x.shape[0] or d >= x.shape[2]:
-        return
-    n = lengths[bg // group]
-    if not select[bg % group]:
-        n = 0  # copied through untouched
-    acc = 0.0  # float64 accumulator, as on the CPU
-    if prefix:
-        for t in range(n):
-            acc += x[bg, t, d]
-            out[bg, t, d] = acc / (t + 1)
-    else:
-        for t in range(n):
-            acc += x[bg, t, d]
-        for t in range(n):
-            out[bg, t, d] = acc / n
-    for t in range(n, x.shape[1]):
-        out[bg, t, d] = x[bg, t, d]
-
-
-@cuda.jit(device=True)
-def _dot(q, k, bg, i, j):
-    s = 0.0
-    for e in range(q.shape[2]):
-        s += q[bg, i, e] * k[bg, j, e]
-    return s
-
-
-@cuda.jit
-def _attention_kernel(
-    q, k, v, lengths, group, modes, causal, scale, w, o, with_output, metrics, base, base_ent,
-    with_kl, row_ent, row_kl,
+def _softmax_kernel(
+    w, lengths, group, offset, modes, causal, scale, metrics, with_kl, base, base_ent,
+    row_ent, row_kl,
 ):  # fmt: skip
-    bg, i = cuda.grid(2)
-    n_rows = q.shape[1]
-    if bg >= q.shape[0] or i >= n_rows:
-        return
-    n = lengths[bg // group]
-    if i >= n:  # a padded query: its row and output are 0
-        for j in range(n_rows):
+    """In place, the scores ``w`` (``q·kᵀ``, unscaled) of pairs ``offset + bg`` become the
+    masked softmax weights; with ``metrics``, the row entropies (and the KL from ``base``,
+    the baseline's weights, with ``with_kl``). One block per row ``(bg, i)``: the threads
+    stride over the keys and combine their maximum, then their four sums, in shared
+    memory (written out here, not in device functions: the simulator's barriers are only
+    sound in the kernel itself).
+
+    With ``d_j = s_j - max`` and ``Z = sum exp(d_j)``: entropy ``= log Z - sum p d / Z``,
+    ``KL(b || a) = -H(b) - sum b d + log Z sum b`` — from the scores, so finite where a
+    weight underflows, as on the CPU.
+    """
+    n_rows = w.shape[1]
+    row = cuda.blockIdx.x
+    lane = cuda.threadIdx.x
+    bg = row // n_rows
+    i = row - bg * n_rows
+    red = cuda.shared.array((4, ROW_THREADS), numba.float64)
+    pair = offset + bg
+    n = lengths[pair // group]
+    if i >= n:  # a padded query: its row is 0
+        for j in range(lane, n_rows, ROW_THREADS):
             w[bg, i, j] = 0.0
-        if with_output:
-            for e in range(o.shape[2]):
-                o[bg, i, e] = 0.0
+        if metrics and lane == 0:
+            row_ent[bg, i] = 0.0
+            row_kl[bg, i] = 0.0
         return
     jmax = i + 1 if causal else n  # allowed keys: j < jmax
-    uniform = modes[bg % group] == MODE_UNIFORM
+    uniform = modes[pair % group] == MODE_UNIFORM
     top = 0.0
-    log_z = math.log(jmax)
-    if uniform:  # identical keys: 1 / n_allowed, in closed form
-        for j in range(jmax):
-            w[bg, i, j] = 1.0 / jmax
-    else:
+    if not uniform:
         top = -math.inf
-        for j in range(jmax):
-            s = _dot(q, k, bg, i, j) * scale
+        for j in range(lane, jmax, ROW_THREADS):
+            s = w[bg, i, j] * scale
             w[bg, i, j] = s
             top = max(top, s)
-        total = 0.0
-        for j in range(jmax):
-            p = math.exp(w[bg, i, j] - top)
+        red[0, lane] = top
+        cuda.syncthreads()
+        step = ROW_THREADS // 2
+        while step > 0:
+            if lane < step:
+                red[0, lane] = max(red[0, lane], red[0, lane + step])
+            cuda.syncthreads()
+            step //= 2
+        top = red[0, 0]
+        cuda.syncthreads()  # everyone has read it before it is written again
+    total = 0.0  # sum p
+    sad = 0.0  # sum p d
+    spd = 0.0  # sum base d
+    sp = 0.0  # sum base
+    for j in range(lane, jmax, ROW_THREADS):
+        if uniform:  # identical keys: d = 0 and p = 1
+            w[bg, i, j] = 1.0
+            total += 1.0
+        else:
+            d = w[bg, i, j] - top
+            p = math.exp(d)
             w[bg, i, j] = p
             total += p
-        for j in range(jmax):
-            w[bg, i, j] /= total
-        log_z = math.log(total)
-    if metrics:
-        # log a_j = d_j - log Z with d_j = s_j - max (0 for uniform rows): entropy
-        # = log Z - sum a d, KL(p || a) = sum p log p - sum p d + log Z sum p, finite
-        # where a weight underflows (the scores are recomputed, not read back from a)
-        sad = 0.0
-        spd = 0.0
-        sp = 0.0
-        for j in range(jmax):
-            d = 0.0 if uniform else _dot(q, k, bg, i, j) * scale - top
-            sad += w[bg, i, j] * d
+            sad += p * d
             if with_kl:
                 spd += base[bg, i, j] * d
-                sp += base[bg, i, j]
-        row_ent[bg, i] = log_z - sad
         if with_kl:
-            row_kl[bg, i] = max(-base_ent[bg, i] - spd + log_z * sp, 0.0)
-    for j in range(jmax, n_rows):
+            sp += base[bg, i, j]
+    red[0, lane] = total
+    red[1, lane] = sad
+    red[2, lane] = spd
+    red[3, lane] = sp
+    cuda.syncthreads()
+    step = ROW_THREADS // 2
+    while step > 0:
+        if lane < step:
+            for r in range(4):
+                red[r, lane] += red[r, lane + step]
+        cuda.syncthreads()
+        step //= 2
+    total = red[0, 0]
+    for j in range(lane, jmax, ROW_THREADS):
+        w[bg, i, j] = w[bg, i, j] / total
+    for j in range(jmax + lane, n_rows, ROW_THREADS):
         w[bg, i, j] = 0.0
-    if with_output:
-        for e in range(o.shape[2]):
-            acc = 0.0
-            for j in range(jmax):
-                acc += w[bg, i, j] * v[bg, j, e]
-            o[bg, i, e] = acc
+    if metrics and lane == 0:
+        log_z = math.log(total)
+        row_ent[bg, i] = log_z - red[1, 0] / total
+        kl = -base_ent[bg, i] - red[2, 0] + log_z * red[3, 0]
+        row_kl[bg, i] = max(kl, 0.0) if with_kl else 0.0
 
 
 @cuda.jit
-def _colsum_kernel(w, lengths, group, colsum):
-    """``colsum[bg, 0, j]``: the sum of column ``j`` over the valid rows, in row order (one
-    block of rows, in the CPU backend's ``(BG, blocks, N)`` layout)."""
+def _colsum_kernel(w, lengths, group, offset, colsum):
+    """``colsum[bg, 0, j]``: the sum of column ``j`` of pair ``offset + bg`` over its valid
+    rows, in row order (the CPU backend's ``(BG, blocks, N)`` layout, one block)."""
     bg, j = cuda.grid(2)
     if bg >= w.shape[0] or j >= w.shape[2]:
         return
     acc = 0.0
-    for i in range(lengths[bg // group]):
+    for i in range(lengths[(offset + bg) // group]):
         acc += w[bg, i, j]
     colsum[bg, 0, j] = acc
 
@@ -151,54 +340,339 @@ def _reduce_kernel(row_ent, row_kl, colsum, lengths, group, ent, kl, mass, index
         reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, ent, kl, mass, index)
 
 
-def reduce_metrics(rows, lengths, group):
-    """``(entropy, kl, top_key_mass, top_key_index)`` per pair from :func:`attention`'s
-    row metrics."""
-    row_ent, row_kl, colsum = rows
-    n_pairs = row_ent.shape[0]
-    out = (np.empty(n_pairs), np.empty(n_pairs), np.empty(n_pairs), np.empty(n_pairs, np.int64))
-    threads = 64
-    _reduce_kernel[(max(n_pairs, 1) + threads - 1) // threads, threads](
-        row_ent, row_kl, colsum, lengths, np.int64(group), *out
-    )
-    return out
+@cuda.jit
+def _mean_kernel(x, lengths, group, select, prefix, shrink, out):
+    """The (prefix) mean over valid tokens of the selected pairs, one thread per (pair,
+    feature), summed in float64 times ``shrink`` (as on the CPU); ``out`` may be ``x``."""
+    bg, d = cuda.grid(2)
+    if bg >= x.shape[0] or d >= x.shape[2]:
+        return
+    n = lengths[bg // group]
+    if not select[bg % group]:
+        n = 0  # copied through untouched
+    acc = 0.0
+    if prefix:
+        for t in range(n):
+            acc += x[bg, t, d] * shrink
+            out[bg, t, d] = acc / (t + 1) / shrink
+    else:
+        for t in range(n):
+            acc += x[bg, t, d] * shrink
+        for t in range(n):
+            out[bg, t, d] = acc / n / shrink
+    for t in range(n, x.shape[1]):
+        out[bg, t, d] = x[bg, t, d]
 
 
-def mean_substitute(x, lengths, group, select, prefix):
-    """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true."""
-    out = np.empty_like(x)
-    _mean_kernel[_grid(x.shape[0], x.shape[2]), BLOCK](
-        x, lengths, np.int64(group), select, bool(prefix), out
-    )
-    return out
+@cuda.jit
+def _norm_kernel(x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
+    r = cuda.grid(1)
+    if r < x.shape[0]:
+        norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out)
 
 
-def attention(q, k, v, lengths, group, modes, causal, scale, with_output, metrics=False, base=None):
-    """Weights ``(BG, N, N)``, outputs ``(BG, N, E)`` or None, and row metrics or None.
+@cuda.jit
+def _activation_kernel(m, bias, code, out):
+    """``out = act(m + bias)``: GELU (code 0, erf; 1, tanh) in place, or SwiGLU (2) from
+    the gate and up halves of ``m``. A grid-stride loop over the elements of ``out``."""
+    f = out.shape[1]
+    for e in range(cuda.grid(1), out.shape[0] * f, cuda.gridsize(1)):
+        r = e // f
+        d = e - r * f
+        x = m[r, d] + bias[d]
+        if code == 2:
+            out[r, d] = x / (1.0 + math.exp(-x)) * (m[r, f + d] + bias[f + d])
+        elif code == 1:
+            c = math.sqrt(2.0 / math.pi)
+            out[r, d] = 0.5 * x * (1.0 + math.tanh(c * (x + 0.044715 * x * x * x)))
+        else:
+            out[r, d] = 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
 
-    With ``metrics``, also ``(row_ent, row_kl, colsum)`` for :func:`reduce_metrics`;
-    ``base`` (the baseline weights and row entropies, from a metrics call without it)
-    adds the KL from the baseline — the CPU backend's conventions.
+
+@cuda.jit
+def _split_kernel(qkv, bias, n_heads, n_kv_heads, q, k, v):
+    r = cuda.grid(1)
+    if r < qkv.shape[0]:
+        split_heads_row(r, qkv, bias, n_heads, n_kv_heads, q, k, v)
+
+
+@cuda.jit
+def _merge_kernel(o, n_heads, ctx):
+    r = cuda.grid(1)
+    if r < ctx.shape[0]:
+        merge_heads_row(r, o, n_heads, ctx)
+
+
+@cuda.jit
+def _rotary_kernel(x, cos, sin):
+    p, t = cuda.grid(2)
+    if p < x.shape[0] and t < x.shape[1]:
+        rotary_vector(x, p, t, cos, sin)
+
+
+# ----------------------------------------------------------------------------- raw API
+
+
+class _Rows:
+    """Row metrics on the device (what :func:`reduce_metrics` reduces), and the weights
+    they came from, kept on the device for the KL of the other conditions."""
+
+    def __init__(self, row_ent, row_kl, colsum, weights):
+        self.row_ent, self.row_kl, self.colsum, self.weights = row_ent, row_kl, colsum, weights
+
+    def __getitem__(self, i):  # (row_ent, row_kl, colsum), as the CPU backend's tuple
+        return (self.row_ent, self.row_kl, self.colsum)[i]
+
+
+def _softmax(w, lengths, group, offset, modes, causal, scale, base, rows):
+    """The softmax kernel on block ``w`` of pairs ``offset...``: row metrics into
+    ``rows`` (None: none), the KL from ``base`` (the baseline's :class:`_Rows`, or None)."""
+    n_pairs, n_rows = w.shape[0], w.shape[1]
+    if n_pairs * n_rows == 0:
+        return
+    stop = offset + n_pairs
+    metrics, with_kl = rows is not None, base is not None
+    none = None if metrics else xp.zeros((1, 1))  # no row metrics: not written
+    row_ent = rows.row_ent[offset:stop] if metrics else none
+    row_kl = rows.row_kl[offset:stop] if metrics else none
+    _launch(_softmax_kernel, n_pairs * n_rows, ROW_THREADS)(
+        w, lengths, np.int64(group), np.int64(offset), modes, bool(causal),
+        w.dtype.type(scale), metrics, with_kl, base.weights[offset:stop] if with_kl else w,
+        base.row_ent[offset:stop] if with_kl else row_ent, row_ent, row_kl,
+    )  # fmt: skip
+
+
+def attention(
+    q, k, v, lengths, group, modes, causal, scale, row_block, with_output, metrics=False,
+    base=None, maps=True,
+):  # fmt: skip
+    """Weights ``(BG, N, N)`` (None when not ``maps``), outputs ``(BG, N, E)`` or None,
+    and row metrics or None — the CPU backend's conventions (``row_block`` is the CPU's
+    and unused here). ``base`` is the baseline's ``(weights, rows)`` from a metrics call
+    without it: its weights are read on the device, where that call left them.
     """
     n_pairs, n_rows, _ = q.shape
-    row_ent = np.zeros((n_pairs, n_rows))
-    row_kl = np.zeros((n_pairs, n_rows))
-    with_kl = base is not None
-    base_w = base[0] if with_kl else np.zeros((1, 1, 1), q.dtype)
-    base_ent = base[1] if with_kl else np.zeros((1, 1))
-    w = np.empty((n_pairs, n_rows, n_rows), q.dtype)
-    if with_output:
-        o = np.empty((n_pairs, n_rows, v.shape[2]), q.dtype)
-    else:
-        v = np.empty((n_pairs, n_rows, 0), q.dtype)
-        o = np.empty((n_pairs, n_rows, 0), q.dtype)
-    _attention_kernel[_grid(n_pairs, n_rows), BLOCK](
-        q, k, v, lengths, np.int64(group), modes, bool(causal), q.dtype.type(scale), w, o,
-        bool(with_output), bool(metrics), base_w, base_ent, with_kl, row_ent, row_kl,
+    base = None if base is None else base[1]
+    link = _Link(2)
+    try:
+        qd, kd = xp.asarray(q), xp.asarray(k)  # each input once per batch
+        vd = xp.asarray(v) if with_output else None
+        lengths_d, modes_d = xp.asarray(lengths), xp.asarray(modes)
+        wd = xp.empty((n_pairs, n_rows, n_rows), q.dtype)
+        od = xp.empty((n_pairs, n_rows, v.shape[2]), q.dtype) if with_output else None
+        rows = None
+        if metrics:
+            rows = _Rows(
+                xp.zeros((n_pairs, n_rows)), xp.zeros((n_pairs, n_rows)),
+                xp.empty((n_pairs, 1, n_rows)), wd,
+            )  # fmt: skip
+        host = np.empty((n_pairs, n_rows, n_rows), q.dtype) if maps else None
+        uniform = bool(np.all(modes == MODE_UNIFORM))
+        per_block = max(1, BLOCK_BYTES // max(n_rows * n_rows * q.dtype.itemsize, 1))
+        for index, start in enumerate(range(0, n_pairs, per_block)):
+            stop = min(start + per_block, n_pairs)
+            link.retire(index % 2)
+            block = wd[start:stop]
+            if not uniform:  # (uniform rows read no scores)
+                xp.matmul(qd[start:stop], kd[start:stop].transpose(0, 2, 1), out=block)
+            _softmax(block, lengths_d, group, start, modes_d, causal, scale, base, rows)
+            if with_output:
+                xp.matmul(block, vd[start:stop], out=od[start:stop])
+            if metrics:
+                _launch(_colsum_kernel, _grid(stop - start, n_rows), BLOCK)(
+                    block, lengths_d, np.int64(group), np.int64(start), rows.colsum[start:stop]
+                )
+            if maps:
+                link.send(index % 2, [(block, host[start:stop])])
+        link.finish()
+        return host, to_host(od), rows
+    except Exception as exc:
+        if _out_of_memory(exc):
+            raise MemoryError(str(exc)) from None
+        raise
+
+
+def reduce_metrics(rows, lengths, group):
+    """``(entropy, kl, top_key_mass, top_key_index)`` per pair, reduced on the device from
+    :func:`attention`'s row metrics; only these come back."""
+    n_pairs = rows.row_ent.shape[0]
+    out = (xp.empty(n_pairs), xp.empty(n_pairs), xp.empty(n_pairs), xp.empty(n_pairs, np.int64))
+    if n_pairs:
+        _launch(_reduce_kernel, _grid1(n_pairs))(
+            rows.row_ent, rows.row_kl, rows.colsum, xp.asarray(lengths), np.int64(group), *out
+        )
+    return tuple(to_host(x) for x in out)
+
+
+def mean_substitute(x, lengths, group, select, prefix, shrink=1.0):
+    """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true."""
+    xd = xp.asarray(x)
+    out = xp.empty_like(xd)
+    _launch(_mean_kernel, _grid(x.shape[0], x.shape[2]), BLOCK)(
+        xd, xp.asarray(lengths), np.int64(group), xp.asarray(select), bool(prefix),
+        float(shrink), out,
     )  # fmt: skip
-    rows = None
+    return to_host(out)
+
+
+# ----------------------------------------------------------------------------- model path
+
+
+def run_tasks(tasks):
+    """One input after another: they queue on the device in order (the device is the
+    parallel part)."""
+    for task in tasks:
+        task()
+
+
+_uploaded: list = []  # [(weakref to the host model, its device copy)]
+
+
+def _to_device(value):
+    if isinstance(value, np.ndarray):
+        return xp.asarray(value)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v) for v in value)
+    return value
+
+
+def upload(model):
+    """The model's weights on the device (kept while the host model lives; one model)."""
+    if SIMULATOR:
+        return model
+    if _uploaded and _uploaded[0][0]() is model:
+        return _uploaded[0][1]
+    _uploaded.clear()
+    layers = [
+        replace(layer, **{f.name: _to_device(getattr(layer, f.name)) for f in fields(layer)})
+        for layer in model.layers
+    ]
+    arrays = {
+        f.name: _to_device(getattr(model, f.name))
+        for f in fields(model)
+        if f.name not in ("layers", "arch", "extra", "name", "max_positions")
+    }
+    device = replace(model, layers=layers, **arrays)
+    _uploaded.append((weakref.ref(model), device))
+    return device
+
+
+def matmul(a, b, out):
+    """``out = a @ b`` (cuBLAS)."""
+    xp.matmul(a, b, out=out)
+
+
+def add(a, b, out):
+    xp.add(a, b, out=out)
+
+
+def add_norm(x, bias, residual, norm, out, store_sum=False):
+    """See :func:`qkvmean.engine.cpu.add_norm`."""
+    gamma, beta, rms, eps = norm
+    _launch(_norm_kernel, _grid1(x.shape[0]))(
+        x, bias, x if residual is None else residual, residual is not None, store_sum, rms,
+        gamma, beta, eps, out,
+    )  # fmt: skip
+
+
+def head_norm(x, gamma, eps, zero):
+    """See :func:`qkvmean.engine.cpu.head_norm`."""
+    flat = x.reshape(-1, x.shape[2])
+    _launch(_norm_kernel, _grid1(flat.shape[0]))(
+        flat, zero, flat, False, False, True, gamma, zero, eps, flat
+    )
+
+
+def bias_activation(m, bias, code, out):
+    """See :func:`qkvmean.engine.cpu.bias_activation`."""
+    _launch(_activation_kernel, _strided(out.size))(m, bias, code, out)
+
+
+def split_heads(qkv, bias, n_heads, n_kv_heads, q, k, v):
+    _launch(_split_kernel, _grid1(qkv.shape[0]))(qkv, bias, n_heads, n_kv_heads, q, k, v)
+
+
+def merge_heads(o, n_heads, ctx):
+    _launch(_merge_kernel, _grid1(ctx.shape[0]))(o, n_heads, ctx)
+
+
+def rotary(x, cos, sin):
+    _launch(_rotary_kernel, _grid(x.shape[0], x.shape[1]), BLOCK)(x, cos, sin)
+
+
+def substitute(x, length, n_heads, select, prefix, acc):
+    """In place, mean-substitute the selected heads of one condition's ``(H, n, dh)``."""
+    _launch(_mean_kernel, _grid(x.shape[0], x.shape[2]), BLOCK)(
+        x, length, np.int64(n_heads), constant(select), bool(prefix), 1.0, x
+    )
+
+
+class InputScratch:
+    """One input's device buffers: per condition and layer parity, its maps and metrics
+    (two layers' worth, so that one layer's copies back overlap the next one's compute),
+    the row metrics, and the copy link."""
+
+    def __init__(self, n_heads, n, seq, stack, maps):
+        self.n, self.stack, self.maps = n, stack, maps
+        self.length = constant(np.array([n], dtype=np.int64))
+        self.base_ent = xp.zeros((n_heads, n))
+        self.row_ent = xp.zeros((n_heads, n))
+        self.row_kl = xp.zeros((n_heads, n))
+        self.colsum = xp.empty((n_heads, 1, n))
+        slots = 2 * stack
+        self.w = [xp.empty((n_heads, n, n), np.float32) for _ in range(slots)]
+        self.met = [
+            (xp.empty(n_heads), xp.empty(n_heads), xp.empty(n_heads), xp.empty(n_heads, np.int64))
+            for _ in range(slots)
+        ]
+        self.link = _Link(slots)
+        self.layer = -1
+
+    def slot(self, c):
+        """The slot of condition ``c`` at the current layer (``c = 0`` starts a layer),
+        free to be written."""
+        if c == 0:
+            self.layer += 1
+        slot = (self.layer % 2) * self.stack + c
+        self.link.retire(slot)
+        return slot
+
+    def finish(self):
+        """Every map and metric of this input is in its host array."""
+        self.link.finish()
+
+
+def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
+    """See :func:`qkvmean.engine.cpu.attention_one`; the maps and metrics are queued to go
+    back (they are in ``w`` and ``reduced`` after ``scratch.finish()``)."""
+    heads, n = q.shape[0], scratch.n
+    slot = scratch.slot(c)
+    dev = scratch.w[slot]
+    if not np.all(modes == MODE_UNIFORM):
+        xp.matmul(q, k.transpose(0, 2, 1), out=dev)
+    with_kl = c > 0
+    _launch(_softmax_kernel, heads * n, ROW_THREADS)(
+        dev, scratch.length, np.int64(heads), np.int64(0), constant(modes), bool(causal),
+        np.float32(scale), bool(metrics), with_kl,
+        scratch.w[slot - c] if with_kl else dev, scratch.base_ent,
+        scratch.row_ent if with_kl else scratch.base_ent, scratch.row_kl,
+    )  # fmt: skip
+    xp.matmul(dev, v, out=o)
+    pairs = [] if w is None else [(dev, w[:, :n, :n])]
     if metrics:
-        colsum = np.zeros((n_pairs, 1, n_rows))
-        _colsum_kernel[_grid(n_pairs, n_rows), BLOCK](w, lengths, np.int64(group), colsum)
-        rows = (row_ent, row_kl, colsum)
-    return w, (o if with_output else None), rows
+        met = scratch.met[slot]
+        _launch(_colsum_kernel, _grid(heads, n), BLOCK)(
+            dev, scratch.length, np.int64(heads), np.int64(0), scratch.colsum
+        )
+        _launch(_reduce_kernel, _grid1(heads))(
+            scratch.row_ent if with_kl else scratch.base_ent, scratch.row_kl, scratch.colsum,
+            scratch.length, np.int64(heads), *met,
+        )  # fmt: skip
+        pairs += list(zip(met, reduced, strict=True))
+    if pairs:
+        scratch.link.send(slot, pairs)
+
+
+def check_finite(x):
+    """:func:`qkvmean.engine.cpu.scan_finite` on the device."""
+    return scan_finite(x.reshape(-1), xp)

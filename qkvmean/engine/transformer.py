@@ -3,7 +3,8 @@ substitution at chosen layers.
 
 One pass serves every family: the architecture (norms and their placement, activation,
 positions, KV heads, q/k norm) is data, and every numeric step goes through the backend
-seam (``ops``: :mod:`qkvmean.engine.cpu` today), never a kernel module directly.
+seam (``ops``: :mod:`qkvmean.engine.cpu` or :mod:`qkvmean.engine.cuda`), never a kernel
+module directly; the buffers are arrays of the backend's array module (``ops.xp``).
 
 How the work is laid out, for speed on every core and under foreign load:
 
@@ -145,30 +146,30 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class _Input:
-    """The buffers of one input's stacked forward pass (``C`` conditions × ``n`` tokens)."""
+    """The buffers of one input's stacked forward pass (``C`` conditions × ``n`` tokens),
+    where the backend computes (``ops.xp``: numpy, or CuPy on a GPU)."""
 
-    def __init__(self, model: Weights, ops, n: int, seq: int, stack: int):
+    def __init__(self, model: Weights, ops, n: int, seq: int, stack: int, maps: bool):
         arch = model.arch
         d, f, heads, dh = model.d_model, model.d_mlp, arch.n_heads, arch.head_dim
         rows = stack * n
-        self.h = np.empty((rows, d), np.float32)  # the residual stream
+        empty = ops.xp.empty
+        self.h = empty((rows, d), np.float32)  # the residual stream
         # the attention's input: N1(h), or h itself (post-norm)
-        self.x = self.h if arch.placement == "post" else np.empty((rows, d), np.float32)
+        self.x = self.h if arch.placement == "post" else empty((rows, d), np.float32)
         # the MLP's input when it reads the same h as the attention (parallel residual)
-        self.y = np.empty((rows, d), np.float32) if arch.placement == "parallel" else None
-        self.qkv = np.empty((rows, (heads + 2 * arch.n_kv_heads) * dh), np.float32)
-        self.q, self.k, self.v, self.o = (
-            np.empty((stack * heads, n, dh), np.float32) for _ in range(4)
-        )
-        self.ctx = np.empty((rows, heads * dh), np.float32)
-        self.a = np.empty((rows, d), np.float32)
-        self.a2 = np.empty((rows, d), np.float32) if self.y is not None else None
-        self.m = np.empty((rows, 2 * f if arch.gated else f), np.float32)
-        self.g = np.empty((rows, f), np.float32) if arch.gated else self.m
-        self.zero = np.zeros(d, np.float32)
-        self.zero_head = np.zeros(dh, np.float32)
+        self.y = empty((rows, d), np.float32) if arch.placement == "parallel" else None
+        self.qkv = empty((rows, (heads + 2 * arch.n_kv_heads) * dh), np.float32)
+        self.q, self.k, self.v, self.o = (empty((stack * heads, n, dh), np.float32) for _ in range(4))
+        self.ctx = empty((rows, heads * dh), np.float32)
+        self.a = empty((rows, d), np.float32)
+        self.a2 = empty((rows, d), np.float32) if self.y is not None else None
+        self.m = empty((rows, 2 * f if arch.gated else f), np.float32)
+        self.g = empty((rows, f), np.float32) if arch.gated else self.m
+        self.zero = ops.xp.zeros(d, np.float32)
+        self.zero_head = ops.xp.zeros(dh, np.float32)
         self.acc = np.empty(dh, np.float64)
-        self.scratch = ops.InputScratch(heads, n, seq)
+        self.scratch = ops.InputScratch(heads, n, seq, stack, maps)
 
 
 def _check_logits(ops, q, k, head_dim, index):
@@ -182,11 +183,14 @@ def _check_logits(ops, q, k, head_dim, index):
 
 
 class _Outputs:
-    """A batch's maps ``(B, L, H, S, S)`` per condition and metrics ``(C, B, L, H)``."""
+    """A batch's maps ``(B, L, H, S, S)`` per condition (None: not wanted) and metrics
+    ``(C, B, L, H)``, on the host."""
 
-    def __init__(self, model: Weights, plan: Plan, batch, seq, hidden):
+    def __init__(self, model: Weights, plan: Plan, batch, seq, hidden, maps):
+        self.seq = seq
         shape = (batch, model.n_layers, model.n_heads, seq, seq)
-        self.maps = [np.zeros(shape, np.float32) for _ in plan.names]  # zero pages, lazily
+        # zero pages, lazily
+        self.maps = [np.zeros(shape, np.float32) for _ in plan.names] if maps else None
         mshape = (len(plan.names), batch, model.n_layers, model.n_heads)
         self.metrics = {name: np.zeros(mshape) for name in METRICS[:3]}
         self.metrics[METRICS[3]] = np.full(mshape, -1, dtype=np.int64)  # no top key
@@ -197,12 +201,16 @@ class _Outputs:
     def reduced(self, c, b, layer):
         return tuple(self.metrics[name][c, b, layer] for name in METRICS)
 
+    def map(self, c, b, layer):
+        return None if self.maps is None else self.maps[c][b, layer]
+
 
 def _same_as_baseline(out: _Outputs, b, c, layers):
     """Condition ``c`` equals the baseline at ``layers`` of input ``b``: its maps and
     metrics are the baseline's, with a KL of exactly 0."""
     for layer in layers:
-        out.maps[c][b, layer] = out.maps[0][b, layer]
+        if out.maps is not None:
+            out.maps[c][b, layer] = out.maps[0][b, layer]
         for name in METRICS:
             out.metrics[name][c, b, layer] = out.metrics[name][0, b, layer]
         out.metrics[METRICS[1]][c, b, layer] = 0.0  # the KL from the baseline
@@ -227,14 +235,14 @@ def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope):
     stack = len(names)
     n_layers, heads, kv_heads, dh = model.n_layers, arch.n_heads, arch.n_kv_heads, arch.head_dim
     first = plan.first(n_layers)
-    seq = out.maps[0].shape[-1]
-    buf = _Input(model, ops, n, seq, stack if first < n_layers else 1)
+    seq = out.seq
+    buf = _Input(model, ops, n, seq, stack if first < n_layers else 1, out.maps is not None)
     post, parallel = arch.placement == "post", arch.placement == "parallel"
     scale = 1.0 / np.sqrt(dh)
     select = plan.select(heads)
     norm = model.norm
 
-    emb = model.tok_emb[ids]
+    emb = model.tok_emb[ops.xp.asarray(ids)]
     if model.pos_emb is not None:
         emb += model.pos_emb[:n]
     if model.type_emb is not None:
@@ -247,6 +255,7 @@ def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope):
         ops.add_norm(buf.h[:n], buf.zero, None, norm(model.layers[0].norm1), buf.x[:n])
         if parallel:
             ops.add_norm(buf.h[:n], buf.zero, None, norm(model.layers[0].norm2), buf.y[:n])
+    reused = []  # (condition, layer) whose weights are the baseline's
     for index in range(n_layers):
         layer = model.layers[index]
         live = 1 if index < first else stack  # conditions computed at this layer
@@ -285,12 +294,12 @@ def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope):
             reuse = target is not None and plan.weights_unchanged(target) and index == first
             part = slice(c * heads, (c + 1) * heads)
             ops.attention_one(
-                q[part], k[part], v[part], modes[c], arch.causal, scale, out.maps[c][b, index],
-                buf.o[part], buf.scratch, None if c == 0 else out.maps[0][b, index],
-                not reuse, out.reduced(c, b, index),
+                q[part], k[part], v[part], modes[c], arch.causal, scale, c,
+                out.map(c, b, index), buf.o[part], buf.scratch, not reuse,
+                out.reduced(c, b, index),
             )  # fmt: skip
             if reuse:
-                _same_as_baseline(out, b, c, [index])
+                reused.append((c, index))
         ops.merge_heads(buf.o[:pairs], heads, buf.ctx[:rows])
         a = buf.a[:rows]
         ops.matmul(buf.ctx[:rows], layer.wo, a)
@@ -323,13 +332,16 @@ def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope):
                 f"the model's activations overflow float32 at layer {index}; its weights "
                 "are too large or damaged"
             )
+    buf.scratch.finish()  # the maps and metrics are in `out` from here on
+    for c, index in reused:
+        _same_as_baseline(out, b, c, [index])
     for c in range(1, stack):
         _same_as_baseline(out, b, c, range(min(first, n_layers)))
     if out.hidden is not None:
         final = buf.x if not post and model.final_norm is not None else buf.h
         for c in range(stack):
             src = c * n if first < n_layers else 0
-            out.hidden[c, b, :n] = final[src : src + n]
+            out.hidden[c, b, :n] = ops.to_host(final[src : src + n])
 
 
 def model_conditions(
@@ -344,6 +356,7 @@ def model_conditions(
     seq=None,
     hidden=False,
     device="cpu",
+    maps=True,
 ):
     """Baseline and mean-substituted forward passes: every layer's maps and metrics.
 
@@ -352,6 +365,8 @@ def model_conditions(
     ``(B, L, H, S, S)`` (``S = seq``, default ``N``; maps are zero-padded to it) and
     metrics ``(C, B, L, H)``; with ``hidden``, also each condition's final hidden states
     ``(B, S, D)`` (after the final norm, where the family has one; zeros at padding).
+    ``device`` as in :func:`qkvmean.attention`; ``maps`` False: metrics only (empty
+    ``weights``), and on a GPU the maps never leave it.
     """
     from .api import Conditions, backend
 
@@ -374,17 +389,18 @@ def model_conditions(
         head_mask = np.zeros(model.n_heads, np.bool_)
         head_mask[list(heads)] = True
     plan = Plan(tuple(targets), over, head_mask, frozenset(ablate_layers))
-    out = _Outputs(model, plan, batch, seq, hidden)
+    out = _Outputs(model, plan, batch, seq, hidden, bool(maps))
     rotary = model.arch.rotary
-    rope = None if rotary is None else rotary.tables(max(n, 1))
+    rope = None if rotary is None else tuple(map(ops.xp.asarray, rotary.tables(max(n, 1))))
     inputs = [np.ascontiguousarray(ids[b, : lengths[b]]) for b in range(batch)]
+    here = ops.upload(model)  # the weights where the backend computes
     ops.run_tasks(
-        [lambda b=b: _one_input(ops, model, plan, inputs[b], b, out, rope) for b in range(batch)]
+        [lambda b=b: _one_input(ops, here, plan, inputs[b], b, out, rope) for b in range(batch)]
     )
     names = plan.names
     return Conditions(
         names=names,
-        weights=dict(zip(names, out.maps, strict=True)),
+        weights={} if out.maps is None else dict(zip(names, out.maps, strict=True)),
         metrics=out.metrics,
         hidden=None if out.hidden is None else dict(zip(names, out.hidden, strict=True)),
     )
