@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
-from .engine.names import OVER, TARGETS
+from .engine.names import DEVICES, OVER, TARGETS
 
 
 class UsageError(Exception):
@@ -69,6 +69,31 @@ def _positive_float(text):
     if not (value > 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def _add_device(p):
+    p.add_argument(
+        "--device",
+        choices=list(DEVICES),
+        default="cpu",
+        help="where to compute: cpu (all cores), cuda (a GPU: pip install "
+        "'qkvmean[cuda]'), or auto (cuda when a GPU is usable, else cpu; says which). "
+        "The store is the same either way (default: cpu)",
+    )
+
+
+def _device(args) -> str:
+    """The backend ``--device`` names ("auto" resolved), after a line saying which unless
+    it is the default CPU; one line, exit 2, when CUDA cannot run here."""
+    from .engine.api import choose_device
+
+    try:
+        name, what = choose_device(args.device)
+    except ValueError as exc:
+        raise UsageError(f"--device {args.device}: {exc}") from None
+    if args.device != "cpu":
+        _note(args, f"device: {name}" + (f" ({what})" if what else ""))
+    return name
 
 
 def _add_run(sub):
@@ -179,6 +204,7 @@ def _add_run(sub):
         help="inputs per batch (default: about 64 MB of maps per batch; with a model, at "
         "least 3 inputs per thread)",
     )
+    _add_device(runp)
     runp.add_argument(
         "--threads",
         type=_positive_int,
@@ -312,6 +338,7 @@ def _add_figure(sub):
         help="model directory, 'minilm' or 'synthetic' (default: minilm if "
         "installed, else synthetic)",
     )
+    _add_device(p)
     _add_figure_options(p)
     p.set_defaults(func=cmd_figure)
 
@@ -445,6 +472,7 @@ def cmd_run(args) -> int:
     if not args.out:
         raise UsageError("--out is empty; give a file name for the store")
     _set_threads(args.threads)
+    device = _device(args)
     source = make_source(args, options)
     try:
         summary = pipeline.run(
@@ -456,6 +484,7 @@ def cmd_run(args) -> int:
             overwrite=args.overwrite,
             show_progress=False if args.quiet else None,
             notes=lambda line: print(f"qkvmean run: {line}", file=sys.stderr),
+            device=device,
         )
     finally:
         source.close()
@@ -465,8 +494,10 @@ def cmd_run(args) -> int:
         from . import config
 
         line = summary.line()
-        if summary.computed:
+        if summary.computed and device == "cpu":
             line += f" on {config.compute_threads()} threads ({numba.threading_layer()} layer)"
+        elif summary.computed:
+            line += f" on {device}"
         print(line)
     return 0
 
@@ -574,6 +605,7 @@ def cmd_figure(args) -> int:
             f"{partial_dir(store)}: an interrupted qkvmean figure left this; run the same "
             "command with --overwrite to start again"
         )
+    device = _device(args)
     options = pipeline.Options()
     source = pipeline.ModelSource(model, BUILTIN_SENTENCES, options)
     refuse_inputs(image, source.paths, flag="--out")
@@ -593,6 +625,7 @@ def cmd_figure(args) -> int:
         options,
         overwrite=args.overwrite,
         show_progress=False if args.quiet else None,
+        device=device,
     )
     fig = render.draw(summary.path, layer=args.layer, head=args.head)
     render.save(fig, image, dpi=args.dpi)

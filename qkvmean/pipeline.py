@@ -100,6 +100,7 @@ class QKVSource:
 
     kind = "qkv"
     tasks_per_input = False  # the kernels share out each batch's work themselves
+    device = "cpu"  # where the batches compute (set by run()); not part of the result
     #: The tensors whose CRC-32 per input the store records, to recognise the input again.
     digests = ("q", "k", "v")
 
@@ -158,6 +159,8 @@ class QKVSource:
                 lengths=self.lengths[start:stop],
                 causal=self.causal,
                 scale=o.scale,
+                device=self.device,
+                maps=o.maps,
             )
         except ValueError as exc:  # e.g. values so large that the logits overflow
             raise InputError(f"{self.input.where()}: inputs {start}..{stop - 1}: {exc}") from None
@@ -172,6 +175,7 @@ class ModelSource:
 
     kind = "model"
     tasks_per_input = True  # one task per input on the compute threads
+    device = "cpu"
     digests = ()  # the texts and weight files are identified whole, in the configuration
 
     def __init__(
@@ -311,6 +315,8 @@ class ModelSource:
                 heads=o.heads,
                 ablate_layers=self.ablate_layers,
                 seq=self.seq,
+                device=self.device,
+                maps=o.maps,
             )
         except ValueError as exc:
             raise InputError(f"{self.model.name}: inputs {start}..{stop - 1}: {exc}") from None
@@ -892,14 +898,24 @@ def run(
     overwrite=False,
     show_progress=None,
     notes=None,
+    device="cpu",
 ) -> Summary:
     """Compute every input of ``source`` and write the store ``out``.
+
+    ``device``: ``"cpu"`` or ``"cuda"`` (see :func:`qkvmean.engine.api.choose_device`);
+    the store is the same either way (maps within float32 rounding), so it is not part of
+    the run's configuration and a run may be resumed on the other device.
 
     ``show_progress``: None shows a progress bar only when stderr is a terminal.
     ``notes``: called with each line the run has to say on the way (the source's warnings,
     batches of an interrupted run whose inputs changed since, and are computed again).
     """
     out = Path(out)
+    try:
+        engine.api.backend(device)
+    except ValueError as exc:  # unknown, or CUDA that cannot run here
+        raise InputError(str(exc)) from None
+    source.device = device
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     notes = notes or (lambda line: None)

@@ -9,7 +9,6 @@ thread.
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import numpy as np
 import pytest
@@ -26,15 +25,6 @@ from qkvmean.engine.modes import MODE_UNIFORM
 # seq up to 9: more keys than the simulator's 4 threads per row, so that the rows'
 # strided loops and the shared-memory reductions combine several keys per thread
 SHAPES = st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 9), st.integers(1, 4))
-
-
-@pytest.fixture(autouse=True)
-def quick_barriers():
-    """The simulator's threads wait at a barrier by polling: switch between them often."""
-    saved = sys.getswitchinterval()
-    sys.setswitchinterval(2e-5)
-    yield
-    sys.setswitchinterval(saved)
 
 
 @contextlib.contextmanager
@@ -338,7 +328,8 @@ def small_families(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cuda_families")
     # GQA + llama3 rope + SwiGLU; q/k norm; partial rotary, parallel residual
-    return {n: load_model(str(write_family_dir(n, root / n))) for n in ("llama", "qwen3", "gpt_neox")}
+    names = ("llama", "qwen3", "gpt_neox")
+    return {n: load_model(str(write_family_dir(n, root / n))) for n in names}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox"])

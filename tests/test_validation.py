@@ -321,9 +321,9 @@ BAD = [
         "device",
         "attention_weights",
         (Q, Q),
-        {"device": "cuda"},
+        {"device": "gpu"},
         ValueError,
-        r"device must be one of \['cpu'\], got 'cuda'",
+        r"device must be one of \['auto', 'cpu', 'cuda'\], got 'gpu'",
     ),
     (
         "overflow",

@@ -16,7 +16,7 @@ import numpy as np
 from .. import config
 from ..resources import check_memory, format_bytes
 from . import cpu
-from .names import CONDITIONS, METRICS, OVER, TARGETS, condition_name
+from .names import CONDITIONS, DEVICES, METRICS, OVER, TARGETS, condition_name
 from .plan import Plan
 
 #: The backends by device name. A backend is a module (or object) with the names of
@@ -24,9 +24,6 @@ from .plan import Plan
 #: through it. ``"cuda"`` (:mod:`qkvmean.engine.cuda`) is added on first use, so that
 #: numba-cuda and CuPy are imported only when asked for.
 BACKENDS = {"cpu": cpu}
-#: What ``device=`` accepts: a backend, or ``"auto"`` (CUDA when a GPU is usable, else
-#: the CPU).
-DEVICES = ("cpu", "cuda", "auto")
 
 __all__ = ["BACKENDS", "CONDITIONS", "DEVICES", "METRICS", "OVER", "TARGETS", "backend"]
 

@@ -49,6 +49,7 @@ class Backend(Protocol):
 
     # model path
     xp: object  # the array module of the model path's buffers (numpy, CuPy)
+
     def upload(self, model): ...  # the Weights where this backend computes
     def to_host(self, x): ...  # a buffer as a numpy array
     def run_tasks(self, tasks): ...

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import weakref
 from dataclasses import fields, replace
 
@@ -45,10 +46,10 @@ import numpy as np
 # synchronise on the stream that CuPy's arrays name (it would, on every launch).
 os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
 
-from numba import cuda  # noqa: E402  (numba-cuda)
-from numba.cuda.core import config as _cuda_config  # noqa: E402
+from numba import cuda
+from numba.cuda.core import config as _cuda_config
 
-from .cpu import (  # noqa: E402
+from .cpu import (
     merge_heads_row,
     norm_row,
     reduce_pair,
@@ -56,7 +57,7 @@ from .cpu import (  # noqa: E402
     scan_finite,
     split_heads_row,
 )
-from .modes import MODE_UNIFORM  # noqa: E402
+from .modes import MODE_UNIFORM
 
 _cuda_config.CUDA_ARRAY_INTERFACE_SYNC = int(os.environ["NUMBA_CUDA_ARRAY_INTERFACE_SYNC"])
 
@@ -108,7 +109,7 @@ def describe() -> str:
         return "Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1), products in numpy"
     dev = cuda.get_current_device()
     label = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-    free, total = xp.cuda.runtime.memGetInfo()
+    total = xp.cuda.runtime.memGetInfo()[1]
     return f"{label}, {total / 2**30:.0f} GiB, compute capability {dev.compute_capability}"
 
 
@@ -153,15 +154,22 @@ def to_host(x):
 
 
 def _launch(kernel, grid, block=None):
-    """``kernel[grid, block]`` (``grid`` may be the pair); under the simulator the numpy arguments are passed as they
-    are (it would copy each one in and back out, and an array passed twice — in place,
-    ``out`` is ``x`` — would be written back from a stale copy)."""
+    """``kernel[grid, block]`` (``grid`` may be the pair). Under the simulator the numpy
+    arguments are passed as they are (it would copy each one in and back out, and an array
+    passed twice — in place, ``out`` is ``x`` — would be written back from a stale copy),
+    and the interpreter switches threads often while the kernel runs (the simulator's
+    barriers poll its threads)."""
     launch = kernel[grid] if block is None else kernel[grid, block]
     if not SIMULATOR:
         return launch
 
     def run(*args):
-        return launch(*(_Fake(a) if isinstance(a, np.ndarray) and a.ndim else a for a in args))
+        saved = sys.getswitchinterval()
+        sys.setswitchinterval(2e-5)
+        try:
+            return launch(*(_Fake(a) if isinstance(a, np.ndarray) and a.ndim else a for a in args))
+        finally:
+            sys.setswitchinterval(saved)
 
     return run
 

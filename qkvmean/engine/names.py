@@ -35,3 +35,8 @@ def condition_names(targets) -> list:
 def target_of(condition: str) -> str | None:
     """The target of a condition (``"mean_k"`` → ``"k"``); None for the baseline."""
     return None if condition == BASELINE else condition.removeprefix("mean_")
+
+
+#: Where the engine computes (``device=``): a backend, or "auto" (CUDA when a GPU is
+#: usable, else the CPU).
+DEVICES = ("cpu", "cuda", "auto")

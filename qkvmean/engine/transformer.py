@@ -160,7 +160,8 @@ class _Input:
         # the MLP's input when it reads the same h as the attention (parallel residual)
         self.y = empty((rows, d), np.float32) if arch.placement == "parallel" else None
         self.qkv = empty((rows, (heads + 2 * arch.n_kv_heads) * dh), np.float32)
-        self.q, self.k, self.v, self.o = (empty((stack * heads, n, dh), np.float32) for _ in range(4))
+        pairs = (stack * heads, n, dh)
+        self.q, self.k, self.v, self.o = (empty(pairs, np.float32) for _ in range(4))
         self.ctx = empty((rows, heads * dh), np.float32)
         self.a = empty((rows, d), np.float32)
         self.a2 = empty((rows, d), np.float32) if self.y is not None else None
