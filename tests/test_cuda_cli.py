@@ -78,7 +78,8 @@ def test_run_model_on_cuda_writes_the_cpu_store(tmp_path, capsys):
     argv = ["run", "--model", "synthetic", "--text", str(texts), "--over", "causal", "--quiet"]
     assert main([*argv, "-o", str(tmp_path / "bare.h5"), "--device", "cuda", "--no-maps"]) == 0
     bare, full = _datasets(tmp_path / "bare.h5"), _datasets(tmp_path / "cuda.h5")
-    assert not any(name.startswith("maps") for name in bare)
+    assert any(name.startswith("attention/") for name in full)
+    assert not any(name.startswith("attention/") for name in bare)
     for name, value in bare.items():
         if name.startswith("metrics"):
             np.testing.assert_array_equal(value, full[name], err_msg=name)
