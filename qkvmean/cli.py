@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version",
         action="store_true",
-        help="print the version and exit (with --verbose: libraries, threads, BLAS, CPU)",
+        help="print the version and exit (with --verbose: libraries, threads, BLAS, CPU, CUDA)",
     )
     parser.add_argument(
         "--verbose", action="store_true", help="with --version: what computes, and how"
@@ -712,7 +712,16 @@ def _machine_lines() -> list:
         f"{t['numba_threads']} threads",
         f"BLAS         {_blas_line(t['blas'])}; one thread per task in the model path",
         f"cpu          {env['cpu']} ({env['machine']})",
+        f"cuda         {_cuda_line()}",
     ]
+
+
+def _cuda_line() -> str:
+    """What ``--device cuda`` would use, or why it cannot run here."""
+    from .engine.api import _cuda
+
+    ops, why = _cuda()
+    return f"{ops.describe()} (--device cuda)" if ops is not None else f"not usable: {why}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,17 +1,20 @@
 """The engine: masked softmax attention and mean substitution.
 
-:mod:`~qkvmean.engine.api` validates and dispatches to a backend (:mod:`~qkvmean.engine.cpu`
-today); :mod:`~qkvmean.engine.reference` is the plain numpy reference of the same functions.
+:mod:`~qkvmean.engine.api` validates and dispatches to a backend (:mod:`~qkvmean.engine.cpu`,
+or :mod:`~qkvmean.engine.cuda` with ``device="cuda"``); :mod:`~qkvmean.engine.reference`
+is the plain numpy reference of the same functions.
 """
 
 from .api import (
     BACKENDS,
     CONDITIONS,
+    DEVICES,
     METRICS,
     Conditions,
     ablate,
     attention,
     attention_weights,
+    choose_device,
     conditions,
     mean_substitute,
 )
@@ -19,11 +22,13 @@ from .api import (
 __all__ = [
     "BACKENDS",
     "CONDITIONS",
+    "DEVICES",
     "METRICS",
     "Conditions",
     "ablate",
     "attention",
     "attention_weights",
+    "choose_device",
     "conditions",
     "mean_substitute",
 ]
