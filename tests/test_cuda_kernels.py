@@ -217,73 +217,79 @@ def test_the_cuda_backend_provides_the_protocol():
 def test_model_ops_match_the_cpu_backend(rows, kv_heads, per_kv, rms, store_sum, seed):
     """Norms (with residual and stored sum; RMS), head norm, the three activations, head
     split with grouped keys and values, merge, rotary and the per-head substitution: the
-    CUDA backend's model-path operations against the CPU backend's."""
+    CUDA backend's model-path operations (on device arrays) against the CPU backend's."""
     rng = np.random.default_rng(seed)
     f32 = np.float32
+    dev, host = cuda_kernels.xp.asarray, cuda_kernels.to_host
+
+    def both(op, *arrays, **kw):
+        """``op`` of each backend on copies of ``arrays`` (host, then device); the arrays
+        after it, as numpy."""
+        cpu_args = [a.copy() if isinstance(a, np.ndarray) else a for a in arrays]
+        cuda_args = [dev(a) if isinstance(a, np.ndarray) else a for a in arrays]
+        getattr(cpu, op)(*cpu_args, **kw)
+        getattr(cuda_kernels, op)(*cuda_args, **kw)
+        pick = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
+        return [cpu_args[i] for i in pick], [host(cuda_args[i]) for i in pick]
+
+    def close(pair, **tol):
+        for a, b in zip(*pair, strict=True):
+            np.testing.assert_allclose(b, a, **tol)
+
     heads, dh, d = kv_heads * per_kv, 4, 6
     x, residual = rng.normal(size=(2, rows, d)).astype(f32)
     bias, gamma, beta = rng.normal(size=(3, d)).astype(f32)
-    norm = (gamma, np.zeros(d, f32) if rms else beta, rms, 1e-5)
-    outs = []
-    for ops in (cpu, cuda_kernels):
-        res, out = residual.copy(), np.empty_like(x)
-        ops.add_norm(x, bias, res, norm, out, store_sum=store_sum)
-        outs.append((res, out))
-    for a, b in zip(*outs, strict=True):
-        np.testing.assert_allclose(b, a, atol=2e-5)
+    norm = (dev(gamma), dev(np.zeros(d, f32) if rms else beta), rms, 1e-5)
+    cpu_norm = tuple(host(v) if not isinstance(v, (bool, float)) else v for v in norm)
+    out = np.empty_like(x)
+    res_cpu, out_cpu = residual.copy(), out.copy()
+    cpu.add_norm(x, bias, res_cpu, cpu_norm, out_cpu, store_sum=store_sum)
+    res_d, out_d = dev(residual), dev(out)
+    cuda_kernels.add_norm(dev(x), dev(bias), res_d, norm, out_d, store_sum=store_sum)
+    close(([res_cpu, out_cpu], [host(res_d), host(out_d)]), atol=2e-5)
 
     hx = rng.normal(size=(heads, rows, dh)).astype(f32)
-    got = [hx.copy(), hx.copy()]
-    for ops, arr in zip((cpu, cuda_kernels), got, strict=True):
-        ops.head_norm(arr, gamma[:dh], 1e-6, np.zeros(dh, f32))
-    np.testing.assert_allclose(got[1], got[0], atol=2e-5)
+    close(both("head_norm", hx, gamma[:dh], 1e-6, np.zeros(dh, f32)), atol=2e-5)
 
     m = (rng.normal(size=(rows, 2 * d)) * 3).astype(f32)
     b1 = rng.normal(size=2 * d).astype(f32)
     for act, code in ACTIVATION_CODES.items():
         if act == "silu_gated":
-            res = [np.empty((rows, d), f32) for _ in range(2)]
-            for ops, out in zip((cpu, cuda_kernels), res, strict=True):
-                ops.bias_activation(m, b1, code, out)
-        else:
-            res = [m.copy(), m.copy()]
-            for ops, arr in zip((cpu, cuda_kernels), res, strict=True):
-                ops.bias_activation(arr, b1, code, arr)
-        np.testing.assert_allclose(res[1], res[0], atol=1e-5, rtol=1e-5, err_msg=act)
+            pair = both("bias_activation", m, b1, code, np.empty((rows, d), f32))
+        else:  # in place: out is m
+            m_cpu, m_dev = m.copy(), dev(m)
+            cpu.bias_activation(m_cpu, b1, code, m_cpu)
+            cuda_kernels.bias_activation(m_dev, dev(b1), code, m_dev)
+            pair = ([m_cpu], [host(m_dev)])
+        close(pair, atol=1e-5, rtol=1e-5, err_msg=act)
 
     stack = 2
     qkv = rng.normal(size=(stack * rows, (heads + 2 * kv_heads) * dh)).astype(f32)
     bqkv = rng.normal(size=qkv.shape[1]).astype(f32)
-    split = []
-    for ops in (cpu, cuda_kernels):
-        q, k, v = (np.empty((stack * heads, rows, dh), f32) for _ in range(3))
-        ops.split_heads(qkv, bqkv, heads, kv_heads, q, k, v)
-        ctx = np.empty((stack * rows, heads * dh), f32)
-        ops.merge_heads(q, heads, ctx)
-        split.append((q, k, v, ctx))
-    for a, b in zip(*split, strict=True):
+    qkv_out = [np.empty((stack * heads, rows, dh), f32) for _ in range(3)]
+    got = both("split_heads", qkv, bqkv, heads, kv_heads, *qkv_out)
+    for a, b in zip(*got, strict=True):
         np.testing.assert_array_equal(b, a)
+    ctx = np.empty((stack * rows, heads * dh), f32)
+    merged = both("merge_heads", got[0][2], heads, ctx)
+    np.testing.assert_array_equal(merged[1][1], merged[0][1])
 
     half = 1 + seed % 2
     angle = rng.normal(size=(rows, half)).astype(f32)
-    cos, sin = np.cos(angle), np.sin(angle)
-    rot = [hx.copy(), hx.copy()]
-    for ops, arr in zip((cpu, cuda_kernels), rot, strict=True):
-        ops.rotary(arr, cos, sin)
-    np.testing.assert_allclose(rot[1], rot[0], atol=1e-6)
+    close(both("rotary", hx, np.cos(angle), np.sin(angle)), atol=1e-6)
 
     select = rng.random(heads) < 0.6
     length = np.array([max(rows - 1, 1)], np.int64)
     for prefix in (False, True):
-        sub = [hx.copy(), hx.copy()]
-        for ops, arr in zip((cpu, cuda_kernels), sub, strict=True):
-            ops.substitute(arr, length, heads, select, prefix, np.empty(dh))
-        np.testing.assert_allclose(sub[1], sub[0], atol=1e-6)
+        cpu_x, dev_x = hx.copy(), dev(hx)
+        cpu.substitute(cpu_x, length, heads, select, prefix, np.empty(dh))
+        cuda_kernels.substitute(dev_x, dev(length), heads, select, prefix, np.empty(dh))
+        np.testing.assert_allclose(host(dev_x), cpu_x, atol=1e-6)
 
     bad = hx.copy()
     bad[0, 0, 1] = np.nan
-    assert cuda_kernels.check_finite(bad) == cpu.check_finite(bad)
-    assert cuda_kernels.check_finite(hx) == cpu.check_finite(hx)
+    assert cuda_kernels.check_finite(dev(bad)) == cpu.check_finite(bad)
+    assert cuda_kernels.check_finite(dev(hx)) == cpu.check_finite(hx)
 
 
 def _close(got, want, atol=1e-4):

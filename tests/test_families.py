@@ -255,6 +255,10 @@ def test_model_conditions_refuses_what_the_kernels_cannot_take(loaded):
             T.model_conditions(w, ids, [3], **kwargs)
     with pytest.raises(ValueError, match=r"lengths of shape \(1,\) within \[0, 3\]"):
         T.model_conditions(w, ids, [4])
+    # (CuPy wraps an index past the embeddings around instead of raising)
+    for bad in (w.vocab_size, -1):
+        with pytest.raises(ValueError, match=rf"token ids must lie in \[0, {w.vocab_size}\)"):
+            T.model_conditions(w, np.array([[1, bad, 3]]), [3])
     import dataclasses
 
     short = dataclasses.replace(w.layers[0], bqkv=w.layers[0].bqkv[:-1])

@@ -1075,6 +1075,9 @@ class InputScratch:
     def finish(self):
         """Every result of this input is in place (they are written as computed here)."""
 
+    def abort(self):
+        """After an error: nothing is in flight here."""
+
 
 def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
     """Condition ``c``'s attention for every head of one input (``c = 0``: the baseline,

@@ -42,9 +42,9 @@ import numba
 import numba_cuda  # noqa: F401  (the maintained CUDA target; an ImportError without it)
 import numpy as np
 
-# Every kernel and product runs on the default stream, in order: numba need not
-# synchronise on the stream that CuPy's arrays name (it would, on every launch).
-os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
+# Small grids are the rule here (one input's rows, one head's pairs): no warning per launch.
+# (The environment too: Numba re-reads its NUMBA_* variables when they change.)
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 from numba import cuda
 from numba.cuda.core import config as _cuda_config
@@ -59,7 +59,7 @@ from .cpu import (
 )
 from .modes import MODE_UNIFORM
 
-_cuda_config.CUDA_ARRAY_INTERFACE_SYNC = int(os.environ["NUMBA_CUDA_ARRAY_INTERFACE_SYNC"])
+_cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = int(os.environ["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"])
 
 name = "cuda"
 
@@ -89,18 +89,31 @@ THREADS = 8 if SIMULATOR else 64
 BLOCK_BYTES = 64 * 2**20
 
 
+_checked: list = []  # the result of unavailable(), once computed
+
+
 def unavailable() -> str | None:
-    """None when this backend can run here, else why not (one line)."""
+    """None when this backend can run here, else why not (one line). The first call
+    compiles and launches a small kernel and runs a product (the driver, NVVM, NVRTC and
+    cuBLAS all have to be there), so that ``auto`` falls back instead of failing later."""
     if _MISSING:
         return _MISSING
     if SIMULATOR:
         return None
-    try:
-        cuda.current_context()
-        xp.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # the driver's and the runtime's own errors
-        return " ".join(str(exc).split()) or type(exc).__name__
-    return None
+    if not _checked:
+        try:
+            cuda.current_context()
+            x = xp.ones((1, 1, 1), np.float32)
+            out = xp.empty_like(x)
+            one = xp.ones(1, np.int64)
+            _launch(_mean_kernel, (1, 1), (1, 1))(x, one, np.int64(1), one.astype(bool),
+                                                  False, 1.0, out)  # fmt: skip
+            xp.matmul(x[0], x[0])
+            xp.cuda.runtime.deviceSynchronize()
+            _checked.append(None)
+        except Exception as exc:  # the driver's, the compiler's and the runtime's errors
+            _checked.append(" ".join(str(exc).split()) or type(exc).__name__)
+    return _checked[0]
 
 
 def describe() -> str:
@@ -110,7 +123,8 @@ def describe() -> str:
     dev = cuda.get_current_device()
     label = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
     total = xp.cuda.runtime.memGetInfo()[1]
-    return f"{label}, {total / 2**30:.0f} GiB, compute capability {dev.compute_capability}"
+    major, minor = dev.compute_capability
+    return f"{label}, {total / 2**30:.0f} GiB, compute capability {major}.{minor}"
 
 
 def _grid(n_a, n_b):
@@ -161,7 +175,13 @@ def _launch(kernel, grid, block=None):
     barriers poll its threads)."""
     launch = kernel[grid] if block is None else kernel[grid, block]
     if not SIMULATOR:
-        return launch
+
+        def checked(*args):
+            if any(isinstance(a, np.ndarray) and a.ndim for a in args):
+                raise TypeError("a host array reached a CUDA kernel: move it with xp.asarray")
+            return launch(*args)
+
+        return checked
 
     def run(*args):
         saved = sys.getswitchinterval()
@@ -175,7 +195,34 @@ def _launch(kernel, grid, block=None):
 
 
 if SIMULATOR:
+    import threading
+    import traceback
+
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _Fake
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    from numba.np import numpy_support
+
+    _shared_lock = threading.Lock()
+    _unlocked_array = FakeCUDAShared.array
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        """The simulator's ``cuda.shared.array``, with its first allocation under a lock:
+        the simulator looks the block's array up and creates it when missing without one,
+        so two threads of a block that get there together could each create their own
+        "shared" array (seen: a wrong row about once in a thousand launches). The array is
+        found by the caller's file and line, as the simulator does."""
+        if shape == 0 or alignment is not None:  # dynamic shared memory: no lookup
+            return _unlocked_array(self, shape, dtype, alignment)
+        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[-1][0:2])
+        with _shared_lock:
+            found = self._allocations.get(caller)
+            if found is None:
+                if isinstance(dtype, numba.types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                found = self._allocations[caller] = np.empty(shape, dtype)
+        return found
+
+    FakeCUDAShared.array = _shared_array
 
 
 def _out_of_memory(exc) -> bool:
@@ -185,14 +232,30 @@ def _out_of_memory(exc) -> bool:
 # ----------------------------------------------------------------------------- copies
 
 
+#: Pinned staging buffers, one per slot, grow-only (doubling), shared by every link (the
+#: device is used by one call at a time): page-locked memory is what the largest copy of
+#: a slot needs, not one buffer per size ever seen.
+_staging: dict = {}
+
+
+def _staged(slot, nbytes):
+    """A flat pinned uint8 buffer of at least ``nbytes`` for ``slot``."""
+    buf = _staging.get(slot)
+    if buf is None or buf.size < nbytes:
+        size = 1 << max(int(nbytes) - 1, 1).bit_length()
+        buf = _staging[slot] = cupyx.empty_pinned(size, np.uint8)
+    return buf
+
+
 class _Link:
     """Device-to-host copies that overlap the compute.
 
     ``send(slot, pairs)`` queues the copy of each ``(device array, host view)`` pair on a
-    copy stream, after everything queued so far on the default stream, into pinned
-    staging buffers; ``retire(slot)`` waits for that slot's copy and moves it into its
-    host views (call it before the slot's device buffers are written again); ``finish``
-    retires every slot.
+    copy stream, after everything queued so far on the default stream, into the slot's
+    pinned staging buffer; ``retire(slot)`` waits for that slot's copy and moves it into
+    its host views (call it before the slot's device buffers are written again);
+    ``finish`` retires every slot; ``abort`` (after an error) waits for the copies in
+    flight and drops them, so that no buffer is reused while a copy still writes it.
     """
 
     def __init__(self, slots):
@@ -208,9 +271,11 @@ class _Link:
         ready = xp.cuda.Event(disable_timing=True)
         ready.record()
         self.stream.wait_event(ready)
+        offsets = np.cumsum([0] + [-(-src.nbytes // 256) * 256 for src, _ in pairs])
+        buf = _staged(slot, int(offsets[-1]))
         staged = []
-        for src, dest in pairs:
-            pinned = cupyx.empty_pinned(src.shape, src.dtype)
+        for (src, dest), start in zip(pairs, offsets, strict=False):
+            pinned = buf[start : start + src.nbytes].view(src.dtype).reshape(src.shape)
             src.get(stream=self.stream, out=pinned, blocking=False)
             staged.append((pinned, dest))
         done = xp.cuda.Event(disable_timing=True)
@@ -230,6 +295,11 @@ class _Link:
     def finish(self):
         for slot in range(len(self.pending)):
             self.retire(slot)
+
+    def abort(self):
+        if self.stream is not None:
+            self.stream.synchronize()
+        self.pending = [None] * len(self.pending)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -495,6 +565,7 @@ def attention(
         link.finish()
         return host, to_host(od), rows
     except Exception as exc:
+        link.abort()
         if _out_of_memory(exc):
             raise MemoryError(str(exc)) from None
         raise
@@ -649,6 +720,10 @@ class InputScratch:
         """Every map and metric of this input is in its host array."""
         self.link.finish()
 
+    def abort(self):
+        """After an error: no copy of this input is still in flight."""
+        self.link.abort()
+
 
 def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
     """See :func:`qkvmean.engine.cpu.attention_one`; the maps and metrics are queued to go
@@ -682,5 +757,5 @@ def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, redu
 
 
 def check_finite(x):
-    """:func:`qkvmean.engine.cpu.scan_finite` on the device."""
-    return scan_finite(x.reshape(-1), xp)
+    """:func:`qkvmean.engine.cpu.scan_finite` on the device (it waits for the device)."""
+    return scan_finite(xp.asarray(x).reshape(-1), xp)

@@ -231,13 +231,23 @@ def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope):
     n = ids.shape[0]
     if n == 0:  # no tokens: empty maps, metrics 0 and no top key (as initialised)
         return
+    first = plan.first(model.n_layers)
+    stack = len(plan.names) if first < model.n_layers else 1
+    buf = _Input(model, ops, n, out.seq, stack, out.maps is not None)
+    try:
+        _forward(ops, model, plan, ids, b, out, rope, buf)
+    except BaseException:
+        buf.scratch.abort()  # no copy may still write into buffers about to be freed
+        raise
+
+
+def _forward(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, buf: _Input):
+    n = ids.shape[0]
     arch = model.arch
     names = plan.names
     stack = len(names)
     n_layers, heads, kv_heads, dh = model.n_layers, arch.n_heads, arch.n_kv_heads, arch.head_dim
     first = plan.first(n_layers)
-    seq = out.seq
-    buf = _Input(model, ops, n, seq, stack if first < n_layers else 1, out.maps is not None)
     post, parallel = arch.placement == "post", arch.placement == "parallel"
     scale = 1.0 / np.sqrt(dh)
     select = plan.select(heads)
@@ -382,6 +392,11 @@ def model_conditions(
         )
     if n > max(model.max_positions, 1) and model.pos_emb is not None:
         raise ValueError(f"{n} tokens exceed the model's {model.max_positions} positions")
+    if ids.size and (ids.min() < 0 or ids.max() >= model.vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {model.vocab_size}) for this model's embeddings, "
+            f"got {int(ids.min())}..{int(ids.max())}"
+        )
     bad = [layer for layer in ablate_layers if not 0 <= layer < model.n_layers]
     if bad:
         raise ValueError(f"layer {bad[0]} is out of range for {model.n_layers} layers")
