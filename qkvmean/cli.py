@@ -96,6 +96,25 @@ def _device(args) -> str:
     return name
 
 
+def _cluster(args):
+    """The Dask cluster of ``--scheduler``/``--workers``, after a line saying what it is;
+    one line and exit 1 when it cannot be reached."""
+    from .distributed import Cluster, ClusterError
+    from .pipeline import RunFailed
+
+    if args.scheduler is not None and not args.scheduler.strip():
+        raise UsageError("--scheduler is empty; give the scheduler's address, tcp://HOST:PORT")
+    try:
+        cluster = Cluster(args.scheduler, args.workers, args.threads)
+    except ClusterError as exc:
+        raise RunFailed(f"{exc}; nothing was computed") from None
+    info = cluster.describe()
+    plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"  # noqa: E731
+    _note(args, f"{info['kind']}: {plural(info['workers'], 'worker')}, "
+          f"{plural(info['threads'], 'thread')} ({info['scheduler']})")  # fmt: skip
+    return cluster
+
+
 def _add_run(sub):
     p = sub.add_parser(
         "run",
@@ -205,6 +224,22 @@ def _add_run(sub):
         "least 3 inputs per thread)",
     )
     _add_device(runp)
+    where = runp.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler",
+        metavar="tcp://HOST:PORT",
+        default=None,
+        help="compute the batches on this Dask cluster (pip install 'qkvmean[dask]'); the "
+        "store is written here, the same as a local run's",
+    )
+    where.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="compute the batches on a local Dask cluster of N processes (--threads: "
+        "threads per process)",
+    )
     runp.add_argument(
         "--threads",
         type=_positive_int,
@@ -471,10 +506,14 @@ def cmd_run(args) -> int:
     options.check()
     if not args.out:
         raise UsageError("--out is empty; give a file name for the store")
-    _set_threads(args.threads)
+    if args.workers is None:
+        _set_threads(args.threads)
     device = _device(args)
     source = make_source(args, options)
+    cluster = None
     try:
+        if args.scheduler is not None or args.workers is not None:
+            cluster = _cluster(args)
         summary = pipeline.run(
             source,
             Path(args.out),
@@ -485,16 +524,21 @@ def cmd_run(args) -> int:
             show_progress=False if args.quiet else None,
             notes=lambda line: print(f"qkvmean run: {line}", file=sys.stderr),
             device=device,
+            cluster=cluster,
         )
     finally:
         source.close()
+        if cluster is not None:
+            cluster.close()
     if not args.quiet:
         import numba
 
         from . import config
 
         line = summary.line()
-        if summary.computed and device == "cpu":
+        if summary.computed and cluster is not None:
+            line += " on the cluster"
+        elif summary.computed and device == "cpu":
             line += f" on {config.compute_threads()} threads ({numba.threading_layer()} layer)"
         elif summary.computed:
             line += f" on {device}"
@@ -560,6 +604,13 @@ def _describe(info) -> list:
         lines.append(
             f"computed on  {threads_line(env)}; BLAS {_blas_line(env.get('blas'))}; "
             f"{env.get('cpu')}"
+        )
+    cluster = cfg.get("cluster")
+    if isinstance(cluster, dict):  # (this machine wrote the store; the workers computed)
+        lines.append(
+            f"batches on   a Dask {cluster.get('kind')}: {cluster.get('workers')} workers, "
+            f"{cluster.get('threads')} threads ({cluster.get('scheduler')}); the line above "
+            "is the machine that wrote the store"
         )
     return lines
 

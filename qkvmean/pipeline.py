@@ -145,29 +145,79 @@ class QKVSource:
         return _first_change(now, digests, start, self.digests, self.input.where())
 
     def compute(self, inputs, start, stop):
-        q, k = inputs
-        o = self.options
-        t0 = time.perf_counter()
-        try:
-            c = engine.conditions(
-                q,
-                k,
-                None,
-                targets=o.targets,
-                over=o.over,
-                heads=o.heads,
-                lengths=self.lengths[start:stop],
-                causal=self.causal,
-                scale=o.scale,
-                device=self.device,
-                maps=o.maps,
-            )
-        except ValueError as exc:  # e.g. values so large that the logits overflow
-            raise InputError(f"{self.input.where()}: inputs {start}..{stop - 1}: {exc}") from None
-        return c, time.perf_counter() - t0
+        return qkv_conditions(
+            inputs, self.lengths[start:stop], self.causal, self.options, self.device,
+            f"{self.input.where()}: inputs {start}..{stop - 1}",
+        )  # fmt: skip
+
+    def recipe(self) -> dict:
+        """What a cluster's worker needs to compute this source's batches."""
+        return {
+            "kind": "qkv",
+            "spec": f"{Path(self.input.path).resolve()}:{self.input.group_name}",
+            "options": self.options,
+            "device": self.device,
+            "describe": _identity(self.describe()),
+            "lengths": self.lengths,
+            "causal": self.causal,
+        }
 
     def close(self):
         self.input.close()
+
+
+def qkv_conditions(inputs, lengths, causal, options, device, where):
+    """The conditions of one batch of raw ``(q, k)``, timed: ``(Conditions, seconds)``."""
+    q, k = inputs
+    t0 = time.perf_counter()
+    try:
+        c = engine.conditions(
+            q, k, None, targets=options.targets, over=options.over, heads=options.heads,
+            lengths=lengths, causal=causal, scale=options.scale, device=device,
+            maps=options.maps,
+        )  # fmt: skip
+    except ValueError as exc:  # e.g. values so large that the logits overflow
+        raise InputError(f"{where}: {exc}") from None
+    return c, time.perf_counter() - t0
+
+
+def _identity(described: dict) -> dict:
+    """What must be the same wherever a source is built (not where it is)."""
+    return {k: v for k, v in described.items() if k not in ("input", "model", "texts")}
+
+
+def source_from_recipe(recipe):
+    """The source of a :meth:`QKVSource.recipe` or :meth:`ModelSource.recipe`, built on a
+    cluster's worker, and checked to be the same input as the driver's."""
+    if recipe["kind"] == "qkv":
+        source = QKVSource(recipe["spec"], recipe["options"])
+    else:
+        source = ModelSource(
+            recipe["model"], recipe["texts"], recipe["options"],
+            ablate_layers=recipe["ablate_layers"], max_tokens=recipe["max_tokens"],
+            texts_label=recipe["texts_label"],
+        )  # fmt: skip
+    source.device = recipe["device"]
+    here = json.loads(json.dumps(_identity(source.describe())))
+    if here != json.loads(json.dumps(recipe["describe"])):
+        where = recipe.get("spec") or recipe["model"]
+        raise InputError(
+            f"a worker reads a different input than the driver at {where}: "
+            f"{_differences(recipe['describe'], here) or 'other contents'}"
+        )
+    return source
+
+
+def batch_maps(c, layout, options) -> dict:
+    """A batch's maps per condition in the stored dtype, each distinct array converted
+    once (mean-V of raw Q/K/V is the baseline's array, and is encoded once too)."""
+    converted, maps = {}, {}
+    for n in layout.conditions:
+        w = c.weights[n]
+        if id(w) not in converted:
+            converted[id(w)] = w.astype(options.map_dtype, copy=False)
+        maps[n] = converted[id(w)]
+    return maps
 
 
 class ModelSource:
@@ -197,6 +247,7 @@ class ModelSource:
             )
         if options.scale is not None:
             raise InputError("--scale applies to --qkv inputs; a model uses 1/sqrt(head dim)")
+        self.model_spec = model_spec
         self.model = load_model(model_spec)
         w = self.model.weights
         self.n_layers, self.n_heads = w.n_layers, w.n_heads
@@ -298,6 +349,23 @@ class ModelSource:
 
     def changed(self, start, stop, digests):
         return None
+
+    def recipe(self) -> dict:
+        """What a cluster's worker needs to compute this source's batches."""
+        spec = self.model_spec
+        if spec not in ("minilm", "synthetic"):
+            spec = str(Path(spec).resolve())
+        return {
+            "kind": "model",
+            "model": spec,
+            "texts": self.texts,
+            "options": self.options,
+            "ablate_layers": self.ablate_layers,
+            "max_tokens": self.max_tokens,
+            "texts_label": self.texts_label,
+            "device": self.device,
+            "describe": _identity(self.describe()),
+        }
 
     def compute(self, ids, start, stop):
         from .engine.transformer import model_conditions
@@ -463,7 +531,7 @@ def _name_max(directory: Path) -> int:
 #: Not compared for --resume: where the inputs are (they may have moved; their identities
 #: are compared instead), the machine that computed them (a resumed run may be on
 #: another), and what the model's identity (its files' checksums) already fixes.
-_LOCATIONS = ("input", "model", "texts", "environment", "model_architecture")
+_LOCATIONS = ("input", "model", "texts", "environment", "model_architecture", "cluster")
 #: Recorded, but compared for --resume only where the command gives them again.
 _IMPLIED = ("batch_size",)
 
@@ -849,15 +917,7 @@ def _compute_batches(source, options, layout, todo, bar, assembly):
                 fetched = reader.submit(source.read, *todo[index + 1])
             c, seconds = source.compute(inputs, start, stop)
             kernel_seconds += seconds
-            maps = None
-            if options.maps:
-                converted = {}  # one conversion per distinct array: mean-V of raw Q/K/V is
-                maps = {}  # the baseline's array, and then it is encoded once too
-                for n in layout.conditions:
-                    w = c.weights[n]
-                    if id(w) not in converted:
-                        converted[id(w)] = w.astype(options.map_dtype, copy=False)
-                    maps[n] = converted[id(w)]
+            maps = batch_maps(c, layout, options) if options.maps else None
             metrics = {name: c.metrics[name] for name in METRICS}
             map_bytes += sum(w.nbytes for w in c.weights.values())
             if pending is not None:
@@ -870,6 +930,31 @@ def _compute_batches(source, options, layout, todo, bar, assembly):
         if pending is not None:
             pending.result()
     return computed, kernel_seconds, map_bytes
+
+
+def _compute_on_cluster(cluster, source, layout, todo, bar, assembly):
+    """:func:`_compute_batches` on a Dask cluster (:mod:`qkvmean.distributed`)."""
+    from . import distributed
+
+    def progress(n):
+        if bar is not None:
+            bar.update(n)
+
+    recipe = dict(source.recipe(), layout=layout, key=hashlib.sha256(
+        json.dumps(_run_config(source, source.options, None), sort_keys=True, default=str)
+        .encode()).hexdigest()[:16])  # fmt: skip
+    try:
+        computed, seconds = distributed.compute_batches(
+            cluster, source, recipe, todo, assembly, progress
+        )
+    except distributed.ClusterError as exc:
+        raise RunFailed(
+            f"{exc}; the finished batches are kept in {assembly.work.name}/: rerun with "
+            "--resume (on a cluster or here)"
+        ) from None
+    per_input = layout.n_layers * layout.n_heads * layout.seq**2 * np.dtype("float32").itemsize
+    maps = computed * per_input * len(layout.conditions) if layout.maps else 0
+    return computed, seconds, maps
 
 
 def _root_attrs(source, options, config, created_utc) -> dict:
@@ -899,10 +984,14 @@ def run(
     show_progress=None,
     notes=None,
     device="cpu",
+    cluster=None,
 ) -> Summary:
     """Compute every input of ``source`` and write the store ``out``.
 
-    ``device``: ``"cpu"`` or ``"cuda"`` (see :func:`qkvmean.engine.api.choose_device`);
+    ``cluster``: a :class:`qkvmean.distributed.Cluster` to compute the batches on (the
+    store is written here, the same as a local run's; how it was made is recorded in the
+    configuration's ``cluster``). ``device``: ``"cpu"`` or ``"cuda"`` (see
+    :func:`qkvmean.engine.api.choose_device`);
     the store is the same either way (maps within float32 rounding), so it is not part of
     the run's configuration and a run may be resumed on the other device.
 
@@ -921,6 +1010,7 @@ def run(
     notes = notes or (lambda line: None)
     _check_output(out, source.paths, overwrite)
     config = _run_config(source, options, batch_size)
+    config["cluster"] = cluster.describe() if cluster is not None else "local"
     layout = _layout(source, options)
     _check_sizes(source, layout, out, batch_size)
     for line in source.notes():  # once the run is known to go ahead
@@ -964,9 +1054,14 @@ def run(
                 )
             todo = [b for b in manifest["batches"] if b not in done]
             bar = _progress(source.n_inputs, sum(b - a for a, b in done), show_progress)
-            computed, kernel_seconds, map_bytes = _compute_batches(
-                source, options, layout, todo, bar, assembly
-            )
+            if cluster is None:
+                computed, kernel_seconds, map_bytes = _compute_batches(
+                    source, options, layout, todo, bar, assembly
+                )
+            else:
+                computed, kernel_seconds, map_bytes = _compute_on_cluster(
+                    cluster, source, layout, todo, bar, assembly
+                )
             try:
                 assembly.finish(out, overwrite)
             except FileExistsError:

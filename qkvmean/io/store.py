@@ -306,6 +306,23 @@ def _encode_maps(arr, chunks, filters, pool=None):
     return list(zip(offsets, data, strict=True))
 
 
+def encode_batch(layout, maps, pool=None):
+    """A batch's maps as the store's chunks: ``{condition: [(offset in the batch, bytes
+    or a future of them), ...]}`` (every map's chunks are queued for encoding first, so
+    that the pool keeps encoding while the first are written; a condition whose map is
+    another's array is encoded once), or None where HDF5 must apply the filter itself
+    (then the maps themselves are written)."""
+    if not _encodable(parse_compression(layout.compression)):
+        return None
+    filters = parse_compression(layout.compression)
+    chunks = layout.map_chunks()
+    encoded = {}
+    for cond in layout.conditions:
+        same = next((c for c in encoded if maps[c] is maps[cond]), None)
+        encoded[cond] = encoded[same] if same else _encode_maps(maps[cond], chunks, filters, pool)
+    return encoded
+
+
 def _encodable(filters) -> bool:
     """Filters whose output we produce ourselves (in parallel, outside HDF5's lock)."""
     return filters.get("compression") in (None, "gzip")
@@ -526,26 +543,24 @@ class Assembly:
         CRC-32 of each input as read (for a layout with ``digests``). With a thread
         ``pool``, the chunks are encoded on its threads (ISA-L and zlib release the GIL).
         """
+        encoded = encode_batch(self.layout, maps, pool) if self.layout.maps else None
+        self.add_encoded(start, stop, maps if encoded is None else encoded, metrics, digests)
+
+    def add_encoded(self, start, stop, chunks, metrics, digests=None):
+        """:meth:`add` of a batch encoded already (by :func:`encode_batch`, here or on a
+        cluster's worker): ``chunks[condition]`` is ``[(offset, bytes or a future), ...]``,
+        or the maps themselves where HDF5 has to apply the filter."""
         rows = []
         if self.layout.maps and not _encodable(self.filters):  # a filter only HDF5 applies
             for index, cond in enumerate(self.layout.conditions):
                 dset = self.f["attention"][cond]
-                dset[start:stop] = maps[cond]
+                dset[start:stop] = chunks[cond]
                 for where in self._chunk_coords(start, stop):
                     rows.append((index, *where, _crc32(dset.id.read_direct_chunk(where)[1])))
         elif self.layout.maps:
-            # every map's chunks are queued for encoding first, so that the pool keeps
-            # encoding while the chunks that are ready are written
-            encoded = {}
-            for cond in self.layout.conditions:
-                same = next((c for c in encoded if maps[c] is maps[cond]), None)
-                chunks = self.f["attention"][cond].chunks
-                encoded[cond] = (
-                    encoded[same] if same else _encode_maps(maps[cond], chunks, self.filters, pool)
-                )
             for index, cond in enumerate(self.layout.conditions):
                 did = self.f["attention"][cond].id
-                for offset, data in encoded[cond]:
+                for offset, data in chunks[cond]:
                     data = data if isinstance(data, bytes) else data.result()
                     where = (offset[0] + start, *offset[1:])
                     did.write_direct_chunk(where, data, 0)

@@ -1,0 +1,285 @@
+"""``qkvmean run`` on a Dask distributed cluster: one task per batch, one store.
+
+The driver (the ``qkvmean run`` process) plans the batches, as a local run does, and
+submits one task per batch to the cluster (``--scheduler tcp://HOST:PORT``, or
+``--workers N``: a :class:`~distributed.LocalCluster` of N processes here). A task builds
+the run's source on its worker once (the same input file, model directory and texts;
+checked to be the same input by their identity), reads its batch itself where the
+workers see the input file (else the driver reads it and sends it with the task),
+computes it with the same kernels, and encodes its map chunks exactly as the store
+writes them. The encoded chunks and the metrics come back to the driver, which writes
+them into the store with the same journal as a local run: ``--resume`` and the crash
+guarantees are the same. A worker that dies mid-batch has its batch run again elsewhere
+(Dask reschedules it); a cluster that goes away stops the run with one line, resumable.
+
+Dask is imported only here, and this module only for ``--scheduler``/``--workers``
+(``pip install -e ".[dask]"``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+#: The most batches in flight per worker thread (the driver writes as they come back).
+IN_FLIGHT_PER_THREAD = 2
+#: How long to wait for the scheduler, and then for a first worker (seconds).
+CONNECT_TIMEOUT = 10
+WORKER_TIMEOUT = 60
+
+
+class ClusterError(Exception):
+    """The cluster could not be reached, or went away; what is done can be resumed."""
+
+
+def _dask():
+    try:
+        import distributed
+    except ImportError:
+        from .io import InputError
+
+        raise InputError(
+            "--scheduler/--workers need Dask distributed: pip install 'qkvmean[dask]'"
+        ) from None
+    return distributed
+
+
+class Cluster:
+    """A connection to a Dask cluster: an existing scheduler, or a local cluster of
+    ``workers`` processes started (and stopped) here."""
+
+    def __init__(self, scheduler=None, workers=None, threads=None):
+        import logging
+
+        distributed = _dask()
+        self.local = None
+        self.address = scheduler
+        try:
+            if workers is not None:
+                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+                per = threads or max(1, cores // workers)
+                self.local = distributed.LocalCluster(
+                    n_workers=workers, threads_per_worker=per, processes=True,
+                    dashboard_address=":0", silence_logs=logging.ERROR,
+                )  # fmt: skip
+                self.client = distributed.Client(self.local, timeout=CONNECT_TIMEOUT)
+                self.address = self.local.scheduler_address
+            else:
+                self.client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
+            self.client.wait_for_workers(1, timeout=WORKER_TIMEOUT)
+            _quiet()
+        except (OSError, TimeoutError, ValueError) as exc:
+            self.close()
+            where = f"the Dask scheduler at {scheduler}" if scheduler else "a local cluster"
+            raise ClusterError(f"cannot reach {where}: {_reason(exc)}") from None
+
+    def workers(self) -> dict:
+        """``{address: threads}`` of the workers connected now."""
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        return {addr: w.get("nthreads", 1) for addr, w in info.items()}
+
+    def describe(self) -> dict:
+        """How the store is made (recorded in its configuration)."""
+        workers = self.workers()
+        return {
+            "kind": "local cluster" if self.local is not None else "cluster",
+            "scheduler": self.address,
+            "workers": len(workers),
+            "threads": sum(workers.values()),
+        }
+
+    def see(self, paths) -> bool:
+        """Do all workers see ``paths`` (files, with their size and modification time as
+        the driver sees them)?"""
+        want = {str(p): _stamp(p) for p in paths}
+        try:
+            seen = self.client.run(_stamps, list(want))
+        except Exception as exc:
+            raise ClusterError(f"the cluster went away: {_reason(exc)}") from None
+        return bool(seen) and all(v == want for v in seen.values())
+
+    def close(self):
+        for thing in ("client", "local"):
+            obj = getattr(self, thing, None)
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:
+                    pass
+
+
+def _quiet():
+    """Dask's client logs a traceback when it loses the scheduler; the run says so in
+    one line instead (every error reaches it as an exception)."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _stamp(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _stamps(paths):
+    return {p: _stamp(p) for p in paths}
+
+
+def _reason(exc) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- workers
+
+_built: dict = {}  # per worker process: recipe key -> the run's source
+_building = threading.Lock()
+
+
+def _use_worker_threads():
+    """Compute with this worker's threads (not every core of the machine: other workers
+    may share it)."""
+    import numba
+
+    from . import config
+
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        threads = getattr(worker, "nthreads", None) or worker.state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        return
+    config.kernel_guard()
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    config.THREADS = threads
+
+
+def _source(recipe):
+    """The run's source on this worker, built once per process."""
+    with _building:
+        found = _built.get(recipe["key"])
+        if found is None:
+            from . import pipeline
+
+            _use_worker_threads()
+            found = pipeline.source_from_recipe(recipe)
+            _built.clear()  # one run at a time per worker
+            _built[recipe["key"]] = found
+    return found
+
+
+def compute_batch(recipe, start, stop, inputs=None):
+    """Batch ``start:stop`` of the run ``recipe`` on this worker: ``{"chunks": encoded
+    maps per condition (or the maps, or None without maps), "metrics", "digests",
+    "seconds"}``."""
+    from . import config
+    from .engine.names import METRICS
+    from .io import store as st
+    from .pipeline import batch_maps
+
+    if inputs is None:  # read here, from the file every worker sees
+        source = _source(recipe)
+        inputs, digests = source.read(start, stop)
+        c, seconds = source.compute(inputs, start, stop)
+    elif recipe["kind"] == "qkv":  # sent by the driver: no file needed here
+        from .pipeline import qkv_conditions
+
+        inputs, digests = inputs
+        where = f"inputs {start}..{stop - 1}"
+        lengths = recipe["lengths"][start:stop]
+        c, seconds = qkv_conditions(
+            inputs, lengths, recipe["causal"], recipe["options"], recipe["device"], where
+        )
+    else:
+        source = _source(recipe)
+        inputs, digests = inputs
+        c, seconds = source.compute(inputs, start, stop)
+    layout, options = recipe["layout"], recipe["options"]
+    chunks = None
+    if options.maps:
+        maps = batch_maps(c, layout, options)
+        encoded = st.encode_batch(layout, maps, config.task_pool())
+        if encoded is None:
+            chunks = maps
+        else:
+            chunks = {
+                cond: [(off, d if isinstance(d, bytes) else d.result()) for off, d in parts]
+                for cond, parts in encoded.items()
+            }
+    metrics = {name: c.metrics[name] for name in METRICS}
+    return {"chunks": chunks, "metrics": metrics, "digests": digests, "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def compute_batches(cluster: Cluster, source, recipe, todo, assembly, progress):
+    """Every batch of ``todo`` on the cluster, written by ``assembly`` as it comes back.
+    Returns ``(inputs computed, kernel seconds)``."""
+    distributed = _dask()
+    client = cluster.client
+    # raw Q/K/V: read on the workers where they see the file as it is here, else sent;
+    # a model is always built on the workers (checked to be the same model and texts)
+    paths = [Path(p) for p in source.paths if Path(p).is_file()]
+    workers_read = source.kind == "model" or cluster.see(paths)
+    try:
+        shared = client.scatter([recipe], broadcast=True)[0]
+        width = max(2, IN_FLIGHT_PER_THREAD * sum(cluster.workers().values()))
+        pending = list(todo)
+        running = distributed.as_completed()
+        futures = {}
+
+        def submit():
+            start, stop = pending.pop(0)
+            # (a model's token ids are tiny: always sent)
+            inputs = (
+                source.read(start, stop) if not workers_read or source.kind == "model" else None
+            )
+            future = client.submit(
+                compute_batch, shared, start, stop, inputs,
+                key=f"qkvmean-batch-{recipe['key']}-{start}-{stop}", retries=2, pure=False,
+            )  # fmt: skip
+            futures[future] = (start, stop)
+            running.add(future)
+
+        while pending and len(futures) < width:
+            submit()
+        computed = 0
+        seconds = 0.0
+        for future in running:
+            start, stop = futures.pop(future)
+            result = future.result()
+            assembly.add_encoded(
+                start, stop, result["chunks"], result["metrics"], result["digests"]
+            )
+            computed += stop - start
+            seconds += result["seconds"]
+            progress(stop - start)
+            if pending:
+                submit()
+        return computed, seconds
+    except Exception as exc:
+        if isinstance(exc, (OSError, TimeoutError)) or type(exc).__name__ in (
+            "KilledWorker", "CancelledError", "FutureCancelledError", "CommClosedError",
+        ):  # fmt: skip
+            raise ClusterError(f"the cluster went away ({_lost(exc)})") from None
+        raise
+
+
+def _lost(exc) -> str:
+    """What happened to the cluster, in a few words."""
+    text = _reason(exc)
+    name = type(exc).__name__
+    if "connection" in text.lower() or name in ("CommClosedError", "CancelledError"):
+        return "the connection to the scheduler was lost"
+    if type(exc).__name__ == "KilledWorker":
+        return "workers died running the same batch three times"
+    return text

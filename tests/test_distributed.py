@@ -1,0 +1,232 @@
+"""``qkvmean run --scheduler/--workers``: batches on a Dask cluster of processes, one store
+(identical to a local run's, dataset for dataset), nothing lost when a worker or the
+driver dies, one line when the scheduler cannot be reached."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from test_store import make_qkv
+
+distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+
+from qkvmean import distributed as qd  # noqa: E402
+from qkvmean.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local cluster of two worker processes (one thread each), shared by the tests."""
+    import logging
+
+    local = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )  # fmt: skip
+    client = distributed.Client(local)
+    yield local, client
+    client.close()
+    local.close()
+
+
+def _datasets(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+
+        f.visititems(visit)
+    return out
+
+
+def assert_identical(a, b):
+    """Every dataset of the two stores identical (names, shapes, dtypes, values)."""
+    da, db = _datasets(a), _datasets(b)
+    assert sorted(da) == sorted(db)
+    for name in da:
+        assert da[name].dtype == db[name].dtype, name
+        np.testing.assert_array_equal(da[name], db[name], err_msg=name)
+
+
+def _texts(path, n=6):
+    words = "mean keys and values change what each head attends to in a model".split()
+    path.write_text("\n".join(" ".join(words[i % 5 :] + words[: i % 5]) for i in range(n)))
+    return path
+
+
+def test_qkv_and_model_stores_are_those_of_a_local_run(tmp_path, cluster, monkeypatch):
+    local, _ = cluster
+    addr = local.scheduler_address
+    make_qkv(tmp_path / "in.h5", n=7, layers=2, heads=3, seq=8)
+    qkv = ["run", "--qkv", str(tmp_path / "in.h5"), "--batch-size", "2", "--quiet"]
+    assert main([*qkv, "-o", str(tmp_path / "local.h5")]) == 0
+    assert main([*qkv, "-o", str(tmp_path / "dist.h5"), "--scheduler", addr]) == 0
+    assert_identical(tmp_path / "local.h5", tmp_path / "dist.h5")
+    # the workers do not see the file: the driver reads each batch and sends it
+    monkeypatch.setattr(qd.Cluster, "see", lambda self, paths: False)
+    assert main([*qkv, "-o", str(tmp_path / "sent.h5"), "--scheduler", addr]) == 0
+    assert_identical(tmp_path / "local.h5", tmp_path / "sent.h5")
+    monkeypatch.undo()
+
+    text = _texts(tmp_path / "t.txt")
+    model = ["run", "--model", "synthetic", "--text", str(text), "--over", "causal", "--quiet"]
+    model += ["--batch-size", "2", "--ablate-layers", "1"]
+    assert main([*model, "-o", str(tmp_path / "mlocal.h5")]) == 0
+    assert main([*model, "-o", str(tmp_path / "mdist.h5"), "--scheduler", addr]) == 0
+    assert_identical(tmp_path / "mlocal.h5", tmp_path / "mdist.h5")
+    with h5py.File(tmp_path / "mdist.h5") as f:
+        import json
+
+        made = json.loads(f.attrs["config"])["cluster"]
+    assert made["workers"] == 2 and made["scheduler"] == addr
+
+
+def test_workers_starts_a_local_cluster(tmp_path, capsys):
+    make_qkv(tmp_path / "in.h5", n=4, layers=1, heads=2, seq=6)
+    qkv = ["run", "--qkv", str(tmp_path / "in.h5"), "--batch-size", "1"]
+    assert main([*qkv, "-o", str(tmp_path / "a.h5"), "--quiet"]) == 0
+    assert main([*qkv, "-o", str(tmp_path / "b.h5"), "--workers", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "qkvmean run: local cluster: 2 workers" in captured.err
+    assert "on the cluster" in captured.out
+    assert_identical(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def test_unreachable_scheduler_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(qd, "CONNECT_TIMEOUT", 2)
+    make_qkv(tmp_path / "in.h5", n=2, layers=1, heads=2, seq=5)
+    argv = ["run", "--qkv", str(tmp_path / "in.h5"), "-o", str(tmp_path / "o.h5")]
+    assert main([*argv, "--scheduler", "tcp://127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "qkvmean run: failed: cannot reach the Dask scheduler at tcp://127.0.0.1:1"
+    ), err
+    assert not (tmp_path / "o.h5").exists()
+
+
+def _driver(*args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "qkvmean", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait_for_entries(work, count, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if work.exists() and len(list(work.glob("batch-*.npz"))) >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended first: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("no batch was journaled in time")
+
+
+def _long_model_run(tmp_path):
+    text = _texts(tmp_path / "t.txt", n=40)
+    return ["run", "--model", "synthetic", "--text", text, "--batch-size", "1", "--over",
+            "causal", "--ablate-layers", "all", "--quiet"]  # fmt: skip
+
+
+def test_a_killed_worker_loses_nothing(tmp_path, cluster):
+    """A worker process SIGKILLed while the run goes on: its batches run again elsewhere
+    (the nanny starts a new worker), the store is identical to a local run's."""
+    local, client = cluster
+    make_qkv(tmp_path / "in.h5", n=120, layers=4, heads=8, seq=48, dim=16)
+    args = ["run", "--qkv", tmp_path / "in.h5", "--batch-size", "1", "--quiet"]
+    assert main([*map(str, args), "-o", str(tmp_path / "local.h5")]) == 0
+    out = tmp_path / "dist.h5"
+    proc = _driver(*args, "-o", out, "--scheduler", local.scheduler_address)
+    _wait_for_entries(tmp_path / "dist.h5.partial", 3, proc)
+    victim = next(iter(client.run(os.getpid).values()))
+    os.kill(victim, signal.SIGKILL)
+    assert proc.poll() is None  # killed mid-run
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert_identical(tmp_path / "local.h5", out)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts it
+
+
+def test_a_killed_driver_resumes(tmp_path, cluster):
+    local, _ = cluster
+    args = _long_model_run(tmp_path)
+    assert main([*map(str, args), "-o", str(tmp_path / "local.h5")]) == 0
+    out = tmp_path / "dist.h5"
+    proc = _driver(*args, "-o", out, "--scheduler", local.scheduler_address)
+    _wait_for_entries(tmp_path / "dist.h5.partial", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not out.exists()
+    done = len(list((tmp_path / "dist.h5.partial").glob("batch-*.npz")))
+    assert 3 <= done < 40
+    resumed = [*map(str, args), "-o", str(out), "--resume", "--scheduler", local.scheduler_address]
+    assert main(resumed) == 0
+    assert_identical(tmp_path / "local.h5", out)
+
+
+def test_a_cluster_that_goes_away_is_one_line_exit_1_and_resumable(tmp_path):
+    """A scheduler and a worker of their own (``dask scheduler``, ``dask worker``); the
+    scheduler is killed mid-run: one line, exit 1; ``--resume`` here finishes the store,
+    identical to a local run."""
+    info = tmp_path / "scheduler.json"
+    py = [sys.executable, "-m"]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scheduler = subprocess.Popen(
+        [*py, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--dashboard-address", ":0", "--scheduler-file", str(info)], **quiet,
+    )  # fmt: skip
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        import json
+
+        address = json.loads(info.read_text())["address"]
+        worker = subprocess.Popen(
+            [*py, "distributed.cli.dask_worker", address, "--nthreads", "1",
+             "--dashboard-address", ":0"], **quiet,
+        )  # fmt: skip
+        args = _long_model_run(tmp_path)
+        out = tmp_path / "dist.h5"
+        proc = _driver(*args, "-o", out, "--scheduler", address)
+        _wait_for_entries(tmp_path / "dist.h5.partial", 2, proc)
+        scheduler.kill()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err
+        lines = err.strip().splitlines()
+        assert lines[-1].startswith(
+            "qkvmean run: failed: the cluster went away (the connection to the scheduler was "
+            "lost); the finished batches are kept in dist.h5.partial/: rerun with --resume"
+        ), err
+        assert "Traceback" not in err and len(lines) <= 2  # the cluster's line, and this one
+    finally:
+        for p in (scheduler, worker):
+            if p is not None:
+                p.kill()
+                p.wait()
+    assert main([*map(str, args), "-o", str(out), "--resume"]) == 0
+    assert main([*map(str, args), "-o", str(tmp_path / "local.h5")]) == 0
+    assert_identical(tmp_path / "local.h5", out)
+
+
+def test_a_local_run_does_not_import_dask(tmp_path):
+    make_qkv(tmp_path / "in.h5", n=2, layers=1, heads=2, seq=5)
+    code = (
+        "import sys\nfrom qkvmean.cli import main\n"
+        f"assert main(['run', '--qkv', {str(tmp_path / 'in.h5')!r}, '-o', "
+        f"{str(tmp_path / 'o.h5')!r}, '--quiet']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
