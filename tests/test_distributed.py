@@ -71,6 +71,12 @@ def test_qkv_and_model_stores_are_those_of_a_local_run(tmp_path, cluster, monkey
     assert main([*qkv, "-o", str(tmp_path / "local.h5")]) == 0
     assert main([*qkv, "-o", str(tmp_path / "dist.h5"), "--scheduler", addr]) == 0
     assert_identical(tmp_path / "local.h5", tmp_path / "dist.h5")
+    # metrics only; a filter only HDF5 applies (the maps themselves come back)
+    for extra in (["--no-maps"], ["--compression", "lzf", "--dtype", "float16"]):
+        name = extra[-1]
+        assert main([*qkv, *extra, "-o", str(tmp_path / f"l{name}.h5")]) == 0
+        assert main([*qkv, *extra, "-o", str(tmp_path / f"d{name}.h5"), "--scheduler", addr]) == 0
+        assert_identical(tmp_path / f"l{name}.h5", tmp_path / f"d{name}.h5")
     # the workers do not see the file: the driver reads each batch and sends it
     monkeypatch.setattr(qd.Cluster, "see", lambda self, paths: False)
     assert main([*qkv, "-o", str(tmp_path / "sent.h5"), "--scheduler", addr]) == 0
