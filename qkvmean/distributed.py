@@ -69,7 +69,15 @@ class Cluster:
                 self.client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
             self.client.wait_for_workers(1, timeout=WORKER_TIMEOUT)
             _quiet()
-        except (OSError, TimeoutError, ValueError) as exc:
+        except ValueError as exc:  # not an address: a usage error
+            self.close()
+            from .io import InputError
+
+            raise InputError(
+                f"--scheduler {scheduler!r}: {_reason(exc)}; give the scheduler's address, "
+                "tcp://HOST:PORT"
+            ) from None
+        except (OSError, TimeoutError) as exc:
             self.close()
             where = f"the Dask scheduler at {scheduler}" if scheduler else "a local cluster"
             raise ClusterError(f"cannot reach {where}: {_reason(exc)}") from None

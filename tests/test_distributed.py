@@ -117,6 +117,10 @@ def test_unreachable_scheduler_is_one_line_exit_1(tmp_path, capsys, monkeypatch)
         "qkvmean run: failed: cannot reach the Dask scheduler at tcp://127.0.0.1:1"
     ), err
     assert not (tmp_path / "o.h5").exists()
+    assert main([*argv, "--scheduler", "foo"]) == 2  # not an address: a usage error
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qkvmean run: error: --scheduler 'foo': missing port number in address "
+                   "'foo'; give the scheduler's address, tcp://HOST:PORT"], err  # fmt: skip
 
 
 def _driver(*args):
