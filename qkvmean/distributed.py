@@ -53,6 +53,9 @@ class Cluster:
         import logging
 
         distributed = _dask()
+        # Dask's nannies set OMP/MKL/OPENBLAS_NUM_THREADS=1 in this process's environment
+        # for the workers they spawn; close() gives the caller its environment back
+        self._environ = dict(os.environ)
         self.local = None
         self.address = scheduler
         try:
@@ -193,23 +196,19 @@ def compute_batch(recipe, start, stop, inputs=None):
     from .io import store as st
     from .pipeline import batch_maps
 
-    if inputs is None:  # read here, from the file every worker sees
-        source = _source(recipe)
-        inputs, digests = source.read(start, stop)
-        c, seconds = source.compute(inputs, start, stop)
-    elif recipe["kind"] == "qkv":  # sent by the driver: no file needed here
+    if inputs is not None and recipe["kind"] == "qkv":  # sent by the driver: no file here
         from .pipeline import qkv_conditions
 
-        inputs, digests = inputs
-        where = f"inputs {start}..{stop - 1}"
+        (q, k), digests = inputs
         lengths = recipe["lengths"][start:stop]
         c, seconds = qkv_conditions(
-            inputs, lengths, recipe["causal"], recipe["options"], recipe["device"], where
-        )
-    else:
+            (q, k), lengths, recipe["causal"], recipe["options"], recipe["device"],
+            f"inputs {start}..{stop - 1}",
+        )  # fmt: skip
+    else:  # the source built here: reads the batch, unless the driver sent it (token ids)
         source = _source(recipe)
-        inputs, digests = inputs
-        c, seconds = source.compute(inputs, start, stop)
+        batch, digests = source.read(start, stop) if inputs is None else inputs
+        c, seconds = source.compute(batch, start, stop)
     layout, options = recipe["layout"], recipe["options"]
     chunks = None
     if options.maps:
@@ -234,10 +233,10 @@ def compute_batches(cluster: Cluster, source, recipe, todo, assembly, progress):
     Returns ``(inputs computed, kernel seconds)``."""
     distributed = _dask()
     client = cluster.client
-    # raw Q/K/V: read on the workers where they see the file as it is here, else sent;
-    # a model is always built on the workers (checked to be the same model and texts)
+    # raw Q/K/V: read on the workers where they see the file as it is here, else sent; a
+    # model is built on the workers (checked to be the same) and its token ids are sent
     paths = [Path(p) for p in source.paths if Path(p).is_file()]
-    workers_read = source.kind == "model" or cluster.see(paths)
+    send = source.kind == "model" or not cluster.see(paths)
     try:
         shared = client.scatter([recipe], broadcast=True)[0]
         width = max(2, IN_FLIGHT_PER_THREAD * sum(cluster.workers().values()))
@@ -247,10 +246,7 @@ def compute_batches(cluster: Cluster, source, recipe, todo, assembly, progress):
 
         def submit():
             start, stop = pending.pop(0)
-            # (a model's token ids are tiny: always sent)
-            inputs = (
-                source.read(start, stop) if not workers_read or source.kind == "model" else None
-            )
+            inputs = source.read(start, stop) if send else None
             future = client.submit(
                 compute_batch, shared, start, stop, inputs,
                 key=f"qkvmean-batch-{recipe['key']}-{start}-{stop}", retries=2, pure=False,

@@ -146,3 +146,18 @@ def assert_within(actual, expected, tol, what):
             f"{what}: |{actual[idx]} - {expected[idx]}| = {err[idx]:.3g} > tolerance "
             f"{np.broadcast_to(tol, err.shape)[idx]:.3g} at {idx} ({bad.sum()} elements)"
         )
+
+
+def store_datasets(path) -> dict:
+    """Every dataset of an HDF5 store: name -> array."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = obj[()]
+
+        f.visititems(visit)
+    return out

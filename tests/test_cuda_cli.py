@@ -11,28 +11,17 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from support import store_datasets
 from test_store import make_qkv
 
 from qkvmean.cli import main
 from qkvmean.engine import cuda as cuda_backend
 
 
-def _datasets(path):
-    """Every dataset of a store: name -> array."""
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(
-            lambda name, obj: (
-                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-    return out
-
-
 def _same_store(a, b, atol=1e-4):
     """Two stores hold the same datasets (names, shapes, dtypes); maps and metrics agree
     within ``atol``, everything else exactly; the root attributes agree but for the times."""
-    da, db = _datasets(a), _datasets(b)
+    da, db = store_datasets(a), store_datasets(b)
     assert sorted(da) == sorted(db)
     for name, x in da.items():
         y = db[name]
@@ -77,7 +66,7 @@ def test_run_model_on_cuda_writes_the_cpu_store(tmp_path, capsys):
     # metrics only: no maps at all, the same metrics
     argv = ["run", "--model", "synthetic", "--text", str(texts), "--over", "causal", "--quiet"]
     assert main([*argv, "-o", str(tmp_path / "bare.h5"), "--device", "cuda", "--no-maps"]) == 0
-    bare, full = _datasets(tmp_path / "bare.h5"), _datasets(tmp_path / "cuda.h5")
+    bare, full = store_datasets(tmp_path / "bare.h5"), store_datasets(tmp_path / "cuda.h5")
     assert any(name.startswith("attention/") for name in full)
     assert not any(name.startswith("attention/") for name in bare)
     for name, value in bare.items():

@@ -10,22 +10,24 @@ import subprocess
 import sys
 import time
 
+import distributed  # the dask extra, in the test extra
 import h5py
 import numpy as np
 import pytest
+from support import store_datasets
 from test_store import make_qkv
 
-distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
-
-from qkvmean import distributed as qd  # noqa: E402
-from qkvmean.cli import main  # noqa: E402
+from qkvmean import distributed as qd
+from qkvmean.cli import main
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local cluster of two worker processes (one thread each), shared by the tests."""
+    """A local cluster of two worker processes (one thread each), shared by the tests
+    (the environment its nannies change is given back)."""
     import logging
 
+    environ = dict(os.environ)
     local = distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
         silence_logs=logging.ERROR,
@@ -34,23 +36,13 @@ def cluster():
     yield local, client
     client.close()
     local.close()
-
-
-def _datasets(path):
-    out = {}
-    with h5py.File(path, "r") as f:
-
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                out[name] = obj[()]
-
-        f.visititems(visit)
-    return out
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def assert_identical(a, b):
     """Every dataset of the two stores identical (names, shapes, dtypes, values)."""
-    da, db = _datasets(a), _datasets(b)
+    da, db = store_datasets(a), store_datasets(b)
     assert sorted(da) == sorted(db)
     for name in da:
         assert da[name].dtype == db[name].dtype, name

@@ -498,9 +498,6 @@ class _Rows:
     def __init__(self, row_ent, row_kl, colsum, weights):
         self.row_ent, self.row_kl, self.colsum, self.weights = row_ent, row_kl, colsum, weights
 
-    def __getitem__(self, i):  # (row_ent, row_kl, colsum), as the CPU backend's tuple
-        return (self.row_ent, self.row_kl, self.colsum)[i]
-
 
 def _softmax(w, lengths, group, offset, modes, causal, scale, base, rows):
     """The softmax kernel on block ``w`` of pairs ``offset...``: row metrics into
