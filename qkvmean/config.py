@@ -213,6 +213,30 @@ def run_tasks(tasks):
             raise error
 
 
+def _numpy_blas(pools):
+    """The BLAS among ``pools`` (threadpoolctl's) that numpy's products call.
+
+    Other libraries load their own (SciPy's OpenBLAS, when something imports SciPy); which
+    of those a process happens to have loaded says nothing about how a store was computed,
+    and would make two runs of the same job record different environments. numpy's is the
+    one in numpy's wheel (``numpy.libs``/``numpy/.libs``), else the one of the version numpy
+    was built against; when neither can be told, all of them.
+    """
+    import numpy as np
+
+    here = os.path.dirname(os.path.abspath(np.__file__))
+    wheel = (here + os.sep, here + ".libs" + os.sep)
+    own = [p for p in pools if os.path.abspath(p.get("filepath") or "").startswith(wheel)]
+    if own:
+        return own
+    try:
+        built = np.show_config(mode="dicts")["Build Dependencies"]["blas"].get("version")
+    except Exception:  # an old or unusual numpy build: no config to read
+        built = None
+    same = [p for p in pools if built and p.get("version") == built]
+    return same or pools
+
+
 def describe_threads() -> dict:
     """Which threads compute: Numba's layer and threads, the task pool, BLAS."""
     kernel_guard()
@@ -220,8 +244,7 @@ def describe_threads() -> dict:
 
     blas = [
         {key: pool.get(key) for key in ("internal_api", "version", "architecture", "num_threads")}
-        for pool in threadpool_info()
-        if pool.get("user_api") == "blas"
+        for pool in _numpy_blas([p for p in threadpool_info() if p.get("user_api") == "blas"])
     ]
     return {
         "threading_layer": numba.threading_layer(),

@@ -671,6 +671,23 @@ def test_zlib_levels_write_the_same_chunk_bytes_and_the_machine_is_recorded(tmp_
     assert "already complete" in capsys.readouterr().out
 
 
+def test_the_recorded_blas_is_numpys_whatever_else_is_loaded():
+    """SciPy's OpenBLAS, loaded by whatever imported SciPy, is not the one that computed: the
+    environment must not depend on it (two runs of one job recorded different configs)."""
+    from threadpoolctl import threadpool_info
+
+    from qkvmean.config import _numpy_blas
+
+    mine = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    assert mine, "numpy's BLAS is loaded in this process"
+    site = os.path.dirname(os.path.dirname(np.__file__))
+    other = {**mine[0], "filepath": os.path.join(site, "scipy.libs", "libscipy_openblas.so"),
+             "version": "0.0.1", "architecture": "Elsewhere"}
+    assert _numpy_blas([*mine, other]) == _numpy_blas(mine) == mine
+    assert _numpy_blas([other, *mine]) == mine
+    assert _numpy_blas([other]) == [other]  # nothing to tell them apart: all of them
+
+
 # ------------------------------------------------------ more of the same kinds (campaign 2)
 
 
