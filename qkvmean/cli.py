@@ -173,8 +173,17 @@ def _add_run(sub):
     what.add_argument(
         "--over",
         choices=list(OVER),
-        default=OVER[0],
-        help="mean over all valid tokens, or the causal prefix mean (default: tokens)",
+        default=None,
+        help="tokens: the mean over the valid tokens of the same input; causal: the prefix "
+        "mean over t <= i; dataset: each position's mean over every input of the run (two "
+        "passes), or of --mean-from's (default: tokens; with --mean-from, dataset)",
+    )
+    what.add_argument(
+        "--mean-from",
+        metavar="STORE.h5",
+        default=None,
+        help="--over dataset with the means recorded in another run's store (a reference "
+        "set, same model or Q/K/V shapes) instead of this run's inputs' own",
     )
     what.add_argument(
         "--heads",
@@ -493,9 +502,11 @@ def _arch_line(arch: dict) -> str:
 def cmd_run(args) -> int:
     from . import pipeline
 
+    over = args.over or (OVER[2] if args.mean_from is not None else OVER[0])
     options = pipeline.Options(
         targets=args.targets,
-        over=args.over,
+        over=over,
+        mean_from=args.mean_from,
         heads=args.heads,
         causal=args.causal,
         scale=args.scale,

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import engine
+from . import means as means_mod
 from ._version import __version__
 from .config import compute_threads, task_pool
 from .engine.names import METRICS, OVER, TARGETS, condition_names
@@ -62,6 +63,7 @@ class Options:
     map_dtype: str = "float32"
     compression: str = "deflate"
     maps: bool = True
+    mean_from: str | None = None  # over="dataset": a reference run's store with the means
 
     def check(self):
         if not self.targets:
@@ -72,7 +74,18 @@ class Options:
         if len(set(self.targets)) != len(self.targets):
             raise InputError(f"--targets lists a target twice: {','.join(self.targets)}")
         if self.over not in engine.api.OVER:
-            raise InputError(f"--over must be tokens or causal, got {self.over!r}")
+            raise InputError(
+                f"--over must be {', '.join(engine.api.OVER[:-1])} or {engine.api.OVER[-1]}, "
+                f"got {self.over!r}"
+            )
+        if self.mean_from is not None:
+            if self.over != OVER[2]:
+                raise InputError(
+                    f"--mean-from takes the means of a reference run for --over dataset, not "
+                    f"--over {self.over}; drop --over (or pass --over dataset)"
+                )
+            if not str(self.mean_from).strip():
+                raise InputError("--mean-from is empty; give the store of a --over dataset run")
         if self.map_dtype not in ("float32", "float16"):
             raise InputError(f"--dtype must be float32 or float16, got {self.map_dtype!r}")
         if self.scale is not None and not (np.isfinite(self.scale) and self.scale > 0):
@@ -101,6 +114,7 @@ class QKVSource:
     kind = "qkv"
     tasks_per_input = False  # the kernels share out each batch's work themselves
     device = "cpu"  # where the batches compute (set by run()); not part of the result
+    means = None  # over="dataset": the run's DatasetMeans (set by run())
     #: The tensors whose CRC-32 per input the store records, to recognise the input again.
     digests = ("q", "k", "v")
 
@@ -147,8 +161,42 @@ class QKVSource:
     def compute(self, inputs, start, stop):
         return qkv_conditions(
             inputs, self.lengths[start:stop], self.causal, self.options, self.device,
-            f"{self.input.where()}: inputs {start}..{stop - 1}",
+            f"{self.input.where()}: inputs {start}..{stop - 1}", self.means,
         )  # fmt: skip
+
+    # -- over="dataset" (qkvmean.means)
+    def position_sums(self, inputs, start, stop, targets) -> dict:
+        """Float64 sums over inputs ``start:stop`` (``inputs`` as :meth:`read` gives them)
+        of each target at each position: ``{target: (layer, heads, seq, dim)}``."""
+        sums = {}
+        for target in targets:
+            x = None if inputs is None else inputs["qk".index(target)]
+            heads = self.n_heads if x is None else x.shape[2]
+            dim = self.means_dims()[target]
+            total = np.zeros((self.n_layers * heads, self.seq, dim))
+            if x is not None:
+                flat = x.reshape(-1, self.seq, dim)
+                lengths = self.lengths[start:stop]
+                engine.cpu.position_sums(flat, lengths, self.n_layers * heads, total)
+            sums[target] = total.reshape(self.n_layers, heads, self.seq, dim)
+        return sums
+
+    def means_from_sums(self, totals, attrs):
+        """The :class:`~qkvmean.engine.plan.DatasetMeans` of :meth:`position_sums` added
+        over every input, in the compute dtype, one per query head."""
+        from .engine.plan import DatasetMeans, means_from_sums, position_counts
+
+        counts = position_counts(self.lengths, self.seq)
+        wide = np.dtype(np.float64) in (self.input.q.dtype, self.input.k.dtype)
+        dtype = np.float64 if wide else np.float32  # the engine's compute dtype
+        values = {}
+        for target, total in totals.items():
+            m = means_from_sums(total, counts, dtype)
+            values[target] = np.repeat(m, self.n_heads // m.shape[1], axis=1)
+        return DatasetMeans(tuple(self.layer_ids), values, counts, attrs)
+
+    def means_dims(self) -> dict:
+        return {"q": self.input.dim, "k": self.input.dim, "v": self.input.dim_v}
 
     def recipe(self) -> dict:
         """What a cluster's worker needs to compute this source's batches."""
@@ -160,21 +208,23 @@ class QKVSource:
             "describe": _identity(self.describe()),
             "lengths": self.lengths,
             "causal": self.causal,
+            "means": self.means,
         }
 
     def close(self):
         self.input.close()
 
 
-def qkv_conditions(inputs, lengths, causal, options, device, where):
-    """The conditions of one batch of raw ``(q, k)``, timed: ``(Conditions, seconds)``."""
+def qkv_conditions(inputs, lengths, causal, options, device, where, means=None):
+    """The conditions of one batch of raw ``(q, k)``, timed: ``(Conditions, seconds)``;
+    ``means``: the run's :class:`~qkvmean.engine.plan.DatasetMeans` (``over="dataset"``)."""
     q, k = inputs
     t0 = time.perf_counter()
     try:
         c = engine.conditions(
             q, k, None, targets=options.targets, over=options.over, heads=options.heads,
             lengths=lengths, causal=causal, scale=options.scale, device=device,
-            maps=options.maps,
+            maps=options.maps, means=None if means is None else means.values,
         )  # fmt: skip
     except ValueError as exc:  # e.g. values so large that the logits overflow
         raise InputError(f"{where}: {exc}") from None
@@ -198,6 +248,7 @@ def source_from_recipe(recipe):
             texts_label=recipe["texts_label"],
         )  # fmt: skip
     source.device = recipe["device"]
+    source.means = recipe["means"]
     here = json.loads(json.dumps(_identity(source.describe())))
     if here != json.loads(json.dumps(recipe["describe"])):
         where = recipe.get("spec") or recipe["model"]
@@ -226,6 +277,7 @@ class ModelSource:
     kind = "model"
     tasks_per_input = True  # one task per input on the compute threads
     device = "cpu"
+    means = None
     digests = ()  # the texts and weight files are identified whole, in the configuration
 
     def __init__(
@@ -365,6 +417,7 @@ class ModelSource:
             "texts_label": self.texts_label,
             "device": self.device,
             "describe": _identity(self.describe()),
+            "means": self.means,
         }
 
     def compute(self, ids, start, stop):
@@ -385,10 +438,47 @@ class ModelSource:
                 seq=self.seq,
                 device=self.device,
                 maps=o.maps,
+                means=self.means,
             )
         except ValueError as exc:
             raise InputError(f"{self.model.name}: inputs {start}..{stop - 1}: {exc}") from None
         return c, time.perf_counter() - t0
+
+    # -- over="dataset" (qkvmean.means)
+    def position_sums(self, ids, start, stop, targets) -> dict:
+        """Float64 sums over inputs ``start:stop`` of each target's baseline projection at
+        each ablated layer and position: ``{target: (layers, heads, seq, head_dim)}``
+        (keys and values per KV head)."""
+        from .engine.transformer import model_projections, projection_sums
+
+        w = self.model.weights
+        if ids is None:
+            heads = {"q": w.n_heads, "k": w.n_kv_heads, "v": w.n_kv_heads}
+            shape = (len(self.ablate_layers), self.seq, w.head_dim)
+            return {t: np.zeros((shape[0], heads[t], *shape[1:])) for t in targets}
+        lengths = self.lengths[start:stop]
+        try:
+            projected = model_projections(
+                w, ids, lengths, layers=self.ablate_layers, seq=self.seq, device=self.device
+            )
+        except ValueError as exc:
+            raise InputError(f"{self.model.name}: inputs {start}..{stop - 1}: {exc}") from None
+        return projection_sums({t: projected[t] for t in targets}, lengths)
+
+    def means_from_sums(self, totals, attrs):
+        """The :class:`~qkvmean.engine.plan.DatasetMeans` of :meth:`position_sums` added
+        over every input (float32, one per query head)."""
+        from dataclasses import replace
+
+        from .engine.plan import position_counts
+        from .engine.transformer import means_of
+
+        counts = position_counts(self.lengths, self.seq)
+        means = means_of(self.model.weights, totals, counts, self.ablate_layers)
+        return replace(means, attrs={**attrs, "taken_at": "projection"})
+
+    def means_dims(self) -> dict:
+        return dict.fromkeys("qkv", self.model.weights.head_dim)
 
     def close(self):
         pass
@@ -531,7 +621,9 @@ def _name_max(directory: Path) -> int:
 #: Not compared for --resume: where the inputs are (they may have moved; their identities
 #: are compared instead), the machine that computed them (a resumed run may be on
 #: another), and what the model's identity (its files' checksums) already fixes.
-_LOCATIONS = ("input", "model", "texts", "environment", "model_architecture", "cluster")
+_LOCATIONS = (
+    "input", "model", "texts", "environment", "model_architecture", "cluster", "mean_from",
+)  # fmt: skip
 #: Recorded, but compared for --resume only where the command gives them again.
 _IMPLIED = ("batch_size",)
 
@@ -605,7 +697,7 @@ def auto_batch_size(source, n_conditions) -> int:
     return int(max(1, min(source.n_inputs, size)))
 
 
-def _progress(total, initial, show):
+def _progress(total, initial, show, desc="starting (the first run compiles kernels)"):
     if not show:
         return None
     from tqdm import tqdm
@@ -617,7 +709,7 @@ def _progress(total, initial, show):
     # a terminal that reports no size (a bare pty) would get no bar at all from tqdm
     sized = size.columns > 0 and size.lines > 0
     return tqdm(
-        desc="starting (the first run compiles kernels)",
+        desc=desc,
         total=total,
         initial=initial,
         unit="input",
@@ -736,6 +828,7 @@ def _finished_by(out: Path, manifest: dict) -> bool:
 #: not ours, and is neither used nor deleted.
 _OURS = re.compile(
     r"manifest\.json|manifest\.tmp|lock|store-\d+-\d+\.h5|batch-\d+-\d+\.npz(\.tmp)?"
+    r"|means\.npz(\.tmp)?"
 )
 
 
@@ -1011,6 +1104,12 @@ def run(
     _check_output(out, source.paths, overwrite)
     config = _run_config(source, options, batch_size)
     config["cluster"] = cluster.describe() if cluster is not None else "local"
+    own_means = options.over == OVER[2] and options.mean_from is None
+    source.means = None
+    if options.mean_from is not None:  # a reference run's: checked, and part of the run
+        source.means, config["means_sha256"] = means_mod.from_reference(
+            options.mean_from, source, options
+        )
     layout = _layout(source, options)
     _check_sizes(source, layout, out, batch_size)
     for line in source.notes():  # once the run is known to go ahead
@@ -1044,8 +1143,10 @@ def run(
         t_start = time.perf_counter()
         bar = assembly = None
         try:
+            if own_means:  # the first pass: the means of this run's inputs
+                source.means = _first_pass(source, options, manifest, work, show_progress)
             attrs = _root_attrs(source, options, config, manifest["created_utc"])
-            assembly = st.Assembly(work, layout, attrs, source.inputs_record())
+            assembly = st.Assembly(work, layout, attrs, source.inputs_record(), source.means)
             done = assembly.salvage(entries, source.changed if source.digests else None)
             for start, stop, change in assembly.changed:
                 notes(
@@ -1102,6 +1203,18 @@ def run(
         out.stat().st_size,
         maps=options.maps,
     )
+
+
+def _first_pass(source, options, manifest, work, show_progress):
+    """:func:`qkvmean.means.first_pass`, with its own progress bar."""
+    bar = _progress(source.n_inputs, 0, show_progress, "dataset means (pass 1 of 2)")
+    try:
+        return means_mod.first_pass(
+            source, options, manifest, work, None if bar is None else bar.update
+        )
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _already_complete(out: Path, source) -> Summary:

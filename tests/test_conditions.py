@@ -59,7 +59,7 @@ def _check_metrics(c, r, deltas, lengths, dtype):
 @given(
     cases(head_axis=True, min_heads=2),
     TARGET_LISTS,
-    st.sampled_from(["tokens", "causal"]),
+    st.sampled_from(["tokens", "causal", "dataset"]),
     st.one_of(st.none(), st.lists(st.integers(0, 1), min_size=1, max_size=2)),
 )
 def test_conditions_maps_match_reference_and_metrics_match_maps(case, targets, over, heads):

@@ -146,8 +146,8 @@ def _api_inputs(data):
 
 @settings(max_examples=20, deadline=None)
 @given(
-    st.data(), st.sampled_from(["q", "k", "v"]), st.sampled_from(["tokens", "causal"]),
-    st.booleans(), st.booleans(),
+    st.data(), st.sampled_from(["q", "k", "v"]),
+    st.sampled_from(["tokens", "causal", "dataset"]), st.booleans(), st.booleans(),
 )  # fmt: skip
 def test_public_functions_agree_across_devices(data, target, over, causal, padded):
     """``attention_weights``, ``attention``, ``ablate`` (every target, both means, a head
@@ -301,18 +301,25 @@ def _close(got, want, atol=1e-4):
 
 
 @pytest.mark.parametrize(
-    "over, layers, heads", [("tokens", (0,), None), ("causal", (1,), [1])]
+    "over, layers, heads",
+    [("tokens", (0,), None), ("causal", (1,), [1]), ("dataset", (0, 2), [0, 2])],
 )  # fmt: skip
 def test_synthetic_model_agrees_across_devices(over, layers, heads):
     """The model path (BERT-shaped synthetic model; mean-V reused at the first ablated
     layer, conditions stacked) on ``device="cuda"``: maps, metrics and hidden states within
-    1e-4 of the CPU's; without maps, the same metrics."""
-    from qkvmean.engine.transformer import model_conditions
+    1e-4 of the CPU's; without maps, the same metrics. The dataset means, taken on either
+    device, agree too."""
+    from qkvmean.engine.transformer import dataset_means, model_conditions
     from qkvmean.io.models import load_model
 
     weights = load_model("synthetic").weights
     ids = np.array([[1, 5, 9, 2, 7, 4], [1, 3, 3, 0, 0, 0]])
     kw = dict(over=over, ablate_layers=layers, heads=heads, hidden=True, seq=7)
+    if over == "dataset":
+        kw["means"] = dataset_means(weights, ids, [6, 3], layers=layers)
+        on_gpu = dataset_means(weights, ids, [6, 3], layers=layers, device="cuda")
+        for t in "qkv":
+            np.testing.assert_allclose(on_gpu.values[t], kw["means"].values[t], atol=1e-5)
     want = model_conditions(weights, ids, [6, 3], **kw)
     got = model_conditions(weights, ids, [6, 3], device="cuda", **kw)
     _close(got, want)

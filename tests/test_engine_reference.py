@@ -57,7 +57,7 @@ def test_attention_matches_reference(case):
     assert_within(o, o_ref, output_tolerance(w_ref, tol, case.v, o.dtype), "output")
 
 
-@given(cases(), st.sampled_from(["tokens", "causal"]))
+@given(cases(), st.sampled_from(["tokens", "causal", "dataset"]))
 def test_mean_substitute_matches_reference(case, over):
     x = case.q
     out = qkvmean.mean_substitute(x, over=over, lengths=case.lengths)
@@ -78,7 +78,7 @@ def _heads_strategy():
 @given(
     cases(head_axis=True, min_heads=3),
     st.sampled_from(["q", "k", "v"]),
-    st.sampled_from(["tokens", "causal"]),
+    st.sampled_from(["tokens", "causal", "dataset"]),
     _heads_strategy(),
     st.booleans(),
 )

@@ -77,15 +77,21 @@ def test_every_layer_matches_transformers(loaded, name, setting):
         ((0, 2), [1], "causal"),
         ((2,), [0, 3], "tokens"),
         ((1,), [2], "causal"),
+        ((0, 2), [1, 2], "dataset"),
     ],
 )
 def test_forward_pass_matches_reference(loaded, name, layers, heads, over):
     """The fast forward pass against the float64 reference, at several ablated layers and
-    head subsets (partial GQA groups among them), and the final hidden states."""
+    head subsets (partial GQA groups among them), and the final hidden states; the dataset
+    mean (over these three texts) before rotary and q/k norm, per query head."""
     model = loaded[name]
     ids, lengths = padded_ids(model.tokenizer, ["a model reads every word", "mean keys", "the"])
+    means = None
+    if over == "dataset":
+        means = T.dataset_means(model.weights, ids, lengths, layers=layers)
     got = T.model_conditions(
-        model.weights, ids, lengths, over=over, heads=heads, ablate_layers=layers, hidden=True
+        model.weights, ids, lengths, over=over, heads=heads, ablate_layers=layers, hidden=True,
+        means=means,
     )
     for cond in CONDITIONS:
         target = None if cond == "baseline" else cond[-1]

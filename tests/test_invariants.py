@@ -41,7 +41,7 @@ def test_mean_q_over_tokens_without_causal_mask_gives_identical_rows(case, fast)
         assert np.array_equal(rows, np.broadcast_to(rows[..., :1, :], rows.shape))
 
 
-@given(cases(head_axis=True), st.sampled_from(["tokens", "causal"]))
+@given(cases(head_axis=True), st.sampled_from(["tokens", "causal", "dataset"]))
 def test_mean_v_leaves_weights_unchanged_and_outputs_the_mean(case, over):
     w, o = qkvmean.ablate(case.q, case.k, case.v, target="v", over=over, **case.kw)
     w0, _ = qkvmean.attention(case.q, case.k, case.v, **case.kw)
@@ -57,7 +57,7 @@ def test_mean_v_leaves_weights_unchanged_and_outputs_the_mean(case, over):
 @given(
     cases(head_axis=True, min_heads=2),
     st.sampled_from(["q", "k", "v"]),
-    st.sampled_from(["tokens", "causal"]),
+    st.sampled_from(["tokens", "causal", "dataset"]),
     st.lists(st.integers(0, 1), max_size=2),
 )
 def test_fast_paths_equal_the_general_path(case, target, over, heads):

@@ -46,6 +46,9 @@ def gpt2_dir(tmp_path_factory):
 def _compare_forward(model, texts, target, over, layers, heads, tol):
     ids, lengths = padded_ids(model.tokenizer, texts)
     w = model.weights
+    means = None
+    if over == "dataset":  # the texts are the data set (the reference takes its own means)
+        means = T.dataset_means(w, ids, lengths, layers=layers)
     c = T.model_conditions(
         w,
         ids,
@@ -55,6 +58,7 @@ def _compare_forward(model, texts, target, over, layers, heads, tol):
         heads=heads,
         ablate_layers=layers,
         hidden=True,
+        means=means,
     )
     name = c.names[-1]
     got, hidden = c.weights[name], c.hidden[name]
@@ -76,8 +80,16 @@ def test_minilm_forward_matches_reference(minilm, target, layers, heads):
     _compare_forward(minilm, TEXTS, target, "tokens", layers, heads, 1e-5)
 
 
+@pytest.mark.parametrize("target", ["q", "k", "v"])
+def test_minilm_dataset_mean_matches_reference(minilm, target):
+    """The per-position mean over the texts, at two layers (the second's means are those
+    of the baseline pass, not of the pass already substituted at the first)."""
+    _compare_forward(minilm, TEXTS, target, "dataset", (0, 3), None, 1e-5)
+    _compare_forward(minilm, TEXTS, target, "dataset", (1,), [0, 7], 1e-5)
+
+
 @pytest.mark.parametrize("target", [None, "q", "k", "v"])
-@pytest.mark.parametrize("over", ["tokens", "causal"])
+@pytest.mark.parametrize("over", ["tokens", "causal", "dataset"])
 def test_gpt2_layout_forward_matches_reference(gpt2_dir, target, over):
     model = M.load_model(str(gpt2_dir))
     assert model.family == "gpt2" and model.weights.causal
@@ -88,7 +100,7 @@ def test_gpt2_layout_forward_matches_reference(gpt2_dir, target, over):
 @settings(max_examples=15, deadline=None)
 @given(
     st.sampled_from(["q", "k", "v"]),
-    st.sampled_from(["tokens", "causal"]),
+    st.sampled_from(["tokens", "causal", "dataset"]),
     st.lists(st.integers(0, 3), min_size=1, max_size=2),
     st.integers(1, 4),
 )

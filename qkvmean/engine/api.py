@@ -17,7 +17,7 @@ from .. import config
 from ..resources import check_memory, format_bytes
 from . import cpu
 from .names import CONDITIONS, DEVICES, METRICS, OVER, TARGETS, condition_name
-from .plan import Plan
+from .plan import Plan, means_from_sums, position_counts
 
 #: The backends by device name. A backend is a module (or object) with the names of
 #: :mod:`qkvmean.engine.backend`'s protocol; the raw API and the model path both go
@@ -231,9 +231,16 @@ class _Prepared:
                 "inputs at a time, or shorter sequences"
             ) from None
 
-    def substitute(self, backend, name, select, prefix):
-        """Mean-substitute tensor ``name`` ("q", "k" or "v") for the selected groups."""
+    def substitute(self, backend, name, select, prefix, means=None):
+        """Mean-substitute tensor ``name`` ("q", "k" or "v") for the selected groups;
+        ``means`` ``(group, >= seq, dim)``: replace each position by those instead."""
         x = getattr(self, name)
+        if means is not None:
+            setattr(
+                self, name, backend.mean_substitute(x, self.lengths, self.group, select, False,
+                                                    means=means),
+            )  # fmt: skip
+            return
         # Sums of values near the float64 limit overflow though their mean fits: sum
         # them scaled by an exact power of two instead.
         seq = max(x.shape[1], 1)
@@ -243,6 +250,34 @@ class _Prepared:
         setattr(
             self, name, backend.mean_substitute(x, self.lengths, self.group, select, prefix, shrink)
         )
+
+
+    def dataset_means(self, backend, name, given=None):
+        """``(group, seq, dim)`` per-position means of tensor ``name`` over the inputs of
+        this batch (the data set), or the caller's ``given`` means, checked."""
+        x = getattr(self, name)
+        seq, dim = x.shape[1], x.shape[2]
+        if given is None:
+            sums = np.zeros((self.group, seq, dim))
+            backend.position_sums(x, self.lengths, self.group, sums)
+            return means_from_sums(sums, position_counts(self.lengths, seq), x.dtype)
+        return _check_means(given, name, self, seq, dim, x.dtype)
+
+
+def _check_means(given, name, p, seq, dim, dtype):
+    """The caller's dataset means of tensor ``name``: ``(*group, positions, dim)`` with
+    ``positions >= seq`` (a key or value mean may have the KV heads), finite."""
+    group_shape = p.shape[1:-2] if p.batched else ()
+    want = f"(*{name}.shape[1:-2], >= {seq}, {dim}) = {(*group_shape, seq, dim)}"
+    m = _float_array(given, f"means of {name}")
+    if m.ndim >= 3 and m.ndim == len(group_shape) + 2 and m.shape[-3] != group_shape[-1]:
+        heads = group_shape[-1]
+        if m.shape[-3] and heads % m.shape[-3] == 0 and m.shape[:-3] == group_shape[:-1]:
+            m = np.repeat(m, heads // m.shape[-3], axis=-3)  # KV heads: one per query head
+    if m.shape[:-2] != group_shape or m.ndim < 2 or m.shape[-1] != dim or m.shape[-2] < seq:
+        raise ValueError(f"means of {name} have shape {m.shape}; they must be {want}")
+    m, _ = _contiguous(m[..., :seq, :], dtype, f"means of {name}", m[..., :seq, :].shape)
+    return m.reshape(p.group, seq, dim)
 
 
 def _flat(arr, batched):
@@ -434,17 +469,23 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None, device="cpu"):
     return _run_attention(p, ops, None, with_output=True)
 
 
-def mean_substitute(x, *, over="tokens", lengths=None, device="cpu"):
-    """Replace every valid position of ``x`` by the mean over tokens.
+def mean_substitute(x, *, over="tokens", lengths=None, device="cpu", means=None):
+    """Replace every valid position of ``x`` by its mean.
 
     Parameters
     ----------
     x : array_like, shape ``(batch, *group, seq, dim)``
-    over : {"tokens", "causal"}
+    over : {"tokens", "causal", "dataset"}
         ``tokens``: mean over the valid tokens of the same input and group;
-        ``causal``: prefix mean over tokens ``t <= i``.
+        ``causal``: prefix mean over tokens ``t <= i``;
+        ``dataset``: the batch axis is the data set: position ``i`` of every input is
+        replaced by the mean of position ``i`` over the inputs that have a valid token
+        there (padding never enters a mean).
     lengths : array_like of int, shape ``(batch,)``, optional
         Valid tokens per input; padded positions are returned unchanged.
+    means : array_like, shape ``(*group, positions, dim)``, optional
+        With ``over="dataset"``: the per-position means to use (those of a reference
+        set, ``positions >= seq``) instead of this batch's own.
 
     Examples
     --------
@@ -454,15 +495,26 @@ def mean_substitute(x, *, over="tokens", lengths=None, device="cpu"):
     array([2., 2., 8.])
     >>> qkvmean.mean_substitute(x, over="causal")[0, :, 0]
     array([1., 2., 4.])
+    >>> two = np.array([[[1.0], [3.0]], [[5.0], [0.0]]])  # input 1 has one valid token
+    >>> qkvmean.mean_substitute(two, over="dataset", lengths=[2, 1])[:, :, 0]
+    array([[3., 3.],
+           [3., 0.]])
     """
     ops = backend(device)
     over = _check_choice(over, "over", OVER)
+    _check_means_use(over, means)
     p = _prepare(
         x, lengths=lengths, causal=False, scale=None, need_v=False, need_k=False, q_name="x"
     )
     select = np.ones(p.group, dtype=np.bool_)
-    p.substitute(ops, "q", select, over == "causal")
+    given = p.dataset_means(ops, "q", means) if over == "dataset" else None
+    p.substitute(ops, "q", select, over == "causal", given)
     return p.q.reshape(p.shape)
+
+
+def _check_means_use(over, means):
+    if means is not None and over != "dataset":
+        raise ValueError(f"means apply to over='dataset' only, not over={over!r}")
 
 
 def _group_select(p, head_mask):
@@ -473,15 +525,15 @@ def _group_select(p, head_mask):
     return np.tile(head_mask, p.group // head_mask.size)
 
 
-def _substitute(p, ops, target, over, select):
+def _substitute(p, ops, target, over, select, means=None):
     """Substitute ``target`` of prepared inputs in place, as the plan says; return the
-    per-group modes."""
+    per-group modes. ``means``: ``over="dataset"``'s ``(group, seq, dim)``."""
     plan = Plan(over=over)
     step = plan.step(target, causal=p.causal)
     modes = np.zeros(p.group, dtype=np.int8)
     modes[select] = step.mode
     if step.substitute and getattr(p, target) is not None:
-        p.substitute(ops, target, select, plan.prefix)
+        p.substitute(ops, target, select, plan.prefix, means)
     return modes
 
 
@@ -497,6 +549,7 @@ def ablate(
     causal=False,
     scale=None,
     device="cpu",
+    means=None,
 ):
     """Attention after mean substitution of ``target`` in the selected heads.
 
@@ -507,8 +560,12 @@ def ablate(
         (and ``output`` is None).
     target : {"q", "k", "v"}
         The tensor replaced by its mean (see :func:`mean_substitute`).
-    over : {"tokens", "causal"}
-        Mean over all valid tokens, or the prefix mean over ``t <= i``.
+    over : {"tokens", "causal", "dataset"}
+        Mean over all valid tokens, the prefix mean over ``t <= i``, or the per-position
+        mean over the inputs of the batch (see :func:`mean_substitute`).
+    means : array_like, optional
+        ``over="dataset"``: the means of ``target`` to use, ``(*group, positions, dim)``
+        (e.g. of a reference set), instead of the batch's own.
     heads : int or sequence of int, optional
         Indices on axis -3 (the head axis; needs ndim >= 4). Default: every head.
     lengths, causal, scale, device
@@ -531,12 +588,14 @@ def ablate(
     ops = backend(device)
     target = _check_choice(target, "target", TARGETS)
     over = _check_choice(over, "over", OVER)
+    _check_means_use(over, means)
     if v is None and target == "v":
         raise ValueError("target='v' needs v (mean-V changes only the output A @ v)")
     with_output = v is not None
     p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=with_output)
     select = _group_select(p, _check_heads(heads, p.shape))
-    modes = _substitute(p, ops, target, over, select)
+    given = p.dataset_means(ops, target, means) if over == "dataset" else None
+    modes = _substitute(p, ops, target, over, select, given)
     if not with_output:
         return _run_attention(p, ops, modes, with_output=False), None
     return _run_attention(p, ops, modes, with_output=True)
@@ -569,6 +628,7 @@ def conditions(
     scale=None,
     device="cpu",
     maps=True,
+    means=None,
 ):
     """Baseline and mean-substituted attention weights, with per-head metrics.
 
@@ -592,6 +652,9 @@ def conditions(
     maps : bool
         False: return the metrics only (``weights`` is empty); on a GPU the maps then
         never leave it.
+    means : dict, optional
+        ``over="dataset"``: ``{target: (*group, positions, dim)}`` means to use instead of
+        the batch's own (see :func:`ablate`); a target it leaves out uses the batch's.
 
     Returns
     -------
@@ -616,6 +679,9 @@ def conditions(
     targets = [_check_choice(t, "targets", TARGETS) for t in targets]
     if len(set(targets)) != len(targets):
         raise ValueError(f"targets has a duplicate: {targets!r}")
+    _check_means_use(over, means)
+    if means is not None and not (isinstance(means, dict) and set(means) <= set(TARGETS)):
+        raise TypeError(f"means must be a dict {{target: array}} over q, k, v, got {means!r:.60}")
     n_maps = 1 + sum(not Plan.weights_unchanged(t) for t in targets)
     p = _prepare(
         q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=v is not None, n_maps=n_maps
@@ -644,7 +710,10 @@ def conditions(
             per_pair.append(per_pair[0][:1] + (np.zeros_like(per_pair[0][1]),) + per_pair[0][2:])
             continue
         p.q, p.k, p.v = original
-        run(name, _substitute(p, ops, target, over, select), base)
+        given = None
+        if over == "dataset":
+            given = p.dataset_means(ops, target, (means or {}).get(target))
+        run(name, _substitute(p, ops, target, over, select, given), base)
     metrics = {
         name: np.stack([m[i] for m in per_pair]).reshape((len(names),) + lead)
         for i, name in enumerate(METRICS)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 #: What the raw API (qkvmean.attention, ablate, conditions, mean_substitute) calls, on
 #: whole flattened batches.
-BATCH_OPS = ("attention", "reduce_metrics", "mean_substitute")
+BATCH_OPS = ("attention", "reduce_metrics", "mean_substitute", "position_sums")
 #: What the model path calls, one input at a time (inside ``run_tasks``).
 MODEL_OPS = (
     "xp",
@@ -45,7 +45,8 @@ class Backend(Protocol):
     def attention(self, q, k, v, lengths, group, modes, causal, scale, row_block,
                   with_output, metrics=False, base=None, maps=True): ...  # fmt: skip
     def reduce_metrics(self, rows, lengths, group): ...
-    def mean_substitute(self, x, lengths, group, select, prefix, shrink=1.0): ...
+    def mean_substitute(self, x, lengths, group, select, prefix, shrink=1.0, means=None): ...
+    def position_sums(self, x, lengths, group, sums): ...  # float64 sums, on the host
 
     # model path
     xp: object  # the array module of the model path's buffers (numpy, CuPy)
@@ -61,7 +62,7 @@ class Backend(Protocol):
     def split_heads(self, qkv, bias, n_heads, n_kv_heads, q, k, v): ...
     def merge_heads(self, o, n_heads, ctx): ...
     def rotary(self, x, cos, sin): ...
-    def substitute(self, x, length, n_heads, select, prefix, acc): ...
+    def substitute(self, x, length, n_heads, select, prefix, acc, means=None): ...
     def InputScratch(self, n_heads, n, seq, stack, maps): ...  # with finish(), abort()
     def attention_one(self, q, k, v, modes, causal, scale, c, w, o, scratch, metrics,
                       reduced): ...  # fmt: skip

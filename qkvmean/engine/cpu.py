@@ -682,6 +682,47 @@ def mean_substitute_serial(x, lengths, group, select, prefix, shrink, acc, out):
         _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc, out)
 
 
+@njit(**_JIT)
+def _given_pair(bg, x, lengths, group, select, means, out):
+    """Replace the valid rows of pair ``bg`` by the given per-position ``means[g]``
+    (``over="dataset"``), if it is selected; ``out`` may be ``x``."""
+    n_rows, dim = x.shape[1], x.shape[2]
+    g = bg % group
+    n = lengths[bg // group] if select[g] else 0
+    for t in range(n):
+        for d in range(dim):
+            out[bg, t, d] = means[g, t, d]
+    for t in range(n, n_rows):
+        for d in range(dim):
+            out[bg, t, d] = x[bg, t, d]
+
+
+@njit(parallel=True, **_JIT)
+def given_substitute_kernel(x, lengths, group, select, means, out):
+    """:func:`_given_pair` for every pair; ``means`` ``(group, >= N, D)``."""
+    for bg in prange(x.shape[0]):
+        _given_pair(bg, x, lengths, group, select, means, out)
+
+
+@njit(**_JIT)
+def given_substitute_serial(x, lengths, group, select, means, out):
+    for bg in range(x.shape[0]):
+        _given_pair(bg, x, lengths, group, select, means, out)
+
+
+@njit(parallel=True, **_JIT)
+def position_sums_kernel(x, lengths, group, sums):
+    """``sums[g, t] += x[b * group + g, t]`` for every valid position ``t < lengths[b]``,
+    inputs ``b`` in order (so the float64 sums do not depend on the thread count); one
+    task per group, each writing only its own ``sums[g]``."""
+    dim = x.shape[2]
+    for g in prange(group):
+        for b in range(lengths.shape[0]):
+            for t in range(lengths[b]):
+                for d in range(dim):
+                    sums[g, t, d] += x[b * group + g, t, d]
+
+
 @register_jitable
 def norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
     """``s = x[r] + bias (+ residual[r])``; ``residual[r] = s`` with ``store_sum``;
@@ -985,13 +1026,27 @@ def bias_gelu(x, bias, tanh_approx):
     return x
 
 
-def mean_substitute(x, lengths, group, select, prefix, shrink=1.0):
-    """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true."""
+def mean_substitute(x, lengths, group, select, prefix, shrink=1.0, means=None):
+    """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true;
+    with ``means`` ``(group, >= N, D)`` (``over="dataset"``), each valid position is
+    replaced by its given mean instead."""
     out = np.empty_like(x)
+    if means is not None:
+        with config.kernel_guard():
+            given_substitute_kernel(x, lengths, group, select, means, out)
+        return out
     acc = np.empty((x.shape[0], x.shape[2]), dtype=np.float64)
     with config.kernel_guard():
         mean_substitute_kernel(x, lengths, group, select, prefix, float(shrink), acc, out)
     return out
+
+
+def position_sums(x, lengths, group, sums):
+    """Add the valid positions of flattened ``x`` ``(B * group, N, D)`` into float64
+    ``sums`` ``(group, >= N, D)``, input by input (the ``over="dataset"`` means; on the
+    host whichever device computes the maps: a pass over memory)."""
+    with config.kernel_guard():
+        position_sums_kernel(x, lengths, group, sums)
 
 
 # --------------------------------------------------------------------------------------
@@ -1048,9 +1103,13 @@ merge_heads = merge_heads_serial
 rotary = rotary_serial
 
 
-def substitute(x, length, n_heads, select, prefix, acc):
-    """In place, mean-substitute the selected heads of one condition's ``(H, n, dh)``."""
-    mean_substitute_serial(x, length, n_heads, select, prefix, 1.0, acc, x)
+def substitute(x, length, n_heads, select, prefix, acc, means=None):
+    """In place, mean-substitute the selected heads of one condition's ``(H, n, dh)``;
+    with ``means`` ``(H, >= n, dh)`` (``over="dataset"``), by those."""
+    if means is not None:
+        given_substitute_serial(x, length, n_heads, select, means, x)
+    else:
+        mean_substitute_serial(x, length, n_heads, select, prefix, 1.0, acc, x)
 
 
 class InputScratch:

@@ -443,6 +443,21 @@ def _mean_kernel(x, lengths, group, select, prefix, shrink, out):
 
 
 @cuda.jit
+def _given_kernel(x, lengths, group, select, means, out):
+    """The given per-position means (``over="dataset"``) into the valid positions of the
+    selected pairs, one thread per (pair, feature); ``out`` may be ``x``."""
+    bg, d = cuda.grid(2)
+    if bg >= x.shape[0] or d >= x.shape[2]:
+        return
+    g = bg % group
+    n = lengths[bg // group] if select[g] else 0
+    for t in range(n):
+        out[bg, t, d] = means[g, t, d]
+    for t in range(n, x.shape[1]):
+        out[bg, t, d] = x[bg, t, d]
+
+
+@cuda.jit
 def _norm_kernel(x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
     r = cuda.grid(1)
     if r < x.shape[0]:
@@ -580,15 +595,29 @@ def reduce_metrics(rows, lengths, group):
     return tuple(to_host(x) for x in out)
 
 
-def mean_substitute(x, lengths, group, select, prefix, shrink=1.0):
-    """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true."""
+def mean_substitute(x, lengths, group, select, prefix, shrink=1.0, means=None):
+    """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true
+    (with ``means``: by those, as on the CPU)."""
     xd = xp.asarray(x)
     out = xp.empty_like(xd)
+    if means is not None:
+        _launch(_given_kernel, _grid(x.shape[0], x.shape[2]), BLOCK)(
+            xd, xp.asarray(lengths), np.int64(group), xp.asarray(select), xp.asarray(means), out
+        )
+        return to_host(out)
     _launch(_mean_kernel, _grid(x.shape[0], x.shape[2]), BLOCK)(
         xd, xp.asarray(lengths), np.int64(group), xp.asarray(select), bool(prefix),
         float(shrink), out,
     )  # fmt: skip
     return to_host(out)
+
+
+def position_sums(x, lengths, group, sums):
+    """The CPU's :func:`qkvmean.engine.cpu.position_sums`: the dataset sums are taken on
+    the host (a pass over memory the inputs are in already)."""
+    from .cpu import position_sums as on_host
+
+    on_host(to_host(x), lengths, group, sums)
 
 
 # ----------------------------------------------------------------------------- model path
@@ -676,8 +705,14 @@ def rotary(x, cos, sin):
     _launch(_rotary_kernel, _grid(x.shape[0], x.shape[1]), BLOCK)(x, cos, sin)
 
 
-def substitute(x, length, n_heads, select, prefix, acc):
-    """In place, mean-substitute the selected heads of one condition's ``(H, n, dh)``."""
+def substitute(x, length, n_heads, select, prefix, acc, means=None):
+    """In place, mean-substitute the selected heads of one condition's ``(H, n, dh)``
+    (with ``means``, a device array ``(H, >= n, dh)``: by those)."""
+    if means is not None:
+        _launch(_given_kernel, _grid(x.shape[0], x.shape[2]), BLOCK)(
+            x, length, np.int64(n_heads), constant(select), means, x
+        )
+        return
     _launch(_mean_kernel, _grid(x.shape[0], x.shape[2]), BLOCK)(
         x, length, np.int64(n_heads), constant(select), bool(prefix), 1.0, x
     )

@@ -10,8 +10,9 @@ from __future__ import annotations
 TARGETS = ("q", "k", "v")
 #: Their names in figures and messages.
 TENSOR_LABELS = {"q": "Query", "k": "Key", "v": "Value"}
-#: What the mean is taken over.
-OVER = ("tokens", "causal")
+#: What the mean is taken over: the valid tokens of the same input, the causal prefix of
+#: each position, or (``dataset``) each position over every input of a data set.
+OVER = ("tokens", "causal", "dataset")
 
 BASELINE = "baseline"
 #: Per-(condition, input, layer, head) metrics, in the store's order.

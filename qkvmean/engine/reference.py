@@ -75,8 +75,25 @@ def attention(q, k, v, *, lengths=None, causal=False, scale=None):
     return weights.astype(dtype), output.astype(dtype)
 
 
-def mean_substitute(x, *, over="tokens", lengths=None):
+def dataset_means(x, *, lengths=None):
+    """``(*group, seq, dim)``: at each position, the mean over the inputs (axis 0) that
+    have a valid token there; 0 where none has."""
+    x, lengths, _ = _batched(x, lengths)
+    x = x.astype(np.float64)
+    means = np.zeros(x.shape[1:])
+    for t in range(x.shape[-2]):
+        having = [b for b in range(x.shape[0]) if lengths[b] > t]
+        if having:
+            means[..., t, :] = np.mean([x[b, ..., t, :] for b in having], axis=0)
+    return means
+
+
+def mean_substitute(x, *, over="tokens", lengths=None, means=None):
+    """``over="dataset"``: position ``t`` of every input replaced by ``means[..., t, :]``
+    (default: :func:`dataset_means` of ``x`` itself)."""
     dtype = _result_dtype(x)
+    if over == "dataset" and means is None:
+        means = dataset_means(x, lengths=lengths)
     x, lengths, bare = _batched(x, lengths)
     out = x.copy()
     for b in range(x.shape[0]):
@@ -84,7 +101,9 @@ def mean_substitute(x, *, over="tokens", lengths=None):
         if n == 0:
             continue
         valid = x[b, ..., :n, :]
-        if over == "tokens":
+        if over == "dataset":
+            out[b, ..., :n, :] = np.asarray(means)[..., :n, :]
+        elif over == "tokens":
             out[b, ..., :n, :] = valid.mean(axis=-2, keepdims=True)
         elif over == "causal":
             counts = np.arange(1, n + 1)[:, None]
@@ -96,15 +115,20 @@ def mean_substitute(x, *, over="tokens", lengths=None):
     return out.astype(dtype)
 
 
-def substitute(q, k, v, *, target, over="tokens", heads=None, lengths=None):
+def substitute(q, k, v, *, target, over="tokens", heads=None, lengths=None, means=None):
     """``(q, k, v)`` in float64 with ``target`` mean-substituted in the selected heads.
 
-    The substituted tensor is rounded to the compute dtype first, as the API holds it.
+    The substituted tensor is rounded to the compute dtype first, as the API holds it
+    (``over="dataset"``: so are its means).
     """
     dtype = _result_dtype(q, k, v)
     tensors = {"q": np.asarray(q), "k": np.asarray(k), "v": np.asarray(v)}
     x = tensors[target].astype(dtype)
-    substituted = mean_substitute(x, over=over, lengths=lengths).astype(np.float64)
+    if over == "dataset":
+        means = dataset_means(x, lengths=lengths) if means is None else np.asarray(means)
+        means = means.astype(dtype)
+    substituted = mean_substitute(x, over=over, lengths=lengths, means=means)
+    substituted = substituted.astype(np.float64)
     if heads is not None:
         heads = np.atleast_1d(np.asarray(heads, dtype=np.intp))
         mixed = x.astype(np.float64)
@@ -114,9 +138,14 @@ def substitute(q, k, v, *, target, over="tokens", heads=None, lengths=None):
     return tuple(tensors[name].astype(np.float64) for name in "qkv")
 
 
-def ablate(q, k, v, *, target, over="tokens", heads=None, lengths=None, causal=False, scale=None):
+def ablate(
+    q, k, v, *, target, over="tokens", heads=None, lengths=None, causal=False, scale=None,
+    means=None,
+):  # fmt: skip
     dtype = _result_dtype(q, k, v)
-    q2, k2, v2 = substitute(q, k, v, target=target, over=over, heads=heads, lengths=lengths)
+    q2, k2, v2 = substitute(
+        q, k, v, target=target, over=over, heads=heads, lengths=lengths, means=means
+    )
     weights, output = attention(q2, k2, v2, lengths=lengths, causal=causal, scale=scale)
     return weights.astype(dtype), output.astype(dtype)
 
@@ -178,6 +207,7 @@ def conditions(
     lengths=None,
     causal=False,
     scale=None,
+    means=None,
 ):
     """Baseline and mean-substituted maps with their metrics, from the functions above."""
     q_arr = np.asarray(q)
@@ -187,7 +217,10 @@ def conditions(
     kw = dict(lengths=lengths, causal=causal, scale=scale)
     logs = {"baseline": log_attention_weights(q, k, **kw)}
     for target in targets:
-        q2, k2, _ = substitute(q, k, v, target=target, over=over, heads=heads, lengths=lengths)
+        given = (means or {}).get(target)
+        q2, k2, _ = substitute(
+            q, k, v, target=target, over=over, heads=heads, lengths=lengths, means=given
+        )
         logs[f"mean_{target}"] = log_attention_weights(q2, k2, **kw)
     names = list(logs)
     dtype = _result_dtype(q, k)
@@ -253,9 +286,18 @@ def rotate(x, rotary, n):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
+def projections(model, ids, lengths):
+    """Each layer's ``{"q", "k", "v"}`` of the baseline pass, at the projection output
+    (keys and values expanded to one per query head), ``(batch, head, seq, dim)``."""
+    taken = []
+    transformer_forward(model, ids, lengths, capture=taken)
+    return taken
+
+
 def transformer_forward(
-    model, ids, lengths, *, target=None, over="tokens", heads=None, ablate_layers=(0,)
-):
+    model, ids, lengths, *, target=None, over="tokens", heads=None, ablate_layers=(0,),
+    means=None, capture=None,
+):  # fmt: skip
     """Reference forward pass of a :class:`qkvmean.engine.transformer.Weights` model,
     following its :class:`~qkvmean.engine.arch.Arch`.
 
@@ -263,8 +305,17 @@ def transformer_forward(
     ``(batch, head, seq, seq)`` and the final hidden states ``(batch, seq, d_model)``, all
     float64. ``heads`` names query heads; keys and values are expanded to one per query
     head before the substitution, so substituting K of one head of a group leaves the
-    others' keys as they are.
+    others' keys as they are. ``over="dataset"``: ``means[layer]`` is the ``(head, seq,
+    dim)`` mean of ``target`` at each ablated layer (default: the per-position means of
+    this batch's own baseline pass, float32 as the engine holds them). ``capture``: a
+    list that receives each layer's projections (as :func:`projections`).
     """
+    if target is not None and over == "dataset" and means is None:
+        taken = projections(model, ids, lengths)
+        means = {
+            layer: dataset_means(taken[layer][target], lengths=lengths).astype(np.float32)
+            for layer in ablate_layers
+        }
     arch = model.arch
     ids = np.asarray(ids)
     batch, seq = ids.shape
@@ -293,8 +344,13 @@ def transformer_forward(
         v = heads_first(qkv[..., q_cols + kv_cols :], n_kv)
         k = np.repeat(k, arch.group_size, axis=1)  # query head h reads KV head h // group
         v = np.repeat(v, arch.group_size, axis=1)
+        if capture is not None:
+            capture.append({"q": q, "k": k, "v": v})
         if target is not None and index in ablate_layers:
-            q, k, v = substitute(q, k, v, target=target, over=over, heads=heads, lengths=lengths)
+            given = means[index] if over == "dataset" else None
+            q, k, v = substitute(
+                q, k, v, target=target, over=over, heads=heads, lengths=lengths, means=given
+            )
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, arch.norm.eps)
             k = rms_norm(k, layer.k_norm, arch.norm.eps)

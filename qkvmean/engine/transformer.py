@@ -39,9 +39,9 @@ import numpy as np
 
 from .arch import ACTIVATION_CODES, Arch
 from .names import METRICS
-from .plan import Plan
+from .plan import DatasetMeans, Plan, means_from_sums, position_counts
 
-__all__ = ["Layer", "Plan", "Weights", "model_conditions"]
+__all__ = ["Layer", "Plan", "Weights", "dataset_means", "model_conditions", "model_projections"]
 
 
 @dataclass
@@ -226,7 +226,34 @@ def _mlp(ops, model, layer, buf, rows, inp, out):
     ops.matmul(g, layer.w2, out)
 
 
-def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope):
+class _Taps:
+    """Q, K and V of the baseline pass at chosen layers, copied to the host: ``at``
+    ``"projection"`` (the projection output, where the substitution happens) or
+    ``"attention"`` (after any q/k norm and the rotary embedding: what the dot products
+    see). Keys and values are kept per KV head."""
+
+    def __init__(self, model: Weights, layers, at, batch, seq):
+        arch = model.arch
+        self.layers = {layer: i for i, layer in enumerate(layers)}
+        self.last = max(layers)
+        self.at = at
+        self.group = arch.group_size
+        heads = {"q": arch.n_heads, "k": arch.n_kv_heads, "v": arch.n_kv_heads}
+        self.values = {
+            t: np.zeros((batch, len(layers), heads[t], seq, arch.head_dim), np.float32)
+            for t in "qkv"
+        }
+
+    def __call__(self, ops, index, b, n, at, q, k, v):
+        if at != self.at or index not in self.layers:
+            return
+        i = self.layers[index]
+        self.values["q"][b, i, :, :n] = ops.to_host(q)
+        self.values["k"][b, i, :, :n] = ops.to_host(k[:: self.group])
+        self.values["v"][b, i, :, :n] = ops.to_host(v[:: self.group])
+
+
+def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, given, taps):
     """Every condition's forward pass of input ``b`` (token ids ``ids``), into ``out``."""
     n = ids.shape[0]
     if n == 0:  # no tokens: empty maps, metrics 0 and no top key (as initialised)
@@ -235,13 +262,17 @@ def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope):
     stack = len(plan.names) if first < model.n_layers else 1
     buf = _Input(model, ops, n, out.seq, stack, out.maps is not None)
     try:
-        _forward(ops, model, plan, ids, b, out, rope, buf)
+        _forward(ops, model, plan, ids, b, out, rope, buf, given, taps)
     except BaseException:
         buf.scratch.abort()  # no copy may still write into buffers about to be freed
         raise
 
 
-def _forward(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, buf: _Input):
+def _forward(
+    ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, buf: _Input, given, taps
+):  # fmt: skip
+    """``given[(target, layer)]``: the dataset means (``(H, >= n, dh)``, where the
+    backend computes) of ``over="dataset"``; ``taps``: a :class:`_Taps` or None."""
     n = ids.shape[0]
     arch = model.arch
     names = plan.names
@@ -280,6 +311,8 @@ def _forward(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, buf: 
         q, k, v = buf.q[:pairs], buf.k[:pairs], buf.v[:pairs]
         ops.matmul(x, layer.wqkv, buf.qkv[:rows])
         ops.split_heads(buf.qkv[:rows], layer.bqkv, heads, kv_heads, q, k, v)
+        if taps is not None:
+            taps(ops, index, b, n, "projection", q[:heads], k[:heads], v[:heads])
         # substitution at the projection output, before the q/k norm and the rotary
         modes = np.zeros((live, heads), np.int8)
         for c in range(1, live):
@@ -291,13 +324,20 @@ def _forward(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, buf: 
             if step.substitute:
                 tensor = {"q": q, "k": k, "v": v}[target]
                 part = tensor[c * heads : (c + 1) * heads]
-                ops.substitute(part, buf.scratch.length, heads, select, plan.prefix, buf.acc)
+                ops.substitute(
+                    part, buf.scratch.length, heads, select, plan.prefix, buf.acc,
+                    None if given is None else given[target, index],
+                )  # fmt: skip
         if layer.q_norm is not None:
             ops.head_norm(q, layer.q_norm, float(arch.norm.eps), buf.zero_head)
             ops.head_norm(k, layer.k_norm, float(arch.norm.eps), buf.zero_head)
         if rope is not None:
             ops.rotary(q, *rope)
             ops.rotary(k, *rope)
+        if taps is not None:
+            taps(ops, index, b, n, "attention", q[:heads], k[:heads], v[:heads])
+            if index == taps.last:
+                break  # nothing later is wanted
         _check_logits(ops, q, k, dh, index)
         for c in range(live):
             target = plan.targets[c - 1] if c else None
@@ -355,33 +395,8 @@ def _forward(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, buf: 
             out.hidden[c, b, :n] = ops.to_host(final[src : src + n])
 
 
-def model_conditions(
-    model: Weights,
-    ids,
-    lengths,
-    *,
-    targets=("q", "k", "v"),
-    over="tokens",
-    heads=None,
-    ablate_layers=(0,),
-    seq=None,
-    hidden=False,
-    device="cpu",
-    maps=True,
-):
-    """Baseline and mean-substituted forward passes: every layer's maps and metrics.
-
-    ``ids`` ``(B, N)`` are padded token ids, ``lengths`` the valid tokens of each; ``heads``
-    names query heads. Returns :class:`~qkvmean.engine.api.Conditions` with weights
-    ``(B, L, H, S, S)`` (``S = seq``, default ``N``; maps are zero-padded to it) and
-    metrics ``(C, B, L, H)``; with ``hidden``, also each condition's final hidden states
-    ``(B, S, D)`` (after the final norm, where the family has one; zeros at padding).
-    ``device`` as in :func:`qkvmean.attention`; ``maps`` False: metrics only (empty
-    ``weights``), and on a GPU the maps never leave it.
-    """
-    from .api import Conditions, backend
-
-    ops = backend(device)
+def _checked_ids(model: Weights, ids, lengths, seq):
+    """``(ids, lengths, seq)`` checked against each other and the model."""
     ids = np.asarray(ids)
     lengths = np.asarray(lengths, dtype=np.int64)
     batch, n = ids.shape
@@ -397,22 +412,106 @@ def model_conditions(
             f"token ids must lie in [0, {model.vocab_size}) for this model's embeddings, "
             f"got {int(ids.min())}..{int(ids.max())}"
         )
-    bad = [layer for layer in ablate_layers if not 0 <= layer < model.n_layers]
+    return ids, lengths, seq
+
+
+def _check_layer_numbers(model: Weights, layers):
+    bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
     if bad:
         raise ValueError(f"layer {bad[0]} is out of range for {model.n_layers} layers")
+
+
+def _run_inputs(ops, model: Weights, plan: Plan, ids, lengths, out: _Outputs, given, taps):
+    """Each input's forward pass, one task per input."""
+    n = ids.shape[1]
+    rotary = model.arch.rotary
+    rope = None if rotary is None else tuple(map(ops.xp.asarray, rotary.tables(max(n, 1))))
+    inputs = [np.ascontiguousarray(ids[b, : lengths[b]]) for b in range(ids.shape[0])]
+    here = ops.upload(model)  # the weights where the backend computes
+    ops.run_tasks(
+        [
+            lambda b=b: _one_input(ops, here, plan, inputs[b], b, out, rope, given, taps)
+            for b in range(ids.shape[0])
+        ]
+    )
+
+
+def model_projections(model: Weights, ids, lengths, *, layers, at="projection", seq=None,
+                      device="cpu"):  # fmt: skip
+    """Q, K and V of the baseline pass at ``layers``: ``{"q": (B, len(layers), H, S, dh),
+    "k", "v": (B, len(layers), KV heads, S, dh)}`` float32 on the host, zero-padded.
+
+    ``at="projection"``: the projection output (bias included), where qkvmean
+    substitutes, before any q/k norm and the rotary embedding; ``"attention"``: after
+    them, what the attention's dot products see. The pass stops after the last layer
+    asked for.
+    """
+    from .api import backend
+
+    if at not in ("projection", "attention"):
+        raise ValueError(f"at must be 'projection' or 'attention', got {at!r}")
+    ops = backend(device)
+    ids, lengths, seq = _checked_ids(model, ids, lengths, seq)
+    layers = sorted(set(int(layer) for layer in layers))
+    if not layers:
+        raise ValueError("layers is empty: name at least one layer")
+    _check_layer_numbers(model, layers)
+    plan = Plan(targets=())
+    out = _Outputs(model, plan, ids.shape[0], seq, False, False)
+    taps = _Taps(model, layers, at, ids.shape[0], seq)
+    _run_inputs(ops, model, plan, ids, lengths, out, None, taps)
+    return taps.values
+
+
+def model_conditions(
+    model: Weights,
+    ids,
+    lengths,
+    *,
+    targets=("q", "k", "v"),
+    over="tokens",
+    heads=None,
+    ablate_layers=(0,),
+    seq=None,
+    hidden=False,
+    device="cpu",
+    maps=True,
+    means=None,
+):
+    """Baseline and mean-substituted forward passes: every layer's maps and metrics.
+
+    ``ids`` ``(B, N)`` are padded token ids, ``lengths`` the valid tokens of each; ``heads``
+    names query heads. Returns :class:`~qkvmean.engine.api.Conditions` with weights
+    ``(B, L, H, S, S)`` (``S = seq``, default ``N``; maps are zero-padded to it) and
+    metrics ``(C, B, L, H)``; with ``hidden``, also each condition's final hidden states
+    ``(B, S, D)`` (after the final norm, where the family has one; zeros at padding).
+    ``device`` as in :func:`qkvmean.attention`; ``maps`` False: metrics only (empty
+    ``weights``), and on a GPU the maps never leave it. ``over="dataset"`` substitutes
+    ``means`` (a :class:`~qkvmean.engine.plan.DatasetMeans` of every target at every
+    ablated layer, e.g. :func:`dataset_means` of a data set's inputs).
+    """
+    from .api import Conditions, backend
+
+    ops = backend(device)
+    ids, lengths, seq = _checked_ids(model, ids, lengths, seq)
+    _check_layer_numbers(model, ablate_layers)
+    if (over == "dataset") != (means is not None):
+        raise ValueError(
+            "over='dataset' substitutes the means of a data set: pass means= (see "
+            "qkvmean.engine.transformer.dataset_means)" if means is None
+            else f"means apply to over='dataset' only, not over={over!r}"
+        )
+    given = None
+    if means is not None:
+        longest = int(lengths.max(initial=0))
+        given = _device_means(ops, model, means, targets, ablate_layers, longest)
     head_mask = None
     if heads is not None:
         head_mask = np.zeros(model.n_heads, np.bool_)
         head_mask[list(heads)] = True
-    plan = Plan(tuple(targets), over, head_mask, frozenset(ablate_layers))
-    out = _Outputs(model, plan, batch, seq, hidden, bool(maps))
-    rotary = model.arch.rotary
-    rope = None if rotary is None else tuple(map(ops.xp.asarray, rotary.tables(max(n, 1))))
-    inputs = [np.ascontiguousarray(ids[b, : lengths[b]]) for b in range(batch)]
-    here = ops.upload(model)  # the weights where the backend computes
-    ops.run_tasks(
-        [lambda b=b: _one_input(ops, here, plan, inputs[b], b, out, rope) for b in range(batch)]
-    )
+    plan = Plan(tuple(targets), over, head_mask, frozenset(ablate_layers), means)
+    out = _Outputs(model, plan, ids.shape[0], seq, hidden, bool(maps))
+    _run_inputs(ops, model, plan, ids, lengths, out, given, taps=None)
     names = plan.names
     return Conditions(
         names=names,
@@ -420,3 +519,63 @@ def model_conditions(
         metrics=out.metrics,
         hidden=None if out.hidden is None else dict(zip(names, out.hidden, strict=True)),
     )
+
+
+def _device_means(ops, model: Weights, means: DatasetMeans, targets, layers, longest):
+    """``{(target, layer): (H, positions, dh)}`` where the backend computes, checked."""
+    arch = model.arch
+    want = (arch.n_heads, arch.head_dim)
+    given = {}
+    for target in targets:
+        for layer in layers:
+            if target not in means.values or layer not in means.layers:
+                raise ValueError(f"the dataset means have no {target} at layer {layer}")
+            m = np.ascontiguousarray(means.at(target, layer), dtype=np.float32)
+            if m.ndim != 3 or (m.shape[0], m.shape[2]) != want or m.shape[1] < longest:
+                raise ValueError(
+                    f"the dataset means of {target} at layer {layer} have shape {m.shape}; "
+                    f"the model needs ({want[0]}, >= {longest}, {want[1]})"
+                )
+            if not np.isfinite(m).all():
+                raise ValueError(f"the dataset means of {target} at layer {layer} are not finite")
+            given[target, layer] = ops.xp.asarray(m)
+    return given
+
+
+def projection_sums(projected, lengths):
+    """Float64 sums over inputs of :func:`model_projections`' arrays, per position:
+    ``{target: (layers, heads, S, dh)}``, inputs added in order (the CPU kernel)."""
+    from . import cpu
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sums = {}
+    for target, x in projected.items():
+        batch, n_layers, heads, seq, dim = x.shape
+        total = np.zeros((n_layers * heads, seq, dim))
+        cpu.position_sums(x.reshape(batch * n_layers * heads, seq, dim), lengths,
+                          n_layers * heads, total)  # fmt: skip
+        sums[target] = total.reshape(n_layers, heads, seq, dim)
+    return sums
+
+
+def means_of(model: Weights, sums, counts, layers) -> DatasetMeans:
+    """The :class:`DatasetMeans` of :func:`projection_sums` added over a data set: float32,
+    keys and values repeated to one per query head."""
+    group = model.arch.group_size
+    values = {}
+    for target, total in sums.items():
+        m = means_from_sums(total, counts, np.float32)
+        values[target] = m if target == "q" else np.repeat(m, group, axis=1)
+    return DatasetMeans(tuple(layers), values, np.asarray(counts, dtype=np.int64))
+
+
+def dataset_means(model: Weights, ids, lengths, *, layers=(0,), targets=("q", "k", "v"),
+                  device="cpu") -> DatasetMeans:  # fmt: skip
+    """The per-position means of ``targets`` at ``layers`` over the inputs ``ids``, taken
+    from their baseline pass: what ``model_conditions(..., over="dataset")`` substitutes.
+    (``qkvmean run --over dataset`` streams the same sums batch by batch.)"""
+    ids, lengths, seq = _checked_ids(model, ids, lengths, None)
+    layers = sorted(set(int(layer) for layer in layers))
+    projected = model_projections(model, ids, lengths, layers=layers, seq=seq, device=device)
+    sums = projection_sums({t: projected[t] for t in targets}, lengths)
+    return means_of(model, sums, position_counts(lengths, seq), layers)

@@ -464,6 +464,47 @@ def _attach(dset: h5py.Dataset, f: h5py.File, names):
 LIBVER = ("v110", "v110")
 
 
+#: The means' own axes (their layers are the substituted ones, positions those of the
+#: data set): dimension scales in /means, the head axis is the store's.
+MEANS_GROUP = "means"
+
+
+def write_means(f: h5py.File, means):
+    """``/means/<target>`` ``(layer, head, position, dim)`` and ``/means/count``
+    ``(position,)`` of a :class:`~qkvmean.engine.plan.DatasetMeans`, with their scales
+    (``/means/layer``: the model's layer numbers; ``position``; ``dim``, ``dim_v``)."""
+    group = f.create_group(MEANS_GROUP)
+    for key, value in means_attrs(means).items():
+        group.attrs[key] = value
+    positions = int(means.counts.shape[0])
+    layer = group.create_dataset("layer", data=np.asarray(means.layers, dtype=np.int32))
+    layer.make_scale("layer")
+    position = group.create_dataset("position", data=np.arange(positions, dtype=np.int32))
+    position.make_scale("position")
+    count = group.create_dataset("count", data=np.asarray(means.counts, dtype=np.int64))
+    count.dims[0].attach_scale(position)
+    dims = {}
+    for target in sorted(means.values, key="qkv".index):
+        values = np.asarray(means.values[target])
+        name = "dim" if target != "v" or values.shape[-1] == _dim_of(means) else "dim_v"
+        if name not in dims:
+            axis = np.arange(values.shape[-1], dtype=np.int32)
+            dims[name] = group.create_dataset(name, data=axis)
+            dims[name].make_scale(name)
+        dset = group.create_dataset(target, data=values)
+        for axis, scale in enumerate((layer, f["head"], position, dims[name])):
+            dset.dims[axis].attach_scale(scale)
+
+
+def _dim_of(means) -> int:
+    first = next(t for t in "qkv" if t in means.values)
+    return np.asarray(means.values[first]).shape[-1]
+
+
+def means_attrs(means) -> dict:
+    return {str(k): v for k, v in means.attrs.items()}
+
+
 class Assembly:
     """The store under construction, written once, with a journal that survives a kill.
 
@@ -484,8 +525,9 @@ class Assembly:
     once.
     """
 
-    def __init__(self, work: Path, layout: Layout, attrs: dict, inputs: dict):
+    def __init__(self, work: Path, layout: Layout, attrs: dict, inputs: dict, means=None):
         self.work = work
+        self.means = means  # over="dataset": a DatasetMeans, written at /means
         self.layout = layout
         self.filters = parse_compression(layout.compression)
         self.filled = []
@@ -528,6 +570,8 @@ class Assembly:
             _attach(group.create_dataset("tokens", data=tokens), f, ["batch", "seq"])
         for name in METRICS:
             _attach(f["metrics"][name], f, ["condition", "batch", "layer", "head"])
+        if self.means is not None:
+            write_means(f, self.means)
         if layout.maps:
             for cond in layout.conditions:
                 _attach(f["attention"][cond], f, ["batch", "layer", "head", "query", "key"])
@@ -931,6 +975,7 @@ class Store:
             self._dataset("input/text", kind="OSU", ndim=1, shape=(self.n_inputs,))
         if "input/tokens" in f:
             self._dataset("input/tokens", kind="OSU", ndim=2, shape=(self.n_inputs, self.seq))
+        self._check_means()
         self.has_maps = "attention" in f
         if not self.has_maps and self.config.get("maps", True):
             raise self._damaged("no /attention, though its config says the maps were stored")
@@ -945,6 +990,46 @@ class Store:
             full = (self.n_inputs, self.n_layers, self.n_heads, self.seq, self.seq)
             for cond in self.conditions:
                 self._dataset(f"attention/{cond}", kind="f", ndim=5, shape=full)
+
+    def _check_means(self):
+        """``/means`` (stores of ``--over dataset`` runs): the datasets the reader needs,
+        with consistent shapes."""
+        self.has_means = MEANS_GROUP in self._f
+        if not self.has_means:
+            return
+        if not isinstance(self._f[MEANS_GROUP], h5py.Group):
+            raise self._damaged("/means is a dataset, not a group")
+        count = self._dataset("means/count", kind="iu", ndim=1)
+        layers = self._dataset("means/layer", kind="iu", ndim=1)
+        self.mean_targets = [t for t in "qkv" if t in self._f[MEANS_GROUP]]
+        if not self.mean_targets:
+            raise self._damaged("/means holds no q, k or v")
+        for target in self.mean_targets:
+            d = self._dataset(f"means/{target}", kind="f", ndim=4)
+            if d.shape[:3] != (layers.shape[0], self.n_heads, count.shape[0]):
+                raise self._damaged(
+                    f"/means/{target} has shape {d.shape}; its first axes must be (layer "
+                    f"{layers.shape[0]}, head {self.n_heads}, position {count.shape[0]})"
+                )
+
+    def dataset_means(self):
+        """The means an ``--over dataset`` run substituted
+        (:class:`~qkvmean.engine.plan.DatasetMeans`: ``values[target]`` ``(layer, head,
+        position, dim)``, ``counts``, ``layers``), or None for other stores."""
+        if not self.has_means:
+            return None
+        from ..engine.plan import DatasetMeans
+
+        g = self._f[MEANS_GROUP]
+        try:
+            counts = g["count"][...].astype(np.int64)
+            layers = tuple(int(x) for x in g["layer"][...])
+            values = {t: g[t][...] for t in self.mean_targets}
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise self._unreadable(exc) from None
+        if np.any(counts < 0) or any(not np.isfinite(v).all() for v in values.values()):
+            raise self._damaged("/means holds negative counts, NaN or infinity")
+        return DatasetMeans(layers, values, counts, {k: _plain(v) for k, v in g.attrs.items()})
 
     def _check_format(self):
         try:

@@ -1,0 +1,190 @@
+"""The dataset mean of a run (``run --over dataset``): a first pass that sums Q, K and V of
+the baseline at each position over every input, streamed batch by batch and resumable,
+or the means recorded in a reference run's store (``--mean-from``).
+
+The first pass reads the run's batches in order and adds each batch's float64 sums into
+running totals (inputs in order within a batch, batches in order), so the means do not
+depend on the thread count, the device or a cluster; they do depend on the batches,
+which the run's manifest fixes (and ``--resume`` keeps). After each batch the totals and
+the number of batches in them are renamed into ``STORE.h5.partial/means.npz``
+atomically: a kill at any moment loses at most the batch in flight. The second pass (the
+run itself) substitutes the means and writes them at ``/means`` in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .engine.names import OVER
+from .io import InputError
+from .io import store as st
+
+#: The running totals of the first pass, in the partial directory.
+STATE = "means.npz"
+_VERSION = 1
+
+
+def wanted(source, options) -> list:
+    """The targets whose means the run substitutes: raw Q/K/V's mean-V changes no weight
+    (there is no model to carry it on), so its means are not taken."""
+    return [t for t in options.targets if source.kind == "model" or t != "v"]
+
+
+def digest(means) -> str:
+    """SHA-256 of the means' layers, counts and values (what a resumed run checks)."""
+    h = hashlib.sha256()
+    h.update(np.asarray(means.layers, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(means.counts, dtype=np.int64).tobytes())
+    for target in sorted(means.values):
+        value = np.ascontiguousarray(means.values[target])
+        h.update(f"{target}:{value.dtype.str}:{value.shape};".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def _load(path: Path, batches, targets):
+    """``(batches summed, totals)`` of a state file, ``(0, None)`` when there is none or
+    it is not this run's (another manifest, damage)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            fields = {name: z[name] for name in z.files if name != "checksum"}
+            if int(z["checksum"]) != st.entry_checksum(fields):
+                return 0, None
+    except FileNotFoundError:
+        return 0, None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        return 0, None  # damaged (an OS crash mid-write): summed again
+    try:
+        same = (
+            int(fields["version"]) == _VERSION
+            and np.array_equal(fields["batches"], np.asarray(batches, dtype=np.int64))
+            and [str(t) for t in fields["targets"]] == list(targets)
+        )
+        done = int(fields["done"])
+        totals = {t: fields[f"sum_{t}"] for t in targets}
+    except (KeyError, TypeError, ValueError):
+        return 0, None
+    if not same or not 0 < done <= len(batches):
+        return 0, None
+    return done, totals
+
+
+def _save(path: Path, batches, targets, done, totals):
+    fields = {
+        "version": np.int64(_VERSION),
+        "batches": np.asarray(batches, dtype=np.int64).reshape(-1, 2),
+        "targets": np.array(list(targets), dtype=np.str_),
+        "done": np.int64(done),
+        **{f"sum_{t}": totals[t] for t in targets},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, checksum=np.uint32(st.entry_checksum(fields)), **fields)
+    os.replace(tmp, path)  # atomic against a kill, as the journal's entries
+
+
+def first_pass(source, options, manifest, work: Path, progress=None):
+    """The means of the run's own inputs (its first pass), resumed from ``work``'s state.
+
+    ``progress(n)`` is called with the inputs of each batch summed. Returns the
+    :class:`~qkvmean.engine.plan.DatasetMeans`.
+    """
+    targets = wanted(source, options)
+    batches = [tuple(b) for b in manifest["batches"]]
+    path = work / STATE
+    done, totals = _load(path, batches, targets)
+    if progress is not None and done:
+        progress(sum(b - a for a, b in batches[:done]))
+    for index in range(done, len(batches)):
+        start, stop = batches[index]
+        inputs, _ = source.read(start, stop)
+        part = source.position_sums(inputs, start, stop, targets)
+        totals = part if totals is None else {t: totals[t] + part[t] for t in targets}
+        _save(path, batches, targets, index + 1, totals)
+        if progress is not None:
+            progress(stop - start)
+    if totals is None:  # no inputs at all
+        totals = source.position_sums(None, 0, 0, targets)
+    return source.means_from_sums(totals, {"taken_from": "this run's inputs"})
+
+
+def from_reference(spec, source, options):
+    """The means recorded in the store ``spec`` (``--mean-from``), checked against this
+    run's source: ``(DatasetMeans of what this run needs, digest)``."""
+    from .engine.plan import DatasetMeans
+
+    path = Path(spec)
+    with st.open_store(path) as ref:
+        means = ref.dataset_means()
+        kind, config, n_heads = ref.source, ref.config, ref.n_heads
+        layer_count = ref.n_layers
+    where = f"--mean-from {path}"
+    if means is None:
+        raise InputError(
+            f"{where}: the store has no /means (it was not made with --over {OVER[2]}); make "
+            f"the reference run with --over {OVER[2]} first"
+        )
+    if kind != source.kind:
+        raise InputError(
+            f"{where}: is a store of {kind} inputs, this run reads {source.kind} inputs; use "
+            "a reference run of the same kind"
+        )
+    if source.kind == "model":
+        mine = source.describe()["model_identity"]
+        if config.get("model_identity") != mine:
+            raise InputError(
+                f"{where}: was made with another model ({config.get('model', '?')}); the means "
+                f"of a reference set must come from the same model ({source.model.name})"
+            )
+        layers = list(source.ablate_layers)
+    else:
+        layers = list(source.layer_ids)
+        if layer_count != source.n_layers:
+            raise InputError(
+                f"{where}: has {layer_count} layers, this input has {source.n_layers}"
+            )
+    if n_heads != source.n_heads:
+        raise InputError(f"{where}: has {n_heads} heads, this input has {source.n_heads}")
+    missing = [t for t in wanted(source, options) if t not in means.values]
+    if missing:
+        raise InputError(
+            f"{where}: has no means of {', '.join(missing)} (it has "
+            f"{', '.join(sorted(means.values))}); make the reference run with those targets"
+        )
+    absent = [layer for layer in layers if layer not in means.layers]
+    if absent:
+        raise InputError(
+            f"{where}: has means at layers {', '.join(map(str, means.layers))} only, this run "
+            f"substitutes at layer {absent[0]}; give the reference run the same --ablate-layers"
+        )
+    dims = source.means_dims()
+    for target in wanted(source, options):
+        have = means.values[target].shape[-1]
+        if have != dims[target]:
+            raise InputError(
+                f"{where}: its means of {target} have dimension {have}, this input's "
+                f"{target} has {dims[target]}"
+            )
+    covered = int(np.argmin(means.counts > 0)) if not means.counts.all() else means.counts.size
+    longest = int(np.max(source.lengths, initial=0))
+    if longest > covered:
+        first = int(np.argmax(np.asarray(source.lengths) > covered))
+        raise InputError(
+            f"{where}: its means cover positions 0..{covered - 1} (its inputs' tokens), but "
+            f"input {first} has {int(source.lengths[first])} tokens; use a reference set "
+            f"with inputs at least as long" + (f", or --max-tokens {covered}"
+                                               if source.kind == "model" else "")
+        )  # fmt: skip
+    rows = [means.layers.index(layer) for layer in layers]
+    chosen = DatasetMeans(
+        tuple(layers),
+        {t: np.ascontiguousarray(means.values[t][rows]) for t in wanted(source, options)},
+        means.counts,
+        {"taken_from": str(path.resolve())},
+    )
+    return chosen, digest(chosen)
