@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from model_support import copy_model, edit_config, padded_ids, write_gpt2_dir
 from support import patched
 
+import qkvmean
 from qkvmean.cli import main
 from qkvmean.engine import reference as ref
 from qkvmean.engine import synthetic
@@ -486,6 +487,44 @@ def _check_golden(model, texts, golden, over, layer):
 
 def test_minilm_matches_hugging_face_transformers(minilm):
     _check_golden(minilm, BUILTIN_SENTENCES[:2], GOLDEN["minilm"], "tokens", 0)
+
+
+#: tests/data/make_golden.py's DATASET_TEXTS
+DATASET_TEXTS = (
+    "The cat sat on the mat.",
+    "Mean ablation replaces a head's activation by its mean over a data set.",
+    "Short one.",
+    "Every position is averaged over the inputs that reach it, and padding never counts.",
+    "Keys, queries and values.",
+)
+
+
+def test_minilm_dataset_mean_run_matches_transformers_hooks(minilm, tmp_path):
+    """``run --model minilm --over dataset --batch-size 2``: every layer's maps against
+    transformers with hooks that put each position's mean over all five texts (from a clean
+    pass) into layer 0's projection; the batches of two must not make it a mean over the
+    batch."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(DATASET_TEXTS) + "\n")
+    out = tmp_path / "d.h5"
+    argv = ["run", "--model", "minilm", "--text", str(texts), "--over", "dataset",
+            "--batch-size", "2", "--out", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    golden = GOLDEN["minilm_dataset"]
+    with qkvmean.open_store(out) as store:
+        for name in ("baseline", "mean_q", "mean_k", "mean_v"):
+            for b, want in enumerate(golden[name]):
+                n = int(store.lengths[b])
+                got = store.maps(name, b)[:, :, :n, :n].astype(np.float64)
+                np.testing.assert_allclose(got.mean(axis=1), want["head_mean"], atol=1e-4,
+                                           err_msg=f"{name} input {b}")  # fmt: skip
+                np.testing.assert_allclose(got[0], want["heads_at_substitution"], atol=1e-4)
+    # the maps really differ from the mean over each input's own tokens
+    tokens_out = tmp_path / "t.h5"
+    tokens_argv = [a if a != "dataset" else "tokens" for a in argv[:-3]]
+    assert main([*tokens_argv, "--out", str(tokens_out), "-q"]) == 0
+    with qkvmean.open_store(tokens_out) as a, qkvmean.open_store(out) as b:
+        assert np.abs(a.maps("mean_k", 0) - b.maps("mean_k", 0)).max() > 0.05
 
 
 def test_gpt2_checkpoint_matches_hugging_face_transformers(gpt2_dir):

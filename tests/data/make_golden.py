@@ -10,7 +10,10 @@ eager attention, the substitution done by forward hooks on the Q/K/V projections
 - all-MiniLM-L6-v2, the first two sentences: baseline and mean-Q/K/V at layer 0 (mean over
   the valid tokens);
 - the GPT-2 directory that tests/model_support.py writes (seed 0), on GPT2_TEXTS: baseline
-  and mean-Q/K/V at layer 1 with the causal prefix mean.
+  and mean-Q/K/V at layer 1 with the causal prefix mean;
+- all-MiniLM-L6-v2 on DATASET_TEXTS: mean-Q/K/V at layer 0 with the dataset mean (each
+  position's mean over every text that reaches it, from a clean pass), as the mean-ablation
+  literature does it with hooks.
 The tests compare qkvmean's loader and forward passes against these values, so that a
 mistake in how a checkpoint is read (a transpose, the Q/K/V order) cannot hide behind a
 reference that reads the same weights the same way.
@@ -33,6 +36,51 @@ from qkvmean.io.texts import BUILTIN_SENTENCES  # noqa: E402
 
 #: Short texts for the tiny byte-level tokenizer of the test's GPT-2 directory.
 GPT2_TEXTS = ("the quick fox", "mean keys")
+#: The data set of the dataset mean (different lengths, so that later positions are
+#: averaged over fewer inputs).
+DATASET_TEXTS = (
+    "The cat sat on the mat.",
+    "Mean ablation replaces a head's activation by its mean over a data set.",
+    "Short one.",
+    "Every position is averaged over the inputs that reach it, and padding never counts.",
+    "Keys, queries and values.",
+)
+
+
+def run_dataset_mean(model, projections, tokenizer, texts, target, layer, width):
+    """Per-position mean over every text (a first clean pass with hooks capturing the
+    projection output), then each text with its positions replaced by those means."""
+    encs = tokenizer.encode_batch(list(texts))
+    lin, index = projections(layer, target)
+    taken = []
+
+    def capture(mod, inp, res):
+        taken.append(res[0, :, index * width : (index + 1) * width].double().clone())
+
+    handle = lin.register_forward_hook(capture)
+    with torch.no_grad():
+        for e in encs:
+            model(input_ids=torch.tensor([e.ids]))
+    handle.remove()
+    longest = max(x.shape[0] for x in taken)
+    means = torch.zeros(longest, width, dtype=torch.float64)
+    for p in range(longest):
+        means[p] = torch.stack([x[p] for x in taken if x.shape[0] > p]).mean(0)
+    out = []
+    for e in encs:
+        n = len(e.ids)
+
+        def hook(mod, inp, res, n=n):
+            res = res.clone()
+            res[0, :, index * width : (index + 1) * width] = means[:n].float()
+            return res
+
+        handle = lin.register_forward_hook(hook)
+        with torch.no_grad():
+            att = model(input_ids=torch.tensor([e.ids]), output_attentions=True).attentions
+        handle.remove()
+        out.append([a[0].numpy() for a in att])
+    return out
 
 
 def run(model, projections, tokenizer, texts, target, layer, over, width):
@@ -94,6 +142,11 @@ def main():
         name: summarise(run(bert, bert_proj, tok, BUILTIN_SENTENCES[:2], t, 0, "tokens", d), 0)
         for name, t in [("baseline", None), ("mean_q", "q"), ("mean_k", "k"), ("mean_v", "v")]
     }
+    dataset = {"baseline": summarise(run(bert, bert_proj, tok, DATASET_TEXTS, None, 0, "", d), 0)}
+    for t in "qkv":
+        maps = run_dataset_mean(bert, bert_proj, tok, DATASET_TEXTS, t, 0, d)
+        dataset[f"mean_{t}"] = summarise(maps, 0)
+    golden["minilm_dataset"] = dataset
     with tempfile.TemporaryDirectory() as tmp:
         path = write_gpt2_dir(Path(tmp) / "gpt2")
         gpt2 = GPT2Model.from_pretrained(str(path), attn_implementation="eager").eval()
