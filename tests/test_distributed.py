@@ -88,6 +88,24 @@ def test_qkv_and_model_stores_are_those_of_a_local_run(tmp_path, cluster, monkey
     assert made["workers"] == 2 and made["scheduler"] == addr
 
 
+def test_dataset_means_on_a_cluster_are_those_of_a_local_run(tmp_path, cluster):
+    """--over dataset: the first pass runs on the driver, the means travel with each task;
+    the store (its /means too) is a local run's."""
+    addr = cluster[0].scheduler_address
+    make_qkv(tmp_path / "in.h5", n=7, layers=2, heads=3, seq=8)
+    text = _texts(tmp_path / "t.txt")
+    for name, argv in (
+        ("qkv", ["run", "--qkv", str(tmp_path / "in.h5")]),
+        ("model", ["run", "--model", "synthetic", "--text", str(text), "--ablate-layers", "0,2"]),
+    ):
+        argv = [*argv, "--over", "dataset", "--batch-size", "3", "--quiet"]
+        assert main([*argv, "-o", str(tmp_path / f"{name}-local.h5")]) == 0
+        assert main([*argv, "-o", str(tmp_path / f"{name}-dist.h5"), "--scheduler", addr]) == 0
+        assert_identical(tmp_path / f"{name}-local.h5", tmp_path / f"{name}-dist.h5")
+        with h5py.File(tmp_path / f"{name}-dist.h5") as f:
+            assert "means/q" in f and f["means/count"][0] == (7 if name == "qkv" else 6)
+
+
 def test_workers_starts_a_local_cluster(tmp_path, capsys):
     make_qkv(tmp_path / "in.h5", n=4, layers=1, heads=2, seq=6)
     qkv = ["run", "--qkv", str(tmp_path / "in.h5"), "--batch-size", "1"]
