@@ -304,3 +304,24 @@ def test_mean_from_refusals_are_one_line(tmp_path, texts, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (extra, err)
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.partial").exists()
+
+
+def test_inspect_names_the_means_and_resume_refuses_a_changed_reference(tmp_path, texts, capsys):
+    reference = tmp_path / "ref.h5"
+    base = ["run", "--model", "synthetic", "--text", str(texts), "-q"]
+    assert main([*base, "--over", "dataset", "--out", str(reference)]) == 0
+    out = tmp_path / "o.h5"
+    assert main([*base, "--mean-from", str(reference), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("means")]
+    assert lines == [
+        f"means        of q, k, v at layers [0], over 5 inputs at 12 positions, taken from "
+        f"{reference.resolve()} (/means)"
+    ]
+    assert main([*base, "--mean-from", str(reference), "--out", str(out), "--resume"]) == 0
+    with h5py.File(reference, "r+") as f:  # the reference changes
+        f["means/k"][0, 0, 0, 0] += 1.0
+    capsys.readouterr()
+    assert main([*base, "--mean-from", str(reference), "--out", str(out), "--resume"]) == 2
+    assert "made with a different configuration: other means contents" in capsys.readouterr().err

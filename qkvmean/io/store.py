@@ -1240,7 +1240,22 @@ class Store:
             "map_bytes_uncompressed": raw,
             "map_bytes_stored": stored,
             "compression_ratio": raw / stored if stored else None,
+            "means": self._means_summary(),
             "config": cfg,
+        }
+
+    def _means_summary(self):
+        """What ``inspect`` says of ``/means`` (None for stores without)."""
+        if not self.has_means:
+            return None
+        g = self._f[MEANS_GROUP]
+        counts = g["count"][...]
+        return {
+            "targets": self.mean_targets,
+            "layers": [int(x) for x in g["layer"][...]],
+            "positions": int((counts > 0).sum()),
+            "inputs_at_first_position": int(counts[0]) if counts.size else 0,
+            "taken_from": _plain(g.attrs.get("taken_from")),
         }
 
 
