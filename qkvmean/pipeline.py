@@ -136,7 +136,7 @@ class QKVSource:
         return {"source": "qkv", "input": self.input.spec, "input_identity": self.input.identity()}
 
     def notes(self):
-        return iter(())
+        return iter(self.input.warnings)  # a missing lengths dataset, a pre-rotary capture
 
     def align(self) -> int:
         return self.input.chunk_inputs()

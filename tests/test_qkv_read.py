@@ -8,6 +8,7 @@ import os
 import h5py
 import numpy as np
 import pytest
+from support import without_notes
 
 from qkvmean.io.qkv import QKVInput, _DirectReader
 
@@ -170,7 +171,7 @@ def test_an_io_error_while_reading_fails_the_run_with_one_line(tmp_path, monkeyp
     monkeypatch.setattr(os, "preadv", broken)
     out = tmp_path / "o.h5"
     assert main(["run", "--qkv", str(path), "--out", str(out), "--quiet"]) == 1
-    err = capsys.readouterr().err
+    err = without_notes(capsys.readouterr().err)
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"reading {path}:/q failed: input/output error" in err and "--resume" in err
     assert not out.exists() and pipeline.partial_dir(out).exists()

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import pytest
 from model_support import edit_config, write_gpt2_dir
+from support import without_notes
 from test_run import _assert_same_store
 from test_store import make_qkv
 
@@ -36,7 +37,7 @@ from qkvmean.io import store as st
 def expect(capsys, code, argv, rx):
     """``main(argv)`` exits ``code`` with one line on stderr that matches ``rx``."""
     assert main([str(a) for a in argv]) == code
-    err = capsys.readouterr().err
+    err = without_notes(capsys.readouterr().err)
     assert err.count("\n") == 1, err
     assert re.search(rx, err), err
     return err

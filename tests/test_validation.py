@@ -259,7 +259,7 @@ BAD = [
         (Q,),
         {"over": "heads"},
         ValueError,
-        r"over must be one of 'tokens', 'causal'; got 'heads'",
+        r"over must be one of 'tokens', 'causal', 'dataset'; got 'heads'",
     ),
     (
         "over-ablate",

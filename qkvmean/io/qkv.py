@@ -9,6 +9,7 @@ values themselves, which are checked batch by batch as they are read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -160,6 +161,89 @@ def _check_written(dset: h5py.Dataset, where: str):
     )
 
 
+#: No model's head dimension is larger (Gemma's 256 is the largest in use).
+MAX_HEAD_DIM = 256
+HOW_TO_NAME = (
+    "with h5py: for i, n in enumerate(('batch', 'layer', 'head', 'seq', 'dim')): "
+    "f['q'].dims[i].label = n; see docs/store.md, The Q/K/V input format"
+)
+#: Names other tools give the axes, and the one each means.
+AXIS_ALIASES = {
+    "batch": "batch", "input": "batch", "inputs": "batch", "sample": "batch",
+    "example": "batch", "layer": "layer", "layers": "layer", "head": "head",
+    "heads": "head", "kv_head": "head", "kv_heads": "head", "seq": "seq",
+    "position": "seq", "pos": "seq", "token": "seq", "tokens": "seq", "sequence": "seq",
+    "dim": "dim", "dim_v": "dim", "head_dim": "dim", "d_head": "dim", "d_k": "dim",
+    "d_v": "dim",
+}  # fmt: skip
+#: Names that say the heads were not split off the model dimension.
+UNSPLIT = ("hidden", "d_model", "embed", "embedding", "model", "channel", "channels")
+
+
+def _text(value):
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, np.ndarray) and value.shape == ():
+        return _text(value.item())
+    return value if isinstance(value, str) else None
+
+
+def _axis_names(dset) -> list:
+    """Each axis's name: its label, else the NAME of the dimension scale attached to it
+    (else the scale dataset's own name: netCDF writers give scales a placeholder NAME)."""
+    names = []
+    for dim in dset.dims:
+        label = dim.label
+        if not label and len(dim):
+            label = _text(dim.keys()[0]) or ""  # the scale's NAME
+            if not label or label.startswith("This is a netCDF dimension"):
+                label = dim[0].name.rsplit("/", 1)[-1]
+        names.append(label or None)
+    return names
+
+
+def _order(dset, where):
+    """The permutation that puts ``dset``'s named axes in the canonical order, or None for
+    a dataset whose axes have no names."""
+    names = _axis_names(dset)
+    if not any(names):
+        return None
+    if not all(names):
+        missing = [i for i, n in enumerate(names) if not n]
+        raise InputError(
+            f"{where}: names some axes but not axis {missing[0]} (names {names}); name every "
+            f"axis ({HOW_TO_NAME})"
+        )
+    lowered = [n.lower() for n in names]
+    split = [n for n in lowered if n in UNSPLIT]
+    if split:
+        raise InputError(
+            f"{where}: has an axis {split[0]!r} of {dset.shape[lowered.index(split[0])]}: the "
+            "heads are not split off the model dimension; reshape it into (head, dim) "
+            "(x.reshape(..., n_heads, head_dim)) and name the axes head and dim"
+        )
+    unknown = [n for n in lowered if n not in AXIS_ALIASES]
+    if unknown:
+        raise InputError(
+            f"{where}: unknown axis name {unknown[0]!r}; the axes are named "
+            f"{', '.join(AXES)} (layer optional)"
+        )
+    canonical = [AXIS_ALIASES[n] for n in lowered]
+    want = [a for a in AXES if a in canonical]
+    if sorted(canonical) != sorted(want) or len(set(canonical)) != len(canonical) or (
+        want not in (list(AXES), [a for a in AXES if a != "layer"])
+    ):
+        raise InputError(
+            f"{where}: its axes are named {names}; they must be batch, layer (optional), "
+            "head, seq and dim, each once"
+        )
+    return tuple(canonical.index(a) for a in want)
+
+
+def _canonical_shape(shape, perm):
+    return tuple(shape) if perm is None else tuple(shape[i] for i in perm)
+
+
 def split_spec(spec: str):
     """``"path.h5:/group"`` → ``(Path("path.h5"), "/group")``; the group defaults to ``/``.
 
@@ -257,44 +341,106 @@ class QKVInput:
                     "dim) or (batch, head, seq, dim)"
                 )
             dsets[name] = d
-        q, k, v = dsets["q"], dsets["k"], dsets["v"]
-        if k.shape != q.shape:
+        self._check_format(group)
+        self.perm = {name: _order(d, self.where(name)) for name, d in dsets.items()}
+        named = [n for n in dsets if self.perm[n] is not None]
+        if named and len(named) < 3:
+            unnamed = [n for n in dsets if n not in named]
             raise InputError(
-                f"{self.where('k')}: shape {k.shape} differs from q's {q.shape}; q and k "
-                "must have the same shape"
+                f"{self.where(unnamed[0])}: has no axis names, though {named[0]} has; name the "
+                f"axes of q, k and v alike ({HOW_TO_NAME})"
             )
-        if v.ndim != q.ndim or v.shape[:-1] != q.shape[:-1]:
+        self.named = bool(named)
+        self.shapes = {n: _canonical_shape(d.shape, self.perm[n]) for n, d in dsets.items()}
+        q, k, v = (self.shapes[n] for n in ("q", "k", "v"))
+        if k[:-3] != q[:-3] or k[-2:] != q[-2:] or q[-3] % max(k[-3], 1):
             raise InputError(
-                f"{self.where('v')}: shape {v.shape} does not match q's {q.shape} (only the "
-                "last axis may differ)"
+                f"{self.where('k')}: shape {k} does not match q's {q}; q and k must have the "
+                "same shape, but for fewer key heads that divide q's (grouped-query attention)"
             )
-        if q.shape[-1] == 0:
+        if len(v) != len(q) or v[:-3] != q[:-3] or v[-3] != k[-3] or v[-2] != q[-2]:
+            raise InputError(
+                f"{self.where('v')}: shape {v} does not match k's {k} (only the last axis "
+                "may differ)"
+            )
+        if q[-1] == 0:
             raise InputError(f"{self.where('q')}: head dim is 0")
-        if q.shape[-2] == 0:
+        if q[-2] == 0:
             raise InputError(f"{self.where('q')}: sequence length is 0; nothing to attend to")
-        if q.shape[0] == 0:
+        if q[0] == 0:
             raise InputError(f"{self.where('q')}: holds no inputs (batch axis is 0)")
-        if q.shape[-3] == 0:
+        if q[-3] == 0 or k[-3] == 0:
             raise InputError(f"{self.where('q')}: has no heads (head axis is 0)")
-        if q.ndim == 5 and q.shape[1] == 0:
+        if len(q) == 5 and q[1] == 0:
             raise InputError(f"{self.where('q')}: has no layers (layer axis is 0)")
         self.files = [self.path]
         for name, d in dsets.items():
             _check_written(d, self.where(name))
             self.files += _files(d, self.where(name))
-        self.q, self.k, self.v = q, k, v
-        self.rank = q.ndim
-        self.n_inputs = q.shape[0]
-        self.n_layers = q.shape[1] if self.rank == 5 else 1
-        self.n_heads, self.seq, self.dim = q.shape[-3:]
-        self.dim_v = v.shape[-1]
+        self.q, self.k, self.v = dsets["q"], dsets["k"], dsets["v"]
+        self.rank = len(q)
+        self.n_inputs = q[0]
+        self.n_layers = q[1] if self.rank == 5 else 1
+        self.n_heads, self.seq, self.dim = q[-3:]
+        self.dim_v = v[-1]
+        self.warnings = []
+        if not self.named:
+            self._check_unambiguous()
         self.lengths = self._read_lengths(group)
+        if _text(group.attrs.get("captured_at")) == "projection" and group.attrs.get("rotary"):
+            self.warnings.append(
+                f"warning: {self.where()}: these Q and K were captured at the projection, "
+                "before the model's rotary embedding or q/k norm, so their maps are not the "
+                "model's; capture with --at attention for those"
+            )
         causal = group.attrs.get("causal", self._f.attrs.get("causal"))
         self.causal_attr = None if causal is None else parse_causal(causal, self.where())
+
+    def _check_format(self, group):
+        """A group that says it is the exchange format must be a version we read."""
+        fmt = _text(group.attrs.get("format"))
+        if fmt is None:
+            return
+        version = group.attrs.get("format_version")
+        if isinstance(version, np.generic):
+            version = version.item()
+        if fmt != FORMAT or not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
+            raise InputError(
+                f"{self.where()}: is format {fmt!r} version {version!r}; this qkvmean reads "
+                f"{FORMAT!r} version {FORMAT_VERSION} (docs/store.md); use a matching qkvmean"
+            )
+
+    def _check_unambiguous(self):
+        """A file whose axes have no names is read in the documented order only where its
+        shape cannot mean another: the seq axis (-2) strictly the longest of the axes
+        between batch and dim, and a last axis no model's head dimension exceeds."""
+        shape = self.shapes["q"]
+        axes = ("layer", "head") if self.rank == 5 else ("head",)
+        middle = dict(zip(axes, shape[1:-2], strict=True))
+        rival = [a for a, size in middle.items() if size >= self.seq]
+        order = f"(batch, {', '.join(axes)}, seq, dim)"
+        if rival:
+            raise InputError(
+                f"{self.where('q')}: shape {shape} with no axis names is ambiguous: the {rival[0]} "
+                f"axis ({middle[rival[0]]}) is not shorter than the seq axis (-2, {self.seq}), "
+                f"so the order may not be {order}; name the axes ({HOW_TO_NAME})"
+            )
+        if self.dim > MAX_HEAD_DIM:
+            raise InputError(
+                f"{self.where('q')}: shape {shape} with no axis names has a last axis of "
+                f"{self.dim}, larger than any model's head dimension (<= {MAX_HEAD_DIM}): are "
+                "the heads not split? reshape the last axis into (head, dim), or name the axes "
+                f"({HOW_TO_NAME})"
+            )
 
     def _read_lengths(self, group):
         d = self._member(group, "lengths", self.where("lengths"))
         if d is None:
+            self.warnings.append(
+                f"warning: {self.where()}: no lengths dataset, so every one of the {self.seq} "
+                "positions of every input counts as a token; write lengths (batch,) if the "
+                "inputs are padded"
+            )
             return np.full(self.n_inputs, self.seq, dtype=np.int64)
         if not isinstance(d, h5py.Dataset) or d.dtype.kind not in "iu":
             what = "" if isinstance(d, h5py.Dataset) else f" (it is {_kind(d)})"
@@ -310,9 +456,15 @@ class QKVInput:
         bad = np.flatnonzero((raw < 0) | (raw > self.seq))
         if bad.size:
             i = int(bad[0])
+            hint = ""
+            if not self.named:
+                hint = (
+                    "; if q's axes are not in the order (batch, [layer,] head, seq, dim), name "
+                    f"them ({HOW_TO_NAME})"
+                )
             raise InputError(
                 f"{self.where('lengths')}: input {i} has length {int(raw[i])}, outside "
-                f"0..{self.seq} (the sequence length)"
+                f"0..{self.seq} (the sequence length, axis -2){hint}"
             )
         lengths = raw.astype(np.int64)
         return lengths
@@ -320,7 +472,10 @@ class QKVInput:
     def chunk_inputs(self) -> int:
         """Inputs per chunk of the q dataset along the batch axis (1 if contiguous)."""
         chunks = self.q.chunks
-        return chunks[0] if chunks else 1
+        if not chunks:
+            return 1
+        perm = self.perm["q"]
+        return chunks[0 if perm is None else perm[0]]
 
     def identity(self) -> dict:
         """What a resumed run must find unchanged: shapes, dtypes, lengths, causal and a
@@ -332,7 +487,7 @@ class QKVInput:
                 value = self._hdf5_read(name, index, index + 1)[0]  # damage named as such
                 digest.update(np.ascontiguousarray(value).tobytes())
         return {
-            "shapes": {n: list(getattr(self, n).shape) for n in ("q", "k", "v")},
+            "shapes": {n: list(self.shapes[n]) for n in ("q", "k", "v")},
             "dtypes": {n: getattr(self, n).dtype.name for n in ("q", "k", "v")},
             "causal_attr": self.causal_attr,
             "sha256": digest.hexdigest(),
@@ -345,7 +500,7 @@ class QKVInput:
         """
         out = []
         for name in ("q", "k", "v"):
-            direct = self._direct_reader(name)
+            direct = self._direct_reader(name) if self.perm[name] is None else None
             if direct is not None:
                 x = direct.read(start, stop, self.where(name))
             else:
@@ -371,8 +526,13 @@ class QKVInput:
     def _hdf5_read(self, name, start, stop):
         """``name[start:stop]`` through HDF5: a system error is a :class:`ReadFailed`
         (resumable), anything HDF5 itself cannot decode a damaged input."""
+        perm = self.perm[name]
         try:
-            return getattr(self, name)[start:stop]
+            if perm is None:
+                return getattr(self, name)[start:stop]
+            index = [slice(None)] * len(perm)
+            index[perm[0]] = slice(start, stop)
+            return np.transpose(getattr(self, name)[tuple(index)], perm)
         except (OSError, RuntimeError) as exc:
             where = f"{self.where(name)}: inputs {start}..{stop - 1}"
             if isinstance(exc, OSError) and exc.errno:
@@ -409,3 +569,145 @@ class QKVInput:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ----------------------------------------------------------------------------- writing
+
+#: The exchange format's name and version (the group's ``format``/``format_version``).
+FORMAT = "qkvmean-qkv"
+FORMAT_VERSION = 1
+#: The axis names of a dataset, in the order qkvmean reads.
+AXES = ("batch", "layer", "head", "seq", "dim")
+
+_STR = h5py.string_dtype("utf-8")
+
+
+class QKVWriter:
+    """Writes Q/K/V in the exchange format (docs/store.md), batch by batch.
+
+    The file is built at ``.PATH.<pid>.partial`` beside ``path`` and renamed onto it by
+    :meth:`finish`, so a kill never leaves a half-written file under the final name; an
+    existing ``path`` is refused unless ``overwrite``. Datasets ``q`` ``(batch, layer,
+    head, seq, dim)``, ``k`` and ``v`` (their own KV heads, ``v`` its own ``dim``) carry
+    dimension scales and labels; ``lengths``, and optionally ``tokens`` and ``text``.
+    """
+
+    def __init__(self, path, *, n_inputs, n_layers, n_heads, n_kv_heads, seq, dim, dim_v,
+                 lengths, causal=None, tokens=None, text=None, attrs=None, overwrite=False,
+                 layer_ids=None):  # fmt: skip
+        self.path = Path(path)
+        if os.path.lexists(self.path) and not overwrite:
+            raise InputError(f"{self.path}: exists; pass --overwrite to replace it")
+        if n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise InputError(f"{n_kv_heads} KV heads do not divide {n_heads} query heads")
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        self.overwrite = overwrite
+        self.seq = seq
+        self.f = h5py.File(self.tmp, "w")
+        try:
+            self._skeleton(n_inputs, n_layers, n_heads, n_kv_heads, seq, dim, dim_v, lengths,
+                           causal, tokens, text, attrs or {}, layer_ids)  # fmt: skip
+        except BaseException:
+            self.abort()
+            raise
+
+    def _skeleton(self, n, n_layers, heads, kv_heads, seq, dim, dim_v, lengths, causal,
+                  tokens, text, attrs, layer_ids):  # fmt: skip
+        f = self.f
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = np.int32(FORMAT_VERSION)
+        if causal is not None:
+            f.attrs["causal"] = bool(causal)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
+        scales = {
+            "batch": np.arange(n), "layer": np.asarray(layer_ids), "head": np.arange(heads),
+            "seq": np.arange(seq), "dim": np.arange(dim),
+        }  # fmt: skip
+        if kv_heads != heads:
+            scales["kv_head"] = np.arange(kv_heads)
+        if dim_v != dim:
+            scales["dim_v"] = np.arange(dim_v)
+        for name, values in scales.items():
+            f.create_dataset(name, data=values.astype(np.int32)).make_scale(name)
+        kv = "kv_head" if kv_heads != heads else "head"
+        axes = {
+            "q": ("batch", "layer", "head", "seq", "dim"),
+            "k": ("batch", "layer", kv, "seq", "dim"),
+            "v": ("batch", "layer", kv, "seq", "dim_v" if dim_v != dim else "dim"),
+        }
+        for name, names in axes.items():
+            shape = tuple(len(scales[a]) for a in names)
+            d = f.create_dataset(name, shape=shape, dtype="float32",
+                                 chunks=(1, *shape[1:]) if n else None)  # fmt: skip
+            _name_axes(d, f, names)
+        lengths = f.create_dataset("lengths", data=np.asarray(lengths, dtype=np.int32))
+        _name_axes(lengths, f, ("batch",))
+        if tokens is not None:
+            t = f.create_dataset("tokens", data=np.array(tokens, dtype=_STR).reshape(n, seq))
+            _name_axes(t, f, ("batch", "seq"))
+        if text is not None:
+            _name_axes(f.create_dataset("text", data=np.array(text, dtype=_STR)), f, ("batch",))
+
+    def write(self, start, q, k, v):
+        """Inputs ``start:start + len(q)``; each ``(n, layer, heads, seq_b, dim)`` with
+        ``seq_b <= seq`` (zero-padded to the file's ``seq``)."""
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            d = self.f[name]
+            x = np.asarray(x, dtype=np.float32)
+            if x.shape[-2] < self.seq:
+                pad = [(0, 0)] * (x.ndim - 2) + [(0, self.seq - x.shape[-2]), (0, 0)]
+                x = np.pad(x, pad)
+            d[start : start + x.shape[0]] = x
+
+    def finish(self) -> Path:
+        """Close, fsync and rename onto the final path; returns it."""
+        self.f.close()
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not self.overwrite and os.path.lexists(self.path):
+            self.abort()
+            raise InputError(f"{self.path}: appeared while it was written; pass --overwrite")
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self):
+        """Close and delete the unfinished file."""
+        try:
+            self.f.close()
+        except (OSError, RuntimeError, ValueError):
+            pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc):
+        if kind is not None:
+            self.abort()
+
+
+def _name_axes(dset, f, names):
+    for axis, name in enumerate(names):
+        dset.dims[axis].attach_scale(f[name])
+        dset.dims[axis].label = name
+
+
+def write_qkv(path, q, k, v, *, lengths=None, causal=None, attrs=None, overwrite=False):
+    """Write ``q``, ``k``, ``v`` (``(batch, [layer,] head, seq, dim)`` arrays; ``k``/``v``
+    may have fewer heads) in the exchange format; returns the path."""
+    q, k, v = (np.asarray(x, dtype=np.float32) for x in (q, k, v))
+    if q.ndim == 4:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    n, layers, heads, seq, dim = q.shape
+    lengths = np.full(n, seq) if lengths is None else lengths
+    with QKVWriter(path, n_inputs=n, n_layers=layers, n_heads=heads, n_kv_heads=k.shape[2],
+                   seq=seq, dim=dim, dim_v=v.shape[-1], lengths=lengths, causal=causal,
+                   attrs=attrs, overwrite=overwrite) as w:  # fmt: skip
+        w.write(0, q, k, v)
+        return w.finish()
