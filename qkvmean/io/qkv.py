@@ -600,6 +600,11 @@ class QKVWriter:
             raise InputError(f"{self.path}: exists; pass --overwrite to replace it")
         if n_kv_heads < 1 or n_heads % n_kv_heads:
             raise InputError(f"{n_kv_heads} KV heads do not divide {n_heads} query heads")
+        lengths = np.asarray(lengths)
+        if lengths.shape != (n_inputs,) or np.any((lengths < 0) | (lengths > seq)):
+            raise InputError(
+                f"lengths must be {n_inputs} counts within 0..{seq}, got shape {lengths.shape}"
+            )
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         self.overwrite = overwrite
         self.seq = seq
