@@ -164,8 +164,8 @@ def _check_written(dset: h5py.Dataset, where: str):
 #: No model's head dimension is larger (Gemma's 256 is the largest in use).
 MAX_HEAD_DIM = 256
 HOW_TO_NAME = (
-    "with h5py: for i, n in enumerate(('batch', 'layer', 'head', 'seq', 'dim')): "
-    "f['q'].dims[i].label = n; see docs/store.md, The Q/K/V input format"
+    "label every axis of q, k and v as it is stored, e.g. with h5py: f['q'].dims[3].label = "
+    "'seq' (the names: batch, layer, head, seq, dim); see docs/store.md, The Q/K/V input format"
 )
 #: Names other tools give the axes, and the one each means.
 AXIS_ALIASES = {
@@ -186,6 +186,17 @@ def _text(value):
     if isinstance(value, np.ndarray) and value.shape == ():
         return _text(value.item())
     return value if isinstance(value, str) else None
+
+
+def _flag(value) -> bool:
+    """An attribute that should be a bool, read leniently (a missing one is False)."""
+    text = _text(value)
+    if text is not None:
+        return text.strip().lower() in ("true", "yes", "1", "on")
+    try:
+        return bool(np.asarray(value).reshape(-1)[0]) if np.size(value) == 1 else False
+    except (TypeError, ValueError):
+        return False
 
 
 def _axis_names(dset) -> list:
@@ -230,9 +241,8 @@ def _order(dset, where):
         )
     canonical = [AXIS_ALIASES[n] for n in lowered]
     want = [a for a in AXES if a in canonical]
-    if sorted(canonical) != sorted(want) or len(set(canonical)) != len(canonical) or (
-        want not in (list(AXES), [a for a in AXES if a != "layer"])
-    ):
+    once = sorted(canonical) == sorted(want)
+    if not once or want not in (list(AXES), [a for a in AXES if a != "layer"]):
         raise InputError(
             f"{where}: its axes are named {names}; they must be batch, layer (optional), "
             "head, seq and dim, each once"
@@ -341,17 +351,24 @@ class QKVInput:
                     "dim) or (batch, head, seq, dim)"
                 )
             dsets[name] = d
-        self._check_format(group)
-        self.perm = {name: _order(d, self.where(name)) for name, d in dsets.items()}
-        named = [n for n in dsets if self.perm[n] is not None]
+        formatted = self._check_format(group)
+        perms = {name: _order(d, self.where(name)) for name, d in dsets.items()}
+        named = [n for n in dsets if perms[n] is not None]
         if named and len(named) < 3:
             unnamed = [n for n in dsets if n not in named]
             raise InputError(
                 f"{self.where(unnamed[0])}: has no axis names, though {named[0]} has; name the "
                 f"axes of q, k and v alike ({HOW_TO_NAME})"
             )
+        if formatted and not named:
+            raise InputError(
+                f"{self.where('q')}: the group says format {FORMAT!r}, whose axes are named, but "
+                f"q, k and v have no axis names; name them ({HOW_TO_NAME})"
+            )
         self.named = bool(named)
-        self.shapes = {n: _canonical_shape(d.shape, self.perm[n]) for n, d in dsets.items()}
+        self.shapes = {n: _canonical_shape(d.shape, perms[n]) for n, d in dsets.items()}
+        # None: the axes are stored in the canonical order (read as they are, fast path)
+        self.perm = {n: None if p == tuple(range(len(p or ()))) else p for n, p in perms.items()}
         q, k, v = (self.shapes[n] for n in ("q", "k", "v"))
         if k[:-3] != q[:-3] or k[-2:] != q[-2:] or q[-3] % max(k[-3], 1):
             raise InputError(
@@ -387,7 +404,8 @@ class QKVInput:
         if not self.named:
             self._check_unambiguous()
         self.lengths = self._read_lengths(group)
-        if _text(group.attrs.get("captured_at")) == "projection" and group.attrs.get("rotary"):
+        rotary = _flag(group.attrs.get("rotary"))
+        if _text(group.attrs.get("captured_at")) == "projection" and rotary:
             self.warnings.append(
                 f"warning: {self.where()}: these Q and K were captured at the projection, "
                 "before the model's rotary embedding or q/k norm, so their maps are not the "
@@ -396,19 +414,24 @@ class QKVInput:
         causal = group.attrs.get("causal", self._f.attrs.get("causal"))
         self.causal_attr = None if causal is None else parse_causal(causal, self.where())
 
-    def _check_format(self, group):
-        """A group that says it is the exchange format must be a version we read."""
+    def _check_format(self, group) -> bool:
+        """Does the group say it is the exchange format? It must then be a version we read.
+        (A ``format`` attribute with another value is some other tool's, and not ours.)"""
         fmt = _text(group.attrs.get("format"))
-        if fmt is None:
-            return
+        if fmt is None or fmt.strip().lower() != FORMAT:
+            return False
         version = group.attrs.get("format_version")
+        if isinstance(version, np.ndarray) and version.size == 1:
+            version = version.reshape(()).item()
         if isinstance(version, np.generic):
             version = version.item()
-        if fmt != FORMAT or not isinstance(version, (int, np.integer)) or version != FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
             raise InputError(
                 f"{self.where()}: is format {fmt!r} version {version!r}; this qkvmean reads "
-                f"{FORMAT!r} version {FORMAT_VERSION} (docs/store.md); use a matching qkvmean"
+                f"{FORMAT!r} version {FORMAT_VERSION} (docs/store.md); use a qkvmean that "
+                "reads that version, or write the file again in version 1"
             )
+        return True
 
     def _check_unambiguous(self):
         """A file whose axes have no names is read in the documented order only where its
@@ -582,50 +605,130 @@ AXES = ("batch", "layer", "head", "seq", "dim")
 _STR = h5py.string_dtype("utf-8")
 
 
+#: Attributes the writer sets itself (``attrs`` may not).
+_RESERVED = ("format", "format_version", "causal")
+#: HDF5's largest chunk is 4 GiB; an input larger than this is chunked a layer at a time.
+_MAX_CHUNK = 2**32 - 1
+
+
+def _count(value, what, least=1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{what} must be an integer, got {value!r}")
+    if value < least:
+        raise InputError(f"{what} must be at least {least}, got {value}")
+    return int(value)
+
+
+def _chunks(shape, itemsize):
+    """One input per chunk (what the reader's fast path reads), split further only where
+    one input is larger than an HDF5 chunk may be."""
+    chunk = [1, *shape[1:]]
+    for axis in range(1, len(shape) - 1):
+        if int(np.prod(chunk, dtype=np.int64)) * itemsize <= _MAX_CHUNK:
+            break
+        chunk[axis] = 1
+    return tuple(chunk)
+
+
 class QKVWriter:
     """Writes Q/K/V in the exchange format (docs/store.md), batch by batch.
 
-    The file is built at ``.PATH.<pid>.partial`` beside ``path`` and renamed onto it by
+    The file is built at ``.NAME.<pid>.partial`` beside ``path`` and put in place by
     :meth:`finish`, so a kill never leaves a half-written file under the final name; an
     existing ``path`` is refused unless ``overwrite``. Datasets ``q`` ``(batch, layer,
-    head, seq, dim)``, ``k`` and ``v`` (their own KV heads, ``v`` its own ``dim``) carry
-    dimension scales and labels; ``lengths``, and optionally ``tokens`` and ``text``.
+    head, seq, dim)``, ``k`` and ``v`` ``(batch, layer, kv_head, seq, dim_v)`` (float32,
+    one input per chunk, uncompressed) carry dimension scales and labels; ``lengths``, and
+    optionally ``tokens`` ``(batch, seq)`` and ``text`` ``(batch,)``. Every input must be
+    written (:meth:`write`) before :meth:`finish`. As a context manager it finishes on a
+    clean exit and aborts on an exception.
     """
 
-    def __init__(self, path, *, n_inputs, n_layers, n_heads, n_kv_heads, seq, dim, dim_v,
-                 lengths, causal=None, tokens=None, text=None, attrs=None, overwrite=False,
-                 layer_ids=None):  # fmt: skip
+    def __init__(self, path, *, n_inputs, n_layers, n_heads, n_kv_heads=None, seq, dim,
+                 dim_v=None, lengths, causal=None, tokens=None, text=None, attrs=None,
+                 group="/", overwrite=False, layer_ids=None):  # fmt: skip
+        from . import check_output_dir, refuse_special
+
         self.path = Path(path)
+        n = _count(n_inputs, "n_inputs")
+        n_layers = _count(n_layers, "n_layers")
+        n_heads = _count(n_heads, "n_heads")
+        n_kv_heads = n_heads if n_kv_heads is None else _count(n_kv_heads, "n_kv_heads")
+        seq, dim = _count(seq, "seq"), _count(dim, "dim")
+        dim_v = dim if dim_v is None else _count(dim_v, "dim_v")
+        if n_heads % n_kv_heads:
+            raise InputError(
+                f"{n_kv_heads} KV heads do not divide {n_heads} query heads (grouped-query "
+                "attention needs a divisor)"
+            )
+        self.lengths = self._lengths(lengths, n, seq)
+        tokens = None if tokens is None else self._tokens(tokens, n, seq)
+        if text is not None:
+            text = [str(t) for t in text]
+            if len(text) != n:
+                raise InputError(f"text must hold one string per input ({n}), got {len(text)}")
+        attrs = dict(attrs or {})
+        clash = [key for key in attrs if key in _RESERVED]
+        if clash:
+            raise InputError(f"attrs may not set {clash[0]!r}: the writer sets it (causal=...)")
+        layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
+        if len(layer_ids) != n_layers:
+            raise InputError(f"layer_ids must hold {n_layers} layer numbers, got {len(layer_ids)}")
+        self.group_name = "/" + str(group).strip("/")
+        refuse_special(self.path)
         if os.path.lexists(self.path) and not overwrite:
             raise InputError(f"{self.path}: exists; pass --overwrite to replace it")
-        if n_kv_heads < 1 or n_heads % n_kv_heads:
-            raise InputError(f"{n_kv_heads} KV heads do not divide {n_heads} query heads")
-        lengths = np.asarray(lengths)
-        if lengths.shape != (n_inputs,) or np.any((lengths < 0) | (lengths > seq)):
-            raise InputError(
-                f"lengths must be {n_inputs} counts within 0..{seq}, got shape {lengths.shape}"
-            )
+        check_output_dir(self.path)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         self.overwrite = overwrite
-        self.seq = seq
+        self.n_inputs, self.seq = n, seq
+        self.shapes = {
+            "q": (n_layers, n_heads, dim),
+            "k": (n_layers, n_kv_heads, dim),
+            "v": (n_layers, n_kv_heads, dim_v),
+        }
+        self.written = np.zeros(n, dtype=bool)
+        self.done = None  # the final path once finished; False once aborted
         self.f = h5py.File(self.tmp, "w")
         try:
-            self._skeleton(n_inputs, n_layers, n_heads, n_kv_heads, seq, dim, dim_v, lengths,
-                           causal, tokens, text, attrs or {}, layer_ids)  # fmt: skip
+            g = self.f.require_group(self.group_name)
+            self._skeleton(g, n, layer_ids, n_heads, n_kv_heads, seq, dim, dim_v, causal,
+                           tokens, text, attrs)  # fmt: skip
         except BaseException:
             self.abort()
             raise
 
-    def _skeleton(self, n, n_layers, heads, kv_heads, seq, dim, dim_v, lengths, causal,
-                  tokens, text, attrs, layer_ids):  # fmt: skip
-        f = self.f
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = np.int32(FORMAT_VERSION)
+    @staticmethod
+    def _lengths(lengths, n, seq):
+        lengths = np.asarray(lengths)
+        if lengths.shape != (n,) or (lengths.size and lengths.dtype.kind not in "iu"):
+            raise InputError(
+                f"lengths must be {n} integer counts (one per input), got shape {lengths.shape} "
+                f"dtype {lengths.dtype}"
+            )
+        bad = np.flatnonzero((lengths < 0) | (lengths > seq))
+        if bad.size:
+            i = int(bad[0])
+            raise InputError(f"lengths: input {i} has length {lengths[i]}, outside 0..{seq}")
+        return lengths.astype(np.int32)
+
+    @staticmethod
+    def _tokens(tokens, n, seq):
+        """``(n, seq)`` strings: each input's tokens, padded with "" to ``seq``."""
+        rows = [[str(t) for t in row] for row in tokens]
+        if len(rows) != n or any(len(row) > seq for row in rows):
+            long = [len(r) for r in rows if len(r) > seq]
+            why = f"{len(rows)} inputs" if len(rows) != n else f"an input of {long[0]} tokens"
+            raise InputError(f"tokens must be {n} inputs of at most {seq} tokens, got {why}")
+        return np.array([row + [""] * (seq - len(row)) for row in rows], dtype=_STR)
+
+    def _skeleton(self, g, n, layer_ids, heads, kv_heads, seq, dim, dim_v, causal, tokens,
+                  text, attrs):  # fmt: skip
+        g.attrs["format"] = FORMAT
+        g.attrs["format_version"] = np.int32(FORMAT_VERSION)
         if causal is not None:
-            f.attrs["causal"] = bool(causal)
+            g.attrs["causal"] = bool(causal)
         for key, value in attrs.items():
-            f.attrs[key] = value
-        layer_ids = list(range(n_layers)) if layer_ids is None else list(layer_ids)
+            g.attrs[key] = value
         scales = {
             "batch": np.arange(n), "layer": np.asarray(layer_ids), "head": np.arange(heads),
             "seq": np.arange(seq), "dim": np.arange(dim),
@@ -635,7 +738,7 @@ class QKVWriter:
         if dim_v != dim:
             scales["dim_v"] = np.arange(dim_v)
         for name, values in scales.items():
-            f.create_dataset(name, data=values.astype(np.int32)).make_scale(name)
+            g.create_dataset(name, data=values.astype(np.int32)).make_scale(name)
         kv = "kv_head" if kv_heads != heads else "head"
         axes = {
             "q": ("batch", "layer", "head", "seq", "dim"),
@@ -644,48 +747,114 @@ class QKVWriter:
         }
         for name, names in axes.items():
             shape = tuple(len(scales[a]) for a in names)
-            d = f.create_dataset(name, shape=shape, dtype="float32",
-                                 chunks=(1, *shape[1:]) if n else None)  # fmt: skip
-            _name_axes(d, f, names)
-        lengths = f.create_dataset("lengths", data=np.asarray(lengths, dtype=np.int32))
-        _name_axes(lengths, f, ("batch",))
+            d = g.create_dataset(name, shape=shape, dtype="float32", chunks=_chunks(shape, 4))
+            _name_axes(d, g, names)
+        _name_axes(g.create_dataset("lengths", data=self.lengths), g, ("batch",))
         if tokens is not None:
-            t = f.create_dataset("tokens", data=np.array(tokens, dtype=_STR).reshape(n, seq))
-            _name_axes(t, f, ("batch", "seq"))
+            _name_axes(g.create_dataset("tokens", data=tokens), g, ("batch", "seq"))
         if text is not None:
-            _name_axes(f.create_dataset("text", data=np.array(text, dtype=_STR)), f, ("batch",))
+            _name_axes(g.create_dataset("text", data=np.array(text, dtype=_STR)), g, ("batch",))
 
     def write(self, start, q, k, v):
-        """Inputs ``start:start + len(q)``; each ``(n, layer, heads, seq_b, dim)`` with
-        ``seq_b <= seq`` (zero-padded to the file's ``seq``)."""
+        """Inputs ``start:start + len(q)``: ``q`` ``(n, layer, head, seq_b, dim)``, ``k``
+        and ``v`` with the KV heads (``v`` its ``dim_v``), ``seq_b <= seq`` (zero-padded to
+        the file's ``seq``). Any float dtype (written as float32); values must be finite."""
+        if self.done is not None:
+            raise InputError(f"{self.path}: the writer is already finished or aborted")
+        start = _count(start, "start", least=0)
+        q, k, v = (np.asarray(x) for x in (q, k, v))
+        m = q.shape[0] if q.ndim else 0
+        arrays = {}
         for name, x in (("q", q), ("k", k), ("v", v)):
-            d = self.f[name]
+            layers, heads, dim = self.shapes[name]
+            fits = x.ndim == 5 and x.shape[:3] == (m, layers, heads) and x.shape[4] == dim
+            if not fits or x.shape[3] > self.seq or (name != "q" and x.shape[3] != q.shape[3]):
+                want = f"({m}, {layers}, {heads}, {q.shape[3] if q.ndim == 5 else 'seq'}, {dim})"
+                raise InputError(
+                    f"write: {name} has shape {x.shape}, expected {want} (seq at most {self.seq})"
+                )
+            if x.dtype.kind not in "fiu":
+                raise InputError(f"write: {name} has dtype {x.dtype}, not a float")
             x = np.asarray(x, dtype=np.float32)
-            if x.shape[-2] < self.seq:
-                pad = [(0, 0)] * (x.ndim - 2) + [(0, self.seq - x.shape[-2]), (0, 0)]
-                x = np.pad(x, pad)
-            d[start : start + x.shape[0]] = x
+            bad = np.flatnonzero(~np.isfinite(x.reshape(-1)))
+            if bad.size:
+                where = np.unravel_index(int(bad[0]), x.shape)
+                raise InputError(
+                    f"write: {name} of input {start + int(where[0])} holds "
+                    f"{x.reshape(-1)[bad[0]]} at {tuple(int(i) for i in where[1:])}; all "
+                    "values must be finite"
+                )
+            if x.shape[3] < self.seq:
+                x = np.pad(x, [(0, 0)] * 3 + [(0, self.seq - x.shape[3]), (0, 0)])
+            arrays[name] = x
+        if start + m > self.n_inputs:
+            raise InputError(
+                f"write: inputs {start}..{start + m - 1} are beyond the file's "
+                f"{self.n_inputs} inputs"
+            )
+        g = self.f[self.group_name]
+        for name, x in arrays.items():
+            g[name][start : start + m] = x
+        self.written[start : start + m] = True
 
     def finish(self) -> Path:
-        """Close, fsync and rename onto the final path; returns it."""
+        """Close, fsync and put the file in place under its final name; returns it."""
+        if self.done:
+            return self.done
+        if self.done is False:
+            raise InputError(f"{self.path}: the writer was aborted; nothing to finish")
+        missing = np.flatnonzero(~self.written)
+        if missing.size:
+            raise InputError(
+                f"{self.path}: input {int(missing[0])} (and {missing.size - 1} more) was never "
+                "written; write every input before finish()"
+            )
         self.f.close()
         fd = os.open(self.tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        if not self.overwrite and os.path.lexists(self.path):
+        try:
+            self._put_in_place()
+        except BaseException:
             self.abort()
-            raise InputError(f"{self.path}: appeared while it was written; pass --overwrite")
-        os.replace(self.tmp, self.path)
+            raise
+        self.done = self.path
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return self.path
 
+    def _put_in_place(self):
+        if self.overwrite:
+            os.replace(self.tmp, self.path)
+            return
+        try:  # a hard link fails, atomically, where something appeared meanwhile
+            os.link(self.tmp, self.path)
+        except FileExistsError:
+            raise InputError(
+                f"{self.path}: appeared while it was written; pass --overwrite to replace it"
+            ) from None
+        except OSError:  # a file system without hard links
+            if os.path.lexists(self.path):
+                raise InputError(
+                    f"{self.path}: appeared while it was written; pass --overwrite to replace it"
+                ) from None
+            os.replace(self.tmp, self.path)
+            return
+        os.unlink(self.tmp)
+
     def abort(self):
-        """Close and delete the unfinished file."""
-        try:
+        """Close and delete the unfinished file (nothing is left at ``path``)."""
+        if self.done:
+            return
+        self.done = False
+        with contextlib.suppress(OSError, RuntimeError, ValueError, AttributeError):
             self.f.close()
-        except (OSError, RuntimeError, ValueError):
-            pass
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp)
 
@@ -695,24 +864,41 @@ class QKVWriter:
     def __exit__(self, kind, *exc):
         if kind is not None:
             self.abort()
+        elif self.done is None:
+            try:
+                self.finish()
+            except BaseException:  # an input never written: nothing is left
+                self.abort()
+                raise
 
 
-def _name_axes(dset, f, names):
+def _name_axes(dset, group, names):
     for axis, name in enumerate(names):
-        dset.dims[axis].attach_scale(f[name])
+        dset.dims[axis].attach_scale(group[name])
         dset.dims[axis].label = name
 
 
-def write_qkv(path, q, k, v, *, lengths=None, causal=None, attrs=None, overwrite=False):
-    """Write ``q``, ``k``, ``v`` (``(batch, [layer,] head, seq, dim)`` arrays; ``k``/``v``
-    may have fewer heads) in the exchange format; returns the path."""
-    q, k, v = (np.asarray(x, dtype=np.float32) for x in (q, k, v))
+def write_qkv(path, q, k, v, *, lengths=None, causal=None, group="/", tokens=None, text=None,
+              attrs=None, overwrite=False) -> Path:  # fmt: skip
+    """Write ``q``, ``k``, ``v`` in the exchange format; returns the path.
+
+    ``q`` is ``(batch, layer, head, seq, dim)`` or ``(batch, head, seq, dim)`` (written
+    with a layer axis of 1); ``k`` and ``v`` alike, with fewer heads where they are KV
+    heads, ``v`` with its own last axis. ``lengths`` defaults to every position.
+    """
+    q, k, v = (np.asarray(x) for x in (q, k, v))
+    if q.ndim not in (4, 5) or k.ndim != q.ndim or v.ndim != q.ndim:
+        raise InputError(
+            f"q, k and v must be (batch, [layer,] head, seq, dim) arrays alike, got shapes "
+            f"{q.shape}, {k.shape}, {v.shape}"
+        )
     if q.ndim == 4:
         q, k, v = q[:, None], k[:, None], v[:, None]
     n, layers, heads, seq, dim = q.shape
     lengths = np.full(n, seq) if lengths is None else lengths
     with QKVWriter(path, n_inputs=n, n_layers=layers, n_heads=heads, n_kv_heads=k.shape[2],
                    seq=seq, dim=dim, dim_v=v.shape[-1], lengths=lengths, causal=causal,
-                   attrs=attrs, overwrite=overwrite) as w:  # fmt: skip
+                   tokens=tokens, text=text, attrs=attrs, group=group,
+                   overwrite=overwrite) as w:  # fmt: skip
         w.write(0, q, k, v)
-        return w.finish()
+    return w.finish()
