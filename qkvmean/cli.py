@@ -331,6 +331,50 @@ def _add_inspect(sub):
     p.set_defaults(func=cmd_inspect)
 
 
+def _add_export(sub):
+    p = sub.add_parser(
+        "export",
+        help="write a store's metrics as a table (CSV or Parquet)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Write the metrics of a store as one table: a row per condition, input, layer and
+head, in that order, with the columns
+
+  condition         baseline, mean_q, mean_k, mean_v (those in the store)
+  input             the input's number, from 0
+  length            its valid tokens
+  layer             the store's layer number (/layer)
+  head              the head, from 0
+  entropy           mean over valid query rows of -sum a log a (nats)
+  kl_from_baseline  mean over valid rows of KL(baseline || condition) (nats)
+  top_key_mass      the largest column mean over valid rows
+  top_key_index     the key column that has it (-1: an input without tokens)
+
+The texts are not repeated in every row: they are in the store (/input/text; in
+Python, store.texts or store.to_xarray()), to join on input.
+
+The extension picks the format: .csv (UTF-8, a header line; each float32 value
+written as the float64 repr, which reads back as that float32 exactly) or
+.parquet (pandas and fastparquet: pip install 'qkvmean[parquet]'; float32 and
+int32 columns, one row group per block of about a million rows). Written in
+blocks of inputs into a temporary file beside FILE, renamed onto it when done.""",
+        epilog="""\
+examples:
+  qkvmean export run1.h5 --metrics run1.csv
+  qkvmean export run1.h5 --metrics run1.parquet --overwrite""",
+    )
+    p.add_argument("store", metavar="STORE.h5")
+    p.add_argument(
+        "--metrics",
+        metavar="FILE.csv|FILE.parquet",
+        required=True,
+        help="the table to write; its extension picks the format",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
+    p.set_defaults(func=cmd_export)
+
+
 def _head(text):
     if text.strip().lower() == "mean":
         return "mean"
@@ -403,7 +447,16 @@ def _add_render(sub):
         help="label the axes with the tokens (stores of --model runs)",
     )
     p.add_argument("--title", default=None, help="replace the overall title")
-    p.set_defaults(func=cmd_render)
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="draw the metrics figure instead: per substituted tensor a layer x head "
+        "heatmap of KL(baseline || condition), the mean over the inputs (--inputs picks "
+        "them; default: every input with a token); also for --no-maps stores. --layer, "
+        "--head, --baseline, --diff and --tokens do not apply",
+    )
+    # (None: not given; --metrics refuses them, the figure takes -1 and mean)
+    p.set_defaults(func=cmd_render, layer=None, head=None)
 
 
 def _add_figure(sub):
@@ -455,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_render(sub)
     _add_capture(sub)
     _add_inspect(sub)
+    _add_export(sub)
     return parser
 
 
@@ -708,19 +762,49 @@ def _describe(info) -> list:
 def cmd_render(args) -> int:
     from . import render
 
+    if args.metrics:
+        return _render_metrics(args)
     out = render.check_output(args.out, args.overwrite, inputs=[args.store])
     if args.title is not None:
         render.check_title(args.title)
     fig = render.draw(
         args.store,
         inputs=args.inputs,
-        layer=args.layer,
-        head=args.head,
+        layer=-1 if args.layer is None else args.layer,
+        head="mean" if args.head is None else args.head,
         baseline=args.baseline,
         diff=args.diff,
         tokens=args.tokens,
         title=args.title,
     )
+    render.save(fig, out, dpi=args.dpi)
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def _render_metrics(args) -> int:
+    """``render --metrics``: the KL heatmaps (qkvmean.render.metrics)."""
+    from . import render
+    from .render.metrics import draw_metrics
+
+    given = {
+        "--layer": args.layer is not None,
+        "--head": args.head is not None,
+        "--baseline": args.baseline,
+        "--diff": args.diff,
+        "--tokens": args.tokens,
+    }
+    for flag, used in given.items():
+        if used:
+            raise UsageError(
+                f"{flag} does not apply with --metrics (it draws every layer and head, KL "
+                "from the baseline); drop one of them"
+            )
+    out = render.check_output(args.out, args.overwrite, inputs=[args.store])
+    if args.title is not None:
+        render.check_title(args.title)
+    fig = draw_metrics(args.store, inputs=args.inputs, title=args.title)
     render.save(fig, out, dpi=args.dpi)
     if not args.quiet:
         print(f"wrote {out}")
@@ -778,6 +862,36 @@ def cmd_figure(args) -> int:
         )
         print(f"store:  {store}")
         print(f"figure: {image}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .io.export import check_output, export_metrics
+    from .io.store import open_store
+
+    if not args.metrics:
+        raise UsageError("--metrics is empty; give a file name ending in .csv or .parquet")
+    out = check_output(args.metrics, args.overwrite, inputs=[args.store])
+    with open_store(args.store) as store:
+        total = len(store.conditions) * store.n_inputs * store.n_layers * store.n_heads
+        bar = None
+        if not args.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit=" rows", unit_scale=True, desc="export", leave=False)
+        try:
+            rows = export_metrics(
+                store, out, overwrite=args.overwrite, progress=None if bar is None else bar.update
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        shape = (
+            f"{len(store.conditions)} conditions x {store.n_inputs} inputs x "
+            f"{store.n_layers} layers x {store.n_heads} heads"
+        )
+    if not args.quiet:
+        print(f"wrote {out}: {rows} rows ({shape})")
     return 0
 
 

@@ -9,8 +9,10 @@ output directory that takes new files (:func:`check_output_dir`).
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -216,3 +218,20 @@ def check_output_dir(path: Path):
         if exc.errno == errno.ENOSPC:
             raise InputError(f"{path}: output directory {parent} is full (no space left)") from None
         raise InputError(f"{path}: output directory {parent} is not writable") from None
+
+
+def sweep_temporaries(path: Path):
+    """Remove the temporary files of earlier saves of ``path`` whose process is gone (a
+    kill while it wrote): ``.NAME.<pid>.tmp.EXT``, and only those."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)" + re.escape(f".tmp{path.suffix}"))
+    parent = path.parent if str(path.parent) else Path(".")
+    for tmp in parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        match = pattern.fullmatch(tmp.name)
+        if not match or not tmp.is_file() or tmp.is_symlink():
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:  # its writer is dead
+            tmp.unlink(missing_ok=True)
+        except (OSError, OverflowError, ValueError):
+            continue

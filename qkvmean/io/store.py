@@ -1190,6 +1190,46 @@ class Store:
             )
         return self._f["metrics"][name][...]
 
+    def metric_block(self, name, condition, start=0, stop=None):
+        """``/metrics/<name>[condition, start:stop]``: one condition's metric for a run of
+        inputs, ``(input, layer, head)``, read without the rest (for stores too large to
+        read whole)."""
+        if name not in METRICS:
+            self.metric(name)  # raises, with the names the store has
+        if condition not in self.conditions:
+            raise InputError(
+                f"{self.path.name} has no condition {condition!r} "
+                f"(it has {', '.join(self.conditions)})"
+            )
+        where = f"inputs {start}..{stop}, condition {condition}"
+        dset = self._f["metrics"][name]
+        try:
+            return dset[self.conditions.index(condition), start:stop]
+        except (OSError, RuntimeError) as exc:
+            raise InputError(
+                f"{self.path}: cannot read /metrics/{name} of {where} "
+                f"({hdf5_reason(str(exc))}); the store is damaged"
+            ) from None
+
+    def to_xarray(self):
+        """The whole store as an :class:`xarray.Dataset` with named dimensions, backed by
+        the file: nothing large is read until it is used. Needs xarray and h5netcdf
+        (``pip install 'qkvmean[xarray]'``).
+
+        Variables: the metrics ``(condition, batch, layer, head)``, the maps as
+        ``attention_<condition>`` ``(batch, layer, head, query, key)`` (absent in
+        ``--no-maps`` stores), ``lengths``, ``text``/``tokens`` (model runs), and in
+        ``--over dataset`` stores ``means_<target>`` ``(means_layer, head, position,
+        dim)`` with ``means_count``. The root attributes are its ``attrs``.
+
+        The Dataset opens the file itself: it keeps working after this Store is closed,
+        as long as the file stays where it is. Close it with ``ds.close()`` (or ``with
+        store.to_xarray() as ds:``).
+        """
+        from .export import xarray_dataset
+
+        return xarray_dataset(self)
+
     # -- sizes
     def storage(self):
         """``(bytes on disk, bytes of the maps uncompressed, bytes of the maps stored)``."""

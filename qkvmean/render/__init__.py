@@ -6,17 +6,22 @@ Uses matplotlib's object API (no pyplot, no GUI backend).
 
 from __future__ import annotations
 
-import glob
 import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from ..engine.names import BASELINE, TENSOR_LABELS, condition_name
-from ..io import InputError, check_output_dir, lexists, refuse_inputs, refuse_special
+from ..io import (
+    InputError,
+    check_output_dir,
+    lexists,
+    refuse_inputs,
+    refuse_special,
+    sweep_temporaries,
+)
 from ..io.store import Store, open_store
 
 TENSORS = {condition_name(t): label for t, label in TENSOR_LABELS.items()}
@@ -307,23 +312,6 @@ def check_title(title: str) -> str:
     return title
 
 
-def _sweep_temporaries(path: Path):
-    """Remove the temporary files of earlier saves of ``path`` whose process is gone (a
-    kill while it wrote): ``.NAME.<pid>.tmp.EXT``, and only those."""
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)" + re.escape(f".tmp{path.suffix}"))
-    parent = path.parent if str(path.parent) else Path(".")
-    for tmp in parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
-        match = pattern.fullmatch(tmp.name)
-        if not match or not tmp.is_file() or tmp.is_symlink():
-            continue
-        try:
-            os.kill(int(match[1]), 0)
-        except ProcessLookupError:  # its writer is dead
-            tmp.unlink(missing_ok=True)
-        except (OSError, OverflowError, ValueError):
-            continue
-
-
 def save(fig: Figure, path, *, dpi=150):
     """Write ``fig`` (format from the extension) atomically: a temporary file, renamed."""
     path = Path(path)
@@ -333,7 +321,7 @@ def save(fig: Figure, path, *, dpi=150):
             f"{path}: {width * dpi:.0f} x {height * dpi:.0f} pixels is too large an image; "
             "lower --dpi, draw fewer inputs, or write .pdf/.svg"
         )
-    _sweep_temporaries(path)
+    sweep_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
         fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower())
