@@ -145,9 +145,7 @@ def from_reference(spec, source, options):
     else:
         layers = list(source.layer_ids)
         if layer_count != source.n_layers:
-            raise InputError(
-                f"{where}: has {layer_count} layers, this input has {source.n_layers}"
-            )
+            raise InputError(f"{where}: has {layer_count} layers, this input has {source.n_layers}")
     if n_heads != source.n_heads:
         raise InputError(f"{where}: has {n_heads} heads, this input has {source.n_heads}")
     missing = [t for t in wanted(source, options) if t not in means.values]

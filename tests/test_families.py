@@ -90,7 +90,13 @@ def test_forward_pass_matches_reference(loaded, name, layers, heads, over):
     if over == "dataset":
         means = T.dataset_means(model.weights, ids, lengths, layers=layers)
     got = T.model_conditions(
-        model.weights, ids, lengths, over=over, heads=heads, ablate_layers=layers, hidden=True,
+        model.weights,
+        ids,
+        lengths,
+        over=over,
+        heads=heads,
+        ablate_layers=layers,
+        hidden=True,
         means=means,
     )
     for cond in CONDITIONS:

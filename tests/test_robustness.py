@@ -682,8 +682,12 @@ def test_the_recorded_blas_is_numpys_whatever_else_is_loaded():
     loaded = [p for p in threadpool_info() if p.get("user_api") == "blas"]
     assert loaded, "numpy's BLAS is loaded in this process"
     site = os.path.dirname(os.path.dirname(np.__file__))
-    other = {**loaded[0], "filepath": os.path.join(site, "scipy.libs", "libscipy_openblas.so"),
-             "version": "0.0.1", "architecture": "Elsewhere"}
+    other = {
+        **loaded[0],
+        "filepath": os.path.join(site, "scipy.libs", "libscipy_openblas.so"),
+        "version": "0.0.1",
+        "architecture": "Elsewhere",
+    }
     for pools in ([*loaded, other], [other, *loaded]):
         got = _numpy_blas(pools)  # (SciPy's own may be loaded here too: CI has SciPy)
         assert got and all("scipy.libs" not in p["filepath"] for p in got), got

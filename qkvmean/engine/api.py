@@ -251,7 +251,6 @@ class _Prepared:
             self, name, backend.mean_substitute(x, self.lengths, self.group, select, prefix, shrink)
         )
 
-
     def dataset_means(self, backend, name, given=None):
         """``(group, seq, dim)`` per-position means of tensor ``name`` over the inputs of
         this batch (the data set), or the caller's ``given`` means, checked."""

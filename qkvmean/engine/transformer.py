@@ -498,7 +498,8 @@ def model_conditions(
     if (over == "dataset") != (means is not None):
         raise ValueError(
             "over='dataset' substitutes the means of a data set: pass means= (see "
-            "qkvmean.engine.transformer.dataset_means)" if means is None
+            "qkvmean.engine.transformer.dataset_means)"
+            if means is None
             else f"means apply to over='dataset' only, not over={over!r}"
         )
     given = None
