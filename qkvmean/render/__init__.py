@@ -23,6 +23,7 @@ from ..io import (
     sweep_temporaries,
 )
 from ..io.store import Store, open_store
+from . import choice
 
 TENSORS = {condition_name(t): label for t, label in TENSOR_LABELS.items()}
 FORMATS = (".png", ".pdf", ".svg")
@@ -64,6 +65,8 @@ MAX_LABELS = 40
 #: Largest panel side (inches), and largest raster image (pixels).
 MAX_PANEL = 7.0
 MAX_PIXELS = 200e6
+#: The caption line under the title (inches).
+CAPTION_HEIGHT = 0.3
 
 
 def pretty_tokens(tokens) -> list:
@@ -110,29 +113,17 @@ def _inputs(store: Store, inputs):
     return [int(i) % store.n_inputs for i in inputs]
 
 
-def _check_head(store: Store, head):
-    if isinstance(head, str) and head == "mean":
-        return head
-    if isinstance(head, (bool, np.bool_)) or not isinstance(head, (int, np.integer)):
-        raise TypeError(f"head must be an int or 'mean', got {head!r}")
-    if not -store.n_heads <= head < store.n_heads:
-        raise InputError(
-            f"{store.path.name} has {store.n_heads} heads "
-            f"(0..{store.n_heads - 1}); there is no head {head}"
-        )
-    return int(head) % store.n_heads
-
-
 def draw(
     store,
     *,
     inputs=None,
-    layer=-1,
-    head="mean",
+    layer="auto",
+    head="auto",
     baseline=False,
     diff=False,
     tokens=False,
     title=None,
+    caption=True,
 ) -> Figure:
     """The grid figure: one row per input, one column per substituted tensor.
 
@@ -142,10 +133,12 @@ def draw(
         An open store, or the path of one.
     inputs : sequence of int, optional
         Input indices (from 0); default the first three.
-    layer : int
-        Layer (negative counts from the last; default the last).
-    head : int or "mean"
-        One head, or the mean over heads (default).
+    layer : int, "auto" or "last"
+        Layer (negative counts from the last). ``"auto"`` (default): with ``head``, where
+        the columns differ most, at or after the first substituted layer
+        (:mod:`qkvmean.render.choice`).
+    head : int, "mean" or "auto"
+        One head, the mean over heads, or ``"auto"`` (default, as for ``layer``).
     baseline : bool
         Add a baseline column.
     diff : bool
@@ -154,6 +147,8 @@ def draw(
         Label the axes with the tokens (stores of model runs).
     title : str, optional
         Replace the overall title.
+    caption : bool
+        A line under the title: the model, the substitution, the layer and head shown.
 
     Returns
     -------
@@ -170,13 +165,13 @@ def draw(
                 diff=diff,
                 tokens=tokens,
                 title=title,
+                caption=caption,
             )
     if title is not None:
         check_title(title)
     columns = _columns(store, baseline, diff)
     rows = _inputs(store, inputs)
-    layer = store.layer_index(layer)
-    head = _check_head(store, head)
+    choice.check_layer(store, layer), choice.check_head(store, head)  # before reading maps
     if tokens and not store.has_tokens:
         if store.source == "model":
             raise InputError(
@@ -186,6 +181,8 @@ def draw(
         raise InputError(
             f"{store.path.name} has no tokens (only stores of --model runs do); drop --tokens"
         )
+    shown = choice.choose(store, rows, columns, layer, head)
+    layer, head = shown.layer, shown.head
     maps = {(i, c): store.map(c, i, layer=layer, head=head) for i in rows for c in columns}
     if diff:
         maps = {
@@ -200,8 +197,12 @@ def draw(
     longest = max(store.lengths[i] for i in rows)
     labelled = min(longest, MAX_LABELS) if tokens else 0
     cell = min(3.2 + 0.09 * labelled, MAX_PANEL)  # inches per panel
-    fig = Figure(figsize=(cell * len(columns) + 1.3, cell * len(rows) + 0.9), layout="constrained")
-    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    height = cell * len(rows) + 0.9
+    strip = CAPTION_HEIGHT if caption else 0.0
+    fig = Figure(figsize=(cell * len(columns) + 1.3, height + strip), layout="constrained")
+    # the grid, its colour bar and title in one subfigure; the caption line under it
+    grid, below = fig.subfigures(2, 1, height_ratios=[height, strip]) if caption else (fig, None)
+    axes = grid.subplots(len(rows), len(columns), squeeze=False)
     image = None
     for r, i in enumerate(rows):
         labels = pretty_tokens(store.tokens(i)) if tokens else None
@@ -220,18 +221,26 @@ def draw(
             )
             ax.set_title(panel_title(cond, i), fontsize=11)
             _ticks(ax, labels, len(maps[(i, cond)]))
-    bar = fig.colorbar(
+    bar = grid.colorbar(
         image, ax=axes, location="right", shrink=0.85, aspect=20 * max(1, len(rows)) ** 0.5
     )
     bar.set_label(label, fontsize=12)
     if not diff:
         bar.set_ticks(np.round(np.arange(0.0, 1.0001, 0.2), 1))
-    fig.supxlabel(TITLE if title is None else title, fontsize=14)
+    heading = grid.supxlabel(TITLE if title is None else title, fontsize=14)
+    line = None
+    if caption:
+        text = choice.caption(store, shown).replace("$", r"\$")  # a file name is not mathtext
+        line = below.text(0.5, 0.6, text, ha="center", va="center", fontsize=9, color="0.3")
     fig.qkvmean = {
         "rows": rows,
         "columns": columns,
         "layer": layer,
         "head": head,
+        "layer_id": int(store.layer_ids[layer]),
+        "choice": shown,
+        "title": heading,
+        "caption": line,
         "colorbar": bar,
         "axes": axes,
         "maps": maps,
