@@ -117,10 +117,23 @@ def test_unnamed_files_in_the_documented_order_still_work_with_a_warning_without
 ):
     q, k, v, lengths = _data()
     with QKVInput(str(_write(tmp_path / "a.h5", {"q": q, "k": k, "v": v}, lengths=lengths))) as i:
-        assert not i.named and i.warnings == []
+        # what the shape cannot rule out is said in one line: the order it assumed
+        (order,) = i.warnings
+        assert (
+            not i.named
+            and "a.h5:/q: no axis names, so read in the order (batch, layer, "
+            f"head, seq, dim) as batch {q.shape[0]}, layer {q.shape[1]}, head {q.shape[2]}, "
+            f"seq {q.shape[3]}, dim {q.shape[4]}; if that is not its order, name the axes"
+            in order
+        )
     with QKVInput(str(_write(tmp_path / "b.h5", {"q": q, "k": k, "v": v}))) as inp:
-        (warning,) = inp.warnings
-        assert "no lengths dataset, so every one of the 7 positions" in warning
+        assert len(inp.warnings) == 2
+        assert "no lengths dataset, so every one of the 7 positions" in inp.warnings[1]
+    # named files say nothing
+    named = tmp_path / "c.h5"
+    write_qkv(named, q, k, v, lengths=lengths)
+    with QKVInput(str(named)) as inp:
+        assert inp.named and inp.warnings == []
 
 
 def test_an_unknown_format_version_and_wrong_lengths_are_refused(tmp_path):

@@ -455,6 +455,14 @@ class QKVInput:
                 "the heads not split? reshape the last axis into (head, dim), or name the axes "
                 f"({HOW_TO_NAME})"
             )
+        # what the shape cannot tell: seq shorter than the heads, in another order; unsplit
+        # heads of a small width. Said once, in one line, for every file without names.
+        names = ("batch", *axes, "seq", "dim")
+        sizes = ", ".join(f"{a} {n}" for a, n in zip(names, shape, strict=True))
+        self.warnings.append(
+            f"warning: {self.where('q')}: no axis names, so read in the order {order} as "
+            f"{sizes}; if that is not its order, name the axes ({HOW_TO_NAME})"
+        )
 
     def _read_lengths(self, group):
         d = self._member(group, "lengths", self.where("lengths"))
