@@ -64,8 +64,9 @@ def test_bias_gelu_kernels_apply_gelu_to_x_plus_bias(rows, cols, tanh_approx, se
     cpu.bias_gelu_serial(serial, bias, tanh_approx)
     cpu.bias_gelu(parallel, bias, tanh_approx)
     # vectorised and scalar code may round x + bias and the polynomial differently (by
-    # 5.6e-7 relative in erf's tail, x + bias = -2.8)
-    np.testing.assert_allclose(serial, want, rtol=1e-6, atol=1e-30)
+    # 5.6e-7 relative in erf's tail, x + bias = -2.8; by 2e-6 relative, 4e-14 absolute,
+    # where GELU itself is ~2e-8: the kernels promise 1e-6 relative where |gelu| > 0.01)
+    np.testing.assert_allclose(serial, want, rtol=1e-6, atol=1e-12)
     np.testing.assert_array_equal(parallel, serial)
 
 
