@@ -235,3 +235,46 @@ def sweep_temporaries(path: Path):
             tmp.unlink(missing_ok=True)
         except (OSError, OverflowError, ValueError):
             continue
+
+
+def check_new_file(path, overwrite=False, inputs=(), *, flag="-o", noun="file") -> Path:
+    """``path`` as an output we may write, or an :class:`InputError` before any work:
+    never one of ``inputs`` (nor a device or FIFO), whatever ``overwrite`` says; its
+    directory must be writable; not a directory; a dangling link or an existing file only
+    with ``overwrite``. ``noun`` names what will be written there."""
+    path = Path(path)
+    refuse_inputs(path, inputs, flag=flag)
+    refuse_special(path, flag=flag)
+    check_output_dir(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a directory")
+    if path.is_symlink() and not path.exists() and not overwrite:
+        raise InputError(
+            f"{flag} {path}: is a symbolic link that leads nowhere ({os.readlink(path)}); "
+            f"remove it, or pass --overwrite to replace the link with the {noun}"
+        )
+    if lexists(path) and not overwrite:
+        raise InputError(f"{flag} {path}: exists; pass --overwrite to replace it")
+    return path
+
+
+def put_in_place(tmp: Path, path: Path, overwrite: bool, *, flag="-o", noun="file"):
+    """Rename the finished ``tmp`` onto ``path``; without ``overwrite`` through a hard
+    link, so that a file that appeared at ``path`` meanwhile is not replaced either."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise InputError(
+            f"{flag} {path}: appeared while the {noun} was written; pass --overwrite to replace it"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+            raise
+        if lexists(path):  # a file system without hard links: look, then rename
+            raise InputError(f"{flag} {path}: exists; pass --overwrite to replace it") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)

@@ -15,7 +15,6 @@ Neither changes the store; both need optional extras (``qkvmean[xarray]``,
 from __future__ import annotations
 
 import csv
-import errno
 import os
 from pathlib import Path
 
@@ -24,10 +23,8 @@ import numpy as np
 from ..engine.names import METRICS
 from . import (
     InputError,
-    check_output_dir,
-    lexists,
-    refuse_inputs,
-    refuse_special,
+    check_new_file,
+    put_in_place,
     sweep_temporaries,
 )
 
@@ -129,18 +126,7 @@ def check_output(path, overwrite=False, inputs=(), flag="--metrics") -> Path:
             f"{flag} {path}: unknown format {path.suffix or '(no extension)'!r}; "
             "use .csv or .parquet"
         )
-    refuse_inputs(path, inputs, flag=flag)
-    refuse_special(path, flag=flag)
-    check_output_dir(path)
-    if path.is_dir():
-        raise InputError(f"{flag} {path}: is a directory")
-    if path.is_symlink() and not path.exists() and not overwrite:
-        raise InputError(
-            f"{flag} {path}: is a symbolic link that leads nowhere ({os.readlink(path)}); "
-            "remove it, or pass --overwrite to replace the link with the table"
-        )
-    if lexists(path) and not overwrite:
-        raise InputError(f"{flag} {path}: exists; pass --overwrite to replace it")
+    check_new_file(path, overwrite, inputs, flag=flag, noun="table")
     if suffix == ".parquet":
         _require(("pandas", "fastparquet"), "parquet", "writing .parquet")
     return path
@@ -238,28 +224,7 @@ def export_metrics(store, path, *, overwrite=False, progress=None, block_rows=BL
             _write_csv(blocks, tmp, progress)
         else:
             _write_parquet(blocks, tmp, store.conditions, progress)
-        _put_in_place(tmp, path, overwrite)
+        put_in_place(tmp, path, overwrite, flag="--metrics", noun="table")
     finally:
         tmp.unlink(missing_ok=True)
     return len(store.conditions) * store.n_inputs * store.n_layers * store.n_heads
-
-
-def _put_in_place(tmp: Path, path: Path, overwrite: bool):
-    """Rename ``tmp`` onto ``path``; without ``overwrite`` through a hard link, so that a
-    file that appeared at ``path`` while the table was written is not replaced either."""
-    if overwrite:
-        os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise InputError(
-            f"--metrics {path}: appeared while the table was written; pass --overwrite to "
-            "replace it"
-        ) from None
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
-            raise
-        if lexists(path):  # a file system without hard links: look, then rename
-            raise InputError(f"--metrics {path}: exists; pass --overwrite to replace it") from None
-        os.replace(tmp, path)

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from ..engine import cpu
-from . import InputError, ReadFailed, hdf5_reason, open_hdf5, parse_causal
+from . import InputError, ReadFailed, hdf5_reason, open_hdf5, parse_causal, put_in_place
 
 _FLOATS = ("float16", "float32", "float64")
 
@@ -824,7 +824,7 @@ class QKVWriter:
         finally:
             os.close(fd)
         try:
-            self._put_in_place()
+            put_in_place(self.tmp, self.path, self.overwrite, flag="--out", noun="file")
         except BaseException:
             self.abort()
             raise
@@ -836,25 +836,6 @@ class QKVWriter:
             finally:
                 os.close(fd)
         return self.path
-
-    def _put_in_place(self):
-        if self.overwrite:
-            os.replace(self.tmp, self.path)
-            return
-        try:  # a hard link fails, atomically, where something appeared meanwhile
-            os.link(self.tmp, self.path)
-        except FileExistsError:
-            raise InputError(
-                f"{self.path}: appeared while it was written; pass --overwrite to replace it"
-            ) from None
-        except OSError:  # a file system without hard links
-            if os.path.lexists(self.path):
-                raise InputError(
-                    f"{self.path}: appeared while it was written; pass --overwrite to replace it"
-                ) from None
-            os.replace(self.tmp, self.path)
-            return
-        os.unlink(self.tmp)
 
     def abort(self):
         """Close and delete the unfinished file (nothing is left at ``path``)."""

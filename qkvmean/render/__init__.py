@@ -16,10 +16,7 @@ from matplotlib.figure import Figure
 from ..engine.names import BASELINE, TENSOR_LABELS, condition_name
 from ..io import (
     InputError,
-    check_output_dir,
-    lexists,
-    refuse_inputs,
-    refuse_special,
+    check_new_file,
     sweep_temporaries,
 )
 from ..io.store import Store, open_store
@@ -99,18 +96,24 @@ def _columns(store: Store, baseline: bool, diff: bool):
     return ([BASELINE] if baseline else []) + present
 
 
-def _inputs(store: Store, inputs):
-    if inputs is None:
-        return list(range(min(3, store.n_inputs)))
+def given_inputs(store: Store, inputs) -> list:
+    """``inputs`` (input numbers from 0, negative counting from the end) as the store's
+    indices, in the order given; a TypeError or a one-line InputError otherwise."""
+    if isinstance(inputs, (str, bytes)):
+        raise TypeError(f"inputs must be a sequence of ints, got {inputs!r}")
     try:
         inputs = list(inputs)
     except TypeError:
         raise TypeError(f"inputs must be a sequence of ints, got {inputs!r}") from None
     if not inputs:
         raise InputError("--inputs is empty; give input numbers (counting from 0)")
-    for i in inputs:
-        store.input_index(i)  # range check with the store's message
-    return [int(i) % store.n_inputs for i in inputs]
+    return [store.input_index(i) for i in inputs]  # type and range, in the store's words
+
+
+def _inputs(store: Store, inputs):
+    if inputs is None:
+        return list(range(min(3, store.n_inputs)))
+    return given_inputs(store, inputs)
 
 
 def draw(
@@ -277,19 +280,7 @@ def check_output(path, overwrite=False, inputs=()) -> Path:
         raise InputError(
             f"{path}: unknown format {path.suffix or '(none)'!r}; use .png, .pdf or .svg"
         )
-    refuse_inputs(path, inputs, flag="-o")
-    refuse_special(path, flag="-o")
-    check_output_dir(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory")
-    if path.is_symlink() and not path.exists() and not overwrite:
-        raise InputError(
-            f"{path}: is a symbolic link that leads nowhere ({os.readlink(path)}); remove "
-            "it, or pass --overwrite to replace the link with the image"
-        )
-    if lexists(path) and not overwrite:
-        raise InputError(f"{path}: exists; pass --overwrite to replace it")
-    return path
+    return check_new_file(path, overwrite, inputs, flag="-o", noun="image")
 
 
 def check_title(title: str) -> str:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from ..io import InputError
 from ..io.store import Store, open_store
-from . import TENSORS, _columns, _nice_ceiling, check_title, italic
+from . import TENSORS, _columns, _nice_ceiling, check_title, given_inputs, italic
 
 TITLE = "KL Divergence From the Baseline, per Layer and Head"
 COLORBAR_LABEL = "KL(baseline ‖ condition), nats"
@@ -47,13 +47,7 @@ def _inputs(store: Store, inputs) -> np.ndarray:
                 "nothing to average"
             )
         return chosen
-    try:
-        inputs = list(inputs)
-    except TypeError:
-        raise TypeError(f"inputs must be a sequence of ints, got {inputs!r}") from None
-    if not inputs:
-        raise InputError("--inputs is empty; give input numbers (counting from 0)")
-    chosen = sorted({store.input_index(i) for i in inputs})
+    chosen = sorted(set(given_inputs(store, inputs)))
     empty = [i for i in chosen if store.lengths[i] == 0]
     if empty:
         raise InputError(
