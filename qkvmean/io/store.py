@@ -1067,6 +1067,47 @@ class Store:
             f"layers, {self.n_heads} heads, seq {self.seq}, {', '.join(self.conditions)}>"
         )
 
+    def _repr_html_(self) -> str:
+        """A summary table for Jupyter (``qkvmean.render.view.View(store)`` shows the maps)."""
+        from html import escape
+
+        cfg = self.config
+        model = cfg.get("model") or cfg.get("input")
+        lengths = (
+            f"{int(self.lengths.min())}..{int(self.lengths.max())} tokens"
+            if self.n_inputs
+            else "none"
+        )
+        maps = (
+            f"yes ({cfg.get('map_dtype', 'float32')}, {cfg.get('compression', 'deflate')})"
+            if self.has_maps
+            else "no (--no-maps: metrics only)"
+        )
+        source = "a --model run"
+        if self.source != "model":
+            source = f"raw Q/K/V ({self.source}" + (
+                f": {cfg.get('input')})" if cfg.get("input") else ")"
+            )
+        rows = [
+            ("file", str(self.path)),
+            ("source", source),
+            ("conditions", ", ".join(self.conditions)),
+            ("inputs", f"{self.n_inputs} ({lengths}; seq {self.seq})"),
+            ("layers", f"{self.n_layers} ({', '.join(str(x) for x in self.layer_ids)})"),
+            ("heads", str(self.n_heads)),
+            ("model", str(model) if self.source == "model" and model else "none (raw Q/K/V)"),
+            ("maps", maps),
+        ]
+        body = "".join(
+            f'<tr><th style="text-align: left">{escape(k)}</th><td style="text-align: '
+            f'left">{escape(v)}</td></tr>'
+            for k, v in rows
+        )
+        return (
+            f'<table class="qkvmean-store"><caption style="text-align: left">qkvmean store '
+            f"<code>{escape(self.path.name)}</code></caption>{body}</table>"
+        )
+
     # -- inputs
     @property
     def source(self) -> str:
