@@ -43,7 +43,8 @@ def test_given_means_are_substituted_as_the_reference_does(seed, target, causal)
     np.testing.assert_allclose(w, w_ref, atol=1e-12)
     np.testing.assert_allclose(o, o_ref, atol=1e-12)
     own, _ = qkvmean.ablate(q, k, v, **kw)
-    if target != "v" and lengths.max() > 0:  # the batch's own means give other maps
+    if target != "v" and lengths.max() > 1:  # the batch's own means give other maps
+        # (a map of one token is [[1]] whatever the means)
         assert not np.allclose(own, w)
 
 
