@@ -477,15 +477,17 @@ def _add_figure_options(p):
         type=_csv(int),
         default=None,
         metavar="I[,I...]",
-        help="inputs to draw, counting from 0 (default: the first 3)",
+        help="inputs to draw, counting from 0, negative from the end (write --inputs=-1,0: "
+        "a value may not start with '-' after a space) (default: the first 3)",
     )
     p.add_argument(
         "--layer",
         type=_layer,
         default="auto",
         metavar="auto|last|N",
-        help="layer to draw (negative counts from the last); auto: with --head auto, where "
-        "the columns differ most, at or after the first substituted layer (default: auto)",
+        help="layer to draw: its number, as the store's /layer holds it (negative counts "
+        "from the last); auto: with --head auto, where the columns differ most, at or after "
+        "the first substituted layer (default: auto)",
     )
     p.add_argument(
         "--head",
@@ -877,18 +879,22 @@ def cmd_render(args) -> int:
     out = render.check_output(args.out, args.overwrite, inputs=[args.store])
     if args.title is not None:
         render.check_title(args.title)
-    fig = render.draw(
-        args.store,
-        inputs=args.inputs,
-        layer="auto" if args.layer is None else args.layer,
-        head="auto" if args.head is None else args.head,
-        baseline=args.baseline,
-        diff=args.diff,
-        tokens=args.tokens,
-        title=args.title,
-        caption=args.caption,
-    )
-    render.save(fig, out, dpi=args.dpi)
+    from .io.store import open_store
+    from .render.choice import layer_by_number
+
+    with open_store(args.store) as store:
+        fig = render.draw(
+            store,
+            inputs=args.inputs,
+            layer="auto" if args.layer is None else layer_by_number(store, args.layer),
+            head="auto" if args.head is None else args.head,
+            baseline=args.baseline,
+            diff=args.diff,
+            tokens=args.tokens,
+            title=args.title,
+            caption=args.caption,
+        )
+    render.save(fig, out, dpi=args.dpi, overwrite=args.overwrite)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -915,8 +921,8 @@ def _render_metrics(args) -> int:
     out = render.check_output(args.out, args.overwrite, inputs=[args.store])
     if args.title is not None:
         render.check_title(args.title)
-    fig = draw_metrics(args.store, inputs=args.inputs, title=args.title)
-    render.save(fig, out, dpi=args.dpi)
+    fig = draw_metrics(args.store, inputs=args.inputs, title=args.title, caption=args.caption)
+    render.save(fig, out, dpi=args.dpi, overwrite=args.overwrite)
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -924,7 +930,7 @@ def _render_metrics(args) -> int:
 
 def cmd_figure(args) -> int:
     from . import pipeline, render
-    from .io import lexists, refuse_inputs
+    from .io import InputError, lexists, refuse_inputs
     from .io.models import minilm_available
     from .io.store import partial_dir
 
@@ -943,6 +949,8 @@ def cmd_figure(args) -> int:
         raise UsageError(
             "--baseline and --diff do not combine (the baseline's difference from itself is zero)"
         )
+    if args.model is not None and not args.model.strip():
+        raise UsageError("--model is empty; give a model directory, 'minilm' or 'synthetic'")
     device = _device(args)
     options = pipeline.Options(over=args.over or OVER[0], heads=args.heads)
     options.check()
@@ -980,18 +988,23 @@ def cmd_figure(args) -> int:
         )
     finally:
         source.close()
-    fig = render.draw(
-        summary.path,
-        inputs=args.inputs,
-        layer=args.layer,
-        head=args.head,
-        baseline=args.baseline,
-        diff=args.diff,
-        tokens=args.tokens,
-        title=args.title,
-        caption=args.caption,
-    )
-    render.save(fig, image, dpi=args.dpi)
+    try:
+        fig = render.draw(
+            summary.path,
+            inputs=args.inputs,
+            layer=args.layer,
+            head=args.head,
+            baseline=args.baseline,
+            diff=args.diff,
+            tokens=args.tokens,
+            title=args.title,
+            caption=args.caption,
+        )
+        render.save(fig, image, dpi=args.dpi, overwrite=args.overwrite)
+    except InputError as exc:  # the run is done: say how to draw it without running again
+        raise InputError(
+            f"{exc}; the store {store} is kept: draw it with qkvmean render {store} -o {image}"
+        ) from None
     if not args.quiet:
         name = {"minilm": "all-MiniLM-L6-v2 (minilm)", "synthetic": "the synthetic model"}
         texts = args.text or f"{source.n_inputs} built-in sentences"

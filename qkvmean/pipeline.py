@@ -124,7 +124,7 @@ class QKVSource:
         self.paths = list(dict.fromkeys(inp.files))  # the file, and any it links to
         self.n_inputs, self.n_layers = inp.n_inputs, inp.n_layers
         self.n_heads, self.seq = inp.n_heads, inp.seq
-        self.layer_ids = list(range(self.n_layers))
+        self.layer_ids = inp.layer_ids  # the file's layer scale, else 0, 1, ...
         self.lengths = inp.lengths
         self.causal = inp.causal_attr if options.causal is None else options.causal
         self.causal = bool(self.causal)

@@ -121,9 +121,55 @@ def test_a_single_column_is_compared_with_the_baseline(tmp_path):
 
 
 def test_the_read_budget_leaves_later_layers_out(stores, monkeypatch):
+    read = []
+
+    def later_is_better(store, rows, layer, heads, pairs):  # a score that grows with layer
+        read.append(layer)
+        return np.full(len(heads), float(layer + 1))
+
+    monkeypatch.setattr(choice, "_layer_scores", later_is_better)
+    assert render.draw(stores["model"]).qkvmean["choice"].layer == 3 and read == [1, 2, 3]
+    read.clear()
     monkeypatch.setattr(choice, "READ_BUDGET", 1)
     shown = render.draw(stores["model"]).qkvmean["choice"]
-    assert shown.layer == 1  # only the first substituted layer was read
+    assert shown.layer == 1 and read == [1]  # only the first substituted layer was read
+
+
+def test_one_column_figures_keep_their_title_and_caption_inside(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from qkvmean.render.metrics import draw_metrics
+
+    make_qkv(tmp_path / "in.h5", n=3, layers=2, heads=3, seq=8)
+    out = tmp_path / "k.h5"
+    assert main(["run", "--qkv", str(tmp_path / "in.h5"), "--targets", "k", "--out", str(out),
+                 "-q"]) == 0  # fmt: skip
+    fig = render.draw(out)
+    metrics = draw_metrics(out)
+    for f, texts in ((fig, [fig.qkvmean["title"], fig.qkvmean["caption"]]),
+                     (metrics, [metrics._supxlabel])):  # fmt: skip
+        FigureCanvasAgg(f).draw()
+        for text in texts:
+            box = text.get_window_extent()
+            assert 0 <= box.x0 and box.x1 <= f.bbox.width, (text.get_text(), box)
+            assert 0 <= box.y0, (text.get_text(), box)
+    assert fig.qkvmean["caption"].get_text().count("\n") >= 1  # wrapped, not cut
+    plain = draw_metrics(out, caption=False)._supxlabel.get_text()
+    assert plain == "KL Divergence From the Baseline, per Layer and Head"
+
+
+def test_a_caption_does_not_claim_a_difference_where_there_is_none(tmp_path):
+    make_qkv(tmp_path / "in.h5", n=2, layers=2, heads=2, seq=6)
+    out = tmp_path / "s.h5"
+    assert main(["run", "--qkv", str(tmp_path / "in.h5"), "--out", str(out), "-q"]) == 0
+    with h5py.File(out, "r+") as f:  # every condition the baseline: nothing differs
+        for c in CONDITIONS:
+            f["attention"][c][...] = f["attention/baseline"][...]
+    fig = render.draw(out)
+    assert fig.qkvmean["choice"].score == 0
+    assert fig.qkvmean["caption"].get_text().endswith(
+        "(the columns are alike at every layer and head looked at)"
+    )
 
 
 def test_the_caption_says_what_is_shown(stores):
@@ -227,3 +273,34 @@ def test_the_default_figure_of_the_main_job_has_three_different_columns(tmp_path
         k, v = f["attention/mean_k"][:, 1:], f["attention/mean_v"][:, 1:]
         np.testing.assert_allclose(k, v, atol=1e-4)
         assert np.abs(f["attention/mean_k"][:, 0] - f["attention/mean_v"][:, 0]).max() > 0.3
+
+
+def test_a_captures_layer_numbers_are_the_stores_and_name_layers_on_the_command_line(
+    tmp_path, capsys
+):
+    """Q/K/V of layers 3, 5 and 7 (a scale on the layer axis): the store's /layer, the
+    caption, export and ``render --layer 5`` use those numbers."""
+    from qkvmean.io.qkv import QKVWriter
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=(2, 3, 2, 6, 4)).astype(np.float32) for _ in range(3))
+    with QKVWriter(tmp_path / "in.h5", n_inputs=2, n_layers=3, n_heads=2, seq=6, dim=4,
+                   lengths=[6, 4], layer_ids=[3, 5, 7]) as w:  # fmt: skip
+        w.write(0, q, k, v)
+    out = tmp_path / "s.h5"
+    assert main(["run", "--qkv", str(tmp_path / "in.h5"), "--out", str(out), "-q"]) == 0
+    with h5py.File(out) as f:
+        assert list(f["layer"][...]) == [3, 5, 7] and list(f.attrs["ablate_layers"]) == [3, 5, 7]
+        want = f["attention/mean_k"][0, 1, 1, :6, :6]
+    fig = render.draw(out, layer=1, head=1)  # the API takes positions
+    assert "at layers 3,5,7" in fig.qkvmean["caption"].get_text()
+    assert "shown: layer 5, head 1" in fig.qkvmean["caption"].get_text()
+    np.testing.assert_array_equal(fig.qkvmean["axes"][0, 1].images[0].get_array(), want)
+    png = tmp_path / "f.png"
+    assert main(["render", str(out), "-o", str(png), "--layer", "5", "--head", "1", "-q"]) == 0
+    assert main(["render", str(out), "-o", str(tmp_path / "g.png"), "--layer", "1"]) == 2
+    assert "s.h5 has layers 3,5,7; there is no layer 1" in capsys.readouterr().err
+    table = tmp_path / "m.csv"
+    assert main(["export", str(out), "--metrics", str(table), "-q"]) == 0
+    layers = {line.split(",")[3] for line in table.read_text().splitlines()[1:]}
+    assert layers == {"3", "5", "7"}

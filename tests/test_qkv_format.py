@@ -323,7 +323,7 @@ def test_the_writer_refuses_bad_writes_in_one_line_and_leaves_nothing(tmp_path):
             w.write(*args)
         assert "\n" not in str(caught.value)
         w.abort()
-    with pytest.raises(InputError, match=r"input 2 \(and 0 more\) was never written"):
+    with pytest.raises(InputError, match=r"input 2 never written"):
         with QKVWriter(tmp_path / "x.h5", **kw) as w:
             w.write(0, q[:2], k[:2], v[:2])
     with pytest.raises(InputError, match="3 KV heads do not divide 4 query heads"):

@@ -398,6 +398,7 @@ class QKVInput:
         self.rank = len(q)
         self.n_inputs = q[0]
         self.n_layers = q[1] if self.rank == 5 else 1
+        self.layer_ids = self._layer_numbers(perms["q"])
         self.n_heads, self.seq, self.dim = q[-3:]
         self.dim_v = v[-1]
         self.warnings = []
@@ -413,6 +414,25 @@ class QKVInput:
             )
         causal = group.attrs.get("causal", self._f.attrs.get("causal"))
         self.causal_attr = None if causal is None else parse_causal(causal, self.where())
+
+    def _layer_numbers(self, perm) -> list:
+        """The model's layer numbers: the values of the dimension scale on q's layer axis
+        where there is one (distinct non-negative integers, one per layer), else 0, 1, ..."""
+        default = list(range(self.n_layers))
+        if perm is None or self.rank != 5:
+            return default
+        dim = self.q.dims[perm[1]]
+        if not len(dim):
+            return default
+        try:
+            values = np.asarray(dim[0][...])
+        except (OSError, RuntimeError, KeyError, TypeError):
+            return default
+        if values.dtype.kind not in "iu" or values.shape != (self.n_layers,):
+            return default
+        if np.any(values < 0) or len(set(values.tolist())) != self.n_layers:
+            return default
+        return [int(x) for x in values]
 
     def _check_format(self, group) -> bool:
         """Does the group say it is the exchange format? It must then be a version we read.
@@ -654,7 +674,7 @@ class QKVWriter:
     def __init__(self, path, *, n_inputs, n_layers, n_heads, n_kv_heads=None, seq, dim,
                  dim_v=None, lengths, causal=None, tokens=None, text=None, attrs=None,
                  group="/", overwrite=False, layer_ids=None):  # fmt: skip
-        from . import check_output_dir, refuse_special
+        from . import check_new_file
 
         self.path = Path(path)
         n = _count(n_inputs, "n_inputs")
@@ -682,10 +702,7 @@ class QKVWriter:
         if len(layer_ids) != n_layers:
             raise InputError(f"layer_ids must hold {n_layers} layer numbers, got {len(layer_ids)}")
         self.group_name = "/" + str(group).strip("/")
-        refuse_special(self.path)
-        if os.path.lexists(self.path) and not overwrite:
-            raise InputError(f"{self.path}: exists; pass --overwrite to replace it")
-        check_output_dir(self.path)
+        check_new_file(self.path, overwrite, flag="--out", noun="file")
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         self.overwrite = overwrite
         self.n_inputs, self.seq = n, seq
@@ -813,9 +830,10 @@ class QKVWriter:
             raise InputError(f"{self.path}: the writer was aborted; nothing to finish")
         missing = np.flatnonzero(~self.written)
         if missing.size:
+            more = f" and {missing.size - 1} more" if missing.size > 1 else ""
             raise InputError(
-                f"{self.path}: input {int(missing[0])} (and {missing.size - 1} more) was never "
-                "written; write every input before finish()"
+                f"{self.path}: input {int(missing[0])}{more} never written; write every input "
+                "before finish(), or abort()"
             )
         self.f.close()
         fd = os.open(self.tmp, os.O_RDONLY)

@@ -17,6 +17,7 @@ from ..engine.names import BASELINE, TENSOR_LABELS, condition_name
 from ..io import (
     InputError,
     check_new_file,
+    put_in_place,
     sweep_temporaries,
 )
 from ..io.store import Store, open_store
@@ -62,8 +63,10 @@ MAX_LABELS = 40
 #: Largest panel side (inches), and largest raster image (pixels).
 MAX_PANEL = 7.0
 MAX_PIXELS = 200e6
-#: The caption line under the title (inches).
-CAPTION_HEIGHT = 0.3
+#: The caption line under the title (inches), and each further line it wraps to.
+CAPTION_HEIGHT, CAPTION_LINE = 0.3, 0.16
+#: The narrowest figure (inches): the title's width at 14 pt, with margins.
+MIN_WIDTH = 5.8
 
 
 def pretty_tokens(tokens) -> list:
@@ -201,8 +204,12 @@ def draw(
     labelled = min(longest, MAX_LABELS) if tokens else 0
     cell = min(3.2 + 0.09 * labelled, MAX_PANEL)  # inches per panel
     height = cell * len(rows) + 0.9
-    strip = CAPTION_HEIGHT if caption else 0.0
-    fig = Figure(figsize=(cell * len(columns) + 1.3, height + strip), layout="constrained")
+    width = max(cell * len(columns) + 1.3, MIN_WIDTH)
+    lines = []
+    if caption:  # wrapped to the figure's width, a file name in it is text, not mathtext
+        lines = wrap(choice.caption(store, shown).replace("$", r"\$"), width, 9)
+    strip = CAPTION_HEIGHT + CAPTION_LINE * (len(lines) - 1) if caption else 0.0
+    fig = Figure(figsize=(width, height + strip), layout="constrained")
     # the grid, its colour bar and title in one subfigure; the caption line under it
     grid, below = fig.subfigures(2, 1, height_ratios=[height, strip]) if caption else (fig, None)
     axes = grid.subplots(len(rows), len(columns), squeeze=False)
@@ -233,8 +240,9 @@ def draw(
     heading = grid.supxlabel(TITLE if title is None else title, fontsize=14)
     line = None
     if caption:
-        text = choice.caption(store, shown).replace("$", r"\$")  # a file name is not mathtext
-        line = below.text(0.5, 0.6, text, ha="center", va="center", fontsize=9, color="0.3")
+        line = below.text(
+            0.5, 0.55, "\n".join(lines), ha="center", va="center", fontsize=9, color="0.3"
+        )
     fig.qkvmean = {
         "rows": rows,
         "columns": columns,
@@ -249,6 +257,14 @@ def draw(
         "maps": maps,
     }
     return fig
+
+
+def wrap(text: str, width: float, fontsize: float) -> list:
+    """``text`` in lines that fit ``width`` inches at ``fontsize`` points (by the mean width
+    of a character of matplotlib's sans-serif font, about 0.55 em)."""
+    import textwrap
+
+    return textwrap.wrap(text, max(20, int(width * 72 / (0.55 * fontsize)) - 4)) or [""]
 
 
 def _ticks(ax, labels, n):
@@ -312,8 +328,9 @@ def check_title(title: str) -> str:
     return title
 
 
-def save(fig: Figure, path, *, dpi=150):
-    """Write ``fig`` (format from the extension) atomically: a temporary file, renamed."""
+def save(fig: Figure, path, *, dpi=150, overwrite=True):
+    """Write ``fig`` (format from the extension) whole or not at all: a temporary file put
+    in place at the end (without ``overwrite`` never over a file that appeared since)."""
     path = Path(path)
     width, height = fig.get_size_inches()
     if path.suffix.lower() == ".png" and width * height * dpi * dpi > MAX_PIXELS:
@@ -325,7 +342,7 @@ def save(fig: Figure, path, *, dpi=150):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
         fig.savefig(tmp, dpi=dpi, format=path.suffix[1:].lower())
-        os.replace(tmp, path)
+        put_in_place(tmp, path, overwrite, flag="-o", noun="image")
     finally:
         tmp.unlink(missing_ok=True)
     return path

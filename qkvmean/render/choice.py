@@ -61,6 +61,19 @@ def check_layer(store: Store, layer) -> int | str:
     return store.layer_index(layer)
 
 
+def layer_by_number(store: Store, layer):
+    """``--layer N`` on the command line: a layer number as the store's ``/layer`` holds it
+    (a run of captured Q/K/V of layers 3, 5 and 7 has those), turned into the position
+    that :func:`check_layer` and ``draw`` take; words and negative positions pass as
+    they are. Where the numbers are 0, 1, ... the two are the same."""
+    ids = [int(i) for i in store.layer_ids]
+    if isinstance(layer, str) or layer < 0 or ids == list(range(len(ids))):
+        return layer
+    if layer not in ids:
+        raise InputError(f"{store.path.name} has layers {_numbers(ids)}; there is no layer {layer}")
+    return ids.index(layer)
+
+
 def check_head(store: Store, head) -> int | str:
     """``"auto"``, ``"mean"`` or a valid head index (negative counts from the end)."""
     if isinstance(head, str):
@@ -155,5 +168,8 @@ def caption(store: Store, choice: Choice) -> str:
         picked = " and ".join(
             w for w, auto in (("layer", choice.auto_layer), ("head", choice.auto_head)) if auto
         )
-        shown += f" ({picked} chosen where the columns differ most)"
+        if choice.score:
+            shown += f" ({picked} chosen where the columns differ most)"
+        else:  # nothing to choose between: say so rather than claim a difference
+            shown += f" (the columns are alike at every {picked} looked at)"
     return f"{model_label(store)} · {what} · {shown}"

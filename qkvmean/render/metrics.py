@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from ..io import InputError
 from ..io.store import Store, open_store
-from . import TENSORS, _columns, _nice_ceiling, check_title, given_inputs, italic
+from . import TENSORS, _columns, _nice_ceiling, check_title, given_inputs, italic, wrap
 
 TITLE = "KL Divergence From the Baseline, per Layer and Head"
 COLORBAR_LABEL = "KL(baseline ‖ condition), nats"
@@ -27,6 +27,8 @@ MARK = "▸"
 #: Cell side (inches): within these bounds, panels at most MAX_PANEL wide or high, and at
 #: least MIN_WIDTH wide (their titles).
 MIN_CELL, MAX_CELL, MAX_PANEL, MIN_WIDTH = 0.12, 0.45, 6.0, 3.4
+#: The narrowest figure (inches): the title's width at 12 pt, with margins.
+FIGURE_MIN_WIDTH = 6.2
 #: Inputs read at once (a block of /metrics/kl_from_baseline).
 BLOCK = 4096
 
@@ -99,16 +101,17 @@ def _ticks(n: int, inches: float, always=()) -> list:
     return sorted(set(range(0, n, step)) | set(always))
 
 
-def draw_metrics(store, *, inputs=None, title=None) -> Figure:
+def draw_metrics(store, *, inputs=None, title=None, caption=True) -> Figure:
     """The KL figure of ``store`` (an open Store or a path): one layer × head heatmap per
     substituted tensor, the mean over ``inputs`` (default: every input with a valid
     token) of ``KL(baseline ‖ condition)``, a shared colour bar from 0, substituted layers
     marked ``▸``. ``title`` replaces the overall title (at the bottom, as in the main
-    figure). Returns a :class:`matplotlib.figure.Figure`.
+    figure), with a caption line under it (``caption=False``: none). Returns a
+    :class:`matplotlib.figure.Figure`.
     """
     if not isinstance(store, Store):
         with open_store(store) as opened:
-            return draw_metrics(opened, inputs=inputs, title=title)
+            return draw_metrics(opened, inputs=inputs, title=title, caption=caption)
     if title is not None:
         check_title(title)
     columns = _columns(store, baseline=False, diff=False)
@@ -125,9 +128,8 @@ def draw_metrics(store, *, inputs=None, title=None) -> Figure:
     cell = min(MAX_CELL, max(MIN_CELL, MAX_PANEL / max(n_heads, n_layers, 1)))
     # (cells are square unless a panel would be too narrow for its title)
     width, height = max(MIN_WIDTH, cell * max(n_heads, 1)), cell * max(n_layers, 1)
-    fig = Figure(
-        figsize=(len(columns) * (width + 0.25) + 1.9, max(height, 1.0) + 1.9), layout="constrained"
-    )
+    total = max(len(columns) * (width + 0.25) + 1.9, FIGURE_MIN_WIDTH)
+    fig = Figure(figsize=(total, max(height, 1.0) + 1.9), layout="constrained")
     axes = fig.subplots(1, len(columns), squeeze=False, sharey=True)[0]
     rows = _ticks(n_layers, height, () if every_layer else layers)
     cols = _ticks(n_heads, width, () if every_head else heads)
@@ -154,10 +156,8 @@ def draw_metrics(store, *, inputs=None, title=None) -> Figure:
             label.set_fontweight("bold")
     bar = fig.colorbar(image, ax=axes, location="right", shrink=0.9, aspect=25)
     bar.set_label(COLORBAR_LABEL, fontsize=11)
-    fig.supxlabel(
-        (TITLE if title is None else title) + "\n" + _caption(store, chosen, layers, heads),
-        fontsize=12,
-    )
+    lines = wrap(_caption(store, chosen, layers, heads), total, 12) if caption else []
+    fig.supxlabel("\n".join([TITLE if title is None else title, *lines]), fontsize=12)
     fig.qkvmean = {
         "columns": columns,
         "axes": axes,
