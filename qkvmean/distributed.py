@@ -174,7 +174,8 @@ def _use_worker_threads():
 
 
 def _source(recipe):
-    """The run's source on this worker, built once per process."""
+    """The run's source on this worker, built once per process (for both passes of an
+    ``--over dataset`` run: the second brings the means the first added up)."""
     with _building:
         found = _built.get(recipe["key"])
         if found is None:
@@ -184,7 +185,16 @@ def _source(recipe):
             found = pipeline.source_from_recipe(recipe)
             _built.clear()  # one run at a time per worker
             _built[recipe["key"]] = found
+        found.means = recipe["means"]
     return found
+
+
+def sum_batch(recipe, start, stop, targets, inputs=None):
+    """The first pass of ``--over dataset`` for batch ``start:stop`` on this worker: the
+    per-position sums of ``targets`` (:meth:`position_sums` of the source)."""
+    source = _source(recipe)
+    batch, _ = source.read(start, stop) if inputs is None else inputs
+    return source.position_sums(batch, start, stop, targets)
 
 
 def compute_batch(recipe, start, stop, inputs=None):
@@ -271,11 +281,54 @@ def compute_batches(cluster: Cluster, source, recipe, todo, assembly, progress):
                 submit()
         return computed, seconds
     except Exception as exc:
-        if isinstance(exc, (OSError, TimeoutError)) or type(exc).__name__ in (
-            "KilledWorker", "CancelledError", "FutureCancelledError", "CommClosedError",
-        ):  # fmt: skip
-            raise ClusterError(f"the cluster went away ({_lost(exc)})") from None
-        raise
+        raise _cluster_error(exc) from None
+
+
+def sum_batches(cluster: Cluster, source, recipe, batches, indices, targets):
+    """The first pass on the cluster: yields ``(index, sums)`` for each of ``indices`` (into
+    ``batches``) as it comes back, in any order (:func:`qkvmean.means.first_pass` adds
+    them in batch order). A model's token ids are sent; raw Q/K/V are read by workers that
+    see the file (the caller keeps the pass here where they do not)."""
+    distributed = _dask()
+    client = cluster.client
+    send = source.kind == "model"
+    try:
+        shared = client.scatter([recipe], broadcast=True)[0]
+        width = max(2, IN_FLIGHT_PER_THREAD * sum(cluster.workers().values()))
+        pending = list(indices)
+        running = distributed.as_completed()
+        futures = {}
+
+        def submit():
+            index = pending.pop(0)
+            start, stop = batches[index]
+            inputs = source.read(start, stop) if send else None
+            future = client.submit(
+                sum_batch, shared, start, stop, targets, inputs,
+                key=f"qkvmean-sums-{recipe['key']}-{start}-{stop}", retries=2, pure=False,
+            )  # fmt: skip
+            futures[future] = index
+            running.add(future)
+
+        while pending and len(futures) < width:
+            submit()
+        for future in running:
+            index = futures.pop(future)
+            yield index, future.result()
+            if pending:
+                submit()
+    except Exception as exc:
+        raise _cluster_error(exc) from None
+
+
+def _cluster_error(exc):
+    """``exc`` as a :class:`ClusterError` where it says the cluster went away, else as
+    it is."""
+    if isinstance(exc, (OSError, TimeoutError)) or type(exc).__name__ in (
+        "KilledWorker", "CancelledError", "FutureCancelledError", "CommClosedError",
+    ):  # fmt: skip
+        return ClusterError(f"the cluster went away ({_lost(exc)})")
+    return exc
 
 
 def _lost(exc) -> str:

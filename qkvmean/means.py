@@ -88,10 +88,14 @@ def _save(path: Path, batches, targets, done, totals):
     os.replace(tmp, path)  # atomic against a kill, as the journal's entries
 
 
-def first_pass(source, options, manifest, work: Path, progress=None):
+def first_pass(source, options, manifest, work: Path, progress=None, sums=None):
     """The means of the run's own inputs (its first pass), resumed from ``work``'s state.
 
-    ``progress(n)`` is called with the inputs of each batch summed. Returns the
+    ``progress(n)`` is called with the inputs of each batch summed. ``sums(indices,
+    targets)``, where given (a cluster's, :func:`qkvmean.distributed.sum_batches`),
+    yields ``(index, position sums)`` of those batches in any order; they are added in
+    batch order whatever order they come in, so the means are the same bits as a local
+    pass's, and saved as each next batch is added. Returns the
     :class:`~qkvmean.engine.plan.DatasetMeans`.
     """
     targets = wanted(source, options)
@@ -100,14 +104,23 @@ def first_pass(source, options, manifest, work: Path, progress=None):
     done, totals = _load(path, batches, targets)
     if progress is not None and done:
         progress(sum(b - a for a, b in batches[:done]))
-    for index in range(done, len(batches)):
-        start, stop = batches[index]
-        inputs, _ = source.read(start, stop)
-        part = source.position_sums(inputs, start, stop, targets)
-        totals = part if totals is None else {t: totals[t] + part[t] for t in targets}
-        _save(path, batches, targets, index + 1, totals)
+
+    def local(indices, targets):
+        for index in indices:
+            start, stop = batches[index]
+            inputs, _ = source.read(start, stop)
+            yield index, source.position_sums(inputs, start, stop, targets)
+
+    waiting = {}  # batches that came back before the one to add next
+    for index, part in (sums or local)(list(range(done, len(batches))), targets):
+        waiting[index] = part
+        while done in waiting:
+            part = waiting.pop(done)
+            totals = part if totals is None else {t: totals[t] + part[t] for t in targets}
+            done += 1
+            _save(path, batches, targets, done, totals)
         if progress is not None:
-            progress(stop - start)
+            progress(batches[index][1] - batches[index][0])
     if totals is None:  # no inputs at all
         totals = source.position_sums(None, 0, 0, targets)
     return source.means_from_sums(totals, {"taken_from": "this run's inputs"})

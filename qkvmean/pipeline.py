@@ -1025,6 +1025,14 @@ def _compute_batches(source, options, layout, todo, bar, assembly):
     return computed, kernel_seconds, map_bytes
 
 
+def _cluster_recipe(source, layout) -> dict:
+    """What the workers need (:meth:`QKVSource.recipe`, :meth:`ModelSource.recipe`), with
+    the layout and a key that names the run (a worker builds its source once per key)."""
+    config = json.dumps(_run_config(source, source.options, None), sort_keys=True, default=str)
+    key = hashlib.sha256(config.encode()).hexdigest()[:16]
+    return dict(source.recipe(), layout=layout, key=key)
+
+
 def _compute_on_cluster(cluster, source, layout, todo, bar, assembly):
     """:func:`_compute_batches` on a Dask cluster (:mod:`qkvmean.distributed`)."""
     from . import distributed
@@ -1033,9 +1041,7 @@ def _compute_on_cluster(cluster, source, layout, todo, bar, assembly):
         if bar is not None:
             bar.update(n)
 
-    recipe = dict(source.recipe(), layout=layout, key=hashlib.sha256(
-        json.dumps(_run_config(source, source.options, None), sort_keys=True, default=str)
-        .encode()).hexdigest()[:16])  # fmt: skip
+    recipe = _cluster_recipe(source, layout)
     try:
         computed, seconds = distributed.compute_batches(
             cluster, source, recipe, todo, assembly, progress
@@ -1144,7 +1150,9 @@ def run(
         bar = assembly = None
         try:
             if own_means:  # the first pass: the means of this run's inputs
-                source.means = _first_pass(source, options, manifest, work, show_progress)
+                source.means = _first_pass(
+                    source, options, manifest, work, show_progress, cluster, layout
+                )
             attrs = _root_attrs(source, options, config, manifest["created_utc"])
             assembly = st.Assembly(work, layout, attrs, source.inputs_record(), source.means)
             done = assembly.salvage(entries, source.changed if source.digests else None)
@@ -1205,13 +1213,32 @@ def run(
     )
 
 
-def _first_pass(source, options, manifest, work, show_progress):
-    """:func:`qkvmean.means.first_pass`, with its own progress bar."""
+def _first_pass(source, options, manifest, work, show_progress, cluster=None, layout=None):
+    """:func:`qkvmean.means.first_pass`, with its own progress bar; on a cluster where its
+    workers can do it (a model, or raw Q/K/V in a file they see), else here."""
     bar = _progress(source.n_inputs, 0, show_progress, "dataset means (pass 1 of 2)")
+    sums, lost = None, ()
+    if cluster is not None:
+        from . import distributed
+
+        lost = distributed.ClusterError
+        paths = [Path(p) for p in source.paths if Path(p).is_file()]
+        if source.kind == "model" or cluster.see(paths):
+            recipe = _cluster_recipe(source, layout)
+            batches = [tuple(b) for b in manifest["batches"]]
+
+            def sums(indices, targets):
+                return distributed.sum_batches(cluster, source, recipe, batches, indices, targets)
+
     try:
         return means_mod.first_pass(
-            source, options, manifest, work, None if bar is None else bar.update
+            source, options, manifest, work, None if bar is None else bar.update, sums
         )
+    except lost as exc:
+        raise RunFailed(
+            f"{exc}; the means added up so far are kept in {work.name}/: rerun with "
+            "--resume (on a cluster or here)"
+        ) from None
     finally:
         if bar is not None:
             bar.close()

@@ -18,6 +18,7 @@ from support import store_datasets
 from test_store import make_qkv
 
 from qkvmean import distributed as qd
+from qkvmean import pipeline
 from qkvmean.cli import main
 
 
@@ -88,9 +89,10 @@ def test_qkv_and_model_stores_are_those_of_a_local_run(tmp_path, cluster, monkey
     assert made["workers"] == 2 and made["scheduler"] == addr
 
 
-def test_dataset_means_on_a_cluster_are_those_of_a_local_run(tmp_path, cluster):
-    """--over dataset: the first pass runs on the driver, the means travel with each task;
-    the store (its /means too) is a local run's."""
+def test_dataset_means_on_a_cluster_are_those_of_a_local_run(tmp_path, cluster, monkeypatch):
+    """--over dataset: both passes run on the workers (the driver adds the first pass's
+    sums up in batch order), the means travel with each task of the second; the store
+    (its /means too) is a local run's, bit for bit."""
     addr = cluster[0].scheduler_address
     make_qkv(tmp_path / "in.h5", n=7, layers=2, heads=3, seq=8)
     text = _texts(tmp_path / "t.txt")
@@ -100,10 +102,17 @@ def test_dataset_means_on_a_cluster_are_those_of_a_local_run(tmp_path, cluster):
     ):
         argv = [*argv, "--over", "dataset", "--batch-size", "3", "--quiet"]
         assert main([*argv, "-o", str(tmp_path / f"{name}-local.h5")]) == 0
-        assert main([*argv, "-o", str(tmp_path / f"{name}-dist.h5"), "--scheduler", addr]) == 0
+        with monkeypatch.context() as m:  # the driver itself may not add anything up
+            for cls in (pipeline.QKVSource, pipeline.ModelSource):
+                m.setattr(cls, "position_sums", _not_on_the_driver)
+            assert main([*argv, "-o", str(tmp_path / f"{name}-dist.h5"), "--scheduler", addr]) == 0
         assert_identical(tmp_path / f"{name}-local.h5", tmp_path / f"{name}-dist.h5")
         with h5py.File(tmp_path / f"{name}-dist.h5") as f:
             assert "means/q" in f and f["means/count"][0] == (7 if name == "qkv" else 6)
+
+
+def _not_on_the_driver(self, inputs, start, stop, targets):
+    raise AssertionError(f"the driver summed inputs {start}..{stop - 1} itself")
 
 
 def test_workers_starts_a_local_cluster(tmp_path, capsys):
@@ -174,6 +183,29 @@ def test_a_killed_worker_loses_nothing(tmp_path, cluster):
     assert proc.returncode == 0, err
     assert_identical(tmp_path / "local.h5", out)
     client.wait_for_workers(2, timeout=60)  # the nanny restarts it
+
+
+def test_a_worker_killed_in_the_first_pass_loses_nothing(tmp_path, cluster):
+    """--over dataset: a worker SIGKILLed while the cluster adds up the means (pass 1):
+    its batches' sums are computed again, the store is a local run's, /means included."""
+    local, client = cluster
+    make_qkv(tmp_path / "in.h5", n=240, layers=4, heads=8, seq=48, dim=16)
+    args = ["run", "--qkv", tmp_path / "in.h5", "--over", "dataset", "--batch-size", "1", "-q"]
+    assert main([*map(str, args), "-o", str(tmp_path / "local.h5")]) == 0
+    out = tmp_path / "dist.h5"
+    state = tmp_path / "dist.h5.partial" / "means.npz"
+    proc = _driver(*args, "-o", out, "--scheduler", local.scheduler_address)
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None and state.exists(), "pass 1 ended (or never began) first"
+    assert not list(state.parent.glob("batch-*.npz"))  # still in the first pass
+    victim = next(iter(client.run(os.getpid).values()))
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert_identical(tmp_path / "local.h5", out)
+    client.wait_for_workers(2, timeout=60)
 
 
 def test_a_killed_driver_resumes(tmp_path, cluster):
