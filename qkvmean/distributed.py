@@ -323,7 +323,11 @@ def sum_batches(cluster: Cluster, source, recipe, batches, indices, targets):
 
 def _cluster_error(exc):
     """``exc`` as a :class:`ClusterError` where it says the cluster went away, else as
-    it is."""
+    it is (a read that failed here, on the driver, is not the cluster's)."""
+    from .io import ReadFailed
+
+    if isinstance(exc, ReadFailed):
+        return exc
     if isinstance(exc, (OSError, TimeoutError)) or type(exc).__name__ in (
         "KilledWorker", "CancelledError", "FutureCancelledError", "CommClosedError",
     ):  # fmt: skip

@@ -111,6 +111,24 @@ def test_dataset_means_on_a_cluster_are_those_of_a_local_run(tmp_path, cluster, 
             assert "means/q" in f and f["means/count"][0] == (7 if name == "qkv" else 6)
 
 
+def test_a_read_that_fails_on_the_driver_is_not_the_cluster_going_away(
+    tmp_path, cluster, monkeypatch, capsys
+):
+    from qkvmean.io import ReadFailed
+
+    def broken(self, start, stop):
+        raise ReadFailed(f"t.txt: inputs {start}..{stop - 1}: the disk said no")
+
+    monkeypatch.setattr(pipeline.ModelSource, "read", broken)
+    text = _texts(tmp_path / "t.txt")
+    argv = ["run", "--model", "synthetic", "--text", str(text), "-o", str(tmp_path / "s.h5"),
+            "--scheduler", cluster[0].scheduler_address, "-q"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the disk said no" in err and "went away" not in err, err
+    assert "rerun with --resume" in err
+
+
 def _not_on_the_driver(self, inputs, start, stop, targets):
     raise AssertionError(f"the driver summed inputs {start}..{stop - 1} itself")
 
