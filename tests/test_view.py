@@ -257,7 +257,15 @@ def _hover(driver, index, cond, row, col):
            const box = document.getElementById("tip");
            tip.visible = !box.hidden && box.getBoundingClientRect().width > 0;
            tip.status = document.getElementById("status").textContent;
-           return tip;"""
+           const mark = document.getElementById("mark"), m = mark.getBoundingClientRect();
+           const c = arguments[0].getBoundingClientRect(), n = arguments[0].width;
+           tip.mark = mark.hidden ? null : [m.left, m.top, m.width, m.height];
+           tip.cell = [c.left + arguments[2] * c.width / n, c.top + arguments[1] * c.height / n,
+                       c.width / n, c.height / n];
+           return tip;""",
+        canvas,
+        int(row),
+        int(col),
     )
 
 
@@ -458,6 +466,9 @@ def test_hover_shows_the_query_token_key_token_and_weight(browser, model_store, 
             for r, c in [(n - 1, 0), (0, n - 1), tuple(rng.integers(0, n, 2))]:
                 tip = _hover(browser, pos, cond, int(r), int(c))
                 assert tip["visible"]
+                # the hovered cell is outlined
+                assert tip["mark"] is not None
+                np.testing.assert_allclose(tip["mark"], tip["cell"], atol=1.0)
                 assert _cell_text(tip["query"]) == (r, labels[r]), tip
                 assert _cell_text(tip["key"]) == (c, labels[c]), tip
                 assert abs(_number(tip["weight"]) - want[r, c]) <= tol, (tip, want[r, c])

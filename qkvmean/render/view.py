@@ -417,6 +417,7 @@ script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:">
 <h1 id="title">@HEADING@</h1>
 <p id="note"></p>
 </main>
+<div id="mark" hidden></div>
 <div id="tip" hidden>
 <div id="tip-panel"></div>
 <table>
@@ -470,6 +471,8 @@ fieldset label { margin-right: 10px; white-space: nowrap; }
   text-align: center; font-size: 14px; }
 #title { font-size: 18px; font-weight: normal; text-align: center; margin: 18px 0 6px; }
 #note { font-size: 12px; color: #666; text-align: center; margin: 0; }
+#mark { position: fixed; pointer-events: none; box-sizing: border-box;
+  border: 2px solid #000; outline: 1px solid #fff; }
 #tip { position: fixed; pointer-events: none; background: rgba(255, 255, 255, 0.95);
   border: 1px solid #888; border-radius: 3px; padding: 4px 6px; font-size: 12px; z-index: 10;
   box-shadow: 0 1px 4px rgba(0, 0, 0, 0.25); }
@@ -496,6 +499,8 @@ _JS = r"""
   };
   window.qkvView = view;
   window.addEventListener("error", (e) => view.errors.push(String(e.message)));
+  window.addEventListener("scroll", () => { $("tip").hidden = $("mark").hidden = true; },
+    { passive: true });  // both are placed where the pointer was
 
   function fail(err) {
     view.error = String(err && err.message ? err.message : err);
@@ -657,7 +662,7 @@ _JS = r"""
     }
     ctx.putImageData(img, 0, 0);
     canvas.addEventListener("mousemove", (e) => hover(e, canvas, pos, cond));
-    canvas.addEventListener("mouseleave", () => { $("tip").hidden = true; });
+    canvas.addEventListener("mouseleave", () => { $("tip").hidden = $("mark").hidden = true; });
     div.append(axisLabels(inp, "y"), canvas, axisLabels(inp, "x"));
     return div;
   }
@@ -667,6 +672,12 @@ _JS = r"""
     const col = Math.min(n - 1, Math.max(0, Math.floor((e.clientX - r.left) / r.width * n)));
     const row = Math.min(n - 1, Math.max(0, Math.floor((e.clientY - r.top) / r.height * n)));
     const w = map(pos, cond, state.layer, state.head)[row * n + col];
+    const mark = $("mark"), cw = r.width / n, ch = r.height / n;  // the cell, outlined
+    mark.style.left = r.left + col * cw + "px";
+    mark.style.top = r.top + row * ch + "px";
+    mark.style.width = cw + "px";
+    mark.style.height = ch + "px";
+    mark.hidden = false;
     const tip = $("tip");
     const where = (cond === "baseline" ? "Baseline" : "Taking the Mean of " +
       meta.tensors[cond]) + " (Input " + (inp.index + 1) + "), layer " +
