@@ -441,26 +441,25 @@ examples:
     p.set_defaults(func=cmd_view)
 
 
-def _head(text):
-    if text.strip().lower() in ("auto", "mean"):
-        return text.strip().lower()
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a head number, 'auto' or 'mean', got {text!r}"
-        ) from None
+def _number_or(noun, *words):
+    """An argparse type: an integer, or one of ``words`` (any case)."""
+
+    def parse(text):
+        if text.strip().lower() in words:
+            return text.strip().lower()
+        try:
+            return int(text)
+        except ValueError:
+            choices = " or ".join(repr(w) for w in words)
+            raise argparse.ArgumentTypeError(
+                f"expected a {noun} number, {choices}, got {text!r}"
+            ) from None
+
+    return parse
 
 
-def _layer(text):
-    if text.strip().lower() in ("auto", "last"):
-        return text.strip().lower()
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a layer number, 'auto' or 'last', got {text!r}"
-        ) from None
+_head = _number_or("head", "auto", "mean")
+_layer = _number_or("layer", "auto", "last")
 
 
 def _dpi(text):

@@ -238,19 +238,20 @@ def compute_batch(recipe, start, stop, inputs=None):
 # ----------------------------------------------------------------------------- driver
 
 
-def compute_batches(cluster: Cluster, source, recipe, todo, assembly, progress):
-    """Every batch of ``todo`` on the cluster, written by ``assembly`` as it comes back.
-    Returns ``(inputs computed, kernel seconds)``."""
+def _on_cluster(cluster: Cluster, source, recipe, batches, task, name, *args):
+    """``task(recipe, start, stop, *args, inputs)`` for each ``(start, stop)`` of
+    ``batches`` on the cluster, a bounded number in flight (retried by Dask where a worker
+    dies); yields ``((start, stop), result)`` as each comes back, in any order. Raw Q/K/V
+    are read on the workers where they see the file as it is here, else sent; a model is
+    built on the workers (checked to be the same) and its token ids are sent."""
     distributed = _dask()
     client = cluster.client
-    # raw Q/K/V: read on the workers where they see the file as it is here, else sent; a
-    # model is built on the workers (checked to be the same) and its token ids are sent
     paths = [Path(p) for p in source.paths if Path(p).is_file()]
     send = source.kind == "model" or not cluster.see(paths)
     try:
         shared = client.scatter([recipe], broadcast=True)[0]
         width = max(2, IN_FLIGHT_PER_THREAD * sum(cluster.workers().values()))
-        pending = list(todo)
+        pending = list(batches)
         running = distributed.as_completed()
         futures = {}
 
@@ -258,67 +259,44 @@ def compute_batches(cluster: Cluster, source, recipe, todo, assembly, progress):
             start, stop = pending.pop(0)
             inputs = source.read(start, stop) if send else None
             future = client.submit(
-                compute_batch, shared, start, stop, inputs,
-                key=f"qkvmean-batch-{recipe['key']}-{start}-{stop}", retries=2, pure=False,
+                task, shared, start, stop, *args, inputs,
+                key=f"qkvmean-{name}-{recipe['key']}-{start}-{stop}", retries=2, pure=False,
             )  # fmt: skip
             futures[future] = (start, stop)
             running.add(future)
 
         while pending and len(futures) < width:
             submit()
-        computed = 0
-        seconds = 0.0
         for future in running:
-            start, stop = futures.pop(future)
+            batch = futures.pop(future)
             result = future.result()
-            assembly.add_encoded(
-                start, stop, result["chunks"], result["metrics"], result["digests"]
-            )
-            computed += stop - start
-            seconds += result["seconds"]
-            progress(stop - start)
             if pending:
                 submit()
-        return computed, seconds
+            yield batch, result
     except Exception as exc:
         raise _cluster_error(exc) from None
+
+
+def compute_batches(cluster: Cluster, source, recipe, todo, assembly, progress):
+    """Every batch of ``todo`` on the cluster, written by ``assembly`` as it comes back.
+    Returns ``(inputs computed, kernel seconds)``."""
+    computed, seconds = 0, 0.0
+    for (start, stop), result in _on_cluster(cluster, source, recipe, todo, compute_batch, "batch"):
+        assembly.add_encoded(start, stop, result["chunks"], result["metrics"], result["digests"])
+        computed += stop - start
+        seconds += result["seconds"]
+        progress(stop - start)
+    return computed, seconds
 
 
 def sum_batches(cluster: Cluster, source, recipe, batches, indices, targets):
     """The first pass on the cluster: yields ``(index, sums)`` for each of ``indices`` (into
     ``batches``) as it comes back, in any order (:func:`qkvmean.means.first_pass` adds
-    them in batch order). A model's token ids are sent; raw Q/K/V are read by workers that
-    see the file (the caller keeps the pass here where they do not)."""
-    distributed = _dask()
-    client = cluster.client
-    send = source.kind == "model"
-    try:
-        shared = client.scatter([recipe], broadcast=True)[0]
-        width = max(2, IN_FLIGHT_PER_THREAD * sum(cluster.workers().values()))
-        pending = list(indices)
-        running = distributed.as_completed()
-        futures = {}
-
-        def submit():
-            index = pending.pop(0)
-            start, stop = batches[index]
-            inputs = source.read(start, stop) if send else None
-            future = client.submit(
-                sum_batch, shared, start, stop, targets, inputs,
-                key=f"qkvmean-sums-{recipe['key']}-{start}-{stop}", retries=2, pure=False,
-            )  # fmt: skip
-            futures[future] = index
-            running.add(future)
-
-        while pending and len(futures) < width:
-            submit()
-        for future in running:
-            index = futures.pop(future)
-            yield index, future.result()
-            if pending:
-                submit()
-    except Exception as exc:
-        raise _cluster_error(exc) from None
+    them in batch order)."""
+    index = {batches[i]: i for i in indices}
+    todo = [batches[i] for i in indices]
+    for batch, sums in _on_cluster(cluster, source, recipe, todo, sum_batch, "sums", targets):
+        yield index[batch], sums
 
 
 def _cluster_error(exc):

@@ -167,3 +167,16 @@ def without_notes(err: str) -> str:
     """stderr without the run's ``warning:`` lines (a file with no lengths dataset says so
     before anything else), so that tests of one-line errors read the error alone."""
     return "".join(line for line in err.splitlines(True) if ": warning: " not in line)
+
+
+def run_qkv_store(tmp, *run_args, out="q.h5", **shape):
+    """A store of ``qkvmean run --qkv`` (plus ``run_args``) on the random Q/K/V that
+    ``test_store.make_qkv(tmp / "in.h5", **shape)`` writes; its path."""
+    from test_store import make_qkv
+
+    from qkvmean.cli import main
+
+    make_qkv(tmp / "in.h5", **shape)
+    store = tmp / out
+    assert main(["run", "--qkv", str(tmp / "in.h5"), "--out", str(store), *run_args, "-q"]) == 0
+    return store

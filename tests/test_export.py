@@ -10,6 +10,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from support import run_qkv_store
 from test_store import make_qkv
 
 import qkvmean
@@ -56,10 +57,7 @@ def qkv_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def metrics_only(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export_nomaps")
-    make_qkv(tmp / "in.h5", n=5, layers=2, heads=2, seq=8)
-    out = tmp / "n.h5"
-    assert main(["run", "--qkv", str(tmp / "in.h5"), "--out", str(out), "--no-maps", "-q"]) == 0
-    return out
+    return run_qkv_store(tmp, "--no-maps", out="n.h5", n=5, layers=2, heads=2, seq=8)
 
 
 def _one_line_error(capsys, pattern):

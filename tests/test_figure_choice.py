@@ -9,7 +9,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from test_store import make_qkv
+from support import run_qkv_store
 
 from qkvmean import render
 from qkvmean.cli import main
@@ -37,10 +37,7 @@ def stores(tmp_path_factory):
     model = tmp / "m.h5"
     assert main(["run", "--model", "synthetic", "--text", str(texts), "--ablate-layers", "1",
                  "--over", "causal", "--out", str(model), "-q"]) == 0  # fmt: skip
-    make_qkv(tmp / "in.h5", n=5, layers=3, heads=4, seq=9)
-    qkv = tmp / "q.h5"
-    assert main(["run", "--qkv", str(tmp / "in.h5"), "--out", str(qkv), "-q"]) == 0
-    return {"model": model, "qkv": qkv}
+    return {"model": model, "qkv": run_qkv_store(tmp, n=5, layers=3, heads=4, seq=9)}
 
 
 def _scores_from_h5py(path, rows, columns, layers):
@@ -111,10 +108,7 @@ def test_one_word_fixed_and_the_other_chosen(stores):
 
 
 def test_a_single_column_is_compared_with_the_baseline(tmp_path):
-    make_qkv(tmp_path / "in.h5", n=3, layers=2, heads=3, seq=8)
-    out = tmp_path / "k.h5"
-    assert main(["run", "--qkv", str(tmp_path / "in.h5"), "--targets", "k", "--out", str(out),
-                 "-q"]) == 0  # fmt: skip
+    out = run_qkv_store(tmp_path, "--targets", "k", out="k.h5", n=3, layers=2, heads=3, seq=8)
     shown = render.draw(out).qkvmean["choice"]
     scores = _scores_from_h5py(out, [0, 1, 2], ("baseline", "mean_k"), [0, 1])
     assert scores[(shown.layer, shown.head)] == pytest.approx(max(scores.values()), rel=1e-6)
@@ -140,10 +134,7 @@ def test_one_column_figures_keep_their_title_and_caption_inside(tmp_path):
 
     from qkvmean.render.metrics import draw_metrics
 
-    make_qkv(tmp_path / "in.h5", n=3, layers=2, heads=3, seq=8)
-    out = tmp_path / "k.h5"
-    assert main(["run", "--qkv", str(tmp_path / "in.h5"), "--targets", "k", "--out", str(out),
-                 "-q"]) == 0  # fmt: skip
+    out = run_qkv_store(tmp_path, "--targets", "k", out="k.h5", n=3, layers=2, heads=3, seq=8)
     fig = render.draw(out)
     metrics = draw_metrics(out)
     for f, texts in ((fig, [fig.qkvmean["title"], fig.qkvmean["caption"]]),
@@ -159,16 +150,16 @@ def test_one_column_figures_keep_their_title_and_caption_inside(tmp_path):
 
 
 def test_a_caption_does_not_claim_a_difference_where_there_is_none(tmp_path):
-    make_qkv(tmp_path / "in.h5", n=2, layers=2, heads=2, seq=6)
-    out = tmp_path / "s.h5"
-    assert main(["run", "--qkv", str(tmp_path / "in.h5"), "--out", str(out), "-q"]) == 0
+    out = run_qkv_store(tmp_path, out="s.h5", n=2, layers=2, heads=2, seq=6)
     with h5py.File(out, "r+") as f:  # every condition the baseline: nothing differs
         for c in CONDITIONS:
             f["attention"][c][...] = f["attention/baseline"][...]
     fig = render.draw(out)
     assert fig.qkvmean["choice"].score == 0
-    assert fig.qkvmean["caption"].get_text().endswith(
-        "(the columns are alike at every layer and head looked at)"
+    assert (
+        fig.qkvmean["caption"]
+        .get_text()
+        .endswith("(the columns are alike at every layer and head looked at)")
     )
 
 
@@ -266,8 +257,12 @@ def test_the_default_figure_of_the_main_job_has_three_different_columns(tmp_path
     for row in drawn:
         for a, b in itertools.combinations(row, 2):
             assert np.abs(a - b).mean() > 0.05  # visibly different: 5 % of the scale
-    assert fig.qkvmean["caption"].get_text().startswith(
-        "all-MiniLM-L6-v2 · mean over tokens at layer 0, all heads · shown: layer 0, head "
+    assert (
+        fig.qkvmean["caption"]
+        .get_text()
+        .startswith(
+            "all-MiniLM-L6-v2 · mean over tokens at layer 0, all heads · shown: layer 0, head "
+        )
     )
     with h5py.File("figure.h5") as f:
         k, v = f["attention/mean_k"][:, 1:], f["attention/mean_v"][:, 1:]

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import pytest
 from matplotlib import colormaps
+from support import run_qkv_store
 from test_store import make_qkv
 
 import qkvmean
@@ -77,10 +78,7 @@ def qkv_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def metrics_only(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("view_nomaps")
-    make_qkv(tmp / "in.h5", n=3, layers=1, heads=2, seq=6)
-    out = tmp / "n.h5"
-    assert main(["run", "--qkv", str(tmp / "in.h5"), "--out", str(out), "--no-maps", "-q"]) == 0
-    return out
+    return run_qkv_store(tmp, "--no-maps", out="n.h5", n=3, layers=1, heads=2, seq=6)
 
 
 def _page(store, tmp_path, name="page.html", **kw):

@@ -84,15 +84,21 @@ def check_head(store: Store, head) -> int | str:
     return store.head_index(head)
 
 
+def named_indices(store: Store, key: str) -> list:
+    """The indices the root attribute ``key`` names, sorted: ``ablate_layers`` holds layer
+    numbers (mapped onto the store's layer axis), ``ablate_heads`` head indices; [] where
+    it names none."""
+    values = store.attrs.get(key)
+    wanted = set() if values is None else {int(v) for v in np.atleast_1d(values)}
+    if key == "ablate_layers":
+        return [i for i, n in enumerate(store.layer_ids) if int(n) in wanted]
+    return sorted(v for v in wanted if 0 <= v < store.n_heads)
+
+
 def substituted_layers(store: Store) -> list:
-    """The store's layer indices where the substitution happened (from ``ablate_layers``,
-    which holds layer numbers); every layer where the store does not say."""
-    numbers = store.attrs.get("ablate_layers")
-    ids = [int(i) for i in store.layer_ids]
-    if numbers is None:
-        return list(range(store.n_layers))
-    wanted = {int(n) for n in np.atleast_1d(numbers)}
-    return [i for i, n in enumerate(ids) if n in wanted] or list(range(store.n_layers))
+    """The store's layer indices where the substitution happened; every layer where the
+    store does not say."""
+    return named_indices(store, "ablate_layers") or list(range(store.n_layers))
 
 
 def choose(store: Store, rows, columns, layer=AUTO, head=AUTO) -> Choice:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from ..io import InputError
 from ..io.store import Store, open_store
-from . import TENSORS, _columns, _nice_ceiling, check_title, given_inputs, italic, wrap
+from . import TENSORS, _columns, _nice_ceiling, check_title, choice, given_inputs, italic, wrap
 
 TITLE = "KL Divergence From the Baseline, per Layer and Head"
 COLORBAR_LABEL = "KL(baseline ‖ condition), nats"
@@ -83,17 +83,6 @@ def kl_means(store: Store, conditions, inputs: np.ndarray) -> dict:
     return out
 
 
-def _substituted(store: Store, key: str, count: int) -> list:
-    """The indices (0..count-1) named by the root attribute ``key`` (layer numbers are
-    mapped to the store's layer axis)."""
-    values = store.attrs.get(key)
-    values = values if isinstance(values, list) else [] if values is None else [values]
-    if key == "ablate_layers":
-        ids = {int(v): i for i, v in enumerate(store.layer_ids)}
-        return sorted(ids[int(v)] for v in values if int(v) in ids)
-    return sorted(int(v) for v in values if 0 <= int(v) < count)
-
-
 def _ticks(n: int, inches: float, always=()) -> list:
     """Positions to label on an axis of ``n`` cells ``inches`` long: every one when they
     fit (about 7 per inch), else every k-th, and always those in ``always``."""
@@ -120,8 +109,8 @@ def draw_metrics(store, *, inputs=None, title=None, caption=True) -> Figure:
     n_layers, n_heads = store.n_layers, store.n_heads
     peak = max(float(m.max(initial=0.0)) for m in kl.values())
     vmax = _nice_ceiling(peak)
-    layers = _substituted(store, "ablate_layers", n_layers)
-    heads = _substituted(store, "ablate_heads", n_heads)
+    layers = choice.named_indices(store, "ablate_layers")
+    heads = choice.named_indices(store, "ablate_heads")
     every_layer = len(layers) == n_layers
     every_head = len(heads) == n_heads
 
