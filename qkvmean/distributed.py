@@ -22,6 +22,8 @@ import os
 import threading
 from pathlib import Path
 
+from . import faults
+
 #: The most batches in flight per worker thread (the driver writes as they come back).
 IN_FLIGHT_PER_THREAD = 2
 #: How long to wait for the scheduler, and then for a first worker (seconds).
@@ -194,7 +196,9 @@ def sum_batch(recipe, start, stop, targets, inputs=None):
     per-position sums of ``targets`` (:meth:`position_sums` of the source)."""
     source = _source(recipe)
     batch, _ = source.read(start, stop) if inputs is None else inputs
-    return source.position_sums(batch, start, stop, targets)
+    sums = source.position_sums(batch, start, stop, targets)
+    faults.point("worker-sum")
+    return sums
 
 
 def compute_batch(recipe, start, stop, inputs=None):
@@ -232,6 +236,7 @@ def compute_batch(recipe, start, stop, inputs=None):
                 for cond, parts in encoded.items()
             }
     metrics = {name: c.metrics[name] for name in METRICS}
+    faults.point("worker-batch")
     return {"chunks": chunks, "metrics": metrics, "digests": digests, "seconds": seconds}
 
 

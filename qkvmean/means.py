@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import faults
 from .engine.names import OVER
 from .io import InputError
 from .io import store as st
@@ -119,6 +120,7 @@ def first_pass(source, options, manifest, work: Path, progress=None, sums=None):
             totals = part if totals is None else {t: totals[t] + part[t] for t in targets}
             done += 1
             _save(path, batches, targets, done, totals)
+            faults.point("means-journaled")
         if progress is not None:
             progress(batches[index][1] - batches[index][0])
     if totals is None:  # no inputs at all

@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 from numba import njit
 
+from .. import faults
 from ..engine.names import BASELINE, CONDITIONS, METRICS
 from ..resources import format_bytes
 from . import (
@@ -644,6 +645,7 @@ class Assembly:
         # No fsync: the rename is atomic against a killed process (the page cache keeps
         # what was written), and after an OS crash salvage checks every chunk's CRC.
         os.replace(tmp, final)
+        faults.point("journaled")
         self.filled.append((start, stop))
         self._writeback()
 

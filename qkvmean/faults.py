@@ -1,0 +1,67 @@
+"""Fault points: where the crash tests kill a run, deterministically.
+
+A run passes named points on its way (:func:`point`); the environment variable
+``QKVMEAN_FAULT`` makes the process SIGKILL itself at the N-th time it reaches one, so that
+a test kills a run exactly after its second journal entry, not whenever a polling loop
+happens to look. Without the variable, a point costs one dictionary look-up.
+
+``QKVMEAN_FAULT`` is a comma-separated list of ``NAME:N`` or ``NAME:N@MARKER``. With a
+marker file, the fault fires once across every process that has the variable (a cluster's
+workers, the one the nanny restarts): the first to reach it creates ``MARKER`` (atomically)
+and dies; the others, and later counts, find it there and go on.
+
+The points:
+
+``journaled``
+    a batch's journal entry is in place (the store and the entry agree).
+``means-journaled``
+    the first pass of ``--over dataset`` has saved its sums after a batch.
+``worker-batch``
+    a cluster's worker has computed a batch, before it returns it.
+``worker-sum``
+    a cluster's worker has summed a batch of the first pass, before it returns it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = ("journaled", "means-journaled", "worker-batch", "worker-sum")
+VARIABLE = "QKVMEAN_FAULT"
+
+_reached: dict = {}
+
+
+def _faults(spec: str) -> dict:
+    faults = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, rest = part.partition(":")
+        count, _, marker = rest.partition("@")
+        if name not in POINTS or not count.isdigit() or int(count) < 1:
+            raise ValueError(
+                f"{VARIABLE}={spec!r}: {part!r} is not NAME:N[@MARKER] with NAME one of "
+                f"{', '.join(POINTS)} and N >= 1"
+            )
+        faults[name] = (int(count), marker or None)
+    return faults
+
+
+def point(name: str) -> None:
+    """Pass the fault point ``name``: die here if ``QKVMEAN_FAULT`` says so."""
+    spec = os.environ.get(VARIABLE)
+    if not spec:
+        return
+    fault = _faults(spec).get(name)
+    if fault is None:
+        return
+    count, marker = fault
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] != count:
+        return
+    if marker is not None:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return  # fired already, in this process or another
+    os.kill(os.getpid(), signal.SIGKILL)
