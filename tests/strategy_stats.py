@@ -17,9 +17,9 @@ import sys
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from support import cases  # noqa: E402
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from support import cases
 
 # the arguments each test module gives cases()
 STRATEGIES = {
@@ -39,29 +39,32 @@ def non_trivial(case, with_v=True) -> bool:
     return bool(shapes_ok and len(case.lengths) and int(np.max(case.lengths)) >= 2)
 
 
+def draws(kwargs, n, key):
+    """(non-trivial, non-trivial ignoring v, drawn) of ``n`` derandomized draws of a test
+    whose digest is extended by ``key``."""
+    seen = []
+
+    @settings(
+        max_examples=n,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(cases(**kwargs))
+    def record(case):
+        seen.append((non_trivial(case), non_trivial(case, with_v=False)))
+
+    record.hypothesis.inner_test._hypothesis_internal_add_digest = key
+    record()
+    return sum(a for a, _ in seen), sum(b for _, b in seen), len(seen)
+
+
 def measure(kwargs, n=60, runs=10):
-    """Per run: (non-trivial, non-trivial ignoring v, drawn). Derandomized draws depend on
-    the test function's digest, so each run is a differently-keyed test, as each test
-    module's function is: the spread over runs is what the tests see."""
-    out = []
-    for run in range(runs):
-        seen = []
-
-        @settings(
-            max_examples=n,
-            derandomize=True,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(cases(**kwargs))
-        def record(case):
-            seen.append((non_trivial(case), non_trivial(case, with_v=False)))
-
-        record.hypothesis.inner_test._hypothesis_internal_add_digest = str(run).encode()
-        record()
-        out.append((sum(a for a, _ in seen), sum(b for _, b in seen), len(seen)))
-    return out
+    """Derandomized draws depend on the test function's digest, so each run is a
+    differently-keyed test, as each test module's function is: the spread over runs is
+    what the tests see."""
+    return [draws(kwargs, n, str(run).encode()) for run in range(runs)]
 
 
 if __name__ == "__main__":
