@@ -13,6 +13,7 @@ import contextlib
 from dataclasses import dataclass
 
 import numpy as np
+from hypothesis import example
 from hypothesis import strategies as st
 
 from qkvmean import config
@@ -57,21 +58,48 @@ def _layout(x, layout):
     return x
 
 
+# The edge shapes that random draws would rarely combine on purpose; ``cases`` draws one
+# in about one example of twenty, and ``edge_examples`` makes each an explicit @example row.
+EDGES = ("empty batch", "no tokens", "all padding", "one token", "no value dim")
+_EDGE_OR_NOT = (None,) * (19 * len(EDGES)) + EDGES  # None first: failures shrink to it
+
+
 @st.composite
 def cases(
-    draw, dtypes=(np.float16, np.float32, np.float64), min_heads=1, max_seq=9, head_axis=False
+    draw,
+    dtypes=(np.float16, np.float32, np.float64),
+    min_heads=1,
+    max_seq=9,
+    head_axis=False,
+    edges=True,
 ):
-    """Random attention inputs: shapes, group axes, lengths (0..seq), masks, magnitudes."""
-    batch = draw(st.integers(0 if not head_axis else 1, 3))
+    """Random attention inputs: shapes, group axes, lengths, masks, magnitudes, layouts.
+
+    Every axis is non-empty and at least one input has two valid tokens or more (the
+    softmax is over several keys); the others have any length from 0 to ``seq``. With
+    ``edges``, about one draw in twenty is instead one of ``EDGES`` (``head_axis`` inputs
+    keep a batch); ``edge_examples`` gives each as an explicit row.
+    """
+    edge = draw(st.sampled_from(_EDGE_OR_NOT)) if edges else None
+    if edge == "empty batch" and head_axis:
+        edge = "all padding"
+    batch = 0 if edge == "empty batch" else draw(st.integers(1, 3))
     group = draw(st.lists(st.integers(1, 3), min_size=1 if head_axis else 0, max_size=2))
     if head_axis:
         group[-1] = max(group[-1], min_heads)
-    seq = draw(st.integers(0, max_seq))
+    if edge == "no tokens":
+        seq = 0
+    else:
+        seq = draw(st.integers(1 if edge in ("all padding", "one token") else 2, max_seq))
     dim = draw(st.integers(1, 8))
-    dim_v = draw(st.integers(0, 5))
-    lengths = np.array(
-        draw(st.lists(st.integers(0, seq), min_size=batch, max_size=batch)), dtype=np.int64
-    )
+    dim_v = 0 if edge == "no value dim" else draw(st.integers(1, 5))
+    most = {"no tokens": 0, "all padding": 0, "one token": 1}.get(edge, seq)
+    lengths = draw(st.lists(st.integers(0, most), min_size=batch, max_size=batch))
+    if batch and edge in (None, "no value dim"):  # one input with two valid tokens or more
+        lengths[draw(st.integers(0, batch - 1))] = draw(st.integers(2, seq))
+    elif batch and edge == "one token":
+        lengths[draw(st.integers(0, batch - 1))] = 1
+    lengths = np.array(lengths, dtype=np.int64)
     dtype = draw(st.sampled_from(dtypes))
     kind = draw(st.sampled_from(["normal", "integers"]))
     # logits span 1e-4 .. 1e4 (with the default scale, |logit| ~ magnitude**2)
@@ -84,6 +112,44 @@ def cases(
     k = _layout(_values(rng, (*shape, dim), kind, magnitude, dtype), layout)
     v = _layout(_values(rng, (*shape, dim_v), "normal", 1.0, dtype), layout)
     return Case(q, k, v, lengths, draw(st.booleans()), scale, draw(st.sampled_from([0, 1, 3, 32])))
+
+
+def edge_cases(dtypes=(np.float16, np.float32, np.float64), min_heads=1, head_axis=False, **_):
+    """One fixed case per edge of ``EDGES`` (and per dtype), shaped as ``cases(...)`` with
+    the same arguments would shape it: name -> Case."""
+    heads = max(2, min_heads)
+    group = (heads,) if head_axis else (2,)
+    rng = np.random.default_rng(7)
+    out = {}
+    for dtype in dtypes:
+        rows = {  # batch, seq, dim_v, lengths, causal
+            "empty batch": (0, 4, 3, [], False),
+            "no tokens": (2, 0, 3, [0, 0], False),
+            "all padding": (2, 3, 3, [0, 0], True),
+            "one token": (3, 3, 2, [1, 0, 1], False),
+            "no value dim": (2, 4, 0, [4, 2], True),
+        }
+        for name, (batch, seq, dim_v, lengths, causal) in rows.items():
+            if head_axis and batch == 0:
+                continue
+            shape = (batch, *group, seq)
+            q, k = (rng.normal(size=(2, *shape, 3)) * 2).astype(dtype)
+            v = rng.normal(size=(*shape, dim_v)).astype(dtype)
+            lengths = np.array(lengths, np.int64)
+            out[f"{name}, {np.dtype(dtype).name}"] = Case(q, k, v, lengths, causal, None, 0)
+    return out
+
+
+def edge_examples(*extra, **strategy_kwargs):
+    """An ``@example(case, *extra)`` row per case of ``edge_cases(**strategy_kwargs)``: the
+    edges run on every run, whatever the draws."""
+
+    def apply(test):
+        for case in edge_cases(**strategy_kwargs).values():
+            test = example(case, *extra)(test)
+        return test
+
+    return apply
 
 
 @contextlib.contextmanager
