@@ -98,7 +98,7 @@ def correctness(quick):
 def device_facts(quick):
     from numba import cuda
 
-    from qkvmean.engine import cuda as backend
+    from qkvmean.engine.backends import cuda as backend
 
     if backend.SIMULATOR:
         return {"device": backend.describe(), "peak_gflops": None, "sgemm_gflops": None,

@@ -1151,9 +1151,9 @@ def _machine_lines() -> list:
 
 def _cuda_line() -> str:
     """What ``--device cuda`` would use, or why it cannot run here."""
-    from .engine.api import _cuda
+    from .engine.backends import load
 
-    ops, why = _cuda()
+    ops, why = load("cuda")
     return f"{ops.describe()} (--device cuda)" if ops is not None else f"not usable: {why}"
 
 

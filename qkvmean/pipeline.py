@@ -29,6 +29,7 @@ from . import engine
 from . import means as means_mod
 from ._version import __version__
 from .config import compute_threads, task_pool
+from .engine.kernels.means import position_sums
 from .engine.names import METRICS, OVER, TARGETS, condition_names
 from .io import (
     InputError,
@@ -177,7 +178,7 @@ class QKVSource:
             if x is not None:
                 flat = x.reshape(-1, self.seq, dim)
                 lengths = self.lengths[start:stop]
-                engine.cpu.position_sums(flat, lengths, self.n_layers * heads, total)
+                position_sums(flat, lengths, self.n_layers * heads, total)
             sums[target] = total.reshape(self.n_layers, heads, self.seq, dim)
         return sums
 

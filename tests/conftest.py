@@ -5,6 +5,7 @@ import os
 # first imported, so it is set before anything imports it.
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+import cudasim  # noqa: F401  (the simulator's shared arrays under a lock: tests/cudasim.py)
 from hypothesis import HealthCheck, settings
 
 # Kernels compile on first use (seconds), so no per-example deadline; the "ci" profile

@@ -15,7 +15,7 @@ from support import store_datasets
 from test_store import make_qkv
 
 from qkvmean.cli import main
-from qkvmean.engine import cuda as cuda_backend
+from qkvmean.engine.backends import cuda as cuda_backend
 
 
 def _same_store(a, b, atol=1e-4):

@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qkvmean
-from qkvmean.engine import api, cpu
-from qkvmean.engine import cuda as cuda_kernels  # numba-cuda: in the test extra
+from qkvmean.engine import api
 from qkvmean.engine import reference as R
 from qkvmean.engine.arch import ACTIVATION_CODES
+from qkvmean.engine.backends import cpu
+from qkvmean.engine.backends import cuda as cuda_kernels  # numba-cuda: in the test extra
 from qkvmean.engine.modes import MODE_UNIFORM
 
 # seq up to 9: more keys than the simulator's 4 threads per row, so that the rows'
@@ -195,9 +196,9 @@ def test_conditions_without_maps_keep_the_metrics():
 
 
 def test_the_cuda_backend_provides_the_protocol():
-    from qkvmean.engine import backend
+    from qkvmean.engine import backends
 
-    assert backend.missing(api.backend("cuda")) == []
+    assert backends.missing(api.backend("cuda")) == []
     assert api.backend("cuda") is cuda_kernels
     name, what = api.choose_device("auto")
     assert name == "cpu" if cuda_kernels.SIMULATOR else "cuda"

@@ -7,9 +7,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkvmean.engine import cpu, vmath
 from qkvmean.engine import reference as R
 from qkvmean.engine.arch import Rotary
+from qkvmean.engine.backends import cpu
+from qkvmean.engine.kernels import vmath
 
 SEEDS = st.integers(0, 2**32 - 1)
 

@@ -420,7 +420,7 @@ def test_api_results_larger_than_memory_are_one_value_error():
 
 
 def test_api_memory_error_while_allocating_becomes_a_value_error(monkeypatch):
-    from qkvmean.engine import cpu
+    from qkvmean.engine.backends import cpu
 
     def attention(*args, **kwargs):
         raise MemoryError

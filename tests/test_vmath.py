@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qkvmean.engine import cpu, vmath
+from qkvmean.engine.kernels import activations, vmath
 
 f32 = st.floats(-12, 12, width=32, allow_nan=False)
 
@@ -61,8 +61,8 @@ def test_bias_gelu_kernels_apply_gelu_to_x_plus_bias(rows, cols, tanh_approx, se
     want = np.empty_like(x)
     vmath.gelu_array((x + bias).ravel(), tanh_approx, want.reshape(-1))
     serial, parallel = x.copy(), x.copy()
-    cpu.bias_gelu_serial(serial, bias, tanh_approx)
-    cpu.bias_gelu(parallel, bias, tanh_approx)
+    activations.bias_gelu_serial(serial, bias, tanh_approx)
+    activations.bias_gelu(parallel, bias, tanh_approx)
     # vectorised and scalar code may round x + bias and the polynomial differently (by
     # 5.6e-7 relative in erf's tail, x + bias = -2.8; by 2e-6 relative, 4e-14 absolute,
     # where GELU itself is ~2e-8: the kernels promise 1e-6 relative where |gelu| > 0.01)

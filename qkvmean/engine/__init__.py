@@ -1,8 +1,10 @@
 """The engine: masked softmax attention and mean substitution.
 
-:mod:`~qkvmean.engine.api` validates and dispatches to a backend (:mod:`~qkvmean.engine.cpu`,
-or :mod:`~qkvmean.engine.cuda` with ``device="cuda"``); :mod:`~qkvmean.engine.reference`
-is the plain numpy reference of the same functions.
+:mod:`~qkvmean.engine.api` validates and dispatches to a backend of
+:mod:`~qkvmean.engine.backends` (``cpu``, or ``cuda`` with ``device="cuda"``), which runs
+the kernels of :mod:`~qkvmean.engine.kernels`; :mod:`~qkvmean.engine.transformer` is the
+model path; :mod:`~qkvmean.engine.reference` is the plain numpy reference of the same
+functions.
 """
 
 from .api import (

@@ -15,15 +15,10 @@ import numpy as np
 
 from .. import config
 from ..resources import check_memory, format_bytes
-from . import cpu
+from .backends import AUTO, BACKENDS, load
+from .kernels.finite import scan_finite
 from .names import CONDITIONS, DEVICES, METRICS, OVER, TARGETS, condition_name
 from .plan import Plan, means_from_sums, position_counts
-
-#: The backends by device name. A backend is a module (or object) with the names of
-#: :mod:`qkvmean.engine.backend`'s protocol; the raw API and the model path both go
-#: through it. ``"cuda"`` (:mod:`qkvmean.engine.cuda`) is added on first use, so that
-#: numba-cuda and CuPy are imported only when asked for.
-BACKENDS = {"cpu": cpu}
 
 __all__ = ["BACKENDS", "CONDITIONS", "DEVICES", "METRICS", "OVER", "TARGETS", "backend"]
 
@@ -31,49 +26,41 @@ __all__ = ["BACKENDS", "CONDITIONS", "DEVICES", "METRICS", "OVER", "TARGETS", "b
 # ----------------------------------------------------------------------------- checks
 
 
-def _cuda():
-    """``(the CUDA backend, None)``, or ``(None, why it cannot run here)``."""
-    if "cuda" in BACKENDS:
-        return BACKENDS["cuda"], None
-    try:
-        from . import cuda
-    except ImportError as exc:
-        return None, f"numba-cuda is not installed ({exc}): pip install 'qkvmean[cuda]'"
-    reason = cuda.unavailable()
-    if reason is not None:
-        return None, reason
-    BACKENDS["cuda"] = cuda
-    return cuda, None
-
-
 def choose_device(device) -> tuple:
-    """``(backend name, what it is)`` for ``device``: ``"auto"`` is CUDA on a GPU (never
-    Numba's simulator), else the CPU, and says why."""
+    """``(backend name, what it is)`` for ``device``: ``"auto"`` is the first backend of
+    :data:`~qkvmean.engine.backends.AUTO` that runs here and does not ask to be passed
+    over (CUDA on a GPU, never Numba's simulator), else the last (the CPU), and says why."""
     if device == "auto":
-        ops, why = _cuda()
-        if ops is None:
-            return "cpu", f"no usable CUDA device: {why}"
-        if ops.SIMULATOR:
-            return "cpu", "Numba's CUDA simulator is not a GPU (pass 'cuda' to use it)"
-        return "cuda", ops.describe()
+        reasons = []
+        for name in AUTO[:-1]:
+            ops, why = load(name)
+            if ops is None:
+                reasons.append(f"no usable {name.upper()} device: {why}")
+            elif ops.skip_auto:
+                reasons.append(ops.skip_auto)
+            else:
+                return name, ops.describe()
+        return AUTO[-1], "; ".join(reasons)
     ops = backend(device)
-    return ops.name, ops.describe() if hasattr(ops, "describe") else ""
+    return ops.name, ops.describe()
 
 
 def backend(device):
     """The backend registered for ``device`` (``"auto"``: see :func:`choose_device`), or a
-    one-line ValueError naming the choices, or saying why CUDA cannot run here."""
+    one-line ValueError naming the choices, or saying why it cannot run here."""
     if device == "auto":
-        return BACKENDS[choose_device(device)[0]]
-    if device == "cuda" and "cuda" not in BACKENDS:
-        ops, why = _cuda()
-        if ops is None:
-            raise ValueError(f"device 'cuda' cannot run here: {why}; use 'cpu' or 'auto'")
+        device = choose_device(device)[0]
     try:
-        return BACKENDS[device]
-    except (KeyError, TypeError):
+        known = device in BACKENDS
+    except TypeError:  # not hashable
+        known = False
+    if not known:
         choices = sorted(set(BACKENDS) | set(DEVICES))
-        raise ValueError(f"device must be one of {choices}, got {device!r}") from None
+        raise ValueError(f"device must be one of {choices}, got {device!r}")
+    ops, why = load(device)
+    if ops is None:
+        raise ValueError(f"device {device!r} cannot run here: {why}; use 'cpu' or 'auto'")
+    return ops
 
 
 def _float_array(x, name):
@@ -192,7 +179,7 @@ def _check_heads(heads, shape):
 def _contiguous(arr, dtype, name, shape):
     """C-contiguous copy (or view) of ``arr`` in ``dtype``, with every value finite."""
     out = np.ascontiguousarray(arr, dtype=dtype)
-    bad, biggest = cpu.scan_finite(out.reshape(-1))
+    bad, biggest = scan_finite(out.reshape(-1))
     if bad >= 0:
         index = tuple(int(i) for i in np.unravel_index(bad, shape))
         value = out.reshape(-1)[bad]

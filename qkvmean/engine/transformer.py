@@ -3,8 +3,9 @@ substitution at chosen layers.
 
 One pass serves every family: the architecture (norms and their placement, activation,
 positions, KV heads, q/k norm) is data, and every numeric step goes through the backend
-seam (``ops``: :mod:`qkvmean.engine.cpu` or :mod:`qkvmean.engine.cuda`), never a kernel
-module directly; the buffers are arrays of the backend's array module (``ops.xp``).
+seam (``ops``: :mod:`~qkvmean.engine.backends.cpu` or
+:mod:`~qkvmean.engine.backends.cuda`), never a kernel module directly; the buffers are
+arrays of the backend's array module (``ops.xp``).
 
 How the work is laid out, for speed on every core and under foreign load:
 
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .arch import ACTIVATION_CODES, Arch
+from .kernels.means import position_sums
 from .names import METRICS
 from .plan import DatasetMeans, Plan, means_from_sums, position_counts
 
@@ -546,15 +548,13 @@ def _device_means(ops, model: Weights, means: DatasetMeans, targets, layers, lon
 def projection_sums(projected, lengths):
     """Float64 sums over inputs of :func:`model_projections`' arrays, per position:
     ``{target: (layers, heads, S, dh)}``, inputs added in order (the CPU kernel)."""
-    from . import cpu
-
     lengths = np.asarray(lengths, dtype=np.int64)
     sums = {}
     for target, x in projected.items():
         batch, n_layers, heads, seq, dim = x.shape
         total = np.zeros((n_layers * heads, seq, dim))
-        cpu.position_sums(x.reshape(batch * n_layers * heads, seq, dim), lengths,
-                          n_layers * heads, total)  # fmt: skip
+        position_sums(x.reshape(batch * n_layers * heads, seq, dim), lengths,
+                      n_layers * heads, total)  # fmt: skip
         sums[target] = total.reshape(n_layers, heads, seq, dim)
     return sums
 

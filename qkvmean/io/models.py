@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.arch import Arch, Norm, Rotary
-from ..engine.cpu import scan_finite
+from ..engine.kernels.finite import scan_finite
 from ..engine.transformer import Layer, Weights
 from . import InputError, load_json
 

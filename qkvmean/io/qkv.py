@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..engine import cpu
+from ..engine.kernels.finite import scan_finite
 from . import InputError, ReadFailed, hdf5_reason, open_hdf5, parse_causal, put_in_place
 
 _FLOATS = ("float16", "float32", "float64")
@@ -560,7 +560,7 @@ class QKVInput:
                 x = x[:, None]
             # float16 is computed in float32 anyway (and Numba has no float16 arithmetic)
             x = np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float16 else x.dtype)
-            bad, _ = cpu.scan_finite(x.reshape(-1))
+            bad, _ = scan_finite(x.reshape(-1))
             if bad >= 0:
                 index = np.unravel_index(bad, x.shape)
                 b = start + int(index[0])

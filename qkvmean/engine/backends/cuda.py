@@ -1,9 +1,9 @@
 """CUDA backend: numba-cuda kernels, CuPy (cuBLAS) for the matrix products.
 
-Registered as ``device="cuda"`` in :mod:`qkvmean.engine.api` on first use, with the names of
-:mod:`qkvmean.engine.backend`'s protocol, so the raw API and the model path run here
-unchanged. Imported only when CUDA is asked for: the core package never needs numba-cuda or
-CuPy (``pip install 'qkvmean[cuda]'``).
+Registered as ``device="cuda"`` in :data:`qkvmean.engine.backends.BACKENDS` and imported on
+first use, with the names of :mod:`qkvmean.engine.backends`'s protocol, so the raw API and
+the model path run here unchanged. Imported only when CUDA is asked for: the core package
+never needs numba-cuda or CuPy (``pip install 'qkvmean[cuda]'``).
 
 How the work is laid out:
 
@@ -13,8 +13,8 @@ How the work is laid out:
   layout, rotary embedding, column sums and the per-pair reduction.
 - **Inputs copied once per batch**, to the device; nothing returns but what is asked for:
   the maps (in blocks, see below) unless ``maps`` is off, and the metrics, reduced on the
-  device (:func:`qkvmean.engine.cpu.reduce_pair`, the CPU backend's own code, compiled for
-  the GPU). The baseline's maps stay on the device for the KL of the other conditions.
+  device (:func:`qkvmean.engine.kernels.rows.reduce_pair`, the CPU backend's own code,
+  compiled for the GPU). The baseline's maps stay on the device for the KL of the other conditions.
 - **Copies overlap the compute**: maps go back block by block (the raw API: blocks of
   pairs of about :data:`BLOCK_BYTES`; the model path: each layer's maps of each
   condition) on a copy stream of their own, into pinned host buffers, while the next
@@ -49,15 +49,10 @@ os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 from numba import cuda
 from numba.cuda.core import config as _cuda_config
 
-from .cpu import (
-    merge_heads_row,
-    norm_row,
-    reduce_pair,
-    rotary_vector,
-    scan_finite,
-    split_heads_row,
-)
-from .modes import MODE_UNIFORM
+from ..kernels.finite import scan_finite
+from ..kernels.means import position_sums as _host_position_sums
+from ..kernels.rows import merge_heads_row, norm_row, reduce_pair, rotary_vector, split_heads_row
+from ..modes import MODE_UNIFORM
 
 _cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = int(os.environ["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"])
 
@@ -76,6 +71,9 @@ else:
     except ImportError as exc:  # reported by unavailable()
         xp = None
         _MISSING = f"CuPy is not installed ({exc}): pip install 'qkvmean[cuda]'"
+
+#: Why ``device="auto"`` passes this backend over although it runs (None: it may pick it).
+skip_auto = "Numba's CUDA simulator is not a GPU (pass 'cuda' to use it)" if SIMULATOR else None
 
 #: Threads per attention row (a power of two).
 ROW_THREADS = 4 if SIMULATOR else 128
@@ -195,34 +193,7 @@ def _launch(kernel, grid, block=None):
 
 
 if SIMULATOR:
-    import threading
-    import traceback
-
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _Fake
-    from numba.cuda.simulator.kernelapi import FakeCUDAShared
-    from numba.np import numpy_support
-
-    _shared_lock = threading.Lock()
-    _unlocked_array = FakeCUDAShared.array
-
-    def _shared_array(self, shape, dtype, alignment=None):
-        """The simulator's ``cuda.shared.array``, with its first allocation under a lock:
-        the simulator looks the block's array up and creates it when missing without one,
-        so two threads of a block that get there together could each create their own
-        "shared" array (seen: a wrong row about once in a thousand launches). The array is
-        found by the caller's file and line, as the simulator does."""
-        if shape == 0 or alignment is not None:  # dynamic shared memory: no lookup
-            return _unlocked_array(self, shape, dtype, alignment)
-        caller = tuple(traceback.extract_stack(sys._getframe(1), limit=1)[-1][0:2])
-        with _shared_lock:
-            found = self._allocations.get(caller)
-            if found is None:
-                if isinstance(dtype, numba.types.Type):
-                    dtype = numpy_support.as_dtype(dtype)
-                found = self._allocations[caller] = np.empty(shape, dtype)
-        return found
-
-    FakeCUDAShared.array = _shared_array
 
 
 def _out_of_memory(exc) -> bool:
@@ -412,7 +383,7 @@ def _colsum_kernel(w, lengths, group, offset, colsum):
 
 @cuda.jit
 def _reduce_kernel(row_ent, row_kl, colsum, lengths, group, ent, kl, mass, index):
-    """Per pair: :func:`qkvmean.engine.cpu.reduce_pair`, the CPU backend's own code."""
+    """Per pair: :func:`qkvmean.engine.kernels.rows.reduce_pair`, the CPU backend's own code."""
     bg = cuda.grid(1)
     if bg < row_ent.shape[0]:
         reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, ent, kl, mass, index)
@@ -613,11 +584,9 @@ def mean_substitute(x, lengths, group, select, prefix, shrink=1.0, means=None):
 
 
 def position_sums(x, lengths, group, sums):
-    """The CPU's :func:`qkvmean.engine.cpu.position_sums`: the dataset sums are taken on
-    the host (a pass over memory the inputs are in already)."""
-    from .cpu import position_sums as on_host
-
-    on_host(to_host(x), lengths, group, sums)
+    """The CPU's :func:`qkvmean.engine.kernels.means.position_sums`: the dataset sums are
+    taken on the host (a pass over memory the inputs are in already)."""
+    _host_position_sums(to_host(x), lengths, group, sums)
 
 
 # ----------------------------------------------------------------------------- model path
@@ -672,7 +641,7 @@ def add(a, b, out):
 
 
 def add_norm(x, bias, residual, norm, out, store_sum=False):
-    """See :func:`qkvmean.engine.cpu.add_norm`."""
+    """See :func:`qkvmean.engine.backends.cpu.add_norm`."""
     gamma, beta, rms, eps = norm
     _launch(_norm_kernel, _grid1(x.shape[0]))(
         x, bias, x if residual is None else residual, residual is not None, store_sum, rms,
@@ -681,7 +650,7 @@ def add_norm(x, bias, residual, norm, out, store_sum=False):
 
 
 def head_norm(x, gamma, eps, zero):
-    """See :func:`qkvmean.engine.cpu.head_norm`."""
+    """See :func:`qkvmean.engine.backends.cpu.head_norm`."""
     flat = x.reshape(-1, x.shape[2])
     _launch(_norm_kernel, _grid1(flat.shape[0]))(
         flat, zero, flat, False, False, True, gamma, zero, eps, flat
@@ -689,7 +658,7 @@ def head_norm(x, gamma, eps, zero):
 
 
 def bias_activation(m, bias, code, out):
-    """See :func:`qkvmean.engine.cpu.bias_activation`."""
+    """See :func:`qkvmean.engine.backends.cpu.bias_activation`."""
     _launch(_activation_kernel, _strided(out.size))(m, bias, code, out)
 
 
@@ -758,8 +727,8 @@ class InputScratch:
 
 
 def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
-    """See :func:`qkvmean.engine.cpu.attention_one`; the maps and metrics are queued to go
-    back (they are in ``w`` and ``reduced`` after ``scratch.finish()``)."""
+    """See :func:`qkvmean.engine.backends.cpu.attention_one`; the maps and metrics are
+    queued to go back (they are in ``w`` and ``reduced`` after ``scratch.finish()``)."""
     heads, n = q.shape[0], scratch.n
     slot = scratch.slot(c)
     dev = scratch.w[slot]
@@ -789,5 +758,5 @@ def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, redu
 
 
 def check_finite(x):
-    """:func:`qkvmean.engine.cpu.scan_finite` on the device (it waits for the device)."""
+    """:func:`qkvmean.engine.kernels.finite.scan_finite` on the device (it waits for the device)."""
     return scan_finite(xp.asarray(x).reshape(-1), xp)

@@ -1,0 +1,302 @@
+"""CPU backend: the protocol of :mod:`qkvmean.engine.backends` on the Numba kernels of
+:mod:`qkvmean.engine.kernels` (all cores for the raw API's batches; one input on the
+calling thread for the model path, whose products are BLAS calls)."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ... import config
+from ..kernels.activations import bias_gelu_serial, bias_swiglu_serial
+from ..kernels.attention import attention_kernel, attention_serial
+from ..kernels.finite import scan_finite
+from ..kernels.heads import merge_heads_serial, rotary_serial, split_heads_serial
+from ..kernels.means import (
+    given_substitute_kernel,
+    given_substitute_serial,
+    mean_substitute_kernel,
+    mean_substitute_serial,
+    position_sums,  # noqa: F401  (the protocol's: the host's sums, whichever backend)
+)
+from ..kernels.metrics import (
+    COL_BLOCK,
+    Metrics,
+    no_metrics,
+    reduce_metrics_kernel,
+    reduce_metrics_serial,
+)
+from ..kernels.norms import add_norm_serial
+from ..modes import MODE_SHARED_ROW, MODE_UNIFORM
+
+name = "cpu"
+
+#: ``device="auto"`` may pick this backend whenever it runs.
+skip_auto = None
+
+
+def unavailable():
+    """Why this backend cannot run here: never (None)."""
+    return None
+
+
+def describe():
+    """Nothing to add (the CLI names the CPU's threads in its own line)."""
+    return ""
+
+
+# --------------------------------------------------------------------------------------
+# Raw API: whole flattened batches, on every core.
+# --------------------------------------------------------------------------------------
+
+
+def attention(
+    q, k, v, lengths, group, modes, causal, scale, row_block, with_output, metrics=False,
+    base=None, maps=True,
+):  # fmt: skip
+    """Weights ``(BG, N, N)``, outputs ``(BG, N, E)`` or None, and row metrics or None.
+
+    With ``metrics``, also returns ``(row_ent, row_kl, colsum)`` for
+    :func:`reduce_metrics`; ``base`` (the baseline's weights and row metrics, from a
+    metrics call without ``base``) adds the KL from the baseline. ``maps`` False: the
+    caller will not read the weights (here they are computed all the same).
+    """
+    n_pairs, n_rows, dim = q.shape
+    threads = numba.config.NUMBA_NUM_THREADS
+    if not row_block:  # whole pairs per task when there are enough pairs to share out
+        row_block = n_rows if n_pairs >= 4 * numba.get_num_threads() else COL_BLOCK
+    if row_block > COL_BLOCK:  # a task covers a whole pair, or whole column-sum blocks
+        row_block = n_rows
+    row_block = max(row_block, 1)
+    w = np.empty((n_pairs, n_rows, n_rows), dtype=q.dtype)
+    if with_output:
+        o = np.empty((n_pairs, n_rows, v.shape[2]), dtype=q.dtype)
+    else:
+        v = np.empty((n_pairs, n_rows, 0), dtype=q.dtype)
+        o = np.empty((0, 0, 0), dtype=q.dtype)
+    if metrics:
+        # Column sums add up rows in blocks of COL_BLOCK whatever the task layout (a task
+        # covers whole blocks: all of its pair, or exactly one block), so top_key_mass
+        # does not depend on the number of threads or how the rows were split.
+        col_block = min(row_block, COL_BLOCK)
+        n_blocks = (n_rows + col_block - 1) // col_block
+        with_kl = base is not None
+        mx = Metrics(
+            True,
+            with_kl,
+            base[0] if with_kl else np.zeros((1, 1, n_rows), q.dtype),  # p = 0: no KL
+            base[1][0] if with_kl else np.empty((0, 0)),  # the baseline's row entropies
+            np.zeros((n_pairs, n_rows)),
+            np.zeros((n_pairs, n_rows)),
+            np.empty((n_pairs, n_blocks, n_rows)),
+            col_block,
+        )
+    else:
+        mx = no_metrics(q.dtype)
+    # per thread: one row of logits (for MODE_SHARED_ROW) and one pair's keys, transposed
+    scratch = np.empty((threads, n_rows), dtype=q.dtype)
+    kt_scratch = np.empty((threads, dim, n_rows), dtype=q.dtype)
+    with config.kernel_guard():
+        attention_kernel(
+            q,
+            k,
+            v,
+            lengths,
+            group,
+            modes,
+            causal,
+            q.dtype.type(scale),
+            row_block,
+            w,
+            o,
+            with_output,
+            mx,
+            scratch,
+            kt_scratch,
+        )
+    rows = (mx.row_ent, mx.row_kl, mx.colsum) if metrics else None
+    return w, (o if with_output else None), rows
+
+
+def reduce_metrics(rows, lengths, group):
+    """``(entropy, kl, top_key_mass, top_key_index)`` per pair from the row metrics."""
+    row_ent, row_kl, colsum = rows
+    n_pairs = row_ent.shape[0]
+    out = (
+        np.empty(n_pairs),
+        np.empty(n_pairs),
+        np.empty(n_pairs),
+        np.empty(n_pairs, dtype=np.int64),
+    )
+    with config.kernel_guard():
+        reduce_metrics_kernel(row_ent, row_kl, colsum, lengths, group, *out)
+    return out
+
+
+def mean_substitute(x, lengths, group, select, prefix, shrink=1.0, means=None):
+    """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true;
+    with ``means`` ``(group, >= N, D)`` (``over="dataset"``), each valid position is
+    replaced by its given mean instead."""
+    out = np.empty_like(x)
+    if means is not None:
+        with config.kernel_guard():
+            given_substitute_kernel(x, lengths, group, select, means, out)
+        return out
+    acc = np.empty((x.shape[0], x.shape[2]), dtype=np.float64)
+    with config.kernel_guard():
+        mean_substitute_kernel(x, lengths, group, select, prefix, float(shrink), acc, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Model-path interface: one input on the calling thread (qkvmean.engine.transformer runs
+# one input per task of run_tasks).
+# --------------------------------------------------------------------------------------
+
+
+def run_tasks(tasks):
+    """Run independent per-input tasks (here: on the pool of compute threads, BLAS at one
+    thread each)."""
+    return config.run_tasks(tasks)
+
+
+def matmul(a, b, out):
+    """``out = a @ b`` (BLAS)."""
+    np.matmul(a, b, out=out)
+
+
+def add(a, b, out):
+    """``out = a + b``, elementwise."""
+    np.add(a, b, out=out)
+
+
+def add_norm(x, bias, residual, norm, out, store_sum=False):
+    """``out = N(x + bias (+ residual))``; with ``store_sum`` also ``residual = x + bias +
+    residual``. ``norm`` is ``(gamma, beta, rms, eps)``; ``residual`` None: no residual."""
+    gamma, beta, rms, eps = norm
+    add_norm_serial(
+        x, bias, x if residual is None else residual, residual is not None, store_sum, rms,
+        gamma, beta, eps, out,
+    )  # fmt: skip
+
+
+def head_norm(x, gamma, eps, zero):
+    """In place, RMSNorm of every ``head_dim`` vector of ``x`` ``(P, n, dh)`` (Qwen3's q/k
+    norm); ``zero`` is a ``(dh,)`` array of zeros."""
+    flat = x.reshape(-1, x.shape[2])
+    add_norm_serial(flat, zero, flat, False, False, True, gamma, zero, eps, flat)
+
+
+def bias_activation(m, bias, code, out):
+    """``out = act(m + bias)``: GELU in place (``out`` is ``m``), or SwiGLU from the gate
+    and up halves of ``m`` into ``out``; ``code`` from
+    :data:`qkvmean.engine.arch.ACTIVATION_CODES`."""
+    if code == 2:
+        bias_swiglu_serial(m, bias, out)
+    else:
+        bias_gelu_serial(m, bias, code == 1)
+
+
+split_heads = split_heads_serial
+
+
+merge_heads = merge_heads_serial
+
+
+rotary = rotary_serial
+
+
+def substitute(x, length, n_heads, select, prefix, acc, means=None):
+    """In place, mean-substitute the selected heads of one condition's ``(H, n, dh)``;
+    with ``means`` ``(H, >= n, dh)`` (``over="dataset"``), by those."""
+    if means is not None:
+        given_substitute_serial(x, length, n_heads, select, means, x)
+    else:
+        mean_substitute_serial(x, length, n_heads, select, prefix, 1.0, acc, x)
+
+
+class InputScratch:
+    """Per-input buffers of :func:`attention_one` (row metrics, per-thread scratch, the
+    baseline's map of the current layer for the KL of the other conditions)."""
+
+    def __init__(self, n_heads, n, seq, stack, maps):
+        n_blocks = -(-n // COL_BLOCK)  # blocks of min(n, COL_BLOCK) rows (n >= 1)
+        self.length = np.array([n], dtype=np.int64)
+        self.base_ent = np.zeros((n_heads, n))
+        self.row_ent = np.zeros((n_heads, n))
+        self.row_kl = np.zeros((n_heads, n))
+        self.colsum = np.empty((n_heads, n_blocks, seq))
+        self.no_base = np.zeros((1, 1, seq), np.float32)
+        self.no_ent = np.empty((0, 0))
+        self.logits = np.empty(n, np.float32)
+        self.kt = np.empty((0, 0), np.float32)  # the kernel reads no keys: scores are given
+        # without maps to return: the baseline's and the current condition's, here
+        self.own = None if maps else np.zeros((min(stack, 2), n_heads, n, n), np.float32)
+        self.base_map = None
+
+    def finish(self):
+        """Every result of this input is in place (they are written as computed here)."""
+
+    def abort(self):
+        """After an error: nothing is in flight here."""
+
+
+def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
+    """Condition ``c``'s attention for every head of one input (``c = 0``: the baseline,
+    which the KL of the later conditions of the same layer reads).
+
+    ``q``, ``k``, ``v`` ``(H, n, dh)``; the map is written into ``w`` ``(H, S, S)`` (its
+    ``n x n`` corner; the rest stays zero), or kept in ``scratch`` when ``w`` is None (no
+    maps wanted); the output into ``o``. With ``metrics``, the four metrics of each head
+    are written into ``reduced`` (four ``(H,)`` arrays). The products ``q·kᵀ`` and ``A·v``
+    are BLAS calls; scaling, mask, softmax, fast paths and metrics are
+    :func:`attention_serial` on the scores.
+    """
+    heads = q.shape[0]
+    n = scratch.length[0]
+    if w is None:
+        w = scratch.own[min(c, 1)]
+    if c == 0:
+        scratch.base_map = w
+    valid = w[:, :n, :n]
+    if np.all(modes == MODE_SHARED_ROW):  # one row of scores per head is read
+        np.matmul(q[:, :1], k.transpose(0, 2, 1), out=w[:, :1, :n])
+    elif not np.all(modes == MODE_UNIFORM):  # (uniform rows read no scores)
+        np.matmul(q, k.transpose(0, 2, 1), out=valid)
+    with_kl = c > 0
+    mx = Metrics(
+        metrics,
+        with_kl,
+        scratch.base_map if with_kl else scratch.no_base,
+        scratch.base_ent if with_kl else scratch.no_ent,
+        scratch.row_ent if with_kl else scratch.base_ent,
+        scratch.row_kl,
+        scratch.colsum,
+        min(n, COL_BLOCK),
+    )
+    attention_serial(
+        q, k, v, scratch.length, heads, modes, causal, np.float32(scale), w, o, False, mx,
+        scratch.logits, scratch.kt, True,
+    )  # fmt: skip
+    np.matmul(valid, v, out=o)
+    if metrics:
+        reduce_metrics_serial(mx.row_ent, mx.row_kl, mx.colsum, scratch.length, heads, *reduced)
+
+
+def check_finite(x):
+    """:func:`scan_finite` of any array."""
+    return scan_finite(x.reshape(-1))
+
+
+#: The model path's array module (allocation, slicing, indexing of the buffers).
+xp = np
+
+
+def upload(model):
+    """The model's weights where this backend computes: here, as they are."""
+    return model
+
+
+def to_host(x):
+    """``x`` as a numpy array: here, itself."""
+    return x

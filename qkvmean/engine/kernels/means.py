@@ -1,0 +1,100 @@
+"""Mean substitution of flattened Q/K/V (over tokens, causal prefixes or given means)
+and the float64 per-position sums of the dataset means."""
+
+from __future__ import annotations
+
+from numba import njit, prange
+
+from ... import config
+from .. import jit
+
+
+@njit(**jit.SERIAL)
+def _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc, out):
+    """Replace the valid rows of pair ``bg`` by their (prefix) mean, if it is selected;
+    ``out`` may be ``x``. Summed in float64 in ``acc``, times ``shrink``, an exact power
+    of two (1 unless the sum could overflow)."""
+    n_rows, dim = x.shape[1], x.shape[2]
+    n = lengths[bg // group]
+    if not select[bg % group]:
+        n = 0  # copy through untouched
+    for d in range(dim):
+        acc[d] = 0.0
+    if prefix:
+        for t in range(n):
+            for d in range(dim):
+                acc[d] += x[bg, t, d] * shrink
+                out[bg, t, d] = acc[d] / (t + 1) / shrink
+    else:
+        for t in range(n):
+            for d in range(dim):
+                acc[d] += x[bg, t, d] * shrink
+        for t in range(n):
+            for d in range(dim):
+                out[bg, t, d] = acc[d] / n / shrink
+    for t in range(n, n_rows):
+        for d in range(dim):
+            out[bg, t, d] = x[bg, t, d]
+
+
+@njit(parallel=True, **jit.SERIAL)
+def mean_substitute_kernel(x, lengths, group, select, prefix, shrink, acc, out):
+    """:func:`_mean_pair` for every pair; ``acc`` is a preallocated ``(BG, D)`` float64
+    scratch array (one accumulator row per pair: no allocation inside the loop)."""
+    for bg in prange(x.shape[0]):
+        _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc[bg], out)
+
+
+@njit(**jit.SERIAL)
+def mean_substitute_serial(x, lengths, group, select, prefix, shrink, acc, out):
+    for bg in range(x.shape[0]):
+        _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc, out)
+
+
+@njit(**jit.SERIAL)
+def _given_pair(bg, x, lengths, group, select, means, out):
+    """Replace the valid rows of pair ``bg`` by the given per-position ``means[g]``
+    (``over="dataset"``), if it is selected; ``out`` may be ``x``."""
+    n_rows, dim = x.shape[1], x.shape[2]
+    g = bg % group
+    n = lengths[bg // group] if select[g] else 0
+    for t in range(n):
+        for d in range(dim):
+            out[bg, t, d] = means[g, t, d]
+    for t in range(n, n_rows):
+        for d in range(dim):
+            out[bg, t, d] = x[bg, t, d]
+
+
+@njit(parallel=True, **jit.SERIAL)
+def given_substitute_kernel(x, lengths, group, select, means, out):
+    """:func:`_given_pair` for every pair; ``means`` ``(group, >= N, D)``."""
+    for bg in prange(x.shape[0]):
+        _given_pair(bg, x, lengths, group, select, means, out)
+
+
+@njit(**jit.SERIAL)
+def given_substitute_serial(x, lengths, group, select, means, out):
+    for bg in range(x.shape[0]):
+        _given_pair(bg, x, lengths, group, select, means, out)
+
+
+@njit(parallel=True, **jit.SERIAL)
+def position_sums_kernel(x, lengths, group, sums):
+    """``sums[g, t] += x[b * group + g, t]`` for every valid position ``t < lengths[b]``,
+    inputs ``b`` in order (so the float64 sums do not depend on the thread count); one
+    task per group, each writing only its own ``sums[g]``."""
+    dim = x.shape[2]
+    for g in prange(group):
+        for b in range(lengths.shape[0]):
+            for t in range(lengths[b]):
+                for d in range(dim):
+                    sums[g, t, d] += x[b * group + g, t, d]
+
+
+def position_sums(x, lengths, group, sums):
+    """Add the valid positions of flattened ``x`` ``(B * group, N, D)`` into float64
+    ``sums`` ``(group, >= N, D)``, input by input (the ``over="dataset"`` means; on the
+    host whichever device computes the maps: a pass over memory)."""
+    with config.kernel_guard():
+        position_sums_kernel(x, lengths, group, sums)

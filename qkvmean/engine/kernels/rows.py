@@ -1,0 +1,114 @@
+"""Row helpers compiled into the kernels of every backend (CPU and CUDA alike).
+
+Each is ``register_jitable``: plain Python on scalars and array elements, inlined into
+its caller's kernel, whether that is a Numba CPU kernel or a numba-cuda one, so that both
+backends compute these steps with the same code (one thread per row on a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba.extending import register_jitable
+
+
+@register_jitable
+def reduce_pair(bg, row_ent, row_kl, colsum, lengths, group, out_ent, out_kl, out_mass, out_index):
+    """Pair ``bg``: means over valid rows, and the key column with the largest mean weight
+    (``colsum`` ``(BG, blocks, N)``: column sums per block of rows). Compiled into the
+    CPU kernels and into the CUDA backend's, so both reduce alike."""
+    n = lengths[bg // group]
+    if n == 0:  # no valid rows: nothing attends anywhere
+        out_ent[bg] = 0.0
+        out_kl[bg] = 0.0
+        out_mass[bg] = 0.0
+        out_index[bg] = -1
+        return
+    ent = 0.0
+    kl = 0.0
+    for i in range(n):
+        ent += row_ent[bg, i]
+        kl += row_kl[bg, i]
+    out_ent[bg] = ent / n
+    out_kl[bg] = kl / n
+    best = -1.0
+    best_j = 0
+    for j in range(n):
+        total = 0.0
+        for blk in range(colsum.shape[1]):
+            total += colsum[bg, blk, j]
+        if total > best:
+            best = total
+            best_j = j
+    out_mass[bg] = best / n
+    out_index[bg] = best_j
+
+
+@register_jitable
+def norm_row(r, x, bias, residual, with_residual, store_sum, rms, gamma, beta, eps, out):
+    """``s = x[r] + bias (+ residual[r])``; ``residual[r] = s`` with ``store_sum``;
+    ``out[r] = LayerNorm(s)`` (``rms``: RMSNorm, no centring; ``beta`` is zero),
+    statistics in float64. ``out`` may be ``x`` or ``residual``. Compiled into the CPU
+    kernels and the CUDA backend's (one thread per row there)."""
+    dim = x.shape[1]
+    total = 0.0
+    for d in range(dim):
+        a = x[r, d] + bias[d]
+        if with_residual:
+            a += residual[r, d]
+        if store_sum:
+            residual[r, d] = a
+        out[r, d] = a
+        total += a
+    mean = 0.0 if rms else total / dim
+    sq = 0.0
+    for d in range(dim):
+        c = out[r, d] - mean
+        sq += c * c
+    inv = 1.0 / math.sqrt(sq / dim + eps)
+    for d in range(dim):
+        out[r, d] = (out[r, d] - mean) * inv * gamma[d] + beta[d]
+
+
+@register_jitable
+def split_heads_row(r, qkv, bias, n_heads, n_kv_heads, q, k, v):
+    """Row ``r`` of :func:`split_heads_serial` (shared with the CUDA backend)."""
+    n = q.shape[1]
+    dh = q.shape[2]
+    per_kv = n_heads // n_kv_heads
+    k0 = n_heads * dh
+    v0 = k0 + n_kv_heads * dh
+    c = r // n
+    t = r - c * n
+    for h in range(n_heads):
+        pair = c * n_heads + h
+        col = h * dh
+        kv = (h // per_kv) * dh
+        for e in range(dh):
+            q[pair, t, e] = qkv[r, col + e] + bias[col + e]
+            k[pair, t, e] = qkv[r, k0 + kv + e] + bias[k0 + kv + e]
+            v[pair, t, e] = qkv[r, v0 + kv + e] + bias[v0 + kv + e]
+
+
+@register_jitable
+def merge_heads_row(r, o, n_heads, ctx):
+    """Row ``r`` of :func:`merge_heads_serial` (shared with the CUDA backend)."""
+    n = o.shape[1]
+    dh = o.shape[2]
+    c = r // n
+    t = r - c * n
+    for h in range(n_heads):
+        for e in range(dh):
+            ctx[r, h * dh + e] = o[c * n_heads + h, t, e]
+
+
+@register_jitable
+def rotary_vector(x, p, t, cos, sin):
+    """In place, the rotary embedding of vector ``x[p, t]`` (see :func:`rotary_serial`;
+    shared with the CUDA backend)."""
+    half = cos.shape[1]
+    for i in range(half):
+        a = x[p, t, i]
+        b = x[p, t, i + half]
+        x[p, t, i] = a * cos[t, i] - b * sin[t, i]
+        x[p, t, i + half] = b * cos[t, i] + a * sin[t, i]
