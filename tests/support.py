@@ -196,6 +196,84 @@ def output_tolerance(w_ref, w_tol, v, dtype):
     return w_tol @ v + (seq + 2) * u * (np.asarray(w_ref, np.float64) @ v) + 16 * u
 
 
+def mean_tolerance(x, dtype):
+    """Bound on |computed - exact| of a mean substitution of ``x`` rounded to ``dtype``.
+
+    Both sides sum in float64 (in different orders: at most ``seq + 2`` float64 roundoffs
+    of ``max |x|`` apart), then round the mean once to the result dtype."""
+    x = np.abs(np.asarray(x, np.float64))
+    seq = x.shape[-2] if x.ndim >= 2 else 1
+    big = x.max(initial=0.0)
+    return (2 * unit_roundoff(dtype) + (seq + 2) * unit_roundoff(np.float64)) * big
+
+
+def allowed(lengths, seq, ndim, causal):
+    """Boolean mask of the allowed (query, key) pairs of weights with ``ndim`` axes (a
+    batch first), broadcastable to their shape."""
+    i = np.arange(seq)[:, None]
+    j = np.arange(seq)[None, :]
+    masks = [(i < n) & (j < n) & ((j <= i) | (not causal)) for n in lengths]
+    masks = np.array(masks, dtype=bool).reshape((len(lengths), seq, seq))
+    return masks.reshape((len(lengths),) + (1,) * (ndim - 3) + (seq, seq))
+
+
+def assert_weights(w, w_ref, q, k, case, what="weights"):
+    """``w`` within ``weight_tolerance`` of ``w_ref`` (dtype and shape too), exactly zero
+    outside the mask and in padded rows; returns the tolerance. ``q``, ``k``: the tensors
+    the weights were computed from (the substituted ones, for a condition)."""
+    assert w.dtype == w_ref.dtype, f"{what}: dtype {w.dtype} != {w_ref.dtype}"
+    assert w.shape == case.q.shape[:-1] + (case.q.shape[-2],), f"{what}: shape {w.shape}"
+    tol = weight_tolerance(w_ref, q, k, case.scale, w.dtype)
+    assert_within(w, w_ref, tol, what)
+    if w.ndim >= 3:  # masked entries and padded rows are exactly zero, not merely small
+        mask = np.broadcast_to(allowed(case.lengths, w.shape[-1], w.ndim, case.causal), w.shape)
+        assert np.all(w[~mask] == 0.0), f"{what}: a masked entry is not 0"
+    return tol
+
+
+def row_delta(q, k, scale, dtype):
+    """Largest logit error per (input, group): the bound of ``weight_tolerance``."""
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    dim = q.shape[-1]
+    scale = 1.0 / np.sqrt(dim) if scale is None else scale
+    err = (dim + 2) * unit_roundoff(dtype) * scale * (np.abs(q) @ np.swapaxes(np.abs(k), -1, -2))
+    return err.max(axis=(-1, -2), initial=0.0)
+
+
+def assert_metrics(c, r, deltas, lengths, dtype):
+    """The metrics of ``conditions`` result ``c`` against the exact ones of ``r``, within
+    what the logits' rounding allows (``deltas``: :func:`row_delta` per condition).
+
+    Each logit is off by at most ``delta``, so every log-weight by at most ``2 delta``:
+    the entropy and the KL move by a few ``delta`` (times their size), plus float
+    roundoff of the sums; the column means move by the weights' own tolerance, so the
+    chosen top key's column mean is the largest within that.
+    """
+    u = unit_roundoff(dtype)
+    seq = r.weights["baseline"].shape[-1]
+    base_delta = deltas["baseline"]
+    for index, name in enumerate(c.names):
+        delta = deltas[name]
+        for metric in ("entropy", "kl_from_baseline", "top_key_mass"):
+            got = c.metrics[metric][index]
+            want = r.metrics[metric][index]
+            size = 1 + np.abs(want) + np.log(max(seq, 1))
+            tol = (8 * (delta + base_delta) + 64 * (seq + 2) * u) * size
+            if metric == "top_key_mass":
+                tol = np.expm1(2 * delta) + 16 * (seq + 2) * u
+            assert_within(got, want, tol, f"{name} {metric}")
+        got = c.metrics["top_key_index"][index]
+        assert np.array_equal(got < 0, r.metrics["top_key_index"][index] < 0), name
+        for b, n in enumerate(lengths):
+            if n == 0:
+                continue
+            col_mean = r.weights[name][b, ..., :n, :n].astype(np.float64).mean(axis=-2)
+            chosen = np.take_along_axis(col_mean, got[b][..., None], axis=-1)[..., 0]
+            tol = 2 * (np.expm1(2 * delta[b]) + 16 * (seq + 2) * u)
+            assert_within(chosen, col_mean.max(axis=-1), tol, f"{name} top key column")
+
+
 def assert_within(actual, expected, tol, what):
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
