@@ -10,6 +10,7 @@ off by orders of magnitude more).
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -324,3 +325,18 @@ def run_qkv_store(tmp, *run_args, out="q.h5", **shape):
     store = tmp / out
     assert main(["run", "--qkv", str(tmp / "in.h5"), "--out", str(store), *run_args, "-q"]) == 0
     return store
+
+
+def killed_at(cmd, fault, timeout=600):
+    """Run ``cmd`` with ``QKVMEAN_FAULT=fault`` (:mod:`qkvmean.faults`: ``NAME:N``, SIGKILL
+    at the N-th time the process reaches point ``NAME``) and check that it died there,
+    not earlier, later or otherwise; the completed process."""
+    import signal
+    import subprocess
+
+    env = {**os.environ, "QKVMEAN_FAULT": fault}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == -signal.SIGKILL, (
+        f"QKVMEAN_FAULT={fault}: exit {proc.returncode}, not SIGKILL: {proc.stderr[-2000:]}"
+    )
+    return proc
