@@ -88,14 +88,11 @@ def test_conditions_takes_means_per_target():
 
 # ------------------------------------------------------------------- run --over dataset
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import h5py  # noqa: E402
 from model_support import padded_ids  # noqa: E402
+from support import killed_at  # noqa: E402
 from test_run import _assert_same_store  # noqa: E402
 from test_store import make_qkv  # noqa: E402
 
@@ -193,19 +190,9 @@ def test_qkv_run_over_dataset_is_the_reference_over_the_whole_file(tmp_path):
         assert f["means/count"].dims[0][0].name == "/means/position"
 
 
-def _kill_when(cmd, ready, timeout=300):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and not ready() and time.monotonic() < deadline:
-        time.sleep(0.002)
-    killed = proc.poll() is None
-    if killed:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return killed
-
-
 def test_sigkill_in_either_pass_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Kill -9 right after the first pass saved its 5th batch, then (resumed) right after
+    the second pass's 2nd journal entry; resume; compare."""
     src = tmp_path / "in.h5"
     make_qkv(src, n=1200, layers=1, heads=2, seq=10, dim=4, dim_v=3, seed=9)
     args = ["run", "--qkv", str(src), "--over", "dataset", "--batch-size", "20", "-q"]
@@ -216,16 +203,14 @@ def test_sigkill_in_either_pass_then_resume_equals_an_uninterrupted_run(tmp_path
     cmd = [sys.executable, "-m", "qkvmean", *args, "--out", str(out)]
 
     def summed():  # batches in the first pass's totals
-        try:
-            with np.load(work / means_mod.STATE) as z:
-                return int(z["done"])
-        except (OSError, ValueError, KeyError, EOFError):
-            return 0
+        with np.load(work / means_mod.STATE) as z:
+            return int(z["done"])
 
-    assert _kill_when(cmd, lambda: summed() >= 5)  # in the first pass
-    assert 5 <= summed() < 60 and not list(work.glob("batch-*.npz"))
-    assert _kill_when(cmd + ["--resume"], lambda: len(list(work.glob("batch-*.npz"))) >= 2)
+    killed_at(cmd, "means-journaled:5")  # in the first pass
+    assert summed() == 5 and not list(work.glob("batch-*.npz"))
+    killed_at(cmd + ["--resume"], "journaled:2")
     assert summed() == 60  # the first pass was finished, then the second one killed
+    assert len(list(work.glob("batch-*.npz"))) == 2
     assert main([*args, "--out", str(out), "--resume"]) == 0
     _assert_same_store(out, ref_out)
 
