@@ -264,108 +264,148 @@ def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, giv
     stack = len(plan.names) if first < model.n_layers else 1
     buf = _Input(model, ops, n, out.seq, stack, out.maps is not None)
     try:
-        _forward(ops, model, plan, ids, b, out, rope, buf, given, taps)
+        _Pass(ops, model, plan, b, n, out, rope, buf, given, taps).run(ids)
     except BaseException:
         buf.scratch.abort()  # no copy may still write into buffers about to be freed
         raise
 
 
-def _forward(
-    ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, buf: _Input, given, taps
-):  # fmt: skip
-    """``given[(target, layer)]``: the dataset means (``(H, >= n, dh)``, where the
-    backend computes) of ``over="dataset"``; ``taps``: a :class:`_Taps` or None."""
-    n = ids.shape[0]
-    arch = model.arch
-    names = plan.names
-    stack = len(names)
-    n_layers, heads, kv_heads, dh = model.n_layers, arch.n_heads, arch.n_kv_heads, arch.head_dim
-    first = plan.first(n_layers)
-    post, parallel = arch.placement == "post", arch.placement == "parallel"
-    scale = 1.0 / np.sqrt(dh)
-    select = plan.select(heads)
-    norm = model.norm
+class _Pass:
+    """One input's stacked forward pass: embeddings, then per layer the Q/K/V projection
+    with the substitution, the attention, and the residual/norm steps of the placement.
 
-    emb = model.tok_emb[ops.xp.asarray(ids)]
-    if model.pos_emb is not None:
-        emb += model.pos_emb[:n]
-    if model.type_emb is not None:
-        emb += model.type_emb
-    if model.emb_norm is not None:
-        ops.add_norm(emb, buf.zero, None, norm(model.emb_norm), buf.h[:n])
-    else:
-        buf.h[:n] = emb
-    if model.layers and not post:
-        ops.add_norm(buf.h[:n], buf.zero, None, norm(model.layers[0].norm1), buf.x[:n])
-        if parallel:
-            ops.add_norm(buf.h[:n], buf.zero, None, norm(model.layers[0].norm2), buf.y[:n])
-    reused = []  # (condition, layer) whose weights are the baseline's
-    for index in range(n_layers):
-        layer = model.layers[index]
-        live = 1 if index < first else stack  # conditions computed at this layer
-        if index == first and live > 1:  # from here on every condition has its own rows
-            for c in range(1, live):
-                for rows_of in (buf.h, None if post else buf.x, buf.y):
-                    if rows_of is not None:
-                        rows_of[c * n : (c + 1) * n] = rows_of[:n]
-        rows, pairs = live * n, live * heads
-        h, x = buf.h[:rows], buf.x[:rows]
+    ``given[(target, layer)]``: the dataset means (``(H, >= n, dh)``, where the backend
+    computes) of ``over="dataset"``; ``taps``: a :class:`_Taps` or None.
+    """
+
+    def __init__(self, ops, model: Weights, plan: Plan, b, n, out: _Outputs, rope,
+                 buf: _Input, given, taps):  # fmt: skip
+        self.ops, self.model, self.plan, self.b, self.n = ops, model, plan, b, n
+        self.out, self.rope, self.buf, self.given, self.taps = out, rope, buf, given, taps
+        arch = model.arch
+        self.arch, self.heads = arch, arch.n_heads
+        self.stack = len(plan.names)
+        self.first = plan.first(model.n_layers)
+        self.post, self.parallel = arch.placement == "post", arch.placement == "parallel"
+        self.scale = 1.0 / np.sqrt(arch.head_dim)
+        self.select = plan.select(arch.n_heads)
+        self.reused = []  # (condition, layer) whose weights are the baseline's
+
+    def run(self, ids):
+        model, buf, n, taps = self.model, self.buf, self.n, self.taps
+        self._embed(ids)
+        for index in range(model.n_layers):
+            live = 1 if index < self.first else self.stack  # conditions computed here
+            if index == self.first and live > 1:  # from here on each has its own rows
+                self._fork(live)
+            rows, pairs = live * n, live * self.heads
+            q, k, v, modes = self._qkv(index, live, rows, pairs)
+            if taps is not None:
+                taps(self.ops, index, self.b, n, "attention", *(x[: self.heads] for x in (q, k, v)))
+                if index == taps.last:
+                    break  # nothing later is wanted
+            a = self._attention(index, live, rows, pairs, q, k, v, modes)
+            self._residual(index, rows, a)
+        buf.scratch.finish()  # the maps and metrics are in `out` from here on
+        self._finish()
+
+    def _embed(self, ids):
+        """``h`` = the embeddings (and their norm); ``x`` (and ``y``) = the first layer's
+        norms of ``h``, unless post-norm."""
+        ops, model, buf, n, norm = self.ops, self.model, self.buf, self.n, self.model.norm
+        emb = model.tok_emb[ops.xp.asarray(ids)]
+        if model.pos_emb is not None:
+            emb += model.pos_emb[:n]
+        if model.type_emb is not None:
+            emb += model.type_emb
+        if model.emb_norm is not None:
+            ops.add_norm(emb, buf.zero, None, norm(model.emb_norm), buf.h[:n])
+        else:
+            buf.h[:n] = emb
+        if model.layers and not self.post:
+            ops.add_norm(buf.h[:n], buf.zero, None, norm(model.layers[0].norm1), buf.x[:n])
+            if self.parallel:
+                ops.add_norm(buf.h[:n], buf.zero, None, norm(model.layers[0].norm2), buf.y[:n])
+
+    def _fork(self, live):
+        """Copy the baseline's rows to every condition's (at the first substituted layer)."""
+        buf, n = self.buf, self.n
+        for c in range(1, live):
+            for rows_of in (buf.h, None if self.post else buf.x, buf.y):
+                if rows_of is not None:
+                    rows_of[c * n : (c + 1) * n] = rows_of[:n]
+
+    def _qkv(self, index, live, rows, pairs):
+        """Q, K, V of every live condition at layer ``index``, substituted at the projection
+        output (before the q/k norm and the rotary embedding); and the modes per head."""
+        ops, plan, arch, buf, heads = self.ops, self.plan, self.arch, self.buf, self.heads
+        layer = self.model.layers[index]
         q, k, v = buf.q[:pairs], buf.k[:pairs], buf.v[:pairs]
-        ops.matmul(x, layer.wqkv, buf.qkv[:rows])
-        ops.split_heads(buf.qkv[:rows], layer.bqkv, heads, kv_heads, q, k, v)
-        if taps is not None:
-            taps(ops, index, b, n, "projection", q[:heads], k[:heads], v[:heads])
-        # substitution at the projection output, before the q/k norm and the rotary
+        ops.matmul(buf.x[:rows], layer.wqkv, buf.qkv[:rows])
+        ops.split_heads(buf.qkv[:rows], layer.bqkv, heads, arch.n_kv_heads, q, k, v)
+        if self.taps is not None:
+            self.taps(ops, index, self.b, self.n, "projection", q[:heads], k[:heads], v[:heads])
         modes = np.zeros((live, heads), np.int8)
         for c in range(1, live):
             target = plan.targets[c - 1]
             if index not in plan.layers:
                 continue
             step = plan.step(target, causal=arch.causal, exact_fast=arch.exact_fast_paths)
-            modes[c, select] = step.mode
+            modes[c, self.select] = step.mode
             if step.substitute:
                 tensor = {"q": q, "k": k, "v": v}[target]
                 part = tensor[c * heads : (c + 1) * heads]
                 ops.substitute(
-                    part, buf.scratch.length, heads, select, plan.prefix, buf.acc,
-                    None if given is None else given[target, index],
+                    part, buf.scratch.length, heads, self.select, plan.prefix, buf.acc,
+                    None if self.given is None else self.given[target, index],
                 )  # fmt: skip
         if layer.q_norm is not None:
             ops.head_norm(q, layer.q_norm, float(arch.norm.eps), buf.zero_head)
             ops.head_norm(k, layer.k_norm, float(arch.norm.eps), buf.zero_head)
-        if rope is not None:
-            ops.rotary(q, *rope)
-            ops.rotary(k, *rope)
-        if taps is not None:
-            taps(ops, index, b, n, "attention", q[:heads], k[:heads], v[:heads])
-            if index == taps.last:
-                break  # nothing later is wanted
-        _check_logits(ops, q, k, dh, index)
+        if self.rope is not None:
+            ops.rotary(q, *self.rope)
+            ops.rotary(k, *self.rope)
+        return q, k, v, modes
+
+    def _attention(self, index, live, rows, pairs, q, k, v, modes):
+        """Each condition's attention at layer ``index`` (maps and metrics into ``out``),
+        then the output projection; returns it (without its bias)."""
+        ops, plan, arch, buf, heads = self.ops, self.plan, self.arch, self.buf, self.heads
+        _check_logits(ops, q, k, arch.head_dim, index)
         for c in range(live):
             target = plan.targets[c - 1] if c else None
             # where only V differs from the baseline, the weights are the baseline's
-            reuse = target is not None and plan.weights_unchanged(target) and index == first
+            reuse = target is not None and plan.weights_unchanged(target) and index == self.first
             part = slice(c * heads, (c + 1) * heads)
             ops.attention_one(
-                q[part], k[part], v[part], modes[c], arch.causal, scale, c,
-                out.map(c, b, index), buf.o[part], buf.scratch, not reuse,
-                out.reduced(c, b, index),
+                q[part], k[part], v[part], modes[c], arch.causal, self.scale, c,
+                self.out.map(c, self.b, index), buf.o[part], buf.scratch, not reuse,
+                self.out.reduced(c, self.b, index),
             )  # fmt: skip
             if reuse:
-                reused.append((c, index))
+                self.reused.append((c, index))
         ops.merge_heads(buf.o[:pairs], heads, buf.ctx[:rows])
         a = buf.a[:rows]
-        ops.matmul(buf.ctx[:rows], layer.wo, a)
-        following = model.layers[index + 1] if index + 1 < n_layers else None
+        ops.matmul(buf.ctx[:rows], self.model.layers[index].wo, a)
+        return a
+
+    def _residual(self, index, rows, a):
+        """The residual and norm steps of the placement after the attention output ``a``
+        of layer ``index``, the MLP among them; ``x`` (and ``y``) become the next layer's
+        inputs."""
+        ops, model, buf, norm = self.ops, self.model, self.buf, self.model.norm
+        layer = model.layers[index]
+        h, x = buf.h[:rows], buf.x[:rows]
+        following = model.layers[index + 1] if index + 1 < model.n_layers else None
         after = norm(following.norm1) if following is not None else None
         if after is None and model.final_norm is not None:
             after = norm(model.final_norm)
-        if post:  # h = N1(a + bo + h); h = N2(mlp(h) + b2 + h)
+        if self.post:  # h = N1(a + bo + h); h = N2(mlp(h) + b2 + h)
             ops.add_norm(a, layer.bo, h, norm(layer.norm1), h)
             _mlp(ops, model, layer, buf, rows, h, a)
             ops.add_norm(a, layer.b2, h, norm(layer.norm2), h)
-            continue
-        if parallel:  # h += attn + bo + mlp(N2(h_before)) + b2
+            return
+        if self.parallel:  # h += attn + bo + mlp(N2(h_before)) + b2
             _mlp(ops, model, layer, buf, rows, buf.y[:rows], buf.a2[:rows])
             ops.add(a, buf.a2[:rows], a)
             bias = layer.bo + layer.b2
@@ -378,23 +418,27 @@ def _forward(
             ops.add(h, bias, h)
         else:  # and x = the next norm of h
             ops.add_norm(a, bias, h, after, x, store_sum=True)
-        if parallel and following is not None:
+        if self.parallel and following is not None:
             ops.add_norm(h, buf.zero, None, norm(following.norm2), buf.y[:rows])
         if ops.check_finite(h)[0] >= 0:
             raise ValueError(
                 f"the model's activations overflow float32 at layer {index}; its weights "
                 "are too large or damaged"
             )
-    buf.scratch.finish()  # the maps and metrics are in `out` from here on
-    for c, index in reused:
-        _same_as_baseline(out, b, c, [index])
-    for c in range(1, stack):
-        _same_as_baseline(out, b, c, range(min(first, n_layers)))
-    if out.hidden is not None:
-        final = buf.x if not post and model.final_norm is not None else buf.h
-        for c in range(stack):
-            src = c * n if first < n_layers else 0
-            out.hidden[c, b, :n] = ops.to_host(final[src : src + n])
+
+    def _finish(self):
+        """The conditions' results that are the baseline's, and the final hidden states."""
+        model, out, buf, n, b = self.model, self.out, self.buf, self.n, self.b
+        n_layers, first = model.n_layers, self.first
+        for c, index in self.reused:
+            _same_as_baseline(out, b, c, [index])
+        for c in range(1, self.stack):
+            _same_as_baseline(out, b, c, range(min(first, n_layers)))
+        if out.hidden is not None:
+            final = buf.x if not self.post and model.final_norm is not None else buf.h
+            for c in range(self.stack):
+                src = c * n if first < n_layers else 0
+                out.hidden[c, b, :n] = self.ops.to_host(final[src : src + n])
 
 
 def _checked_ids(model: Weights, ids, lengths, seq):
