@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit
 
 from .. import faults
+from ..engine import jit
 from ..engine.names import BASELINE, CONDITIONS, METRICS
 from ..resources import format_bytes
 from . import (
@@ -192,7 +193,7 @@ SEGMENT = 16384
 SAMPLE = 1024
 
 
-@njit(cache=True, nogil=True)
+@njit(**jit.CODEC)
 def _shuffle_survey(raw, out, worth, segment, sample, period):
     """HDF5's shuffle of one chunk, and which of its segments are worth deflating.
 

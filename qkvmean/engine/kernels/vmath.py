@@ -16,6 +16,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic, overload, register_jitable
 
+from .. import jit
+
 #: Below this, exp(x) is under float32's smallest normal number: the result is 0.
 _EXP32_MIN = np.float32(-87.33654)
 _LOG2E = np.float32(1.4426950408889634)
@@ -74,7 +76,7 @@ def _exp_overload(x):
     return None
 
 
-@njit(cache=True, fastmath=True)
+@njit(**jit.HOT)
 def exp_array(x, out):
     """``out[i] = exp(x[i])`` with the kernels' :func:`exp` (for tests)."""
     for i in range(x.size):
@@ -146,14 +148,14 @@ def silu(x):
     return x * sigmoid
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(**jit.VEC)
 def gelu_array(x, tanh_approx, out):
     """``out[i] = gelu(x[i])`` with the kernels' functions (for tests)."""
     for i in range(x.size):
         out[i] = gelu_tanh(x[i]) if tanh_approx else gelu_erf(x[i])
 
 
-@njit(cache=True, fastmath=True, error_model="numpy")
+@njit(**jit.VEC)
 def silu_array(x, out):
     """``out[i] = silu(x[i])`` with the kernels' function (for tests)."""
     for i in range(x.size):
