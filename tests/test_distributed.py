@@ -4,8 +4,8 @@ driver dies, one line when the scheduler cannot be reached."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +14,7 @@ import distributed  # the dask extra, in the test extra
 import h5py
 import numpy as np
 import pytest
-from support import store_datasets
+from support import killed_at, store_datasets
 from test_store import make_qkv
 
 from qkvmean import distributed as qd
@@ -184,60 +184,77 @@ def _long_model_run(tmp_path):
             "causal", "--ablate-layers", "all", "--quiet"]  # fmt: skip
 
 
+@contextlib.contextmanager
+def fault_in_a_worker(client, point, count, marker):
+    """``QKVMEAN_FAULT=point:count@marker`` in every worker of the running cluster: the
+    first worker to reach ``point`` for the ``count``-th time SIGKILLs itself (once: it
+    creates ``marker``); a worker the nanny restarts does not have the variable. Yields
+    the workers' process ids before."""
+    spec = f"{point}:{count}@{marker}"
+    before = set(client.run(os.getpid).values())
+    # lambdas, not os.environ.__setitem__: that bound method would be pickled with a copy
+    # of the environment, and set the variable in the copy
+    client.run(lambda: os.environ.__setitem__("QKVMEAN_FAULT", spec))
+    try:
+        yield before
+    finally:
+        client.run(lambda: os.environ.pop("QKVMEAN_FAULT", None))
+
+
+def _one_worker_was_replaced(client, before, marker):
+    assert marker.exists(), "no worker reached the fault point"
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts it
+    after = set(client.run(os.getpid).values())
+    assert len(after - before) == 1 and len(before - after) == 1, (before, after)
+
+
 def test_a_killed_worker_loses_nothing(tmp_path, cluster):
-    """A worker process SIGKILLed while the run goes on: its batches run again elsewhere
-    (the nanny starts a new worker), the store is identical to a local run's."""
+    """A worker process SIGKILLed as it has computed its 3rd batch, before returning it,
+    while the run goes on: its batches run again elsewhere (the nanny starts a new
+    worker), the store is identical to a local run's."""
     local, client = cluster
     make_qkv(tmp_path / "in.h5", n=120, layers=4, heads=8, seq=48, dim=16)
     args = ["run", "--qkv", tmp_path / "in.h5", "--batch-size", "1", "--quiet"]
     assert main([*map(str, args), "-o", str(tmp_path / "local.h5")]) == 0
     out = tmp_path / "dist.h5"
-    proc = _driver(*args, "-o", out, "--scheduler", local.scheduler_address)
-    _wait_for_entries(tmp_path / "dist.h5.partial", 3, proc)
-    victim = next(iter(client.run(os.getpid).values()))
-    os.kill(victim, signal.SIGKILL)
-    assert proc.poll() is None  # killed mid-run
-    _, err = proc.communicate(timeout=300)
+    marker = tmp_path / "fired"
+    with fault_in_a_worker(client, "worker-batch", 3, marker) as before:
+        proc = _driver(*args, "-o", out, "--scheduler", local.scheduler_address)
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    _one_worker_was_replaced(client, before, marker)
     assert_identical(tmp_path / "local.h5", out)
-    client.wait_for_workers(2, timeout=60)  # the nanny restarts it
 
 
 def test_a_worker_killed_in_the_first_pass_loses_nothing(tmp_path, cluster):
-    """--over dataset: a worker SIGKILLed while the cluster adds up the means (pass 1):
-    its batches' sums are computed again, the store is a local run's, /means included."""
+    """--over dataset: a worker SIGKILLed as it has summed its 2nd batch of the first pass
+    (adding up the means), before returning it: its batches' sums are computed again, the
+    store is a local run's, /means included."""
     local, client = cluster
     make_qkv(tmp_path / "in.h5", n=240, layers=4, heads=8, seq=48, dim=16)
     args = ["run", "--qkv", tmp_path / "in.h5", "--over", "dataset", "--batch-size", "1", "-q"]
     assert main([*map(str, args), "-o", str(tmp_path / "local.h5")]) == 0
     out = tmp_path / "dist.h5"
-    state = tmp_path / "dist.h5.partial" / "means.npz"
-    proc = _driver(*args, "-o", out, "--scheduler", local.scheduler_address)
-    deadline = time.monotonic() + 120
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None and state.exists(), "pass 1 ended (or never began) first"
-    assert not list(state.parent.glob("batch-*.npz"))  # still in the first pass
-    victim = next(iter(client.run(os.getpid).values()))
-    os.kill(victim, signal.SIGKILL)
-    _, err = proc.communicate(timeout=300)
+    marker = tmp_path / "fired"
+    with fault_in_a_worker(client, "worker-sum", 2, marker) as before:
+        proc = _driver(*args, "-o", out, "--scheduler", local.scheduler_address)
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    _one_worker_was_replaced(client, before, marker)
     assert_identical(tmp_path / "local.h5", out)
-    client.wait_for_workers(2, timeout=60)
 
 
 def test_a_killed_driver_resumes(tmp_path, cluster):
+    """The driver SIGKILLed right after its 3rd journal entry: exactly 3 batches are kept,
+    and --resume on the cluster finishes a local run's store."""
     local, _ = cluster
     args = _long_model_run(tmp_path)
     assert main([*map(str, args), "-o", str(tmp_path / "local.h5")]) == 0
     out = tmp_path / "dist.h5"
-    proc = _driver(*args, "-o", out, "--scheduler", local.scheduler_address)
-    _wait_for_entries(tmp_path / "dist.h5.partial", 3, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    cmd = [sys.executable, "-m", "qkvmean", *map(str, args), "-o", str(out)]
+    killed_at([*cmd, "--scheduler", local.scheduler_address], "journaled:3")
     assert not out.exists()
-    done = len(list((tmp_path / "dist.h5.partial").glob("batch-*.npz")))
-    assert 3 <= done < 40
+    assert len(list((tmp_path / "dist.h5.partial").glob("batch-*.npz"))) == 3
     resumed = [*map(str, args), "-o", str(out), "--resume", "--scheduler", local.scheduler_address]
     assert main(resumed) == 0
     assert_identical(tmp_path / "local.h5", out)
