@@ -340,3 +340,22 @@ def killed_at(cmd, fault, timeout=600):
         f"QKVMEAN_FAULT={fault}: exit {proc.returncode}, not SIGKILL: {proc.stderr[-2000:]}"
     )
     return proc
+
+
+#: What ``.ci/run`` requires: ``QKVMEAN_REQUIRE_<NAME>=1`` turns the skip for its absence
+#: into a failure.
+REQUIRED = ("H5DUMP", "MINILM", "BROWSER")
+
+
+def skip_or_fail(name, message):
+    """Skip the test for want of ``name`` (one of :data:`REQUIRED`), or fail where
+    ``QKVMEAN_REQUIRE_<name>`` says it must be there; ``message`` says what is missing
+    and how to install it."""
+    import pytest
+
+    if name not in REQUIRED:
+        raise ValueError(f"{name!r} is not one of {REQUIRED}")
+    variable = f"QKVMEAN_REQUIRE_{name}"
+    if os.environ.get(variable):
+        pytest.fail(f"{message} (and {variable} says it must be there)")
+    pytest.skip(message)

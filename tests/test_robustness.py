@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 from model_support import edit_config, write_gpt2_dir
-from support import without_notes
+from support import skip_or_fail, without_notes
 from test_run import _assert_same_store
 from test_store import make_qkv
 
@@ -197,7 +197,7 @@ def test_a_bert_config_with_fewer_layers_is_refused(tmp_path, capsys):
     from qkvmean.io import models as M
 
     if not M.minilm_available():
-        pytest.skip("all-MiniLM-L6-v2 not installed")
+        skip_or_fail("MINILM", f"all-MiniLM-L6-v2 not installed ({M.MINILM_INSTALL})")
     model = tmp_path / "minilm"
     shutil.copytree(M.minilm_path(), model)
     edit_config(model, num_hidden_layers=5)
@@ -1051,3 +1051,62 @@ def test_resume_after_the_input_dtype_changed_names_it(tmp_path, qkv_input, caps
             f[n] = data.astype(np.float64)
     argv = ["run", "--qkv", qkv_input, "--out", out, "--resume", "-q"]
     expect(capsys, 2, argv, r"input dtypes \{.*'q': 'float32'.*\(now \{.*'q': 'float64'")
+
+
+# ------------------------------------------------------------------ required skips
+
+# Skips that no QKVMEAN_REQUIRE_* variable covers: (file, function) -> why.
+NOT_REQUIRED = {
+    ("test_cuda_cli.py", "test_without_cuda_one_line_and_auto_runs_on_the_cpu"):
+        "a GPU is present: the test is of a machine without one",
+    ("test_comparisons.py", "device"): "numba-cuda is in the test extra; the CPU rows run",
+    ("test_export.py", "test_export_parquet_keeps_the_dtypes_and_values"):
+        "fastparquet is in the test extra",
+}  # fmt: skip
+
+
+def _skips():
+    """(file, enclosing function, its source) of every skip in the tests."""
+    import ast
+
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            calls = {
+                n.func.attr
+                for n in ast.walk(node)
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+            }
+            marks = {ast.unparse(d).split("(")[0] for d in node.decorator_list}
+            if calls & {"skip", "importorskip"} or "pytest.mark.skipif" in marks:
+                yield path.name, node.name, ast.unparse(node)
+
+
+def test_every_skip_fails_where_its_require_variable_says_so():
+    """A skip for want of h5dump, MiniLM or the browser fails instead where ``.ci/run``'s
+    ``QKVMEAN_REQUIRE_*`` says the thing must be there (``support.skip_or_fail``, or the
+    variable read beside the skip), so that CI cannot pass by skipping; every other skip
+    says here why no variable covers it."""
+    found = list(_skips())
+    assert len(found) >= 6  # the scan finds them (MiniLM, the browser, a GPU, ...)
+    for name, function, source in found:
+        if (name, function) in NOT_REQUIRED:
+            continue
+        assert "QKVMEAN_REQUIRE_" in source or "skip_or_fail(" in source, (
+            f"{name}::{function} skips without honouring a QKVMEAN_REQUIRE_* variable: use "
+            "support.skip_or_fail, or say in NOT_REQUIRED why none applies"
+        )
+
+
+def test_skip_or_fail(monkeypatch):
+    for name in ("H5DUMP", "MINILM", "BROWSER"):
+        monkeypatch.delenv(f"QKVMEAN_REQUIRE_{name}", raising=False)
+        with pytest.raises(pytest.skip.Exception, match="not here"):
+            skip_or_fail(name, "not here")
+        monkeypatch.setenv(f"QKVMEAN_REQUIRE_{name}", "1")
+        with pytest.raises(pytest.fail.Exception, match=f"not here .*QKVMEAN_REQUIRE_{name}"):
+            skip_or_fail(name, "not here")
+    with pytest.raises(ValueError, match="'GPU' is not one of"):
+        skip_or_fail("GPU", "no GPU")

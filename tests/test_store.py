@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import assert_within, weight_tolerance
+from support import assert_within, skip_or_fail, weight_tolerance
 
 import qkvmean
 from qkvmean.cli import main
@@ -208,9 +207,9 @@ def test_compressed_chunks_are_plain_deflate_plus_shuffle(rank5_store):
 def test_h5dump_reads_a_compressed_map(rank5_store):
     h5dump = shutil.which("h5dump")
     if h5dump is None:
-        if os.environ.get("QKVMEAN_REQUIRE_H5DUMP"):
-            pytest.fail("h5dump is not installed (apt-get install hdf5-tools)")
-        pytest.skip("h5dump (HDF5's stock tools) not installed")
+        skip_or_fail(
+            "H5DUMP", "h5dump (HDF5's stock tools) is not installed: apt-get install hdf5-tools"
+        )
     out, _, _ = rank5_store
     proc = subprocess.run(
         [
