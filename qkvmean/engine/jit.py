@@ -21,6 +21,8 @@ SERIAL = dict(cache=True, fastmath=set(FASTMATH), nogil=True)
 #: The attention kernels see only validated, finite values (no NaN, no infinity ever
 #: enters or arises: masked entries are skipped, not set to -inf), so they may use every
 #: fast-math flag; that lets LLVM vectorise the max and sum reductions of the softmax.
+#: (One policy for all, :data:`FASTMATH` here too, was tried for issue 23: it changes the
+#: bits of the outputs, of float64 maps and of every model map, so the two sets stay.)
 HOT = dict(cache=True, fastmath=True, nogil=True)
 
 #: The vectorised elementwise kernels (GELU, SwiGLU): :data:`HOT` with numpy's error
