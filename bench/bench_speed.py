@@ -185,27 +185,29 @@ def make_qkv_input(path: Path, n_inputs: int):
 
 def run_qkv(src: Path, out: Path, compression="deflate"):
     """``qkvmean run --qkv`` as the CLI runs it; the summary as a dict."""
-    from qkvmean import pipeline
+    from qkvmean.run import local, sources
+    from qkvmean.run.options import Options
 
-    opts = pipeline.Options(compression=compression)
+    opts = Options(compression=compression)
     opts.check()
-    summary = pipeline.run(pipeline.QKVSource(str(src), opts), out, opts, show_progress=False)
+    summary = local.run(sources.QKVSource(str(src), opts), out, opts, show_progress=False)
     return _summary(summary, f"12 heads x 128 tokens, 4 conditions, {opts.compression}")
 
 
 def end_to_end(tmp: Path, n_inputs: int):
-    from qkvmean import pipeline
     from qkvmean.io.texts import read_texts
+    from qkvmean.run import local, sources
+    from qkvmean.run.options import Options
 
     out = {"qkv": run_qkv(make_qkv_input(tmp / "qkv.h5", n_inputs), tmp / "qkv-store.h5")}
     texts = tmp / "texts.txt"
     sentence = "Mean keys make every query look at all the words in the same way. "
     texts.write_text("\n".join(f"{i}. " + sentence * 8 for i in range(64)))
-    opts = pipeline.Options()
-    source = pipeline.ModelSource(
+    opts = Options()
+    source = sources.ModelSource(
         "minilm", read_texts(texts), opts, max_tokens=128, texts_label=str(texts)
     )
-    summary = pipeline.run(source, tmp / "model-store.h5", opts, show_progress=False)
+    summary = local.run(source, tmp / "model-store.h5", opts, show_progress=False)
     out["model minilm"] = _summary(
         summary, "64 texts x 128 tokens, 6 layers x 12 heads, 4 conditions"
     )

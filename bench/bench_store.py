@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 from bench_speed import make_qkv_input, run_qkv  # noqa: E402
 
 import qkvmean  # noqa: E402
-from qkvmean.io import store  # noqa: E402
+from qkvmean.store import codec  # noqa: E402
 
 
 def encoding(repeat: int):
@@ -41,13 +41,13 @@ def encoding(repeat: int):
     rng = np.random.default_rng(0)
     q, k = (rng.normal(size=(8, 12, 128, 64)).astype(np.float32) for _ in range(2))
     chunks = qkvmean.attention_weights(q, k).reshape(24, 4 * 128 * 128)
-    filters = store.parse_compression("deflate")
+    filters = codec.parse_compression("deflate")
 
     def plain(row):
         return isal_zlib.compress(row.view(np.uint8).reshape(-1, 4).T.copy(), 1)
 
     def ours(row):
-        return store._encode_chunk(row, filters, 128)
+        return codec._encode_chunk(row, filters, 128)
 
     times = {"plain deflate": [], "qkvmean": []}
     sizes = {}

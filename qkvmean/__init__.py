@@ -11,7 +11,7 @@
 from . import config  # noqa: F401  (chooses a thread-safe Numba threading layer first)
 from ._version import __version__
 from .engine import ablate, attention, attention_weights, conditions, mean_substitute
-from .io.store import open_store
+from .store import open_store
 
 __all__ = [
     "__version__",

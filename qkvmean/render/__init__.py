@@ -14,13 +14,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..engine.names import BASELINE, TENSOR_LABELS, condition_name
-from ..io import (
+from ..files import (
     InputError,
     check_new_file,
     put_in_place,
     sweep_temporaries,
 )
-from ..io.store import Store, open_store
+from ..store import Store, open_store
 from . import choice
 
 TENSORS = {condition_name(t): label for t, label in TENSOR_LABELS.items()}

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.names import BASELINE
-from ..io import InputError
-from ..io.store import Store
+from ..files import InputError
+from ..store import Store
 
 #: The words ``layer`` and ``head`` take besides a number.
 AUTO, LAST, MEAN = "auto", "last", "mean"

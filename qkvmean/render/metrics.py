@@ -15,8 +15,8 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..io import InputError
-from ..io.store import Store, open_store
+from ..files import InputError
+from ..store import Store, open_store
 from . import TENSORS, _columns, _nice_ceiling, check_title, choice, given_inputs, italic, wrap
 
 TITLE = "KL Divergence From the Baseline, per Layer and Head"

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import (
+from ..files import (
     InputError,
     check_new_file,
     put_in_place,
     refuse_inputs,
     sweep_temporaries,
 )
-from ..io.store import Store, _check_weights, open_store
+from ..store.reader import Store, check_weights, open_store
 from . import CMAP, COLORBAR_LABEL, DIFF_LABEL, TENSORS, choice, given_inputs, pretty_tokens
 
 #: Output extensions.
@@ -167,7 +167,7 @@ def _quantised(store: Store, index: int, bits: int) -> bytes:
         for layer in range(store.n_layers):
             where = f"input {index}, condition {cond}, layer {store.layer_ids[layer]}"
             m = np.asarray(store.maps(cond, index, layer)[:, :n, :n], dtype=np.float64)
-            _check_weights(m, store.path, where)
+            check_weights(m, store.path, where)
             out[c, layer] = np.rint(np.clip(m, 0.0, 1.0) * levels)
     if dtype == np.uint8:
         return out.tobytes()

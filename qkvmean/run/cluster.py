@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import os
 import threading
+import hashlib
+import json
 from pathlib import Path
 
-from . import faults
+from .. import faults
 
 #: The most batches in flight per worker thread (the driver writes as they come back).
 IN_FLIGHT_PER_THREAD = 2
@@ -39,7 +41,7 @@ def _dask():
     try:
         import distributed
     except ImportError:
-        from .io import InputError
+        from ..files import InputError
 
         raise InputError(
             "--scheduler/--workers need Dask distributed: pip install 'qkvmean[dask]'"
@@ -76,7 +78,7 @@ class Cluster:
             _quiet()
         except ValueError as exc:  # not an address: a usage error
             self.close()
-            from .io import InputError
+            from ..files import InputError
 
             raise InputError(
                 f"--scheduler {scheduler!r}: {_reason(exc)}; give the scheduler's address, "
@@ -160,7 +162,7 @@ def _use_worker_threads():
     may share it)."""
     import numba
 
-    from . import config
+    from .. import config
 
     try:
         from distributed import get_worker
@@ -177,17 +179,16 @@ def _use_worker_threads():
 
 def _source(recipe):
     """The run's source on this worker, built once per process (for both passes of an
-    ``--over dataset`` run: the second brings the means the first added up)."""
+    ``--over dataset`` run)."""
+    from .sources import source_from_recipe
+
     with _building:
         found = _built.get(recipe["key"])
         if found is None:
-            from . import pipeline
-
             _use_worker_threads()
-            found = pipeline.source_from_recipe(recipe)
+            found = source_from_recipe(recipe)
             _built.clear()  # one run at a time per worker
             _built[recipe["key"]] = found
-        found.means = recipe["means"]
     return found
 
 
@@ -196,7 +197,7 @@ def sum_batch(recipe, start, stop, targets, inputs=None):
     per-position sums of ``targets`` (:meth:`position_sums` of the source)."""
     source = _source(recipe)
     batch, _ = source.read(start, stop) if inputs is None else inputs
-    sums = source.position_sums(batch, start, stop, targets)
+    sums = source.position_sums(batch, start, stop, targets, device=recipe["device"])
     faults.point("worker-sum")
     return sums
 
@@ -205,39 +206,45 @@ def compute_batch(recipe, start, stop, inputs=None):
     """Batch ``start:stop`` of the run ``recipe`` on this worker: ``{"chunks": encoded
     maps per condition (or the maps, or None without maps), "metrics", "digests",
     "seconds"}``."""
-    from . import config
-    from .engine.names import METRICS
-    from .io import store as st
-    from .pipeline import batch_maps
+    from .. import config
+    from ..store.codec import encode_batch
+    from .sources import batch_results, qkv_conditions
 
+    device, means = recipe["device"], recipe["means"]
     if inputs is not None and recipe["kind"] == "qkv":  # sent by the driver: no file here
-        from .pipeline import qkv_conditions
-
         (q, k), digests = inputs
         lengths = recipe["lengths"][start:stop]
         c, seconds = qkv_conditions(
-            (q, k), lengths, recipe["causal"], recipe["options"], recipe["device"],
-            f"inputs {start}..{stop - 1}",
+            (q, k), lengths, recipe["causal"], recipe["options"], device,
+            f"inputs {start}..{stop - 1}", means,
         )  # fmt: skip
     else:  # the source built here: reads the batch, unless the driver sent it (token ids)
         source = _source(recipe)
         batch, digests = source.read(start, stop) if inputs is None else inputs
-        c, seconds = source.compute(batch, start, stop)
-    layout, options = recipe["layout"], recipe["options"]
-    chunks = None
-    if options.maps:
-        maps = batch_maps(c, layout, options)
-        encoded = st.encode_batch(layout, maps, config.task_pool())
-        if encoded is None:
-            chunks = maps
-        else:
+        c, seconds = source.compute(batch, start, stop, device=device, means=means)
+    layout = recipe["layout"]
+    maps, metrics = batch_results(c, layout, recipe["options"])
+    chunks = maps
+    if maps is not None:
+        encoded = encode_batch(layout, maps, config.task_pool())
+        if encoded is not None:
             chunks = {
                 cond: [(off, d if isinstance(d, bytes) else d.result()) for off, d in parts]
                 for cond, parts in encoded.items()
             }
-    metrics = {name: c.metrics[name] for name in METRICS}
     faults.point("worker-batch")
     return {"chunks": chunks, "metrics": metrics, "digests": digests, "seconds": seconds}
+
+
+def recipe(source, layout, device, means) -> dict:
+    """What the workers need (:meth:`QKVSource.recipe`, :meth:`ModelSource.recipe`), with
+    the layout, where and with which means the batches compute, and a key that names the
+    run (a worker builds its source once per key)."""
+    from .options import run_config
+
+    config = json.dumps(run_config(source, source.options, None), sort_keys=True, default=str)
+    key = hashlib.sha256(config.encode()).hexdigest()[:16]
+    return dict(source.recipe(), layout=layout, key=key, device=device, means=means)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -296,7 +303,7 @@ def compute_batches(cluster: Cluster, source, recipe, todo, assembly, progress):
 
 def sum_batches(cluster: Cluster, source, recipe, batches, indices, targets):
     """The first pass on the cluster: yields ``(index, sums)`` for each of ``indices`` (into
-    ``batches``) as it comes back, in any order (:func:`qkvmean.means.first_pass` adds
+    ``batches``) as it comes back, in any order (:func:`qkvmean.run.means.first_pass` adds
     them in batch order)."""
     index = {batches[i]: i for i in indices}
     todo = [batches[i] for i in indices]
@@ -307,7 +314,7 @@ def sum_batches(cluster: Cluster, source, recipe, batches, indices, targets):
 def _cluster_error(exc):
     """``exc`` as a :class:`ClusterError` where it says the cluster went away, else as
     it is (a read that failed here, on the driver, is not the cluster's)."""
-    from .io import ReadFailed
+    from ..files import ReadFailed
 
     if isinstance(exc, ReadFailed):
         return exc

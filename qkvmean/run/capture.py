@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .io import InputError, check_output_dir, lexists, refuse_inputs, refuse_special
+from ..files import InputError, check_output_dir, lexists, refuse_inputs, refuse_special
 
 AT = ("projection", "attention")
 #: Inputs per batch: about this many bytes of Q, K and V in memory at once.
@@ -23,13 +23,13 @@ BATCH_BYTES = 64 * 2**20
 
 def capture(source, out, *, at="projection", batch_size=None, device="cpu", overwrite=False,
             progress=None):  # fmt: skip
-    """Write the Q/K/V of ``source`` (a :class:`qkvmean.pipeline.ModelSource`) to ``out``.
+    """Write the Q/K/V of ``source`` (a :class:`qkvmean.run.sources.ModelSource`) to ``out``.
 
     Returns ``(path, inputs, seconds)``. ``progress(n)`` is called after each batch.
     """
-    from .engine.transformer import model_projections
-    from .io.qkv import QKVWriter
-    from .pipeline import _batches
+    from ..engine.transformer import model_projections
+    from ..io.qkv import QKVWriter
+    from .batching import batches
 
     if at not in AT:
         raise InputError(f"--at must be projection or attention, got {at!r}")
@@ -60,7 +60,7 @@ def capture(source, out, *, at="projection", batch_size=None, device="cpu", over
         attrs=attrs, overwrite=overwrite,
     )  # fmt: skip
     try:
-        for start, stop in _batches(source.n_inputs, size):
+        for start, stop in batches(source.n_inputs, size):
             ids, _ = source.read(start, stop)
             try:
                 qkv = model_projections(

@@ -14,21 +14,15 @@ run itself) substitutes the means and writes them at ``/means`` in the store.
 from __future__ import annotations
 
 import hashlib
-import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from . import faults
-from .engine.names import OVER
-from .io import InputError
-from .io import store as st
-
-#: The running totals of the first pass, in the partial directory.
-STATE = "means.npz"
-_VERSION = 1
-
+from .. import faults
+from ..engine.names import OVER
+from ..files import InputError
+from ..store import workdir
+from ..store.reader import open_store
 
 def wanted(source, options) -> list:
     """The targets whose means the run substitutes: raw Q/K/V's mean-V changes no weight
@@ -48,48 +42,7 @@ def digest(means) -> str:
     return h.hexdigest()
 
 
-def _load(path: Path, batches, targets):
-    """``(batches summed, totals)`` of a state file, ``(0, None)`` when there is none or
-    it is not this run's (another manifest, damage)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            fields = {name: z[name] for name in z.files if name != "checksum"}
-            if int(z["checksum"]) != st.entry_checksum(fields):
-                return 0, None
-    except FileNotFoundError:
-        return 0, None
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
-        return 0, None  # damaged (an OS crash mid-write): summed again
-    try:
-        same = (
-            int(fields["version"]) == _VERSION
-            and np.array_equal(fields["batches"], np.asarray(batches, dtype=np.int64))
-            and [str(t) for t in fields["targets"]] == list(targets)
-        )
-        done = int(fields["done"])
-        totals = {t: fields[f"sum_{t}"] for t in targets}
-    except (KeyError, TypeError, ValueError):
-        return 0, None
-    if not same or not 0 < done <= len(batches):
-        return 0, None
-    return done, totals
-
-
-def _save(path: Path, batches, targets, done, totals):
-    fields = {
-        "version": np.int64(_VERSION),
-        "batches": np.asarray(batches, dtype=np.int64).reshape(-1, 2),
-        "targets": np.array(list(targets), dtype=np.str_),
-        "done": np.int64(done),
-        **{f"sum_{t}": totals[t] for t in targets},
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, checksum=np.uint32(st.entry_checksum(fields)), **fields)
-    os.replace(tmp, path)  # atomic against a kill, as the journal's entries
-
-
-def first_pass(source, options, manifest, work: Path, progress=None, sums=None):
+def first_pass(source, options, manifest, work: Path, progress=None, sums=None, device="cpu"):
     """The means of the run's own inputs (its first pass), resumed from ``work``'s state.
 
     ``progress(n)`` is called with the inputs of each batch summed. ``sums(indices,
@@ -101,8 +54,7 @@ def first_pass(source, options, manifest, work: Path, progress=None, sums=None):
     """
     targets = wanted(source, options)
     batches = [tuple(b) for b in manifest["batches"]]
-    path = work / STATE
-    done, totals = _load(path, batches, targets)
+    done, totals = workdir.load_means_state(work, batches, targets)
     if progress is not None and done:
         progress(sum(b - a for a, b in batches[:done]))
 
@@ -110,7 +62,7 @@ def first_pass(source, options, manifest, work: Path, progress=None, sums=None):
         for index in indices:
             start, stop = batches[index]
             inputs, _ = source.read(start, stop)
-            yield index, source.position_sums(inputs, start, stop, targets)
+            yield index, source.position_sums(inputs, start, stop, targets, device=device)
 
     waiting = {}  # batches that came back before the one to add next
     for index, part in (sums or local)(list(range(done, len(batches))), targets):
@@ -119,7 +71,7 @@ def first_pass(source, options, manifest, work: Path, progress=None, sums=None):
             part = waiting.pop(done)
             totals = part if totals is None else {t: totals[t] + part[t] for t in targets}
             done += 1
-            _save(path, batches, targets, done, totals)
+            workdir.save_means_state(work, batches, targets, done, totals)
             faults.point("means-journaled")
         if progress is not None:
             progress(batches[index][1] - batches[index][0])
@@ -131,10 +83,10 @@ def first_pass(source, options, manifest, work: Path, progress=None, sums=None):
 def from_reference(spec, source, options):
     """The means recorded in the store ``spec`` (``--mean-from``), checked against this
     run's source: ``(DatasetMeans of what this run needs, digest)``."""
-    from .engine.plan import DatasetMeans
+    from ..engine.plan import DatasetMeans
 
     path = Path(spec)
-    with st.open_store(path) as ref:
+    with open_store(path) as ref:
         means = ref.dataset_means()
         kind, config, n_heads = ref.source, ref.config, ref.n_heads
         layer_count = ref.n_layers

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.names import METRICS
-from . import (
+from ..files import (
     InputError,
     check_new_file,
     put_in_place,
@@ -63,8 +63,8 @@ def _require(modules, extra: str, what: str) -> list:
 
 
 def xarray_dataset(store):
-    """``store`` (an open :class:`~qkvmean.io.store.Store`) as a lazy
-    :class:`xarray.Dataset`: see :meth:`qkvmean.io.store.Store.to_xarray`."""
+    """``store`` (an open :class:`~qkvmean.store.Store`) as a lazy
+    :class:`xarray.Dataset`: see :meth:`qkvmean.store.Store.to_xarray`."""
     xr, _ = _require(("xarray", "h5netcdf"), "xarray", "Store.to_xarray()")
     path = store.path
     opened = []

@@ -1,0 +1,142 @@
+"""What a run computes, as a value: its options (checked once, in one spelling), the
+configuration it records, and the comparison that decides whether ``--resume`` continues
+the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .. import config as _config
+from ..engine.names import OVER, TARGETS, condition_names
+from ..files import InputError
+from ..store.codec import canonical_compression
+
+
+class RunFailed(Exception):
+    """The run could not finish (disk full, I/O error); what is done can be resumed."""
+
+
+@dataclass
+class Options:
+    """What is computed and how it is stored (everything but the input itself)."""
+
+    targets: list = field(default_factory=lambda: list(TARGETS))
+    over: str = OVER[0]
+    heads: list | None = None  # None: all heads
+    causal: bool | None = None  # None: the input's own setting
+    scale: float | None = None
+    map_dtype: str = "float32"
+    compression: str = "deflate"
+    maps: bool = True
+    mean_from: str | None = None  # over="dataset": a reference run's store with the means
+
+    def check(self):
+        if not self.targets:
+            raise InputError("--targets is empty; choose from q, k, v (e.g. --targets q,k,v)")
+        for t in self.targets:
+            if t not in TARGETS:
+                raise InputError(f"--targets: unknown target {t!r}; choose from q, k, v")
+        if len(set(self.targets)) != len(self.targets):
+            raise InputError(f"--targets lists a target twice: {','.join(self.targets)}")
+        if self.over not in OVER:
+            raise InputError(
+                f"--over must be {', '.join(OVER[:-1])} or {OVER[-1]}, "
+                f"got {self.over!r}"
+            )
+        if self.mean_from is not None:
+            if self.over != OVER[2]:
+                raise InputError(
+                    f"--mean-from takes the means of a reference run for --over dataset, not "
+                    f"--over {self.over}; drop --over (or pass --over dataset)"
+                )
+            if not str(self.mean_from).strip():
+                raise InputError("--mean-from is empty; give the store of a --over dataset run")
+        if self.map_dtype not in ("float32", "float16"):
+            raise InputError(f"--dtype must be float32 or float16, got {self.map_dtype!r}")
+        if self.scale is not None and not (np.isfinite(self.scale) and self.scale > 0):
+            raise InputError(f"--scale must be finite and > 0, got {self.scale}")
+        if not self.maps and self.map_dtype != "float32":
+            raise InputError("--dtype sets the stored maps' dtype; with --no-maps there are none")
+        if self.heads is not None:
+            if not self.heads:
+                raise InputError("--heads is empty; give head numbers or 'all'")
+            twice = sorted({h for h in self.heads if self.heads.count(h) > 1})
+            if twice:
+                raise InputError(f"--heads lists head {twice[0]} twice")
+            self.heads = sorted(self.heads)
+        # one spelling per meaning, so that --resume recognises the same run
+        self.targets = [t for t in TARGETS if t in self.targets]
+        self.compression = canonical_compression(self.compression)
+
+    @property
+    def conditions(self):
+        return condition_names(self.targets)
+
+def reason(exc: BaseException) -> str:
+    """The root cause of an I/O failure, in one line."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return os.strerror(seen.errno).lower()
+        seen = seen.__cause__ or seen.__context__
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+#: Not compared for --resume: where the inputs are (they may have moved; their identities
+#: are compared instead), the machine that computed them (a resumed run may be on
+#: another), and what the model's identity (its files' checksums) already fixes.
+_LOCATIONS = (
+    "input", "model", "texts", "environment", "model_architecture", "cluster", "mean_from",
+)  # fmt: skip
+
+#: Recorded, but compared for --resume only where the command gives them again.
+_IMPLIED = ("batch_size",)
+
+def differences(recorded, config) -> str:
+    """'' when ``recorded`` is the same computation as ``config``, else what differs."""
+    if not isinstance(recorded, dict):
+        return "no readable configuration"
+    current = json.loads(json.dumps(config))  # tuples → lists, as stored
+    keys = sorted((recorded.keys() | current.keys()) - set(_LOCATIONS))
+    keys = [k for k in keys if k not in _IMPLIED or current.get(k) is not None]
+    changed = [k for k in keys if recorded.get(k) != current.get(k)]
+    if not changed:
+        return ""
+    parts = []
+    for key in changed:
+        was, now = recorded.get(key), current.get(key)
+        if key == "input_identity" and isinstance(was, dict) and isinstance(now, dict):
+            named = [  # the input's shapes or dtypes, where those changed
+                f"input {part} {was.get(part)} (now {now.get(part)})"
+                for part in ("shapes", "dtypes")
+                if was.get(part) != now.get(part)
+            ]
+            parts.extend(named or ["other input contents"])
+        elif key.endswith(("identity", "sha256")):
+            parts.append(f"other {key.split('_')[0]} contents")
+        else:
+            parts.append(f"{key} = {recorded.get(key)!r} (now {current.get(key)!r})")
+    return "a different configuration: " + "; ".join(parts)
+
+def identity(described: dict) -> dict:
+    """What must be the same wherever a source is built (not where it is)."""
+    return {k: v for k, v in described.items() if k not in ("input", "model", "texts")}
+
+def run_config(source, options: Options, batch_size) -> dict:
+    """The run's identity: what must match for --resume (besides the input's location).
+
+    ``batch_size`` is the one given (None: the automatic one, recorded when the run
+    starts): with a model, the batch size changes the last bits of the results.
+    """
+    return {
+        **source.describe(),
+        **asdict(options),
+        "causal": source.causal,
+        "conditions": options.conditions,
+        "ablate_layers": source.ablate_layers,
+        "row_block": _config.ROW_BLOCK,
+        "batch_size": batch_size,
+    }
