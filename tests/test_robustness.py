@@ -29,9 +29,9 @@ from test_run import _assert_same_store
 from test_store import make_qkv
 
 import qkvmean
-from qkvmean import pipeline
 from qkvmean.cli import main
-from qkvmean.io import store as st
+from qkvmean.run import local
+from qkvmean.store import workdir, writer
 
 
 def expect(capsys, code, argv, rx):
@@ -57,14 +57,14 @@ def qkv_input(tmp_path):
 
 def fail_at(monkeypatch, start):
     """The run fails (an I/O error) when it comes to write the batch at ``start``."""
-    original = st.Assembly.add
+    original = writer.Assembly.add
 
     def add(self, first, *args, **kwargs):
         if first == start:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return original(self, first, *args, **kwargs)
 
-    monkeypatch.setattr(st.Assembly, "add", add)
+    monkeypatch.setattr(writer.Assembly, "add", add)
     return original
 
 
@@ -126,7 +126,7 @@ def test_resume_recomputes_batches_whose_inputs_changed_and_says_so(
     assert main([*base, "--out", str(out)]) == 1
     capsys.readouterr()
     _rewrite(qkv_input, "k", 5, 0.25)  # input 5: batch 4..6, neither first nor last input
-    monkeypatch.setattr(st.Assembly, "add", original)
+    monkeypatch.setattr(writer.Assembly, "add", original)
     assert main([*base, "--out", str(out), "--resume"]) == 0
     err = capsys.readouterr().err
     assert "inputs 4..5 changed since the interrupted run read them (k of input 5" in err
@@ -153,7 +153,7 @@ def test_a_journal_entry_whose_metrics_changed_is_not_trusted(
     out = tmp_path / "o.h5"
     original = fail_at(monkeypatch, 10)
     assert main([*base, "--out", str(out)]) == 1
-    entries = st.journal(pipeline.partial_dir(out))
+    entries = workdir.journal(workdir.partial_dir(out))
     with np.load(entries[(4, 6)]) as z:  # the entropy of one head, changed; all else kept
         fields = {name: z[name] for name in z.files}
     fields["entropy"] = fields["entropy"] + np.float32(0.5)
@@ -165,10 +165,10 @@ def test_a_journal_entry_whose_metrics_changed_is_not_trusted(
         added.append(start)
         return original(self, start, *args, **kwargs)
 
-    monkeypatch.setattr(st.Assembly, "add", add)
+    monkeypatch.setattr(writer.Assembly, "add", add)
     assert main([*base, "--out", str(out), "--resume"]) == 0
     assert sorted(added) == [4, 10]  # the tampered batch and the one never written
-    monkeypatch.setattr(st.Assembly, "add", original)
+    monkeypatch.setattr(writer.Assembly, "add", original)
     assert main([*base, "--out", str(tmp_path / "ref.h5")]) == 0
     _assert_same_store(out, tmp_path / "ref.h5")
 
@@ -460,7 +460,7 @@ def test_out_as_a_dangling_link_is_refused_before_any_work(
     out = tmp_path / "o.h5"
     out.symlink_to(tmp_path / "nowhere" / "x.h5")
     computed = []
-    monkeypatch.setattr(pipeline, "_compute_batches", lambda *a: computed.append(1))
+    monkeypatch.setattr(local, "_compute_batches", lambda *a: computed.append(1))
     argv = ["run", "--qkv", qkv_input, "--out", out, "-q"]
     expect(capsys, 2, argv, r"o.h5: is a symbolic link that leads nowhere .*--overwrite")
     assert not computed and not leftovers(tmp_path, "o.h5")
@@ -482,14 +482,14 @@ def test_a_killed_overwrite_run_resumes_with_the_same_command(
     assert main([*base, "--over", "causal", "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert "--resume" in err
-    monkeypatch.setattr(st.Assembly, "add", original)
+    monkeypatch.setattr(writer.Assembly, "add", original)
     expect(
         capsys, 2, [*base, "--over", "causal", "--resume"], r"continue it with --resume --overwrite"
     )
     assert main([*base, "--over", "causal", "--overwrite", "--resume"]) == 0
     with qkvmean.open_store(out) as s:
         assert s.attrs["over"] == "causal"
-    assert not pipeline.partial_dir(out).exists()
+    assert not workdir.partial_dir(out).exists()
     assert main([*base, "--over", "causal", "--out", str(tmp_path / "ref.h5")]) == 0
     _assert_same_store(out, tmp_path / "ref.h5")
 
@@ -514,18 +514,18 @@ def test_a_kill_after_the_final_rename_is_complete_on_resume(
             raise KeyboardInterrupt
 
     for extra in ([], ["--overwrite"]):
-        monkeypatch.setattr(pipeline, "_discard", killed)
+        monkeypatch.setattr(workdir, "discard", killed)
         assert main([*argv, "-q", *extra]) == 130
         monkeypatch.undo()
-        assert out.exists() and pipeline.partial_dir(out).exists()
+        assert out.exists() and workdir.partial_dir(out).exists()
         capsys.readouterr()
         assert main([*argv, "--resume", *extra]) == 0
         assert "already complete" in capsys.readouterr().out
-        assert not pipeline.partial_dir(out).exists()
+        assert not workdir.partial_dir(out).exists()
     monkeypatch.setattr(Path, "unlink", killed_midway)
     assert main([*argv, "-q", "--overwrite"]) == 130
     monkeypatch.setattr(Path, "unlink", real_unlink)
-    assert not pipeline.partial_dir(out).exists() and leftovers(tmp_path, "o.h5")
+    assert not workdir.partial_dir(out).exists() and leftovers(tmp_path, "o.h5")
     assert main([*argv, "--resume"]) == 0
     assert "already complete" in capsys.readouterr().out
     assert not leftovers(tmp_path, "o.h5")
@@ -586,13 +586,13 @@ def test_a_full_file_system_at_start_names_the_path_and_leaves_nothing(
         path.write_bytes(b"")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pipeline, "_atomic_json", full)
+    monkeypatch.setattr(workdir, "atomic_json", full)
     out = tmp_path / "o.h5"
     argv = ["run", "--qkv", qkv_input, "--out", out]
     expect(capsys, 1, argv, rf"{re.escape(str(out))}.partial: cannot start the run: no space left")
     assert not leftovers(tmp_path, "o.h5")
     monkeypatch.undo()
-    monkeypatch.setattr(pipeline, "disk_free", lambda directory: 100.0)
+    monkeypatch.setattr(local, "disk_free", lambda directory: 100.0)
     expect(capsys, 2, argv, r"needs at least .* for its metrics alone, and .* has 100 bytes free")
     assert not leftovers(tmp_path, "o.h5")
 
@@ -631,7 +631,7 @@ def test_the_batch_size_is_recorded_and_a_different_one_is_named_on_resume(
     argv = ["run", "--qkv", str(qkv_input), "--out", str(out), "-q"]
     original = fail_at(monkeypatch, 4)
     assert main([*argv, "--batch-size", "4"]) == 1
-    monkeypatch.setattr(st.Assembly, "add", original)
+    monkeypatch.setattr(writer.Assembly, "add", original)
     capsys.readouterr()
     expect(capsys, 2, [*argv, "--batch-size", "3", "--resume"], r"batch_size = 4 \(now 3\)")
     assert main([*argv, "--resume"]) == 0  # without --batch-size: the run's own
@@ -883,7 +883,7 @@ def test_a_manifest_less_partial_directory_beside_a_complete_store(tmp_path, qkv
     out = tmp_path / "o.h5"
     argv = ["run", "--qkv", str(qkv_input), "--out", str(out), "-q"]
     assert main(argv) == 0
-    work = pipeline.partial_dir(out)
+    work = workdir.partial_dir(out)
     work.mkdir()
     (work / "lock").write_bytes(b"")  # what a kill while deleting it leaves: the lock last
     (work / "batch-0000000000-0000000004.npz").write_bytes(b"left by a kill")
@@ -969,7 +969,7 @@ def test_a_live_run_is_not_called_interrupted(tmp_path, capsys):
     out = tmp_path / "o.h5"
     argv = ["run", "--qkv", src, "--out", out, "--batch-size", "10", "--threads", "1", "-q"]
     live = subprocess.Popen([sys.executable, "-m", "qkvmean", *map(str, argv)])
-    work = st.partial_dir(out)
+    work = workdir.partial_dir(out)
     deadline = time.monotonic() + 120
     while not list(work.glob("batch-*.npz")) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -1062,6 +1062,7 @@ NOT_REQUIRED = {
     ("test_comparisons.py", "device"): "numba-cuda is in the test extra; the CPU rows run",
     ("test_export.py", "test_export_parquet_keeps_the_dtypes_and_values"):
         "fastparquet is in the test extra",
+    ("conftest.py", "pytest_collection_modifyitems"): "the coverage run without the JIT only",
 }  # fmt: skip
 
 
