@@ -46,7 +46,7 @@ def first_pass(source, options, manifest, work: Path, progress=None, sums=None, 
     """The means of the run's own inputs (its first pass), resumed from ``work``'s state.
 
     ``progress(n)`` is called with the inputs of each batch summed. ``sums(indices,
-    targets)``, where given (a cluster's, :func:`qkvmean.distributed.sum_batches`),
+    targets)``, where given (a cluster's, :func:`qkvmean.run.cluster.sum_batches`),
     yields ``(index, position sums)`` of those batches in any order; they are added in
     batch order whatever order they come in, so the means are the same bits as a local
     pass's, and saved as each next batch is added. Returns the

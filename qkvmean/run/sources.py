@@ -110,7 +110,7 @@ class QKVSource:
             f"{self.input.where()}: inputs {start}..{stop - 1}", means,
         )  # fmt: skip
 
-    # -- over="dataset" (qkvmean.means)
+    # -- over="dataset" (qkvmean.run.means)
     def position_sums(self, inputs, start, stop, targets, *, device="cpu") -> dict:
         """Float64 sums over inputs ``start:stop`` (``inputs`` as :meth:`read` gives them)
         of each target at each position: ``{target: (layer, heads, seq, dim)}``."""
@@ -373,7 +373,7 @@ class ModelSource:
             raise InputError(f"{self.model.name}: inputs {start}..{stop - 1}: {exc}") from None
         return c, time.perf_counter() - t0
 
-    # -- over="dataset" (qkvmean.means)
+    # -- over="dataset" (qkvmean.run.means)
     def position_sums(self, ids, start, stop, targets, *, device="cpu") -> dict:
         """Float64 sums over inputs ``start:stop`` of each target's baseline projection at
         each ablated layer and position: ``{target: (layers, heads, seq, head_dim)}``
