@@ -96,12 +96,13 @@ from support import killed_at  # noqa: E402
 from test_run import _assert_same_store  # noqa: E402
 from test_store import make_qkv  # noqa: E402
 
-from qkvmean import means as means_mod  # noqa: E402
-from qkvmean import pipeline  # noqa: E402
 from qkvmean.cli import main  # noqa: E402
 from qkvmean.engine import synthetic  # noqa: E402
 from qkvmean.engine import transformer as T  # noqa: E402
 from qkvmean.engine.plan import DatasetMeans, position_counts  # noqa: E402
+from qkvmean.run import batching, sources  # noqa: E402
+from qkvmean.run.options import Options  # noqa: E402
+from qkvmean.store import workdir  # noqa: E402
 
 TEXTS = [
     "the cat sat on the mat",
@@ -199,11 +200,11 @@ def test_sigkill_in_either_pass_then_resume_equals_an_uninterrupted_run(tmp_path
     ref_out = tmp_path / "ref.h5"
     assert main([*args, "--out", str(ref_out)]) == 0
     out = tmp_path / "out.h5"
-    work = pipeline.partial_dir(out)
+    work = workdir.partial_dir(out)
     cmd = [sys.executable, "-m", "qkvmean", *args, "--out", str(out)]
 
     def summed():  # batches in the first pass's totals
-        with np.load(work / means_mod.STATE) as z:
+        with np.load(work / workdir.MEANS_STATE) as z:
             return int(z["done"])
 
     killed_at(cmd, "means-journaled:5")  # in the first pass
@@ -220,18 +221,18 @@ def test_a_damaged_first_pass_state_is_summed_again(tmp_path):
     make_qkv(src, n=30, layers=1, heads=2, seq=6, dim=4, dim_v=3, seed=1)
     args = ["run", "--qkv", str(src), "--over", "dataset", "--batch-size", "7", "-q"]
     assert main([*args, "--out", str(tmp_path / "ref.h5")]) == 0
-    source = pipeline.QKVSource(str(src), pipeline.Options(over="dataset"))
-    batches = pipeline._batches(30, 7)
+    source = sources.QKVSource(str(src), Options(over="dataset"))
+    batches = batching.batches(30, 7)
     work = tmp_path / "w"
     work.mkdir()
     totals = source.position_sums(source.read(0, 7)[0], 0, 7, ["q", "k"])
-    means_mod._save(work / means_mod.STATE, batches, ["q", "k"], 1, totals)
-    assert means_mod._load(work / means_mod.STATE, batches, ["q", "k"])[0] == 1
-    raw = bytearray((work / means_mod.STATE).read_bytes())
+    workdir.save_means_state(work, batches, ["q", "k"], 1, totals)
+    assert workdir.load_means_state(work, batches, ["q", "k"])[0] == 1
+    raw = bytearray((work / workdir.MEANS_STATE).read_bytes())
     raw[len(raw) // 2] ^= 1  # inside the totals
-    (work / means_mod.STATE).write_bytes(bytes(raw))
-    assert means_mod._load(work / means_mod.STATE, batches, ["q", "k"]) == (0, None)
-    assert means_mod._load(work / means_mod.STATE, batches[:-1], ["q", "k"]) == (0, None)
+    (work / workdir.MEANS_STATE).write_bytes(bytes(raw))
+    assert workdir.load_means_state(work, batches, ["q", "k"]) == (0, None)
+    assert workdir.load_means_state(work, batches[:-1], ["q", "k"]) == (0, None)
 
 
 # ------------------------------------------------------------------------- --mean-from

@@ -17,9 +17,9 @@ import pytest
 from support import killed_at, store_datasets
 from test_store import make_qkv
 
-from qkvmean import distributed as qd
-from qkvmean import pipeline
 from qkvmean.cli import main
+from qkvmean.run import cluster as qd
+from qkvmean.run import sources
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_dataset_means_on_a_cluster_are_those_of_a_local_run(tmp_path, cluster, 
         argv = [*argv, "--over", "dataset", "--batch-size", "3", "--quiet"]
         assert main([*argv, "-o", str(tmp_path / f"{name}-local.h5")]) == 0
         with monkeypatch.context() as m:  # the driver itself may not add anything up
-            for cls in (pipeline.QKVSource, pipeline.ModelSource):
+            for cls in (sources.QKVSource, sources.ModelSource):
                 m.setattr(cls, "position_sums", _not_on_the_driver)
             assert main([*argv, "-o", str(tmp_path / f"{name}-dist.h5"), "--scheduler", addr]) == 0
         assert_identical(tmp_path / f"{name}-local.h5", tmp_path / f"{name}-dist.h5")
@@ -114,12 +114,12 @@ def test_dataset_means_on_a_cluster_are_those_of_a_local_run(tmp_path, cluster, 
 def test_a_read_that_fails_on_the_driver_is_not_the_cluster_going_away(
     tmp_path, cluster, monkeypatch, capsys
 ):
-    from qkvmean.io import ReadFailed
+    from qkvmean.files import ReadFailed
 
     def broken(self, start, stop):
         raise ReadFailed(f"t.txt: inputs {start}..{stop - 1}: the disk said no")
 
-    monkeypatch.setattr(pipeline.ModelSource, "read", broken)
+    monkeypatch.setattr(sources.ModelSource, "read", broken)
     text = _texts(tmp_path / "t.txt")
     argv = ["run", "--model", "synthetic", "--text", str(text), "-o", str(tmp_path / "s.h5"),
             "--scheduler", cluster[0].scheduler_address, "-q"]  # fmt: skip
@@ -129,7 +129,7 @@ def test_a_read_that_fails_on_the_driver_is_not_the_cluster_going_away(
     assert "rerun with --resume" in err
 
 
-def _not_on_the_driver(self, inputs, start, stop, targets):
+def _not_on_the_driver(self, inputs, start, stop, targets, **kwargs):
     raise AssertionError(f"the driver summed inputs {start}..{stop - 1} itself")
 
 

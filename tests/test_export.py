@@ -15,9 +15,9 @@ from test_store import make_qkv
 
 import qkvmean
 from qkvmean.cli import main
-from qkvmean.io import InputError
-from qkvmean.io.export import COLUMNS, MissingExtra, export_metrics
+from qkvmean.files import InputError
 from qkvmean.render import metrics as kl_figure
+from qkvmean.store.export import COLUMNS, MissingExtra, export_metrics
 
 CONDITIONS = ["baseline", "mean_q", "mean_k", "mean_v"]
 FLOATS = ("entropy", "kl_from_baseline", "top_key_mass")
@@ -277,7 +277,7 @@ def test_export_refusals_exit_2_and_leave_files_alone(model_store, tmp_path, cap
 
 def test_an_interrupted_export_leaves_no_file(model_store, tmp_path, monkeypatch, capsys):
     calls = []
-    original = qkvmean.io.store.Store.metric_block
+    original = qkvmean.store.Store.metric_block
 
     def interrupted(self, *args):
         calls.append(args)
@@ -285,7 +285,7 @@ def test_an_interrupted_export_leaves_no_file(model_store, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(qkvmean.io.store.Store, "metric_block", interrupted)
+    monkeypatch.setattr(qkvmean.store.Store, "metric_block", interrupted)
     for name in ("m.csv", "m.parquet"):
         calls.clear()
         assert main(["export", str(model_store), "--metrics", str(tmp_path / name)]) == 130

@@ -22,7 +22,7 @@ from model_support import (
 from qkvmean.engine import reference as R
 from qkvmean.engine import transformer as T
 from qkvmean.engine.plan import Plan
-from qkvmean.io import InputError
+from qkvmean.files import InputError
 from qkvmean.io import models as M
 
 GOLDEN = np.load(Path(__file__).parent / "data" / "golden_families.npz")

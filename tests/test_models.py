@@ -18,7 +18,7 @@ from qkvmean.cli import main
 from qkvmean.engine import reference as ref
 from qkvmean.engine import synthetic
 from qkvmean.engine import transformer as T
-from qkvmean.io import InputError
+from qkvmean.files import InputError
 from qkvmean.io import models as M
 from qkvmean.io.texts import BUILTIN_SENTENCES
 

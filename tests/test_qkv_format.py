@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import qkvmean
 from qkvmean.cli import main
-from qkvmean.io import InputError
+from qkvmean.files import InputError
 from qkvmean.io.qkv import AXES, QKVInput, QKVWriter, write_qkv
 
 

@@ -143,7 +143,7 @@ def test_datasets_behind_external_links_are_read_from_their_own_file(tmp_path):
     [((3, 0, 4, 2), "has no heads"), ((3, 0, 2, 4, 2), "has no layers")],
 )
 def test_no_heads_or_no_layers_is_a_clear_error(tmp_path, shape, message):
-    from qkvmean.io import InputError
+    from qkvmean.files import InputError
 
     path = tmp_path / "in.h5"
     with h5py.File(path, "w") as f:
@@ -157,8 +157,8 @@ def test_an_io_error_while_reading_fails_the_run_with_one_line(tmp_path, monkeyp
     import errno
     import os
 
-    from qkvmean import pipeline
     from qkvmean.cli import main
+    from qkvmean.store import workdir
 
     path = tmp_path / "in.h5"
     with h5py.File(path, "w") as f:
@@ -174,4 +174,4 @@ def test_an_io_error_while_reading_fails_the_run_with_one_line(tmp_path, monkeyp
     err = without_notes(capsys.readouterr().err)
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"reading {path}:/q failed: input/output error" in err and "--resume" in err
-    assert not out.exists() and pipeline.partial_dir(out).exists()
+    assert not out.exists() and workdir.partial_dir(out).exists()

@@ -14,8 +14,10 @@ import pytest
 from support import killed_at, without_notes
 from test_store import make_qkv
 
-from qkvmean import pipeline
 from qkvmean.cli import main
+from qkvmean.io.qkv import QKVInput
+from qkvmean.run import batching
+from qkvmean.store import workdir
 
 
 def qkvmean_cmd(*args, **kw):
@@ -175,7 +177,7 @@ def test_summary_line_and_quiet(tmp_path, good_input):
 def test_input_is_read_in_batches_never_whole(tmp_path, monkeypatch):
     make_qkv(tmp_path / "in.h5", n=40, chunks=4)
     reads = []
-    original = pipeline.QKVInput.read
+    original = QKVInput.read
 
     def spy(self, start, stop):
         reads.append(stop - start)
@@ -187,13 +189,13 @@ def test_input_is_read_in_batches_never_whole(tmp_path, monkeypatch):
         assert main([*argv, "--quiet", *extra]) == 0
         return list(reads)
 
-    monkeypatch.setattr(pipeline.QKVInput, "read", spy)
+    monkeypatch.setattr(QKVInput, "read", spy)
     assert run("a.h5", "--batch-size", "10") == [10] * 4  # an explicit size is honoured
     # the automatic size is bounded by memory, and aligned to the input's chunks of 4
     per_input = 4 * 2 * 3 * 9 * (9 + 3 * 5) * 4  # conditions x maps and inputs, float32
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", 10 * per_input)
+    monkeypatch.setattr(batching, "BATCH_BYTES", 10 * per_input)
     assert run("b.h5") == [8] * 5
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)
+    monkeypatch.setattr(batching, "BATCH_BYTES", 1)
     assert run("c.h5") == [1] * 40
 
 
@@ -233,7 +235,7 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted_run(tmp_pat
     assert qkvmean_cmd(*args, "--out", ref_out).returncode == 0
 
     out = tmp_path / "out.h5"
-    work = pipeline.partial_dir(out)
+    work = workdir.partial_dir(out)
     cmd = [sys.executable, "-m", "qkvmean", *map(str, args), "--out", str(out)]
 
     def journaled():
@@ -319,7 +321,7 @@ def test_a_live_run_is_never_deleted_or_mistaken_for_an_interrupted_one(tmp_path
         stderr=subprocess.PIPE,
         text=True,
     )
-    work = pipeline.partial_dir(out)
+    work = workdir.partial_dir(out)
     deadline = time.monotonic() + 120
     while not list(work.glob("batch-*.npz")) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -438,9 +440,9 @@ def test_resume_accepts_equivalent_spellings_and_names_what_differs(tmp_path):
 
 
 def test_disk_full_is_one_line_and_the_run_can_resume(tmp_path, good_input, monkeypatch, capsys):
-    from qkvmean.io import store
+    from qkvmean.store import writer
 
-    original = store.Assembly.add
+    original = writer.Assembly.add
     calls = []
 
     def full(*args, **kwargs):
@@ -449,29 +451,29 @@ def test_disk_full_is_one_line_and_the_run_can_resume(tmp_path, good_input, monk
             raise OSError(28, "No space left on device")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(store.Assembly, "add", full)
+    monkeypatch.setattr(writer.Assembly, "add", full)
     out = tmp_path / "o.h5"
     argv = ["run", "--qkv", good_input, "--out", str(out), "--batch-size", "2", "--quiet"]
     assert main(argv) == 1
     err = without_notes(capsys.readouterr().err)
     assert err.count("\n") == 1 and "no space left on device" in err and "--resume" in err
-    assert not out.exists() and len(list(pipeline.partial_dir(out).glob("batch-*"))) == 1
-    monkeypatch.setattr(store.Assembly, "add", original)
+    assert not out.exists() and len(list(workdir.partial_dir(out).glob("batch-*"))) == 1
+    monkeypatch.setattr(writer.Assembly, "add", original)
     assert main([*argv, "--resume"]) == 0 and out.exists()
 
 
 def test_resume_salvages_checked_batches_and_recomputes_damaged_ones(tmp_path, monkeypatch):
     """A chunk whose bytes changed, unreadable or foreign journal entries and a missing one
     are computed again; whole batches are copied (not recomputed); old files are removed."""
-    from qkvmean.io import store
+    from qkvmean.store import workdir, writer
 
     src = tmp_path / "in.h5"
     make_qkv(src, n=12, layers=2, heads=3, seq=7, dim=4, causal=True, seed=9)
     base = ["run", "--qkv", str(src), "--batch-size", "2", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "ref.h5")]) == 0
     out = tmp_path / "o.h5"
-    work = pipeline.partial_dir(out)
-    original = store.Assembly.add
+    work = workdir.partial_dir(out)
+    original = writer.Assembly.add
     added = []
 
     def add(self, start, stop, *args, **kwargs):
@@ -480,9 +482,9 @@ def test_resume_salvages_checked_batches_and_recomputes_damaged_ones(tmp_path, m
             raise OSError(5, "Input/output error")
         return original(self, start, stop, *args, **kwargs)
 
-    monkeypatch.setattr(store.Assembly, "add", add)
+    monkeypatch.setattr(writer.Assembly, "add", add)
     assert main([*base, "--out", str(out)]) == 1
-    entries = store.journal(work)
+    entries = workdir.journal(work)
     assert sorted(entries) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     with np.load(entries[(2, 4)]) as z:  # flip one byte of one chunk of batch 2..4
         index, *where, _ = z["chunks"][3].tolist()
@@ -512,12 +514,12 @@ def test_resume_that_cannot_open_the_killed_runs_file_deletes_nothing(
     """Too many open files, say: the resume stops; a later one copies every batch."""
     import errno
 
-    from qkvmean.io import store
+    from qkvmean.store import workdir, writer
 
     out = tmp_path / "o.h5"
-    work = pipeline.partial_dir(out)
+    work = workdir.partial_dir(out)
     argv = ["run", "--qkv", good_input, "--out", str(out), "--batch-size", "2"]
-    original_add = store.Assembly.add
+    original_add = writer.Assembly.add
 
     def add(self, start, *args, **kwargs):
         if start == 4:
@@ -525,9 +527,9 @@ def test_resume_that_cannot_open_the_killed_runs_file_deletes_nothing(
         return original_add(self, start, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(store.Assembly, "add", add)
+        mp.setattr(writer.Assembly, "add", add)
         assert main([*argv, "--quiet"]) == 1
-    assert len(store.journal(work)) == 2
+    assert len(workdir.journal(work)) == 2
     original_file = h5py.File
 
     def file(name, mode="r", *args, **kwargs):
@@ -536,28 +538,28 @@ def test_resume_that_cannot_open_the_killed_runs_file_deletes_nothing(
         return original_file(name, mode, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(store.h5py, "File", file)
+        mp.setattr(writer.h5py, "File", file)
         assert main([*argv, "--quiet", "--resume"]) == 1
     err = without_notes(capsys.readouterr().err)
     assert err.count("\n") == 2 and "failed: too many open files" in err.splitlines()[1]
-    assert len(store.journal(work)) == 2
+    assert len(workdir.journal(work)) == 2
     assert main([*argv, "--resume"]) == 0
     assert "6 inputs, 4 of them from the interrupted run" in capsys.readouterr().out
 
 
 def test_a_store_that_appears_during_the_run_is_never_replaced(tmp_path, good_input, capsys):
     """Another program creates --out while this run computes: it is left as it is."""
-    from qkvmean.io import store
+    from qkvmean.store import writer
 
     out = tmp_path / "o.h5"
-    original = store.Assembly.finish
+    original = writer.Assembly.finish
 
     def finish(self, *args, **kwargs):
         out.write_bytes(b"someone else's")
         return original(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(store.Assembly, "finish", finish)
+        mp.setattr(writer.Assembly, "finish", finish)
         assert main(["run", "--qkv", good_input, "--out", str(out), "--quiet"]) == 1
     err = without_notes(capsys.readouterr().err)
     assert err.count("\n") == 1 and "appeared while this run was writing" in err
@@ -582,16 +584,16 @@ def test_a_failed_background_writeback_fails_the_run(tmp_path, good_input, monke
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_mean_v_maps_of_raw_qkv_are_encoded_once(tmp_path, good_input, monkeypatch, dtype):
     """They are the baseline's (V does not enter the weights), in either map dtype."""
-    from qkvmean.io import store
+    from qkvmean.store import codec
 
-    original = store._encode_maps
+    original = codec._encode_maps
     encoded = []
 
     def count(arr, *args, **kwargs):
         encoded.append(arr)
         return original(arr, *args, **kwargs)
 
-    monkeypatch.setattr(store, "_encode_maps", count)
+    monkeypatch.setattr(codec, "_encode_maps", count)
     out = tmp_path / "o.h5"
     argv = ["run", "--qkv", good_input, "--out", str(out), "--dtype", dtype, "--quiet"]
     assert main(argv) == 0

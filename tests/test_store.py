@@ -18,7 +18,7 @@ from support import assert_within, skip_or_fail, weight_tolerance
 import qkvmean
 from qkvmean.cli import main
 from qkvmean.engine import reference as ref
-from qkvmean.io.store import FORMAT_VERSION
+from qkvmean.store.schema import FORMAT_VERSION
 
 
 def make_qkv(
@@ -419,29 +419,29 @@ def _patterned_chunk(data, dtype):
 def test_encoded_chunks_inflate_to_the_shuffled_bytes(data, dtype, level):
     """Every chunk we encode is a zlib stream any inflater reads back to HDF5's shuffle
     of the chunk, whichever segments were deflated and whichever stored."""
-    from qkvmean.io import store
+    from qkvmean.store import codec
 
     chunk, seq = _patterned_chunk(data, dtype)
     filters = {"compression": "gzip", "compression_opts": level, "shuffle": True}
-    encoded = store._encode_chunk(chunk.reshape(-1), filters, seq)
+    encoded = codec._encode_chunk(chunk.reshape(-1), filters, seq)
     shuffled = chunk.reshape(-1).view(np.uint8).reshape(-1, chunk.itemsize).T.tobytes()
     assert zlib.decompress(encoded) == shuffled
 
 
 def test_random_mantissa_bytes_are_stored_and_repetitive_ones_deflated():
-    from qkvmean.io import store
+    from qkvmean.store import codec
 
     filters = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
     rng = np.random.default_rng(0)
     weights = rng.random((4, 128, 128)).astype(np.float32).reshape(-1)
     raw = np.ascontiguousarray(weights).view(np.uint8).reshape(-1, 4)
     planes = np.empty((4, raw.shape[0]), np.uint8)
-    worth = np.empty((4, -(-raw.shape[0] // store.SEGMENT)), np.bool_)
-    store._shuffle_survey(raw, planes, worth, store.SEGMENT, store.SAMPLE, 128)
+    worth = np.empty((4, -(-raw.shape[0] // codec.SEGMENT)), np.bool_)
+    codec._shuffle_survey(raw, planes, worth, codec.SEGMENT, codec.SAMPLE, 128)
     assert not worth[:3].any() and worth[3].all()  # three mantissa planes, one exponent
-    encoded = store._encode_chunk(weights, filters, 128)
+    encoded = codec._encode_chunk(weights, filters, 128)
     assert len(encoded) < 0.9 * weights.nbytes
     uniform = np.full(4 * 128 * 128, 1 / 128, np.float32)
-    assert len(store._encode_chunk(uniform, filters, 128)) < 0.01 * uniform.nbytes
+    assert len(codec._encode_chunk(uniform, filters, 128)) < 0.01 * uniform.nbytes
     rows = np.tile(rng.random(128).astype(np.float32), 4 * 128)  # mean-Q: rows alike
-    assert len(store._encode_chunk(rows, filters, 128)) < 0.2 * rows.nbytes
+    assert len(codec._encode_chunk(rows, filters, 128)) < 0.2 * rows.nbytes

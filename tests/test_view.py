@@ -29,7 +29,7 @@ from test_store import make_qkv
 
 import qkvmean
 from qkvmean.cli import main
-from qkvmean.io import InputError
+from qkvmean.files import InputError
 from qkvmean.render import choice, pretty_tokens
 from qkvmean.render import view as qview
 
