@@ -15,13 +15,16 @@ BATCH_BYTES = 64 * 2**20
 #: threads' tasks (one input each) even out.
 TASKS_PER_THREAD = 3
 
+
 def aligned(size, align):
     """``size`` rounded down to a multiple of ``align`` (when it is at least that)."""
     return size - size % align if size >= align > 1 else size
 
+
 def batches(n, size, align=1):
     size = aligned(size, align)
     return [(s, min(s + size, n)) for s in range(0, n, size)]
+
 
 def auto_batch_size(source, n_conditions) -> int:
     """Inputs per batch: about ``BATCH_BYTES`` of results, and for a source that computes

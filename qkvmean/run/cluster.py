@@ -18,10 +18,10 @@ Dask is imported only here, and this module only for ``--scheduler``/``--workers
 
 from __future__ import annotations
 
-import os
-import threading
 import hashlib
 import json
+import os
+import threading
 from pathlib import Path
 
 from .. import faults

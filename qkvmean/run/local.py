@@ -15,10 +15,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -70,6 +70,7 @@ class Summary:
             f"{self.seconds:.1f} s: {rate}"
         )
 
+
 def _check_output(out: Path, inputs=(), overwrite=False):
     """Refuse, before any work, an output that is an input, that cannot be written, or
     that is a link leading nowhere (the run would compute everything, then find it); an
@@ -102,6 +103,7 @@ def _name_max(directory: Path) -> int:
     except (OSError, ValueError):
         return 255
 
+
 def progress_bar(total, initial, show, desc="starting (the first run compiles kernels)"):
     if not show:
         return None
@@ -125,6 +127,7 @@ def progress_bar(total, initial, show, desc="starting (the first run compiles ke
         nrows=None if sized else 24,
     )
 
+
 def _layout(source, options: Options) -> schema.Layout:
     return schema.Layout(
         n_inputs=source.n_inputs,
@@ -138,6 +141,7 @@ def _layout(source, options: Options) -> schema.Layout:
         layer_ids=source.layer_ids,
         digests=source.digests,
     )
+
 
 def _check_sizes(source, layout: schema.Layout, out: Path, batch_size):
     """Refuse, before anything is created, a run that cannot fit: a map HDF5 cannot
@@ -162,6 +166,7 @@ def _check_sizes(source, layout: schema.Layout, out: Path, batch_size):
             f"{out}: the store needs at least {format_bytes(need)} for its metrics alone, "
             f"and {out.parent} has {format_bytes(free)} free"
         )
+
 
 def _new_work(work: Path, config, source, batch_size, overwrite):
     """Plan the batches and create the work directory with its manifest (atomically)."""
@@ -193,6 +198,7 @@ def _finished_by(out: Path, manifest: dict) -> bool:
             ) and not differences(existing.config, manifest["config"])
     except (InputError, OSError):
         return False
+
 
 def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwrite):
     """Lock (and create or reopen) the partial directory: ``(manifest, created, lock)``,
@@ -249,6 +255,7 @@ def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwr
     manifest, lock = _new_work(work, config, source, batch_size, overwrite)
     return manifest, True, lock
 
+
 def _verify_complete(source, out: Path, batches):
     """An existing store made from this input: every input must still read as it did
     (the store's CRC-32 of each input), else say which changed."""
@@ -266,6 +273,7 @@ def _verify_complete(source, out: Path, batches):
                 "--overwrite to compute it again"
             )
 
+
 def _root_attrs(source, options, config, created_utc) -> dict:
     heads = options.heads if options.heads is not None else range(source.n_heads)
     return {
@@ -280,6 +288,7 @@ def _root_attrs(source, options, config, created_utc) -> dict:
         "ablate_heads": np.asarray(heads, dtype=np.int32),
         "config": json.dumps(config, sort_keys=True),
     }
+
 
 def _already_complete(out: Path, source) -> Summary:
     return Summary(out, source.n_inputs, 0, 0.0, 0.0, 0, out.stat().st_size, True)
@@ -337,9 +346,7 @@ def run(
     config["cluster"] = cluster.describe() if cluster is not None else "local"
     means = None
     if options.mean_from is not None:  # a reference run's: checked, and part of the run
-        means, config["means_sha256"] = means_mod.from_reference(
-            options.mean_from, source, options
-        )
+        means, config["means_sha256"] = means_mod.from_reference(options.mean_from, source, options)
     layout = _layout(source, options)
     _check_sizes(source, layout, out, batch_size)
     notes = notes or (lambda line: None)

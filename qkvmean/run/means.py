@@ -24,6 +24,7 @@ from ..files import InputError
 from ..store import workdir
 from ..store.reader import open_store
 
+
 def wanted(source, options) -> list:
     """The targets whose means the run substitutes: raw Q/K/V's mean-V changes no weight
     (there is no model to carry it on), so its means are not taken."""

@@ -14,6 +14,7 @@ from .. import config as _config
 from ..engine.names import OVER, TARGETS, condition_names
 from ..files import InputError
 from ..store.codec import canonical_compression
+from ..store.schema import MAP_DTYPES
 
 
 class RunFailed(Exception):
@@ -29,7 +30,7 @@ class Options:
     heads: list | None = None  # None: all heads
     causal: bool | None = None  # None: the input's own setting
     scale: float | None = None
-    map_dtype: str = "float32"
+    map_dtype: str = MAP_DTYPES[0]
     compression: str = "deflate"
     maps: bool = True
     mean_from: str | None = None  # over="dataset": a reference run's store with the means
@@ -44,8 +45,7 @@ class Options:
             raise InputError(f"--targets lists a target twice: {','.join(self.targets)}")
         if self.over not in OVER:
             raise InputError(
-                f"--over must be {', '.join(OVER[:-1])} or {OVER[-1]}, "
-                f"got {self.over!r}"
+                f"--over must be {', '.join(OVER[:-1])} or {OVER[-1]}, got {self.over!r}"
             )
         if self.mean_from is not None:
             if self.over != OVER[2]:
@@ -55,11 +55,11 @@ class Options:
                 )
             if not str(self.mean_from).strip():
                 raise InputError("--mean-from is empty; give the store of a --over dataset run")
-        if self.map_dtype not in ("float32", "float16"):
-            raise InputError(f"--dtype must be float32 or float16, got {self.map_dtype!r}")
+        if self.map_dtype not in MAP_DTYPES:
+            raise InputError(f"--dtype must be {' or '.join(MAP_DTYPES)}, got {self.map_dtype!r}")
         if self.scale is not None and not (np.isfinite(self.scale) and self.scale > 0):
             raise InputError(f"--scale must be finite and > 0, got {self.scale}")
-        if not self.maps and self.map_dtype != "float32":
+        if not self.maps and self.map_dtype != MAP_DTYPES[0]:
             raise InputError("--dtype sets the stored maps' dtype; with --no-maps there are none")
         if self.heads is not None:
             if not self.heads:
@@ -76,6 +76,7 @@ class Options:
     def conditions(self):
         return condition_names(self.targets)
 
+
 def reason(exc: BaseException) -> str:
     """The root cause of an I/O failure, in one line."""
     seen = exc
@@ -84,6 +85,7 @@ def reason(exc: BaseException) -> str:
             return os.strerror(seen.errno).lower()
         seen = seen.__cause__ or seen.__context__
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
 
 #: Not compared for --resume: where the inputs are (they may have moved; their identities
 #: are compared instead), the machine that computed them (a resumed run may be on
@@ -94,6 +96,7 @@ _LOCATIONS = (
 
 #: Recorded, but compared for --resume only where the command gives them again.
 _IMPLIED = ("batch_size",)
+
 
 def differences(recorded, config) -> str:
     """'' when ``recorded`` is the same computation as ``config``, else what differs."""
@@ -121,9 +124,11 @@ def differences(recorded, config) -> str:
             parts.append(f"{key} = {recorded.get(key)!r} (now {current.get(key)!r})")
     return "a different configuration: " + "; ".join(parts)
 
+
 def identity(described: dict) -> dict:
     """What must be the same wherever a source is built (not where it is)."""
     return {k: v for k, v in described.items() if k not in ("input", "model", "texts")}
+
 
 def run_config(source, options: Options, batch_size) -> dict:
     """The run's identity: what must match for --resume (besides the input's location).

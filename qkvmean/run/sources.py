@@ -158,6 +158,7 @@ class QKVSource:
     def close(self):
         self.input.close()
 
+
 def qkv_conditions(inputs, lengths, causal, options, device, where, means=None):
     """The conditions of one batch of raw ``(q, k)``, timed: ``(Conditions, seconds)``;
     ``means``: the run's :class:`~qkvmean.engine.plan.DatasetMeans` (``over="dataset"``)."""
@@ -172,6 +173,7 @@ def qkv_conditions(inputs, lengths, causal, options, device, where, means=None):
     except ValueError as exc:  # e.g. values so large that the logits overflow
         raise InputError(f"{where}: {exc}") from None
     return c, time.perf_counter() - t0
+
 
 def source_from_recipe(recipe):
     """The source of a :meth:`QKVSource.recipe` or :meth:`ModelSource.recipe`, built on a
@@ -193,6 +195,7 @@ def source_from_recipe(recipe):
         )
     return source
 
+
 def batch_maps(c, layout, options) -> dict:
     """A batch's maps per condition in the stored dtype, each distinct array converted
     once (mean-V of raw Q/K/V is the baseline's array, and is encoded once too)."""
@@ -203,6 +206,7 @@ def batch_maps(c, layout, options) -> dict:
             converted[id(w)] = w.astype(options.map_dtype, copy=False)
         maps[n] = converted[id(w)]
     return maps
+
 
 class ModelSource:
     """Texts through a transformer: every layer's maps, substitution at chosen layers."""
@@ -412,6 +416,7 @@ class ModelSource:
     def close(self):
         pass
 
+
 def _text(text, index):
     from ..io.texts import check_text
 
@@ -419,9 +424,11 @@ def _text(text, index):
         raise InputError(f"text {index}: expected a string, got {type(text).__name__}")
     return check_text(text, f"text {index}")
 
+
 def _crc_rows(x: np.ndarray) -> np.ndarray:
     """CRC-32 of each input (row of the first axis) of a C-contiguous array."""
     return np.array([crc32(x[i]) for i in range(x.shape[0])], dtype=np.uint32)
+
 
 def _first_change(now, then, start, names, where) -> str | None:
     """None when the digests ``now`` and ``then`` agree, else which input differs."""
@@ -430,6 +437,7 @@ def _first_change(now, then, start, names, where) -> str | None:
         return None
     row, col = (int(i[0]) for i in np.nonzero(now != then)) if now.shape == then.shape else (0, 0)
     return f"{names[col]} of input {start + row} in {where} differs from what was read before"
+
 
 def _check_layers(layers, n_layers):
     if layers == "all":
@@ -445,6 +453,7 @@ def _check_layers(layers, n_layers):
             )
     return layers
 
+
 def _check_heads(options, n_heads):
     """Check ``options.heads`` against the model; all heads listed is the same as None."""
     for h in options.heads or ():
@@ -454,7 +463,6 @@ def _check_heads(options, n_heads):
             )
     if options.heads == list(range(n_heads)):
         options.heads = None
-
 
 
 def batch_results(c, layout, options) -> tuple:

@@ -1,6 +1,9 @@
 """The qkvmean HDF5 store: schema (version 1), crash-safe writing, and the reader.
 
-Schema: ``docs/store.md``. Writing is crash-safe by construction (:class:`Assembly`):
+:mod:`.schema` (the datasets), :mod:`.codec` (the chunks' encoding), :mod:`.workdir`
+(the work directory's protocol), :mod:`.writer`, :mod:`.reader`, :mod:`.export`. The
+schema in words: ``docs/store.md``. Writing is crash-safe by construction
+(:class:`~qkvmean.store.writer.Assembly`):
 
 - a run builds the store inside ``STORE.h5.partial/`` (next to a ``manifest.json`` with
   the run's configuration), writing each map once, and after each batch renames a small
@@ -14,7 +17,6 @@ So the final path never holds a half-written store, a kill at any moment loses a
 the batches in flight, and a resumed run writes exactly the chunks an uninterrupted run
 would have.
 """
-
 
 from __future__ import annotations
 

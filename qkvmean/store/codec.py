@@ -199,5 +199,3 @@ def encode_batch(layout, maps, pool=None):
 def encodable(filters) -> bool:
     """Filters whose output we produce ourselves (in parallel, outside HDF5's lock)."""
     return filters.get("compression") in (None, "gzip")
-
-

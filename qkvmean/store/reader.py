@@ -31,6 +31,7 @@ from .schema import (
 )
 from .workdir import interrupted_message, partial_dir
 
+
 class Store:
     """A qkvmean store opened for reading. Use :func:`open_store`.
 

@@ -31,6 +31,8 @@ MAX_CHUNK_BYTES = 2**32 - 1
 MIN_CHUNK_BYTES = 256 * 1024
 
 STR = h5py.string_dtype("utf-8")
+#: The dtypes a store keeps its maps in (the first is the default).
+MAP_DTYPES = ("float32", "float16")
 
 # ------------------------------------------------------------------------------ paths
 
@@ -80,7 +82,7 @@ class Layout:
     n_heads: int
     seq: int
     conditions: list
-    map_dtype: str = "float32"
+    map_dtype: str = MAP_DTYPES[0]
     compression: str = "deflate"
     maps: bool = True
     layer_ids: list = field(default_factory=list)  # layer numbers for the layer scale
@@ -148,7 +150,9 @@ def dimension_scales(f: h5py.File, layout: Layout):
     }
     for name, values in scales.items():
         f.create_dataset(name, data=values).make_scale(name)
-    cond = f[METRICS_GROUP].create_dataset(basename(CONDITION), data=np.array(layout.conditions, dtype=STR))
+    cond = f[METRICS_GROUP].create_dataset(
+        basename(CONDITION), data=np.array(layout.conditions, dtype=STR)
+    )
     cond.make_scale("condition")
 
 
@@ -162,8 +166,6 @@ def attach(dset: h5py.Dataset, f: h5py.File, names):
 #: every HDF5 since 1.10 (2016) reads. (``latest`` would be HDF5 2.0's format, which
 #: older tools cannot open.)
 LIBVER = ("v110", "v110")
-
-
 
 
 def write_means(f: h5py.File, means):
@@ -200,5 +202,3 @@ def _dim_of(means) -> int:
 
 def means_attrs(means) -> dict:
     return {str(k): v for k, v in means.attrs.items()}
-
-

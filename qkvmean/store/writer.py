@@ -1,4 +1,6 @@
-"""#WRITER"""
+"""The store under construction (:class:`Assembly`): written once, in HDF5's SWMR mode,
+each batch journaled in the work directory, salvaged by a resumed run, and renamed into
+place when every input is in."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from .workdir import (
     new_store_path,
     store_files,
 )
+
 
 class Assembly:
     """The store under construction, written once, with a journal that survives a kill.
@@ -86,7 +89,9 @@ class Assembly:
         layout.create_datasets(f, layout.n_inputs)
         dimension_scales(f, layout)
         group = f.create_group(INPUT)
-        lengths = group.create_dataset(basename(LENGTHS), data=np.asarray(inputs["lengths"], np.int32))
+        lengths = group.create_dataset(
+            basename(LENGTHS), data=np.asarray(inputs["lengths"], np.int32)
+        )
         attach(lengths, f, ["batch"])
         if layout.digests:
             names = group.create_dataset(basename(TENSOR), data=np.array(layout.digests, dtype=STR))
@@ -362,5 +367,3 @@ class Assembly:
                 self.f.close()
             except (OSError, RuntimeError):  # e.g. the disk is full: salvage copes
                 pass
-
-
