@@ -8,7 +8,8 @@ happens to look. Without the variable, a point costs one dictionary look-up.
 ``QKVMEAN_FAULT`` is a comma-separated list of ``NAME:N`` or ``NAME:N@MARKER``. With a
 marker file, the fault fires once across every process that has the variable (a cluster's
 workers, the one the nanny restarts): the first to reach it creates ``MARKER`` (atomically)
-and dies; the others, and later counts, find it there and go on.
+and dies; the others, and later counts, find it there and go on. A process counts its
+passages anew whenever the variable's value changes.
 
 The points:
 
@@ -56,8 +57,9 @@ def point(name: str) -> None:
     if fault is None:
         return
     count, marker = fault
-    _reached[name] = _reached.get(name, 0) + 1
-    if _reached[name] != count:
+    key = (spec, name)  # counted afresh whenever the variable changes (a long-lived worker)
+    _reached[key] = _reached.get(key, 0) + 1
+    if _reached[key] != count:
         return
     if marker is not None:
         try:
