@@ -672,6 +672,30 @@ def test_the_page_embeds_only_the_valid_region_quantised(model_store, tmp_path):
             )
 
 
+def test_the_page_is_the_package_data_files_filled_in(model_store, tmp_path):
+    """The document, style and script are files (qkvmean/render/static/), in the page whole."""
+    page = _page(model_store, tmp_path).read_text(encoding="utf-8")
+    static = Path(qview.__file__).parent / "static"
+    css, js, doc = (static / name for name in ("view.css", "view.js", "view.html"))
+    assert f"<style>\n{css.read_text(encoding='utf-8')}</style>" in page
+    assert f"<script>\n{js.read_text(encoding='utf-8')}</script>\n</body>" in page
+    assert page.startswith(doc.read_text(encoding="utf-8").split("@TITLE@")[0])
+
+
+def test_every_file_of_the_page_is_package_data_of_the_wheel():
+    """pyproject's package-data names every file in qkvmean/render/static/ (an editable
+    install reads them from the tree whatever it says; a wheel carries only those)."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+    root = Path(__file__).resolve().parents[1]
+    with open(root / "pyproject.toml", "rb") as fh:
+        globs = tomllib.load(fh)["tool"]["setuptools"]["package-data"]["qkvmean.render"]
+    files = sorted(p.name for p in (root / "qkvmean" / "render" / "static").iterdir())
+    assert files == ["view.css", "view.html", "view.js"]
+    assert all(any(fnmatch.fnmatch(f"static/{f}", g) for g in globs) for f in files)
+
+
 def test_view_api_refusals_are_one_line_value_errors(model_store, metrics_only, tmp_path):
     store = qkvmean.open_store(model_store)
     for inputs, rx in [
