@@ -39,6 +39,7 @@ from support import (
 
 import qkvmean
 from qkvmean.engine import reference as ref
+from qkvmean.engine.backends import BACKENDS
 
 OVER = ("tokens", "causal", "dataset")
 FLOATS = (np.float16, np.float32, np.float64)
@@ -310,11 +311,13 @@ except (ImportError, ValueError):
 
 # the simulator runs every GPU thread as a Python thread: a third of the examples
 _SHARE = {"cpu": 1, "cuda": 3}
+assert set(_SHARE) == set(BACKENDS), "a new backend: give it its share of the examples"
 
 
-@pytest.fixture(params=["cpu", "cuda"])
+@pytest.fixture(params=sorted(BACKENDS))
 def device(request):
-    """Each registered backend; CUDA where numba-cuda is installed (the test extra)."""
+    """Each registered backend (:data:`qkvmean.engine.backends.BACKENDS`); CUDA where
+    numba-cuda is installed (the test extra), under the simulator without a GPU."""
     if request.param == "cuda" and not _CUDA:
         pytest.skip("numba-cuda is not installed (pip install -e '.[test]' has it)")
     return request.param

@@ -145,44 +145,6 @@ def _api_inputs(data):
     return q, k, v, lengths
 
 
-@settings(max_examples=20, deadline=None)
-@given(
-    st.data(), st.sampled_from(["q", "k", "v"]),
-    st.sampled_from(["tokens", "causal", "dataset"]), st.booleans(), st.booleans(),
-)  # fmt: skip
-def test_public_functions_agree_across_devices(data, target, over, causal, padded):
-    """``attention_weights``, ``attention``, ``ablate`` (every target, both means, a head
-    subset, padded and causal) and ``conditions`` on ``device="cuda"`` against
-    ``device="cpu"``: within 2e-5."""
-    q, k, v, lengths = _api_inputs(data)
-    lengths = lengths if padded else None
-    heads = [0] if q.shape[1] > 1 and data.draw(st.booleans(), label="one head") else None
-    kw = dict(lengths=lengths, causal=causal)
-
-    def both(f, *args, **extra):
-        return [f(*args, **kw, **extra, device=d) for d in ("cpu", "cuda")]
-
-    cpu_w, cuda_w = both(qkvmean.attention_weights, q, k)
-    np.testing.assert_allclose(cuda_w, cpu_w, atol=2e-5, rtol=0)
-    (cpu_wo, cuda_wo) = both(qkvmean.attention, q, k, v)
-    for a, b in zip(cuda_wo, cpu_wo, strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
-    (cpu_a, cuda_a) = both(qkvmean.ablate, q, k, v, target=target, over=over, heads=heads)
-    for a, b in zip(cuda_a, cpu_a, strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
-    (cpu_c, cuda_c) = both(qkvmean.conditions, q, k, v, over=over, heads=heads)
-    assert cuda_c.names == cpu_c.names
-    for name in cpu_c.names:
-        np.testing.assert_allclose(cuda_c.weights[name], cpu_c.weights[name], atol=2e-5)
-    for metric in ("entropy", "kl_from_baseline", "top_key_mass"):
-        np.testing.assert_allclose(cuda_c.metrics[metric], cpu_c.metrics[metric], atol=2e-5)
-    np.testing.assert_allclose(
-        qkvmean.mean_substitute(q, over=over, lengths=lengths, device="cuda"),
-        qkvmean.mean_substitute(q, over=over, lengths=lengths, device="cpu"),
-        atol=2e-6,
-    )
-
-
 def test_conditions_without_maps_keep_the_metrics():
     rng = np.random.default_rng(3)
     q, k = rng.normal(size=(2, 2, 3, 7, 4)).astype(np.float32)
