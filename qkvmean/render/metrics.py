@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 
 from ..files import InputError
 from ..store import Store, open_store
-from . import TENSORS, _columns, _nice_ceiling, check_title, choice, given_inputs, italic, wrap
+from . import choice
+from .common import TENSORS, check_title, given_inputs, italic, nice_ceiling, tensor_columns, wrap
 
 TITLE = "KL Divergence From the Baseline, per Layer and Head"
 COLORBAR_LABEL = "KL(baseline ‖ condition), nats"
@@ -103,12 +104,12 @@ def draw_metrics(store, *, inputs=None, title=None, caption=True) -> Figure:
             return draw_metrics(opened, inputs=inputs, title=title, caption=caption)
     if title is not None:
         check_title(title)
-    columns = _columns(store, baseline=False, diff=False)
+    columns = tensor_columns(store, baseline=False, diff=False)
     chosen = _inputs(store, inputs)
     kl = kl_means(store, columns, chosen)
     n_layers, n_heads = store.n_layers, store.n_heads
     peak = max(float(m.max(initial=0.0)) for m in kl.values())
-    vmax = _nice_ceiling(peak)
+    vmax = nice_ceiling(peak)
     layers = choice.named_indices(store, "ablate_layers")
     heads = choice.named_indices(store, "ablate_heads")
     every_layer = len(layers) == n_layers

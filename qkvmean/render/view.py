@@ -41,7 +41,8 @@ from ..files import (
     sweep_temporaries,
 )
 from ..store.reader import Store, check_weights, open_store
-from . import CMAP, COLORBAR_LABEL, DIFF_LABEL, TENSORS, choice, given_inputs, pretty_tokens
+from . import choice
+from .common import CMAP, COLORBAR_LABEL, DIFF_LABEL, TENSORS, given_inputs, pretty_tokens
 
 #: Output extensions.
 FORMATS = (".html", ".htm")
