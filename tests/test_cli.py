@@ -43,3 +43,19 @@ def test_output_into_a_closed_pipe_stops_quietly():
         err = proc.stderr.read().decode()
     assert proc.wait() == 0, err
     assert err == ""
+
+
+def test_help_imports_no_command_and_no_plotting():
+    """The commands import what they need when they run: ``qkvmean --help`` loads none of
+    them (no matplotlib, no run or render layer, no progress bar)."""
+    code = (
+        "import sys\nfrom qkvmean.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage: qkvmean" in proc.stdout, proc.stderr
+    loaded = proc.stderr.split()
+    heavy = ("matplotlib", "tqdm", "qkvmean.render", "qkvmean.run", "qkvmean.io.models")
+    assert not [m for m in loaded if m.startswith(heavy)]
+    assert "qkvmean.cli.run" in loaded  # (what loads is the parser of every command)
