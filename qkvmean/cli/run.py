@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..engine.names import OVER, TARGETS
+from ..store.schema import MAP_DTYPES
 from .common import UsageError, make_source, note, resolve_device
 from .options import (
     add_ablate_layers,
@@ -90,7 +91,7 @@ def add_parser(sub):
     out = p.add_argument_group("store")
     out.add_argument(
         "--dtype",
-        choices=["float32", "float16"],
+        choices=list(MAP_DTYPES),
         default="float32",
         help="dtype of the stored maps (default: float32)",
     )
