@@ -616,3 +616,22 @@ def test_broken_pipe_is_quiet(tmp_path, good_input):
         timeout=120,
     )
     assert proc.stdout.strip() == "0" and proc.stderr == ""
+
+
+def test_options_are_checked_however_they_are_made():
+    """From Python too, not only from the command line: one line naming the option, and
+    one spelling per meaning (what --resume compares)."""
+    from qkvmean.files import InputError
+    from qkvmean.run.options import Options
+
+    for bad, says in (
+        (dict(over="nope"), "--over must be tokens, causal or dataset"),
+        (dict(targets=["q", "q"]), "--targets lists a target twice"),
+        (dict(map_dtype="float64"), "--dtype must be float32 or float16"),
+        (dict(scale=-1.0), "--scale must be finite and > 0"),
+        (dict(mean_from="ref.h5"), "--mean-from takes the means of a reference run"),
+    ):
+        with pytest.raises(InputError, match=says):
+            Options(**bad)
+    o = Options(targets=["v", "q"], compression="gzip:3", heads=[3, 1])
+    assert (o.targets, o.compression, o.heads) == (["q", "v"], "deflate:3", [1, 3])

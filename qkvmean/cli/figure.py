@@ -88,7 +88,6 @@ def cmd_figure(args) -> int:
         raise UsageError("--model is empty; give a model directory, 'minilm' or 'synthetic'")
     device = resolve_device(args)
     options = Options(over=args.over or OVER[0], heads=args.heads)
-    options.check()
     model = args.model or ("minilm" if minilm_available() else "synthetic")
     source = make_source(argparse.Namespace(**{**vars(args), "model": model}), options, False)
     try:

@@ -208,7 +208,6 @@ def cmd_run(args) -> int:
         compression=args.compression,
         maps=args.maps,
     )
-    options.check()
     if not args.out:
         raise UsageError("--out is empty; give a file name for the store")
     if args.workers is None:

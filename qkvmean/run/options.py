@@ -35,7 +35,12 @@ class Options:
     maps: bool = True
     mean_from: str | None = None  # over="dataset": a reference run's store with the means
 
+    def __post_init__(self):
+        self.check()  # an Options is valid from the start, however it is made
+
     def check(self):
+        """Refuse a bad option (:class:`InputError`, naming it) and spell the rest one
+        way per meaning, so that ``--resume`` recognises the same run."""
         if not self.targets:
             raise InputError("--targets is empty; choose from q, k, v (e.g. --targets q,k,v)")
         for t in self.targets:
