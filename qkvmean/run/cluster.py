@@ -31,6 +31,9 @@ IN_FLIGHT_PER_THREAD = 2
 #: How long to wait for the scheduler, and then for a first worker (seconds).
 CONNECT_TIMEOUT = 10
 WORKER_TIMEOUT = 60
+#: Our client is never made the process's default Dask scheduler: a program that calls
+#: qkvmean keeps its own (and xarray's dask-backed writes never find ours after it closed).
+_CLIENT = {"timeout": CONNECT_TIMEOUT, "set_as_default": False}
 
 
 class ClusterError(Exception):
@@ -70,10 +73,10 @@ class Cluster:
                     n_workers=workers, threads_per_worker=per, processes=True,
                     dashboard_address=":0", silence_logs=logging.ERROR,
                 )  # fmt: skip
-                self.client = distributed.Client(self.local, timeout=CONNECT_TIMEOUT)
+                self.client = distributed.Client(self.local, **_CLIENT)
                 self.address = self.local.scheduler_address
             else:
-                self.client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
+                self.client = distributed.Client(scheduler, **_CLIENT)
             self.client.wait_for_workers(1, timeout=WORKER_TIMEOUT)
             _quiet()
         except ValueError as exc:  # not an address: a usage error
@@ -264,7 +267,7 @@ def _on_cluster(cluster: Cluster, source, recipe, batches, task, name, *args):
         shared = client.scatter([recipe], broadcast=True)[0]
         width = max(2, IN_FLIGHT_PER_THREAD * sum(cluster.workers().values()))
         pending = list(batches)
-        running = distributed.as_completed()
+        running = distributed.as_completed(loop=client.loop)
         futures = {}
 
         def submit():
