@@ -5,7 +5,10 @@ A run passes named points on its way (:func:`point`); the environment variable
 a test kills a run exactly after its second journal entry, not whenever a polling loop
 happens to look. Without the variable, a point costs one dictionary look-up.
 
-``QKVMEAN_FAULT`` is a comma-separated list of ``NAME:N`` or ``NAME:N@MARKER``. With a
+``QKVMEAN_FAULT`` is a comma-separated list of ``NAME:N``, ``NAME:N@MARKER`` and either
+with ``:stop`` after it, which SIGSTOPs the process instead (it stays alive, holding what
+it holds, until it is sent SIGCONT: a test of a *live* run waits for the stop with
+``os.waitpid(pid, os.WUNTRACED)``). With a
 marker file, the fault fires once across every process that has the variable (a cluster's
 workers, the one the nanny restarts): the first to reach it creates ``MARKER`` (atomically)
 and dies; the others, and later counts, find it there and go on. A process counts its
@@ -38,25 +41,28 @@ def _faults(spec: str) -> dict:
     faults = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, rest = part.partition(":")
+        action = signal.SIGKILL
+        if rest.endswith(":stop"):
+            rest, action = rest[: -len(":stop")], signal.SIGSTOP
         count, _, marker = rest.partition("@")
         if name not in POINTS or not count.isdigit() or int(count) < 1:
             raise ValueError(
-                f"{VARIABLE}={spec!r}: {part!r} is not NAME:N[@MARKER] with NAME one of "
-                f"{', '.join(POINTS)} and N >= 1"
+                f"{VARIABLE}={spec!r}: {part!r} is not NAME:N[@MARKER][:stop] with NAME one "
+                f"of {', '.join(POINTS)} and N >= 1"
             )
-        faults[name] = (int(count), marker or None)
+        faults[name] = (int(count), marker or None, action)
     return faults
 
 
 def point(name: str) -> None:
-    """Pass the fault point ``name``: die here if ``QKVMEAN_FAULT`` says so."""
+    """Pass the fault point ``name``: die (or stop) here if ``QKVMEAN_FAULT`` says so."""
     spec = os.environ.get(VARIABLE)
     if not spec:
         return
     fault = _faults(spec).get(name)
     if fault is None:
         return
-    count, marker = fault
+    count, marker, action = fault
     key = (spec, name)  # counted afresh whenever the variable changes (a long-lived worker)
     _reached[key] = _reached.get(key, 0) + 1
     if _reached[key] != count:
@@ -66,4 +72,4 @@ def point(name: str) -> None:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
             return  # fired already, in this process or another
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), action)

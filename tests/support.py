@@ -342,6 +342,28 @@ def killed_at(cmd, fault, timeout=600):
     return proc
 
 
+def stopped_at(cmd, fault, timeout=600, **popen):
+    """Start ``cmd`` with ``QKVMEAN_FAULT=fault:stop`` and return it once it has stopped
+    itself there (SIGSTOP, :mod:`qkvmean.faults`): a live run, exactly at that point. The
+    caller sends it SIGCONT (or SIGKILL)."""
+    import signal
+    import subprocess
+    import threading
+
+    env = {**os.environ, "QKVMEAN_FAULT": f"{fault}:stop"}
+    proc = subprocess.Popen(cmd, env=env, **popen)
+    timer = threading.Timer(timeout, proc.kill)  # never hang the suite
+    timer.start()
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    finally:
+        timer.cancel()
+    assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP, (
+        f"QKVMEAN_FAULT={fault}:stop: the process did not stop there (status {status})"
+    )
+    return proc
+
+
 #: What ``.ci/run`` requires: ``QKVMEAN_REQUIRE_<NAME>=1`` turns the skip for its absence
 #: into a failure.
 REQUIRED = ("H5DUMP", "MINILM", "BROWSER")

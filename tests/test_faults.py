@@ -63,3 +63,14 @@ def test_a_bad_spec_says_what_is_wrong(monkeypatch, spec):
     monkeypatch.setenv("QKVMEAN_FAULT", spec)
     with pytest.raises(ValueError, match="is not NAME:N"):
         faults.point("journaled")
+
+
+def test_stop_stops_the_process_there_until_it_is_continued():
+    cmd = [sys.executable, "-c", PASS.format(n=4)]
+    env = {**os.environ, "QKVMEAN_FAULT": "journaled:2:stop"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+    proc.send_signal(signal.SIGCONT)
+    out, _ = proc.communicate(timeout=60)
+    assert out.split() == ["0", "1", "2", "3"]  # stopped after the 2nd passage, then went on

@@ -17,14 +17,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from model_support import edit_config, write_gpt2_dir
-from support import skip_or_fail, without_notes
+from support import skip_or_fail, stopped_at, without_notes
 from test_run import _assert_same_store
 from test_store import make_qkv
 
@@ -968,12 +967,7 @@ def test_a_live_run_is_not_called_interrupted(tmp_path, capsys):
     make_qkv(src, n=400, layers=1, heads=4, seq=24, dim=8, seed=5)
     out = tmp_path / "o.h5"
     argv = ["run", "--qkv", src, "--out", out, "--batch-size", "10", "--threads", "1", "-q"]
-    live = subprocess.Popen([sys.executable, "-m", "qkvmean", *map(str, argv)])
-    work = workdir.partial_dir(out)
-    deadline = time.monotonic() + 120
-    while not list(work.glob("batch-*.npz")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    live.send_signal(signal.SIGSTOP)
+    live = stopped_at([sys.executable, "-m", "qkvmean", *map(str, argv)], "journaled:1")
     try:
         assert main(["inspect", str(out)]) == 0
         text = capsys.readouterr().out

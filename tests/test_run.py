@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
-from support import killed_at, without_notes
+from support import killed_at, stopped_at, without_notes
 from test_store import make_qkv
 
 from qkvmean.cli import main
@@ -315,17 +314,12 @@ def test_a_live_run_is_never_deleted_or_mistaken_for_an_interrupted_one(tmp_path
     make_qkv(src, n=3000, layers=1, heads=4, seq=24, dim=8, seed=5)
     out = tmp_path / "o.h5"
     args = ["run", "--qkv", src, "--out", out, "--batch-size", "10", "--threads", "1", "-q"]
-    live = subprocess.Popen(
-        [sys.executable, "-m", "qkvmean", *map(str, args)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    cmd = [sys.executable, "-m", "qkvmean", *map(str, args)]
+    # stopped by itself right after its first journal entry: mid-run, holding its lock
+    live = stopped_at(cmd, "journaled:1", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                      text=True)  # fmt: skip
     work = workdir.partial_dir(out)
-    deadline = time.monotonic() + 120
-    while not list(work.glob("batch-*.npz")) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    live.send_signal(signal.SIGSTOP)  # mid-run, holding its lock, however fast it is
+    assert len(workdir.journal(work)) == 1
     try:
         for extra in ([], ["--resume"], ["--overwrite"]):
             proc = qkvmean_cmd(*args, *extra)
