@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import distributed  # the dask extra, in the test extra
 import h5py
 import numpy as np
 import pytest
-from support import killed_at, store_datasets
+from support import killed_at, stopped_at, store_datasets
 from test_store import make_qkv
 
 from qkvmean.cli import main
@@ -167,17 +168,6 @@ def _driver(*args):
     )  # fmt: skip
 
 
-def _wait_for_entries(work, count, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if work.exists() and len(list(work.glob("batch-*.npz"))) >= count:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended first: {proc.communicate()}")
-        time.sleep(0.05)
-    raise AssertionError("no batch was journaled in time")
-
-
 def _long_model_run(tmp_path):
     text = _texts(tmp_path / "t.txt", n=40)
     return ["run", "--model", "synthetic", "--text", text, "--batch-size", "1", "--over",
@@ -285,9 +275,14 @@ def test_a_cluster_that_goes_away_is_one_line_exit_1_and_resumable(tmp_path):
         )  # fmt: skip
         args = _long_model_run(tmp_path)
         out = tmp_path / "dist.h5"
-        proc = _driver(*args, "-o", out, "--scheduler", address)
-        _wait_for_entries(tmp_path / "dist.h5.partial", 2, proc)
+        # the driver stops itself right after its 2nd journal entry; the scheduler goes
+        # away meanwhile; the driver goes on and finds it gone
+        cmd = [sys.executable, "-m", "qkvmean", *map(str, args), "-o", str(out)]
+        proc = stopped_at([*cmd, "--scheduler", address], "journaled:2",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         scheduler.kill()
+        scheduler.wait()
+        proc.send_signal(signal.SIGCONT)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 1, err
         lines = err.strip().splitlines()
