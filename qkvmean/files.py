@@ -2,8 +2,11 @@
 
 The checks every command makes on the paths it is given live here, once: an input that
 must exist (:func:`existing`), an HDF5 file opened with errors worded for people
-(:func:`open_hdf5`), an output that must not be an input (:func:`refuse_inputs`), and an
-output directory that takes new files (:func:`check_output_dir`).
+(:func:`open_hdf5`), an output that must not be an input (:func:`refuse_inputs`), an
+output directory that takes new files (:func:`check_output_dir`), a new output file as a
+whole (:func:`check_new_file`), a finished temporary renamed into place without replacing
+a file that appeared (:func:`put_in_place`) and the temporaries a kill left
+(:func:`sweep_temporaries`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The figure "The Mean Operation For Query, Key and Value", drawn from a store.
+"""Figures and the HTML view of a store: the figure "The Mean Operation For Query, Key and
+Value" (:mod:`.figure`), the metrics heatmaps (:mod:`.metrics`), the page (:mod:`.view`).
 
 Reads only through :func:`qkvmean.open_store`, so anyone can redraw a colleague's run.
 Uses matplotlib's object API (no pyplot, no GUI backend).

@@ -88,8 +88,10 @@ def _check_output(out: Path, inputs=(), overwrite=False):
                 "keeps its work (and deletes it when done); move the input, or choose another "
                 "--out"
             )
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; give a file name for the store")
     check_new_file(out, overwrite, inputs, flag="--out", noun="store", existing_ok=True)
-    longest = _name_max(out.parent) - len(".partial.4194304.done")
+    longest = _name_max(out.parent) - workdir.LONGEST_SUFFIX
     if len(os.fsencode(out.name)) > longest:
         raise InputError(
             f"--out: the file name is too long ({len(os.fsencode(out.name))} bytes; with the "
@@ -229,6 +231,7 @@ def _open_work(work: Path, out: Path, config, source, batch_size, resume, overwr
                 manifest = workdir.read_manifest(work)
                 if lexists(out) and _finished_by(out, manifest):
                     workdir.discard(work)
+                    os.close(lock)
                     return None, False, None
                 differs = differences(manifest["config"], config)
                 covered = manifest["batches"][-1][1] if manifest["batches"] else 0
@@ -365,7 +368,6 @@ def run(
         return _already_complete(out, source)
     try:
         summary = _build(job, manifest, created, means)
-        workdir.discard(job.work)
     finally:
         os.close(lock)
     return summary
@@ -444,6 +446,7 @@ def _build(job: _Job, manifest, created, means) -> Summary:
             bar.close()
         if assembly is not None:
             assembly.abort()
+    workdir.discard(work)
     seconds = time.perf_counter() - t_start
     return Summary(
         job.out, source.n_inputs, computed, seconds, kernel_seconds, map_bytes,

@@ -380,7 +380,7 @@ class Store:
         ``head``: an index, or ``"mean"`` for the mean over heads. ``trim``: only the valid
         ``n × n`` region of the input. A map that cannot be read (a damaged chunk) or that
         holds values no attention weight can have (NaN, below 0, above 1) is an
-        :class:`~qkvmean.io.InputError` naming the input, condition and layer.
+        :class:`~qkvmean.files.InputError` naming the input, condition and layer.
         """
         condition = self._condition(condition)
         dset = self._f[ATTENTION][condition]
@@ -571,7 +571,7 @@ def open_store(path) -> Store:
     """Open a qkvmean store for reading.
 
     Refuses files that are not stores, and stores of a ``format_version`` this version of
-    qkvmean does not know, with a :class:`~qkvmean.io.InputError` (a ``ValueError``).
+    qkvmean does not know, with a :class:`~qkvmean.files.InputError` (a ``ValueError``).
 
     Examples
     --------

@@ -1,6 +1,7 @@
 """The store's schema (version 1): its datasets, their paths, shapes, chunks and named axes.
 
-Every path in the file is spelled here once; the writer and the reader use these names.
+The paths of its groups and datasets are spelled here once, and the writer and the reader
+take them from here (the axis names are the plain words batch, layer, head, query, key).
 The schema in words: ``docs/store.md``.
 """
 

@@ -38,6 +38,8 @@ LOCK = "lock"
 MANIFEST = "manifest.json"
 MEANS_STATE = "means.npz"
 _STORE_FILE = re.compile(r"store-\d+-\d+\.h5")
+#: The most a name beside ``STORE.h5`` adds to it (``.partial.<pid>.done``, pid < 2**22).
+LONGEST_SUFFIX = len(".partial.4194304.done")
 
 
 def fsync_path(path: Path, directory: bool = False):
