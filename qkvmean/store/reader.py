@@ -220,8 +220,8 @@ class Store:
 
         g = self._f[MEANS_GROUP]
         try:
-            counts = g["count"][...].astype(np.int64)
-            layers = tuple(int(x) for x in g["layer"][...])
+            counts = self._f[MEANS_COUNT][...].astype(np.int64)
+            layers = tuple(int(x) for x in self._f[MEANS_LAYER][...])
             values = {t: g[t][...] for t in self.mean_targets}
         except (OSError, RuntimeError, KeyError) as exc:
             raise self._unreadable(exc) from None
@@ -540,10 +540,10 @@ class Store:
         if not self.has_means:
             return None
         g = self._f[MEANS_GROUP]
-        counts = g["count"][...]
+        counts = self._f[MEANS_COUNT][...]
         return {
             "targets": self.mean_targets,
-            "layers": [int(x) for x in g["layer"][...]],
+            "layers": [int(x) for x in self._f[MEANS_LAYER][...]],
             "positions": int((counts > 0).sum()),
             "inputs_at_first_position": int(counts[0]) if counts.size else 0,
             "taken_from": _plain(g.attrs.get("taken_from")),

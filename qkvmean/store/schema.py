@@ -54,6 +54,16 @@ MEANS_COUNT = "means/count"
 MEANS_LAYER = "means/layer"
 
 
+#: The named axes (dimension scales at the root, and the condition scale) of each kind
+#: of dataset.
+MAP_AXES = ("batch", "layer", "head", "query", "key")
+METRIC_AXES = ("condition", "batch", "layer", "head")
+INPUT_AXES = ("batch",)  # lengths, text, crc32 (and its tensor axis)
+TOKEN_AXES = ("batch", "seq")
+#: The root's dimension scales: every axis name above but the condition's.
+ROOT_SCALES = ("batch", "layer", "head", "query", "key", "seq")
+
+
 def map_path(condition: str) -> str:
     return f"{ATTENTION}/{condition}"
 
@@ -141,25 +151,24 @@ class Layout:
 
 
 def dimension_scales(f: h5py.File, layout: Layout):
-    scales = {
+    positions = np.arange(layout.seq, dtype=np.int32)
+    values = {
         "batch": np.arange(layout.n_inputs, dtype=np.int32),
         "layer": np.asarray(layout.layer_ids, dtype=np.int32),
         "head": np.arange(layout.n_heads, dtype=np.int32),
-        "query": np.arange(layout.seq, dtype=np.int32),
-        "key": np.arange(layout.seq, dtype=np.int32),
-        "seq": np.arange(layout.seq, dtype=np.int32),
     }
+    scales = {name: values.get(name, positions) for name in ROOT_SCALES}
     for name, values in scales.items():
         f.create_dataset(name, data=values).make_scale(name)
     cond = f[METRICS_GROUP].create_dataset(
         basename(CONDITION), data=np.array(layout.conditions, dtype=STR)
     )
-    cond.make_scale("condition")
+    cond.make_scale(basename(CONDITION))
 
 
 def attach(dset: h5py.Dataset, f: h5py.File, names):
     for axis, name in enumerate(names):
-        scale = f[CONDITION] if name == "condition" else f[name]
+        scale = f[CONDITION] if name == basename(CONDITION) else f[name]
         dset.dims[axis].attach_scale(scale)
 
 
@@ -177,11 +186,15 @@ def write_means(f: h5py.File, means):
     for key, value in means_attrs(means).items():
         group.attrs[key] = value
     positions = int(means.counts.shape[0])
-    layer = group.create_dataset("layer", data=np.asarray(means.layers, dtype=np.int32))
-    layer.make_scale("layer")
+    layer = group.create_dataset(
+        basename(MEANS_LAYER), data=np.asarray(means.layers, dtype=np.int32)
+    )
+    layer.make_scale(basename(MEANS_LAYER))
     position = group.create_dataset("position", data=np.arange(positions, dtype=np.int32))
     position.make_scale("position")
-    count = group.create_dataset("count", data=np.asarray(means.counts, dtype=np.int64))
+    count = group.create_dataset(
+        basename(MEANS_COUNT), data=np.asarray(means.counts, dtype=np.int64)
+    )
     count.dims[0].attach_scale(position)
     dims = {}
     for target in sorted(means.values, key="qkv".index):

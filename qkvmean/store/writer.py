@@ -19,11 +19,15 @@ from .codec import crc32, encodable, encode_batch, parse_compression
 from .schema import (
     CRC32,
     INPUT,
+    INPUT_AXES,
     LENGTHS,
     LIBVER,
+    MAP_AXES,
+    METRIC_AXES,
     STR,
     TENSOR,
     TEXT,
+    TOKEN_AXES,
     TOKENS,
     Layout,
     attach,
@@ -92,27 +96,27 @@ class Assembly:
         lengths = group.create_dataset(
             basename(LENGTHS), data=np.asarray(inputs["lengths"], np.int32)
         )
-        attach(lengths, f, ["batch"])
+        attach(lengths, f, INPUT_AXES)
         if layout.digests:
             names = group.create_dataset(basename(TENSOR), data=np.array(layout.digests, dtype=STR))
             names.make_scale(basename(TENSOR))
             crc = group.create_dataset(
                 basename(CRC32), shape=(layout.n_inputs, len(layout.digests)), dtype="uint32"
             )
-            attach(crc, f, ["batch"])
+            attach(crc, f, INPUT_AXES)
             crc.dims[1].attach_scale(names)
         if "text" in inputs:
             text = group.create_dataset(basename(TEXT), data=np.array(inputs["text"], dtype=STR))
-            attach(text, f, ["batch"])
+            attach(text, f, INPUT_AXES)
             tokens = np.array(inputs["tokens"], dtype=STR).reshape(layout.n_inputs, layout.seq)
-            attach(group.create_dataset(basename(TOKENS), data=tokens), f, ["batch", "seq"])
+            attach(group.create_dataset(basename(TOKENS), data=tokens), f, TOKEN_AXES)
         for name in METRICS:
-            attach(f[metric_path(name)], f, ["condition", "batch", "layer", "head"])
+            attach(f[metric_path(name)], f, METRIC_AXES)
         if self.means is not None:
             write_means(f, self.means)
         if layout.maps:
             for cond in layout.conditions:
-                attach(f[map_path(cond)], f, ["batch", "layer", "head", "query", "key"])
+                attach(f[map_path(cond)], f, MAP_AXES)
 
     # -- writing
 
