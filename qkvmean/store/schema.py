@@ -1,7 +1,7 @@
 """The store's schema (version 1): its datasets, their paths, shapes, chunks and named axes.
 
-The paths of its groups and datasets are spelled here once, and the writer and the reader
-take them from here (the axis names are the plain words batch, layer, head, query, key).
+The paths of its groups and datasets, and the axes each kind of dataset has, are spelled
+here once; the writer and the reader take them from here.
 The schema in words: ``docs/store.md``.
 """
 
