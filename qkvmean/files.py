@@ -253,7 +253,7 @@ def check_new_file(
     refuse_special(path, flag=flag)
     check_output_dir(path)
     if path.is_dir():
-        raise InputError(f"{flag} {path}: is a directory")
+        raise InputError(f"{flag} {path}: is a directory; give a file name for the {noun}")
     if path.is_symlink() and not path.exists() and not overwrite:
         raise InputError(
             f"{flag} {path}: is a symbolic link that leads nowhere ({os.readlink(path)}); "

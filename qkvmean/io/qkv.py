@@ -702,7 +702,7 @@ class QKVWriter:
         if len(layer_ids) != n_layers:
             raise InputError(f"layer_ids must hold {n_layers} layer numbers, got {len(layer_ids)}")
         self.group_name = "/" + str(group).strip("/")
-        check_new_file(self.path, overwrite, flag="--out", noun="file")
+        check_new_file(self.path, overwrite, flag="--out", noun="Q/K/V file")
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         self.overwrite = overwrite
         self.n_inputs, self.seq = n, seq

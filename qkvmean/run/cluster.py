@@ -117,6 +117,13 @@ class Cluster:
             raise ClusterError(f"the cluster went away: {_reason(exc)}") from None
         return bool(seen) and all(v == want for v in seen.values())
 
+    def reads(self, source) -> bool:
+        """Do the workers read ``source``'s batches themselves: raw Q/K/V in files they
+        see as the driver does? (Else the driver reads and sends them; a model's token
+        ids are always sent.)"""
+        paths = [Path(p) for p in source.paths if Path(p).is_file()]
+        return source.kind == "qkv" and self.see(paths)
+
     def close(self):
         for thing in ("client", "local"):
             obj = getattr(self, thing, None)
@@ -261,8 +268,7 @@ def _on_cluster(cluster: Cluster, source, recipe, batches, task, name, *args):
     built on the workers (checked to be the same) and its token ids are sent."""
     distributed = _dask()
     client = cluster.client
-    paths = [Path(p) for p in source.paths if Path(p).is_file()]
-    send = source.kind == "model" or not cluster.see(paths)
+    send = not cluster.reads(source)
     try:
         shared = client.scatter([recipe], broadcast=True)[0]
         width = max(2, IN_FLIGHT_PER_THREAD * sum(cluster.workers().values()))

@@ -88,8 +88,6 @@ def _check_output(out: Path, inputs=(), overwrite=False):
                 "keeps its work (and deletes it when done); move the input, or choose another "
                 "--out"
             )
-    if out.is_dir():
-        raise InputError(f"{out}: is a directory; give a file name for the store")
     check_new_file(out, overwrite, inputs, flag="--out", noun="store", existing_ok=True)
     longest = _name_max(out.parent) - workdir.LONGEST_SUFFIX
     if len(os.fsencode(out.name)) > longest:
@@ -528,8 +526,7 @@ def _first_pass(job: _Job, manifest):
         from . import cluster
 
         lost = cluster.ClusterError
-        paths = [Path(p) for p in source.paths if Path(p).is_file()]
-        if source.kind == "model" or job.cluster.see(paths):
+        if source.kind == "model" or job.cluster.reads(source):
             recipe = cluster.recipe(source, job.layout, job.device, None)
             planned = [tuple(b) for b in manifest["batches"]]
 
