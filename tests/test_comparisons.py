@@ -42,6 +42,12 @@ from qkvmean.engine import reference as ref
 from qkvmean.engine.backends import BACKENDS
 
 OVER = ("tokens", "causal", "dataset")
+#: Every kind of substitution (qkvmean.engine.substitution), with its parameters drawn.
+_SUBSTITUTIONS = st.one_of(
+    st.sampled_from((*OVER, "zero")),
+    st.integers(1, 12).map(lambda w: f"window:{w}"),
+    st.integers(0, 3).map(lambda seed: f"resample:{seed}"),
+)
 FLOATS = (np.float16, np.float32, np.float64)
 
 
@@ -130,7 +136,7 @@ COMPARISONS = {
     qkvmean.mean_substitute: Row(
         ref.mean_substitute, ("x",), ("over", "lengths"), cases(),
         lambda c: st.fixed_dictionaries(
-            {"x": st.sampled_from([c.q, c.v]), "over": st.sampled_from(OVER)}
+            {"x": st.sampled_from([c.q, c.v]), "over": _SUBSTITUTIONS}
         ),
         lambda c: {"x": c.v, "over": "causal"}, _check_mean,
     ),
@@ -138,8 +144,7 @@ COMPARISONS = {
         ref.ablate, ("q", "k", "v"), ("target", "over", "heads", *_ATTENTION),
         cases(**_HEADED),
         lambda c: st.fixed_dictionaries(
-            {"target": st.sampled_from("qkv"), "over": st.sampled_from(OVER),
-             "heads": _heads(c)}
+            {"target": st.sampled_from("qkv"), "over": _SUBSTITUTIONS, "heads": _heads(c)}
         ),
         lambda c: {"target": "k", "over": "tokens", "heads": [-1]}, _check_ablate,
     ),
@@ -148,7 +153,7 @@ COMPARISONS = {
         cases(**_HEADED),
         lambda c: st.fixed_dictionaries(
             {"targets": st.sampled_from([["q", "k", "v"], ["k"], ["v", "q"], []]),
-             "over": st.sampled_from(OVER), "heads": _heads(c)}
+             "over": _SUBSTITUTIONS, "heads": _heads(c)}
         ),
         lambda c: {"targets": ["q", "k", "v"], "over": "dataset", "heads": None},
         _check_conditions,
@@ -207,8 +212,14 @@ def contract(row, args):
         raise ValueError("target")
     if "targets" in row.keywords and not set(args["targets"]) <= {"q", "k", "v"}:
         raise ValueError("targets")
-    if "over" in row.keywords and args["over"] not in OVER:
-        raise ValueError("over")
+    if "over" in row.keywords:
+        kind, _, param = args["over"].partition(":")
+        if kind not in (*OVER, "zero", "window", "resample"):
+            raise ValueError("over")
+        if kind == "window" and not (param.isdigit() and int(param) >= 1):
+            raise ValueError("window")
+        if kind == "resample" and first.shape[0] < 2:
+            raise ValueError("resample needs two inputs")
 
 
 def _nan(a):
@@ -267,6 +278,7 @@ BAD = {
         lambda r, a: "targets" in r.keywords, lambda a: dict(a, targets=["w"]), "targets",
     ),
     "over 'heads'": (lambda r, a: "over" in r.keywords, lambda a: dict(a, over="heads"), "over"),
+    "window:0": (lambda r, a: "over" in r.keywords, lambda a: dict(a, over="window:0"), "window"),
 }  # fmt: skip
 _BAD_OR_NOT = (None,) * (2 * len(BAD)) + tuple(BAD)  # None first: failures shrink to it
 

@@ -81,16 +81,18 @@ def test_uniform_mode_is_mean_k(shape, causal, seed):
 
 
 @settings(max_examples=12, deadline=None)
-@given(SHAPES, st.booleans(), st.integers(0, 2**32 - 1))
-def test_mean_substitute_matches_the_reference(shape, prefix, seed):
+@given(SHAPES, st.sampled_from([0, 1, 2, 3, 100]), st.integers(0, 2**32 - 1))
+def test_mean_substitute_matches_the_reference(shape, window, seed):
+    """The running means: over every token (window 0), the last W tokens, the prefix."""
     batch, group, seq, dim = shape
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch * group, seq, dim)).astype(np.float32)
     lengths = rng.integers(0, seq + 1, size=batch).astype(np.int64)
     select = rng.random(group) < 0.7
-    got = cuda_kernels.mean_substitute(x, lengths, group, select, prefix)
+    got = cuda_kernels.mean_substitute(x, lengths, group, select, window)
     per_input = np.repeat(lengths, group)
-    want = R.mean_substitute(x, over="causal" if prefix else "tokens", lengths=per_input)
+    over = {0: "tokens", 100: "causal"}.get(window, f"window:{window}")
+    want = R.mean_substitute(x, over=over, lengths=per_input)
     chosen = np.tile(select, batch)
     np.testing.assert_allclose(got[chosen], want[chosen], atol=1e-6, rtol=0)
     np.testing.assert_array_equal(got[~chosen], x[~chosen])
@@ -243,10 +245,10 @@ def test_model_ops_match_the_cpu_backend(rows, kv_heads, per_kv, rms, store_sum,
 
     select = rng.random(heads) < 0.6
     length = np.array([max(rows - 1, 1)], np.int64)
-    for prefix in (False, True):
+    for window in (0, 2, rows):  # every token, the last two, the prefix
         cpu_x, dev_x = hx.copy(), dev(hx)
-        cpu.substitute(cpu_x, length, heads, select, prefix, np.empty(dh))
-        cuda_kernels.substitute(dev_x, dev(length), heads, select, prefix, np.empty(dh))
+        cpu.substitute(cpu_x, length, heads, select, window, np.empty(dh))
+        cuda_kernels.substitute(dev_x, dev(length), heads, select, window, np.empty(dh))
         np.testing.assert_allclose(host(dev_x), cpu_x, atol=1e-6)
 
     bad = hx.copy()

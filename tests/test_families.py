@@ -135,7 +135,7 @@ def test_fast_paths_are_not_used_with_rotary(loaded):
     the general path, and the maps match transformers (test above) — not 1/n."""
     arch = loaded["qwen2"].weights.arch
     assert not arch.exact_fast_paths
-    assert Plan(over="tokens").step("k", causal=True, exact_fast=False).substitute
+    assert Plan().step("k", causal=True, exact_fast=False).substitute
     model = loaded["qwen2"]
     ids, lengths = padded_ids(model.tokenizer, ["the quick brown fox jumps over"])
     c = T.model_conditions(model.weights, ids, lengths, targets=("k",), over="tokens")

@@ -89,8 +89,12 @@ def test_minilm_dataset_mean_matches_reference(minilm, target):
     _compare_forward(minilm, TEXTS, target, "dataset", (1,), [0, 7], 1e-5)
 
 
+#: Every kind of substitution (qkvmean.engine.substitution), one spelling each.
+KINDS = ["tokens", "causal", "dataset", "window:2", "zero", "resample:1"]
+
+
 @pytest.mark.parametrize("target", [None, "q", "k", "v"])
-@pytest.mark.parametrize("over", ["tokens", "causal", "dataset"])
+@pytest.mark.parametrize("over", KINDS)
 def test_gpt2_layout_forward_matches_reference(gpt2_dir, target, over):
     model = M.load_model(str(gpt2_dir))
     assert model.family == "gpt2" and model.weights.causal
@@ -101,13 +105,18 @@ def test_gpt2_layout_forward_matches_reference(gpt2_dir, target, over):
 @settings(max_examples=15, deadline=None)
 @given(
     st.sampled_from(["q", "k", "v"]),
-    st.sampled_from(["tokens", "causal", "dataset"]),
+    st.sampled_from(KINDS + ["window:1", "window:40", "resample"]),
     st.lists(st.integers(0, 3), min_size=1, max_size=2),
     st.integers(1, 4),
 )
 def test_synthetic_forward_matches_reference(target, over, layers, n_texts):
     weights, tok = synthetic.build()
     model = M.LoadedModel(weights, tok, "synthetic", None, {})
+    if over.startswith("resample") and n_texts == 1:  # no other input to take values from
+        ids, lengths = padded_ids(tok, TEXTS[:1])
+        with pytest.raises(ValueError, match="only 1; give at least 2 inputs"):
+            T.model_conditions(weights, ids, lengths, targets=(target,), over=over)
+        return
     _compare_forward(model, TEXTS[:n_texts], target, over, tuple(layers), None, 1e-5)
 
 

@@ -122,7 +122,8 @@ BAD_OPTIONS = [
     (["--batch-size", "0"], r"argument --batch-size: expected a positive integer"),
     (["--scale", "-1"], r"argument --scale: expected a finite number > 0"),
     (["--dtype", "int8"], r"argument --dtype: invalid choice"),
-    (["--over", "heads"], r"argument --over: invalid choice"),
+    (["--over", "heads"], r"--over: unknown substitution 'heads'; use tokens, causal, "),
+    (["--over", "window:0"], r"--over: window:0 averages no token"),
     (["--threads", "999"], r"--threads 999 exceeds"),
 ]
 
@@ -619,7 +620,7 @@ def test_options_are_checked_however_they_are_made():
     from qkvmean.run.options import Options
 
     for bad, says in (
-        (dict(over="nope"), "--over must be tokens, causal or dataset"),
+        (dict(over="nope"), "--over: unknown substitution 'nope'"),
         (dict(targets=["q", "q"]), "--targets lists a target twice"),
         (dict(map_dtype="float64"), "--dtype must be float32 or float16"),
         (dict(scale=-1.0), "--scale must be finite and > 0"),

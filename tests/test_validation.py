@@ -259,15 +259,15 @@ BAD = [
         (Q,),
         {"over": "heads"},
         ValueError,
-        r"over must be one of 'tokens', 'causal', 'dataset'; got 'heads'",
+        r"over: unknown substitution 'heads'; use tokens, causal, dataset, window:W, zero or",
     ),
     (
         "over-ablate",
         "ablate",
         (Q, Q, V),
         {"target": "q", "over": None},
-        ValueError,
-        r"over must be one of",
+        TypeError,
+        r"over must be a string such as 'tokens' or 'window:8', got None",
     ),
     (
         "target",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine.names import DEVICES, OVER
+from ..engine.names import DEVICES
 
 
 def comma_separated(kind):
@@ -115,11 +115,13 @@ def add_ablate_layers(p, what):
 def add_over(p, default):
     p.add_argument(
         "--over",
-        choices=list(OVER),
         default=None,
-        help="tokens: the mean over the valid tokens of the same input; causal: the prefix "
-        "mean over t <= i; dataset: each position's mean over every input of the run (two "
-        f"passes), or of --mean-from's {default}",
+        metavar="KIND",
+        help="what replaces Q, K or V: tokens (the mean over the valid tokens of the same "
+        "input), causal (the prefix mean over t <= i), window:W (the mean over the last W "
+        "tokens, causal), dataset (each position's mean over every input of the run, two "
+        "passes, or of --mean-from's), zero, or resample[:SEED] (the same position of "
+        f"another input of the run, drawn with SEED, default 0) {default}",
     )
 
 

@@ -19,6 +19,7 @@ from .backends import AUTO, BACKENDS, load
 from .kernels.finite import scan_finite
 from .names import CONDITIONS, DEVICES, METRICS, OVER, TARGETS, condition_name
 from .plan import Plan, means_from_sums, position_counts
+from .substitution import Substitution, resample_partners, resampled
 
 __all__ = ["BACKENDS", "CONDITIONS", "DEVICES", "METRICS", "OVER", "TARGETS", "backend"]
 
@@ -218,13 +219,14 @@ class _Prepared:
                 "inputs at a time, or shorter sequences"
             ) from None
 
-    def substitute(self, backend, name, select, prefix, means=None):
-        """Mean-substitute tensor ``name`` ("q", "k" or "v") for the selected groups;
-        ``means`` ``(group, >= seq, dim)``: replace each position by those instead."""
+    def substitute(self, backend, name, select, window, means=None):
+        """Substitute tensor ``name`` ("q", "k" or "v") for the selected groups by its
+        running mean (``window`` as the kernel takes it); ``means`` ``(M, >= seq, dim)``
+        (``M`` = 1, the group or batch * group): replace each position by those instead."""
         x = getattr(self, name)
         if means is not None:
             setattr(
-                self, name, backend.mean_substitute(x, self.lengths, self.group, select, False,
+                self, name, backend.mean_substitute(x, self.lengths, self.group, select, 0,
                                                     means=means),
             )  # fmt: skip
             return
@@ -235,8 +237,33 @@ class _Prepared:
         if self.max_abs[name] * seq > float(np.finfo(np.float64).max) / 4:
             shrink = 2.0 ** -math.ceil(math.log2(seq))
         setattr(
-            self, name, backend.mean_substitute(x, self.lengths, self.group, select, prefix, shrink)
+            self, name, backend.mean_substitute(x, self.lengths, self.group, select, window, shrink)
         )
+
+    def given(self, backend, name, substitution, means=None):
+        """The given vectors of a given kind for tensor ``name``, ``(M, seq, dim)``: the
+        dataset means (this batch's, or the caller's ``means``), zeros, or each input's
+        partner's values (``resample``); None for a running mean."""
+        kind = substitution.kind
+        if kind == "dataset":
+            return self.dataset_means(backend, name, means)
+        x = getattr(self, name)
+        if kind == "zero":
+            return np.zeros((1,) + x.shape[1:], x.dtype)
+        if kind == "resample" and means is not None:  # each input's values, given
+            m = _float_array(means, f"resampled values of {name}")
+            if m.shape != self.shape:
+                raise ValueError(
+                    f"resampled values of {name} have shape {m.shape}; they must be "
+                    f"{name}'s shape {self.shape} (each input's partner's values)"
+                )
+            m, _ = _contiguous(m, x.dtype, f"resampled values of {name}", m.shape)
+            return m.reshape(x.shape)
+        if kind == "resample":
+            partners = resample_partners(self.lengths, substitution.seed)
+            per_input = x.reshape(self.batch, self.group, *x.shape[1:])
+            return resampled(per_input, self.lengths, partners).reshape(x.shape)
+        return None
 
     def dataset_means(self, backend, name, given=None):
         """``(group, seq, dim)`` per-position means of tensor ``name`` over the inputs of
@@ -461,12 +488,18 @@ def mean_substitute(x, *, over="tokens", lengths=None, device="cpu", means=None)
     Parameters
     ----------
     x : array_like, shape ``(batch, *group, seq, dim)``
-    over : {"tokens", "causal", "dataset"}
-        ``tokens``: mean over the valid tokens of the same input and group;
-        ``causal``: prefix mean over tokens ``t <= i``;
+    over : str or Substitution
+        What replaces position ``i`` (see :mod:`qkvmean.engine.substitution`):
+        ``tokens``: the mean over the valid tokens of the same input and group;
+        ``causal``: the prefix mean over tokens ``t <= i``;
+        ``window:W``: the mean over the last ``W`` tokens ``max(0, i - W + 1) .. i``;
         ``dataset``: the batch axis is the data set: position ``i`` of every input is
         replaced by the mean of position ``i`` over the inputs that have a valid token
-        there (padding never enters a mean).
+        there (padding never enters a mean);
+        ``zero``: zeros;
+        ``resample`` (``resample:SEED``): position ``i`` of another input of the batch,
+        drawn with the seed (default 0) by
+        :func:`~qkvmean.engine.substitution.resample_partners`.
     lengths : array_like of int, shape ``(batch,)``, optional
         Valid tokens per input; padded positions are returned unchanged.
     means : array_like, shape ``(*group, positions, dim)``, optional
@@ -481,26 +514,37 @@ def mean_substitute(x, *, over="tokens", lengths=None, device="cpu", means=None)
     array([2., 2., 8.])
     >>> qkvmean.mean_substitute(x, over="causal")[0, :, 0]
     array([1., 2., 4.])
+    >>> qkvmean.mean_substitute(x, over="window:2")[0, :, 0]
+    array([1. , 2. , 5.5])
     >>> two = np.array([[[1.0], [3.0]], [[5.0], [0.0]]])  # input 1 has one valid token
     >>> qkvmean.mean_substitute(two, over="dataset", lengths=[2, 1])[:, :, 0]
     array([[3., 3.],
            [3., 0.]])
     """
     ops = backend(device)
-    over = _check_choice(over, "over", OVER)
-    _check_means_use(over, means)
+    over = _check_over(over, means)
     p = _prepare(
         x, lengths=lengths, causal=False, scale=None, need_v=False, need_k=False, q_name="x"
     )
     select = np.ones(p.group, dtype=np.bool_)
-    given = p.dataset_means(ops, "q", means) if over == "dataset" else None
-    p.substitute(ops, "q", select, over == "causal", given)
+    given = p.given(ops, "q", over, means)
+    p.substitute(ops, "q", select, over.window_length(p.q.shape[1]), given)
     return p.q.reshape(p.shape)
 
 
-def _check_means_use(over, means):
-    if means is not None and over != "dataset":
-        raise ValueError(f"means apply to over='dataset' only, not over={over!r}")
+def _check_over(over, means) -> Substitution:
+    """``over`` as a :class:`Substitution`; ``means`` only with ``dataset``."""
+    try:
+        over = Substitution.parse(over)
+    except TypeError:
+        raise TypeError(
+            f"over must be a string such as 'tokens' or 'window:8', got {over!r}"
+        ) from None
+    except ValueError as exc:
+        raise ValueError(f"over: {exc}") from None
+    if means is not None and over.kind != "dataset":
+        raise ValueError(f"means apply to over='dataset' only, not over={over.spec!r}")
+    return over
 
 
 def _group_select(p, head_mask):
@@ -513,13 +557,14 @@ def _group_select(p, head_mask):
 
 def _substitute(p, ops, target, over, select, means=None):
     """Substitute ``target`` of prepared inputs in place, as the plan says; return the
-    per-group modes. ``means``: ``over="dataset"``'s ``(group, seq, dim)``."""
-    plan = Plan(over=over)
+    per-group modes. ``means``: the given vectors of a given kind (:meth:`_Prepared.given`)."""
+    plan = Plan(substitution=over)
     step = plan.step(target, causal=p.causal)
     modes = np.zeros(p.group, dtype=np.int8)
     modes[select] = step.mode
-    if step.substitute and getattr(p, target) is not None:
-        p.substitute(ops, target, select, plan.prefix, means)
+    x = getattr(p, target)
+    if step.substitute and x is not None:
+        p.substitute(ops, target, select, plan.window(x.shape[1]), means)
     return modes
 
 
@@ -546,9 +591,9 @@ def ablate(
         (and ``output`` is None).
     target : {"q", "k", "v"}
         The tensor replaced by its mean (see :func:`mean_substitute`).
-    over : {"tokens", "causal", "dataset"}
-        Mean over all valid tokens, the prefix mean over ``t <= i``, or the per-position
-        mean over the inputs of the batch (see :func:`mean_substitute`).
+    over : str or Substitution
+        ``tokens``, ``causal``, ``window:W``, ``dataset``, ``zero`` or ``resample[:SEED]``
+        (see :func:`mean_substitute`).
     means : array_like, optional
         ``over="dataset"``: the means of ``target`` to use, ``(*group, positions, dim)``
         (e.g. of a reference set), instead of the batch's own.
@@ -573,14 +618,13 @@ def ablate(
     """
     ops = backend(device)
     target = _check_choice(target, "target", TARGETS)
-    over = _check_choice(over, "over", OVER)
-    _check_means_use(over, means)
+    over = _check_over(over, means)
     if v is None and target == "v":
         raise ValueError("target='v' needs v (mean-V changes only the output A @ v)")
     with_output = v is not None
     p = _prepare(q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=with_output)
     select = _group_select(p, _check_heads(heads, p.shape))
-    given = p.dataset_means(ops, target, means) if over == "dataset" else None
+    given = p.given(ops, target, over, means)
     modes = _substitute(p, ops, target, over, select, given)
     if not with_output:
         return _run_attention(p, ops, modes, with_output=False), None
@@ -641,6 +685,9 @@ def conditions(
     means : dict, optional
         ``over="dataset"``: ``{target: (*group, positions, dim)}`` means to use instead of
         the batch's own (see :func:`ablate`); a target it leaves out uses the batch's.
+        ``over="resample"``: ``{target: q.shape}`` the values each input takes (those of
+        its partner in a larger set, as a run draws them), instead of drawing partners
+        in the batch.
 
     Returns
     -------
@@ -659,13 +706,16 @@ def conditions(
     """
     ops = backend(device)
     maps = _check_bool(maps, "maps")
-    over = _check_choice(over, "over", OVER)
+    over = _check_over(over, None)
     if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
         raise TypeError(f"targets must be a sequence of 'q', 'k', 'v', got {targets!r}")
     targets = [_check_choice(t, "targets", TARGETS) for t in targets]
     if len(set(targets)) != len(targets):
         raise ValueError(f"targets has a duplicate: {targets!r}")
-    _check_means_use(over, means)
+    if means is not None and over.kind not in ("dataset", "resample"):
+        raise ValueError(
+            f"means apply to over='dataset' or 'resample' only, not over={over.spec!r}"
+        )
     if means is not None and not (isinstance(means, dict) and set(means) <= set(TARGETS)):
         raise TypeError(f"means must be a dict {{target: array}} over q, k, v, got {means!r:.60}")
     n_maps = 1 + sum(not Plan.weights_unchanged(t) for t in targets)
@@ -673,6 +723,8 @@ def conditions(
         q, k, v, lengths=lengths, causal=causal, scale=scale, need_v=v is not None, n_maps=n_maps
     )
     select = _group_select(p, _check_heads(heads, p.shape))
+    if over.kind == "resample" and means is None:
+        resample_partners(p.lengths, over.seed)  # refuses a batch of one, whatever the targets
     original = (p.q, p.k, p.v)
     lead = p.shape[:-2]
     names, weights, per_pair = [], {}, []
@@ -696,9 +748,7 @@ def conditions(
             per_pair.append(per_pair[0][:1] + (np.zeros_like(per_pair[0][1]),) + per_pair[0][2:])
             continue
         p.q, p.k, p.v = original
-        given = None
-        if over == "dataset":
-            given = p.dataset_means(ops, target, (means or {}).get(target))
+        given = p.given(ops, target, over, (means or {}).get(target))
         run(name, _substitute(p, ops, target, over, select, given), base)
     metrics = {
         name: np.stack([m[i] for m in per_pair]).reshape((len(names),) + lead)

@@ -14,6 +14,20 @@ TENSOR_LABELS = {"q": "Query", "k": "Key", "v": "Value"}
 #: each position, or (``dataset``) each position over every input of a data set.
 OVER = ("tokens", "causal", "dataset")
 
+
+def substitution_phrase(spec: str) -> str:
+    """What a substitution's spelling (:mod:`qkvmean.engine.substitution`) does, for
+    captions: ``"mean over tokens"``, ``"mean over the last 8 tokens"``, ``"zeros"``..."""
+    kind, _, param = str(spec).partition(":")
+    if kind == "window":
+        return f"mean over the last {param} tokens"
+    if kind == "zero":
+        return "zeros"
+    if kind == "resample":
+        return f"resampled from another input (seed {param or 0})"
+    return f"mean over {spec}"
+
+
 BASELINE = "baseline"
 #: Per-(condition, input, layer, head) metrics, in the store's order.
 METRICS = ("entropy", "kl_from_baseline", "top_key_mass", "top_key_index")

@@ -11,7 +11,8 @@ import numpy as np
 
 from .. import config
 from .modes import MODE_GENERAL, MODE_SHARED_ROW, MODE_UNIFORM
-from .names import OVER, TARGETS, condition_names
+from .names import TARGETS, condition_names
+from .substitution import Substitution
 
 
 def position_counts(lengths, seq) -> np.ndarray:
@@ -63,7 +64,7 @@ class Plan:
     """Conditions: the baseline, then one per target (each alone, from the same inputs)."""
 
     targets: tuple = TARGETS
-    over: str = OVER[0]
+    substitution: Substitution = field(default_factory=Substitution)
     heads: np.ndarray | None = None  # boolean mask over (query) heads; None: every head
     layers: frozenset = frozenset({0})  # the model path's substituted layers
     means: DatasetMeans | None = None  # over="dataset": what replaces each position
@@ -75,12 +76,17 @@ class Plan:
     @property
     def dataset(self) -> bool:
         """The per-position mean over a data set (``over="dataset"``), given as ``means``."""
-        return self.over == OVER[2]
+        return self.substitution.kind == "dataset"
 
     @property
-    def prefix(self) -> bool:
-        """The causal prefix mean (``over="causal"``) rather than the mean over tokens."""
-        return self.over == OVER[1]  # "causal"
+    def given(self) -> bool:
+        """Given vectors per position replace the tensor (dataset, zero, resample), not a
+        running mean of its own values."""
+        return not self.substitution.running
+
+    def window(self, seq) -> int:
+        """The running-mean kernel's window length (0: every valid token)."""
+        return self.substitution.window_length(seq)
 
     def first(self, n_layers) -> int:
         """The first layer where a condition differs from the baseline."""
@@ -106,7 +112,7 @@ class Plan:
         V never reaches the weights: mean-V has the baseline's weights (the caller reuses
         them) and only changes the attention output.
         """
-        fast = config.FAST_PATHS and exact_fast and self.over == OVER[0]
+        fast = config.FAST_PATHS and exact_fast and self.substitution.kind == "tokens"
         if target == "k" and fast:
             return Step(False, MODE_UNIFORM)
         if target == "q" and fast and not causal:

@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .substitution import Substitution, resample_partners, resampled
+
 
 def _result_dtype(*arrays):
     return np.float64 if any(np.asarray(a).dtype == np.float64 for a in arrays) else np.float32
@@ -89,27 +91,41 @@ def dataset_means(x, *, lengths=None):
 
 
 def mean_substitute(x, *, over="tokens", lengths=None, means=None):
-    """``over="dataset"``: position ``t`` of every input replaced by ``means[..., t, :]``
-    (default: :func:`dataset_means` of ``x`` itself)."""
+    """Each valid position replaced as ``over`` says (a
+    :class:`~qkvmean.engine.substitution.Substitution` or its spelling): the mean over
+    the input's valid tokens, its causal prefix, or its last ``W`` tokens; ``dataset``:
+    position ``t`` of every input replaced by ``means[..., t, :]`` (default:
+    :func:`dataset_means` of ``x`` itself); ``zero``; ``resample``: the partner's
+    position ``t`` (:func:`~qkvmean.engine.substitution.resample_partners`), where the
+    partner has one (or, given as ``means`` ``x.shape``, each input's values to take)."""
+    sub = Substitution.parse(over)
     dtype = _result_dtype(x)
-    if over == "dataset" and means is None:
+    if sub.kind == "dataset" and means is None:
         means = dataset_means(x, lengths=lengths)
     x, lengths, bare = _batched(x, lengths)
+    partners = resample_partners(lengths, sub.seed) if sub.kind == "resample" else None
     out = x.copy()
     for b in range(x.shape[0]):
         n = lengths[b]
         if n == 0:
             continue
         valid = x[b, ..., :n, :]
-        if over == "dataset":
+        if sub.kind == "dataset":
             out[b, ..., :n, :] = np.asarray(means)[..., :n, :]
-        elif over == "tokens":
+        elif sub.kind == "tokens":
             out[b, ..., :n, :] = valid.mean(axis=-2, keepdims=True)
-        elif over == "causal":
-            counts = np.arange(1, n + 1)[:, None]
-            out[b, ..., :n, :] = np.cumsum(valid, axis=-2) / counts
-        else:
-            raise ValueError(f"unknown over {over!r}")
+        elif sub.kind in ("causal", "window"):
+            width = n if sub.kind == "causal" else sub.window
+            for t in range(n):
+                out[b, ..., t, :] = valid[..., max(0, t - width + 1) : t + 1, :].mean(axis=-2)
+        elif sub.kind == "zero":
+            out[b, ..., :n, :] = 0.0
+        elif means is not None:  # resample, the partners' values given (a model's baseline)
+            out[b, ..., :n, :] = np.asarray(means)[b, ..., :n, :]
+        else:  # resample
+            r = partners[b]
+            m = min(n, lengths[r])
+            out[b, ..., :m, :] = x[r, ..., :m, :]
     if bare:
         out = out[0]
     return out.astype(dtype)
@@ -124,9 +140,11 @@ def substitute(q, k, v, *, target, over="tokens", heads=None, lengths=None, mean
     dtype = _result_dtype(q, k, v)
     tensors = {"q": np.asarray(q), "k": np.asarray(k), "v": np.asarray(v)}
     x = tensors[target].astype(dtype)
-    if over == "dataset":
+    kind = Substitution.parse(over).kind
+    if kind == "dataset":
         means = dataset_means(x, lengths=lengths) if means is None else np.asarray(means)
-        means = means.astype(dtype)
+    if means is not None:
+        means = np.asarray(means).astype(dtype)
     substituted = mean_substitute(x, over=over, lengths=lengths, means=means)
     substituted = substituted.astype(np.float64)
     if heads is not None:
@@ -307,15 +325,25 @@ def transformer_forward(
     head before the substitution, so substituting K of one head of a group leaves the
     others' keys as they are. ``over="dataset"``: ``means[layer]`` is the ``(head, seq,
     dim)`` mean of ``target`` at each ablated layer (default: the per-position means of
-    this batch's own baseline pass, float32 as the engine holds them). ``capture``: a
+    this batch's own baseline pass, float32 as the engine holds them); ``"resample"``:
+    each input takes its partner's values of the baseline pass (as float32), at every
+    ablated layer. ``capture``: a
     list that receives each layer's projections (as :func:`projections`).
     """
-    if target is not None and over == "dataset" and means is None:
+    kind = Substitution.parse(over).kind
+    if target is not None and kind in ("dataset", "resample") and means is None:
         taken = projections(model, ids, lengths)
-        means = {
-            layer: dataset_means(taken[layer][target], lengths=lengths).astype(np.float32)
-            for layer in ablate_layers
-        }
+        if kind == "dataset":
+            means = {
+                layer: dataset_means(taken[layer][target], lengths=lengths).astype(np.float32)
+                for layer in ablate_layers
+            }
+        else:  # each input takes its partner's values of the baseline pass
+            partners = resample_partners(lengths, Substitution.parse(over).seed)
+            means = {
+                layer: resampled(taken[layer][target], lengths, partners).astype(np.float32)
+                for layer in ablate_layers
+            }
     arch = model.arch
     ids = np.asarray(ids)
     batch, seq = ids.shape
@@ -347,7 +375,7 @@ def transformer_forward(
         if capture is not None:
             capture.append({"q": q, "k": k, "v": v})
         if target is not None and index in ablate_layers:
-            given = means[index] if over == "dataset" else None
+            given = means[index] if kind in ("dataset", "resample") else None
             q, k, v = substitute(
                 q, k, v, target=target, over=over, heads=heads, lengths=lengths, means=given
             )
@@ -375,3 +403,45 @@ def transformer_forward(
     if model.final_norm is not None:
         h = n(model.final_norm, h)
     return all_weights, h
+
+
+# ------------------------------------------------------------------ effects on the output
+
+
+def output_effects(model, hidden, ids, lengths):
+    """:func:`qkvmean.engine.effects.output_effects` written out in float64: the change
+    of the final hidden state, the next-token KL and cross-entropy change (a model with
+    a head), the cosine of the mean-pooled embeddings (an encoder); ``(C, B)`` each."""
+    from .effects import effects_of
+
+    names = effects_of(model)
+    hidden = np.asarray(hidden, dtype=np.float64)
+    n_cond, batch = hidden.shape[:2]
+    out = {name: np.zeros((n_cond, batch)) for name in names}
+
+    def log_probs(h):
+        z = h @ model.unembed.astype(np.float64).T
+        if model.unembed_bias is not None:
+            z = z + model.unembed_bias
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        h0 = hidden[0, b, :n]
+        for c in range(n_cond):
+            hc = hidden[c, b, :n]
+            out["hidden_change"][c, b] = np.linalg.norm(hc - h0) / np.linalg.norm(h0)
+            if "kl_next_token" in out:
+                lp0, lpc = log_probs(h0), log_probs(hc)
+                out["kl_next_token"][c, b] = (np.exp(lp0) * (lp0 - lpc)).sum(-1).mean()
+                if n > 1:
+                    nxt = np.asarray(ids[b][1:n])
+                    rows = np.arange(n - 1)
+                    ce0 = -lp0[rows, nxt].mean()
+                    out["ce_change"][c, b] = -lpc[rows, nxt].mean() - ce0
+            if "embedding_cosine" in out:
+                p0, pc = h0.mean(0), hc.mean(0)
+                out["embedding_cosine"][c, b] = p0 @ pc / np.linalg.norm(p0) / np.linalg.norm(pc)
+    return out

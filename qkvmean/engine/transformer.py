@@ -42,6 +42,7 @@ from .arch import ACTIVATION_CODES, Arch
 from .kernels.means import position_sums
 from .names import METRICS
 from .plan import DatasetMeans, Plan, means_from_sums, position_counts
+from .substitution import Substitution, resample_partners
 
 __all__ = ["Layer", "Plan", "Weights", "dataset_means", "model_conditions", "model_projections"]
 
@@ -77,12 +78,21 @@ class Weights:
     final_norm: tuple | None = None  # pre-norm decoders: the norm after the last layer
     max_positions: int = 0  # default: the learned positions' count
     name: str = ""
+    #: the language-model head ``(vocab, D)``: logits ``= h @ unembed.T (+ unembed_bias)``
+    #: (tied: ``tok_emb`` itself); None without one (encoders, base checkpoints)
+    unembed: np.ndarray | None = None
+    unembed_bias: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.max_positions and self.pos_emb is not None:
             self.max_positions = self.pos_emb.shape[0]
         self._check_shapes()
+        if self.unembed is not None and self.unembed.shape[1] != self.d_model:
+            raise ValueError(
+                f"the language-model head has shape {self.unembed.shape}, the model needs "
+                f"(vocab, {self.d_model})"
+            )
 
     def _check_shapes(self):
         """Every layer's arrays have the shapes the kernels index by (a kernel reading
@@ -274,8 +284,9 @@ class _Pass:
     """One input's stacked forward pass: embeddings, then per layer the Q/K/V projection
     with the substitution, the attention, and the residual/norm steps of the placement.
 
-    ``given[(target, layer)]``: the dataset means (``(H, >= n, dh)``, where the backend
-    computes) of ``over="dataset"``; ``taps``: a :class:`_Taps` or None.
+    ``given(b, target, layer)``: the vectors that replace ``target`` of input ``b`` at
+    ``layer`` (``(M, >= n, dh)``, where the backend computes) for the given kinds
+    (dataset, zero, resample), else None; ``taps``: a :class:`_Taps` or None.
     """
 
     def __init__(self, ops, model: Weights, plan: Plan, b, n, out: _Outputs, rope,
@@ -355,9 +366,10 @@ class _Pass:
             if step.substitute:
                 tensor = {"q": q, "k": k, "v": v}[target]
                 part = tensor[c * heads : (c + 1) * heads]
+                given = None if self.given is None else self.given(self.b, target, index)
                 ops.substitute(
-                    part, buf.scratch.length, heads, self.select, plan.prefix, buf.acc,
-                    None if self.given is None else self.given[target, index],
+                    part, buf.scratch.length, heads, self.select, plan.window(self.n), buf.acc,
+                    given,
                 )  # fmt: skip
         if layer.q_norm is not None:
             ops.head_norm(q, layer.q_norm, float(arch.norm.eps), buf.zero_head)
@@ -523,6 +535,7 @@ def model_conditions(
     device="cpu",
     maps=True,
     means=None,
+    partners=None,
 ):
     """Baseline and mean-substituted forward passes: every layer's maps and metrics.
 
@@ -534,29 +547,32 @@ def model_conditions(
     ``device`` as in :func:`qkvmean.attention`; ``maps`` False: metrics only (empty
     ``weights``), and on a GPU the maps never leave it. ``over="dataset"`` substitutes
     ``means`` (a :class:`~qkvmean.engine.plan.DatasetMeans` of every target at every
-    ablated layer, e.g. :func:`dataset_means` of a data set's inputs).
+    ablated layer, e.g. :func:`dataset_means` of a data set's inputs). ``over`` is any
+    :class:`~qkvmean.engine.substitution.Substitution` spelling; ``"resample"`` draws each
+    input's partner among ``ids``, unless ``partners`` gives their ``(ids, lengths)``, one
+    per input (a run draws them over all of its inputs).
     """
     from .api import Conditions, backend
 
     ops = backend(device)
     ids, lengths, seq = _checked_ids(model, ids, lengths, seq)
     _check_layer_numbers(model, ablate_layers)
-    if (over == "dataset") != (means is not None):
+    sub = Substitution.parse(over)
+    if (sub.kind == "dataset") != (means is not None):
         raise ValueError(
             "over='dataset' substitutes the means of a data set: pass means= (see "
             "qkvmean.engine.transformer.dataset_means)"
             if means is None
-            else f"means apply to over='dataset' only, not over={over!r}"
+            else f"means apply to over='dataset' only, not over={sub.spec!r}"
         )
-    given = None
-    if means is not None:
-        longest = int(lengths.max(initial=0))
-        given = _device_means(ops, model, means, targets, ablate_layers, longest)
+    if partners is not None and sub.kind != "resample":
+        raise ValueError(f"partners apply to over='resample' only, not over={sub.spec!r}")
+    given = _given(ops, model, sub, means, targets, ablate_layers, ids, lengths, seq, partners)
     head_mask = None
     if heads is not None:
         head_mask = np.zeros(model.n_heads, np.bool_)
         head_mask[list(heads)] = True
-    plan = Plan(tuple(targets), over, head_mask, frozenset(ablate_layers), means)
+    plan = Plan(tuple(targets), sub, head_mask, frozenset(ablate_layers), means)
     out = _Outputs(model, plan, ids.shape[0], seq, hidden, bool(maps))
     _run_inputs(ops, model, plan, ids, lengths, out, given, taps=None)
     names = plan.names
@@ -566,6 +582,51 @@ def model_conditions(
         metrics=out.metrics,
         hidden=None if out.hidden is None else dict(zip(names, out.hidden, strict=True)),
     )
+
+
+def _given(ops, model: Weights, sub, means, targets, layers, ids, lengths, seq, partners):
+    """The producer of the given vectors of ``sub``'s kind, ``given(b, target, layer)``
+    (None for the running means): the dataset ``means``; zeros; or, for ``resample``,
+    each input's partner's projections of the baseline pass (positions past the
+    partner's length keep the input's own; ``partners``: their ``(ids, lengths)``, one per
+    input, or None to draw them among these inputs)."""
+    if sub.running:
+        return None
+    if sub.kind == "dataset":
+        longest = int(lengths.max(initial=0))
+        shared = _device_means(ops, model, means, targets, layers, longest)
+        return lambda b, target, layer: shared[target, layer]
+    if sub.kind == "zero":
+        zeros = ops.xp.zeros((1, max(seq, 1), model.head_dim), np.float32)
+        return lambda b, target, layer: zeros
+    layers = sorted(set(layers))
+    group = model.arch.group_size
+
+    def project(ids, lengths):
+        found = model_projections(model, ids, lengths, layers=layers, seq=seq, device=ops.name)
+        return {t: x if t == "q" else np.repeat(x, group, axis=2) for t, x in found.items()}
+
+    own = project(ids, lengths)
+    if partners is None:  # partners drawn among the inputs of this call
+        chosen = resample_partners(lengths, sub.seed)
+        theirs, their_lengths = own, lengths
+    else:  # each input's partner given, (ids, lengths) in the inputs' order
+        chosen = np.arange(len(lengths))
+        their_ids, their_lengths = _checked_ids(model, *partners, None)[:2]
+        if len(their_lengths) != len(lengths):
+            raise ValueError(
+                f"partners name {len(their_lengths)} inputs for {len(lengths)}: one per input"
+            )
+        theirs = project(their_ids, their_lengths)
+    per_input = {}
+    for target in targets:
+        for i, layer in enumerate(layers):
+            taken = np.array(own[target][:, i])
+            for b, r in enumerate(chosen):
+                m = int(min(lengths[b], their_lengths[r]))
+                taken[b, :, :m] = theirs[target][r, i, :, :m]
+            per_input[target, layer] = [ops.xp.asarray(taken[b]) for b in range(len(lengths))]
+    return lambda b, target, layer: per_input[target, layer][b]
 
 
 def _device_means(ops, model: Weights, means: DatasetMeans, targets, layers, longest):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.names import BASELINE
+from ..engine.names import BASELINE, substitution_phrase
 from ..files import InputError
 from ..store import Store
 
@@ -166,7 +166,7 @@ def caption(store: Store, choice: Choice) -> str:
     where = [store.layer_ids[i] for i in substituted_layers(store)]
     heads = store.attrs.get("ablate_heads")
     all_heads = heads is None or len(np.atleast_1d(heads)) == store.n_heads
-    what = f"mean over {over} at layer{'s' if len(where) > 1 else ''} {_numbers(where)}"
+    what = f"{substitution_phrase(over)} at layer{'s' if len(where) > 1 else ''} {_numbers(where)}"
     what += ", all heads" if all_heads else f", heads {_numbers(np.atleast_1d(heads))}"
     head = "mean of the heads" if choice.head == MEAN else f"head {choice.head}"
     shown = f"shown: layer {store.layer_ids[choice.layer]}, {head}"

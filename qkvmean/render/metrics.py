@@ -15,6 +15,7 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..engine.names import substitution_phrase
 from ..files import InputError
 from ..store import Store, open_store
 from . import choice
@@ -173,6 +174,6 @@ def _caption(store: Store, chosen, layers, heads) -> str:
         f"head{'s' if len(heads) != 1 else ''} {', '.join(map(str, heads)) or 'none'} (bold)"
     )  # fmt: skip
     return (
-        f"mean over {n} input{'s' if n != 1 else ''}; mean over {over}, substituted at "
+        f"mean over {n} input{'s' if n != 1 else ''}; {substitution_phrase(over)}, substituted at "
         f"{where}, {which}"
     )

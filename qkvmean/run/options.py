@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import config as _config
 from ..engine.names import OVER, TARGETS, condition_names
+from ..engine.substitution import Substitution
 from ..files import InputError
 from ..store.codec import canonical_compression
 from ..store.schema import MAP_DTYPES
@@ -26,7 +27,7 @@ class Options:
     """What is computed and how it is stored (everything but the input itself)."""
 
     targets: list = field(default_factory=lambda: list(TARGETS))
-    over: str = OVER[0]
+    over: str = OVER[0]  # a Substitution's spelling: tokens, causal, window:W, zero, ...
     heads: list | None = None  # None: all heads
     causal: bool | None = None  # None: the input's own setting
     scale: float | None = None
@@ -48,10 +49,10 @@ class Options:
                 raise InputError(f"--targets: unknown target {t!r}; choose from q, k, v")
         if len(set(self.targets)) != len(self.targets):
             raise InputError(f"--targets lists a target twice: {','.join(self.targets)}")
-        if self.over not in OVER:
-            raise InputError(
-                f"--over must be {', '.join(OVER[:-1])} or {OVER[-1]}, got {self.over!r}"
-            )
+        try:
+            self.over = Substitution.parse(self.over).spec  # one spelling: resample:0 → resample
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"--over: {exc}") from None
         if self.mean_from is not None:
             if self.over != OVER[2]:
                 raise InputError(
@@ -76,6 +77,10 @@ class Options:
         # one spelling per meaning, so that --resume recognises the same run
         self.targets = [t for t in TARGETS if t in self.targets]
         self.compression = canonical_compression(self.compression)
+
+    @property
+    def substitution(self) -> Substitution:
+        return Substitution.parse(self.over)
 
     @property
     def conditions(self):

@@ -16,6 +16,7 @@ import numpy as np
 from .. import engine
 from ..engine.kernels.means import position_sums
 from ..engine.names import METRICS
+from ..engine.substitution import resample_partners
 from ..files import InputError
 from ..io.qkv import QKVInput
 from ..store.codec import crc32
@@ -77,6 +78,7 @@ class QKVSource:
         _check_heads(options, self.n_heads)
         self.options = options
         self.ablate_layers = self.layer_ids  # every layer's own Q/K/V is substituted
+        _check_partners(self)
 
     def describe(self):
         return {"source": "qkv", "input": self.input.spec, "input_identity": self.input.identity()}
@@ -105,10 +107,26 @@ class QKVSource:
         return _first_change(now, digests, start, self.digests, self.input.where())
 
     def compute(self, inputs, start, stop, *, device, means):
+        given = None if means is None else means.values
+        if self.options.substitution.kind == "resample":
+            given = self._resampled(inputs, start, stop)
         return qkv_conditions(
             inputs, self.lengths[start:stop], self.causal, self.options, device,
-            f"{self.input.where()}: inputs {start}..{stop - 1}", means,
+            f"{self.input.where()}: inputs {start}..{stop - 1}", given,
         )  # fmt: skip
+
+    def _resampled(self, inputs, start, stop) -> dict:
+        """``{target: (q, k) shape}``: the values each input of ``start:stop`` takes from
+        its partner among all of the run's inputs (read from the file), its own past the
+        partner's length."""
+        partners = run_partners(self)[start:stop]
+        taken = {t: np.array(x) for t, x in zip("qk", inputs, strict=True)}
+        for row, r in enumerate(partners):
+            theirs = self.input.read(int(r), int(r) + 1)
+            m = int(min(self.lengths[start + row], self.lengths[r]))
+            for i, t in enumerate("qk"):
+                taken[t][row, ..., :m, :] = theirs[i][0, ..., :m, :]
+        return taken
 
     # -- over="dataset" (qkvmean.run.means)
     def position_sums(self, inputs, start, stop, targets, *, device="cpu") -> dict:
@@ -161,18 +179,35 @@ class QKVSource:
 
 def qkv_conditions(inputs, lengths, causal, options, device, where, means=None):
     """The conditions of one batch of raw ``(q, k)``, timed: ``(Conditions, seconds)``;
-    ``means``: the run's :class:`~qkvmean.engine.plan.DatasetMeans` (``over="dataset"``)."""
+    ``means``: the given values by target (``over="dataset"``: the run's means;
+    ``"resample"``: each input's partner's values), or None."""
     q, k = inputs
     t0 = time.perf_counter()
     try:
         c = engine.conditions(
             q, k, None, targets=options.targets, over=options.over, heads=options.heads,
             lengths=lengths, causal=causal, scale=options.scale, device=device,
-            maps=options.maps, means=None if means is None else means.values,
+            maps=options.maps, means=means,
         )  # fmt: skip
     except ValueError as exc:  # e.g. values so large that the logits overflow
         raise InputError(f"{where}: {exc}") from None
     return c, time.perf_counter() - t0
+
+
+def run_partners(source) -> np.ndarray:
+    """``(n_inputs,)``: each input's partner for ``--over resample``, drawn over all of
+    the run's inputs from their lengths and the seed (so every batch size, a resumed run
+    and a cluster's workers draw the same)."""
+    return resample_partners(source.lengths, source.options.substitution.seed)
+
+
+def _check_partners(source):
+    """``--over resample`` needs another input to take values from."""
+    if source.options.substitution.kind == "resample" and source.n_inputs < 2:
+        raise InputError(
+            f"--over resample takes each input's values from another input of the run, and "
+            f"this one has {source.n_inputs}; give at least 2 inputs"
+        )
 
 
 def source_from_recipe(recipe):
@@ -253,6 +288,7 @@ class ModelSource:
             )
         self.max_tokens = max_tokens or w.max_positions
         self._tokenize()
+        _check_partners(self)
 
     def _tokenize(self):
         tok = self.model.tokenizer
@@ -328,11 +364,15 @@ class ModelSource:
     def read(self, start, stop):
         """Token ids of inputs ``start:stop``, padded to the longest of them (no digests:
         the texts are identified whole)."""
-        lengths = self.lengths[start:stop]
-        ids = np.zeros((stop - start, max(1, int(lengths.max(initial=0)))), dtype=np.int64)
-        for row, i in enumerate(range(start, stop)):
+        return self.read_rows(range(start, stop))[0], None
+
+    def read_rows(self, rows):
+        """``(ids, lengths)`` of the inputs ``rows``, padded to the longest of them."""
+        lengths = self.lengths[np.asarray(rows, dtype=np.int64)]
+        ids = np.zeros((len(lengths), max(1, int(lengths.max(initial=0)))), dtype=np.int64)
+        for row, i in enumerate(rows):
             ids[row, : lengths[row]] = self.ids[i]
-        return ids, None
+        return ids, lengths
 
     def changed(self, start, stop, digests):
         return None
@@ -358,6 +398,10 @@ class ModelSource:
 
         lengths = self.lengths[start:stop]
         o = self.options
+        partners = None
+        if o.substitution.kind == "resample":  # drawn over all of the run's inputs
+            chosen = run_partners(self)[start:stop]
+            partners = self.read_rows(chosen)
         t0 = time.perf_counter()
         try:
             c = model_conditions(
@@ -372,6 +416,7 @@ class ModelSource:
                 device=device,
                 maps=o.maps,
                 means=means,
+                partners=partners,
             )
         except ValueError as exc:
             raise InputError(f"{self.model.name}: inputs {start}..{stop - 1}: {exc}") from None

@@ -133,7 +133,7 @@ def reduce_metrics(rows, lengths, group):
     return out
 
 
-def mean_substitute(x, lengths, group, select, prefix, shrink=1.0, means=None):
+def mean_substitute(x, lengths, group, select, window, shrink=1.0, means=None):
     """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true;
     with ``means`` ``(group, >= N, D)`` (``over="dataset"``), each valid position is
     replaced by its given mean instead."""
@@ -144,7 +144,7 @@ def mean_substitute(x, lengths, group, select, prefix, shrink=1.0, means=None):
         return out
     acc = np.empty((x.shape[0], x.shape[2]), dtype=np.float64)
     with config.kernel_guard():
-        mean_substitute_kernel(x, lengths, group, select, prefix, float(shrink), acc, out)
+        mean_substitute_kernel(x, lengths, group, select, int(window), float(shrink), acc, out)
     return out
 
 
@@ -206,13 +206,13 @@ merge_heads = merge_heads_serial
 rotary = rotary_serial
 
 
-def substitute(x, length, n_heads, select, prefix, acc, means=None):
+def substitute(x, length, n_heads, select, window, acc, means=None):
     """In place, mean-substitute the selected heads of one condition's ``(H, n, dh)``;
     with ``means`` ``(H, >= n, dh)`` (``over="dataset"``), by those."""
     if means is not None:
         given_substitute_serial(x, length, n_heads, select, means, x)
     else:
-        mean_substitute_serial(x, length, n_heads, select, prefix, 1.0, acc, x)
+        mean_substitute_serial(x, length, n_heads, select, int(window), 1.0, acc, x)
 
 
 class InputScratch:

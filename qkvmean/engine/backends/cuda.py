@@ -105,7 +105,7 @@ def unavailable() -> str | None:
             out = xp.empty_like(x)
             one = xp.ones(1, np.int64)
             _launch(_mean_kernel, (1, 1), (1, 1))(x, one, np.int64(1), one.astype(bool),
-                                                  False, 1.0, out)  # fmt: skip
+                                                  np.int64(0), 1.0, out)  # fmt: skip
             xp.matmul(x[0], x[0])
             xp.cuda.runtime.deviceSynchronize()
             _checked.append(None)
@@ -390,9 +390,10 @@ def _reduce_kernel(row_ent, row_kl, colsum, lengths, group, ent, kl, mass, index
 
 
 @cuda.jit
-def _mean_kernel(x, lengths, group, select, prefix, shrink, out):
-    """The (prefix) mean over valid tokens of the selected pairs, one thread per (pair,
-    feature), summed in float64 times ``shrink`` (as on the CPU); ``out`` may be ``x``."""
+def _mean_kernel(x, lengths, group, select, window, shrink, out):
+    """The running mean over valid tokens of the selected pairs (``window`` as in
+    :func:`qkvmean.engine.kernels.means._mean_pair`), one thread per (pair, feature),
+    summed in float64 times ``shrink`` (as on the CPU); ``out`` may be ``x``."""
     bg, d = cuda.grid(2)
     if bg >= x.shape[0] or d >= x.shape[2]:
         return
@@ -400,10 +401,19 @@ def _mean_kernel(x, lengths, group, select, prefix, shrink, out):
     if not select[bg % group]:
         n = 0  # copied through untouched
     acc = 0.0
-    if prefix:
+    if window >= n and window > 0:
         for t in range(n):
             acc += x[bg, t, d] * shrink
             out[bg, t, d] = acc / (t + 1) / shrink
+    elif window > 0:  # backwards, so that out may be x (as on the CPU)
+        for t in range(n - window, n):
+            acc += x[bg, t, d] * shrink
+        for t in range(n - 1, -1, -1):
+            own = x[bg, t, d]
+            out[bg, t, d] = acc / min(t + 1, window) / shrink
+            acc -= own * shrink
+            if t - window >= 0:
+                acc += x[bg, t - window, d] * shrink
     else:
         for t in range(n):
             acc += x[bg, t, d] * shrink
@@ -415,13 +425,14 @@ def _mean_kernel(x, lengths, group, select, prefix, shrink, out):
 
 @cuda.jit
 def _given_kernel(x, lengths, group, select, means, out):
-    """The given per-position means (``over="dataset"``) into the valid positions of the
-    selected pairs, one thread per (pair, feature); ``out`` may be ``x``."""
+    """Given per-position vectors (one set per pair ``bg % means.shape[0]``, as on the
+    CPU) into the valid positions of the selected pairs, one thread per (pair, feature);
+    ``out`` may be ``x``."""
     bg, d = cuda.grid(2)
     if bg >= x.shape[0] or d >= x.shape[2]:
         return
-    g = bg % group
-    n = lengths[bg // group] if select[g] else 0
+    g = bg % means.shape[0]
+    n = lengths[bg // group] if select[bg % group] else 0
     for t in range(n):
         out[bg, t, d] = means[g, t, d]
     for t in range(n, x.shape[1]):
@@ -566,7 +577,7 @@ def reduce_metrics(rows, lengths, group):
     return tuple(to_host(x) for x in out)
 
 
-def mean_substitute(x, lengths, group, select, prefix, shrink=1.0, means=None):
+def mean_substitute(x, lengths, group, select, window, shrink=1.0, means=None):
     """Mean-substituted copy of flattened ``x`` for the groups where ``select`` is true
     (with ``means``: by those, as on the CPU)."""
     xd = xp.asarray(x)
@@ -577,7 +588,7 @@ def mean_substitute(x, lengths, group, select, prefix, shrink=1.0, means=None):
         )
         return to_host(out)
     _launch(_mean_kernel, _grid(x.shape[0], x.shape[2]), BLOCK)(
-        xd, xp.asarray(lengths), np.int64(group), xp.asarray(select), bool(prefix),
+        xd, xp.asarray(lengths), np.int64(group), xp.asarray(select), np.int64(window),
         float(shrink), out,
     )  # fmt: skip
     return to_host(out)
@@ -674,7 +685,7 @@ def rotary(x, cos, sin):
     _launch(_rotary_kernel, _grid(x.shape[0], x.shape[1]), BLOCK)(x, cos, sin)
 
 
-def substitute(x, length, n_heads, select, prefix, acc, means=None):
+def substitute(x, length, n_heads, select, window, acc, means=None):
     """In place, mean-substitute the selected heads of one condition's ``(H, n, dh)``
     (with ``means``, a device array ``(H, >= n, dh)``: by those)."""
     if means is not None:
@@ -683,7 +694,7 @@ def substitute(x, length, n_heads, select, prefix, acc, means=None):
         )
         return
     _launch(_mean_kernel, _grid(x.shape[0], x.shape[2]), BLOCK)(
-        x, length, np.int64(n_heads), constant(select), bool(prefix), 1.0, x
+        x, length, np.int64(n_heads), constant(select), np.int64(window), 1.0, x
     )
 
 

@@ -1,4 +1,5 @@
-"""Mean substitution of flattened Q/K/V (over tokens, causal prefixes or given means)
+"""Substitution of flattened Q/K/V: running means (over tokens, causal windows and
+prefixes) and given vectors per position (dataset means, zeros, another input's values),
 and the float64 per-position sums of the dataset means."""
 
 from __future__ import annotations
@@ -10,21 +11,36 @@ from .. import jit
 
 
 @njit(**jit.SERIAL)
-def _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc, out):
-    """Replace the valid rows of pair ``bg`` by their (prefix) mean, if it is selected;
-    ``out`` may be ``x``. Summed in float64 in ``acc``, times ``shrink``, an exact power
-    of two (1 unless the sum could overflow)."""
+def _mean_pair(bg, x, lengths, group, select, window, shrink, acc, out):
+    """Replace the valid rows of pair ``bg`` by their running mean, if it is selected;
+    ``out`` may be ``x``. ``window`` 0: the mean over every valid token; ``W >= 1``: the
+    causal mean over the last ``W`` tokens ``max(0, t - W + 1) .. t`` (``W >= n``: the
+    prefix mean). Summed in float64 in ``acc``, times ``shrink``, an exact power of two
+    (1 unless the sum could overflow)."""
     n_rows, dim = x.shape[1], x.shape[2]
     n = lengths[bg // group]
     if not select[bg % group]:
         n = 0  # copy through untouched
     for d in range(dim):
         acc[d] = 0.0
-    if prefix:
+    if window >= n and window > 0:  # the prefix mean
         for t in range(n):
             for d in range(dim):
                 acc[d] += x[bg, t, d] * shrink
                 out[bg, t, d] = acc[d] / (t + 1) / shrink
+    elif window > 0:
+        # Backwards, feature by feature, so that ``out`` may be ``x``: row t's window
+        # reads rows t - W + 1 .. t, none of which is written before row t itself.
+        for d in range(dim):
+            s = 0.0
+            for t in range(n - window, n):
+                s += x[bg, t, d] * shrink
+            for t in range(n - 1, -1, -1):
+                own = x[bg, t, d]
+                out[bg, t, d] = s / min(t + 1, window) / shrink
+                s -= own * shrink
+                if t - window >= 0:
+                    s += x[bg, t - window, d] * shrink
     else:
         for t in range(n):
             for d in range(dim):
@@ -38,29 +54,31 @@ def _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc, out):
 
 
 @njit(parallel=True, **jit.SERIAL)
-def mean_substitute_kernel(x, lengths, group, select, prefix, shrink, acc, out):
+def mean_substitute_kernel(x, lengths, group, select, window, shrink, acc, out):
     """:func:`_mean_pair` for every pair; ``acc`` is a preallocated ``(BG, D)`` float64
     scratch array (one accumulator row per pair: no allocation inside the loop)."""
     for bg in prange(x.shape[0]):
-        _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc[bg], out)
+        _mean_pair(bg, x, lengths, group, select, window, shrink, acc[bg], out)
 
 
 @njit(**jit.SERIAL)
-def mean_substitute_serial(x, lengths, group, select, prefix, shrink, acc, out):
+def mean_substitute_serial(x, lengths, group, select, window, shrink, acc, out):
     for bg in range(x.shape[0]):
-        _mean_pair(bg, x, lengths, group, select, prefix, shrink, acc, out)
+        _mean_pair(bg, x, lengths, group, select, window, shrink, acc, out)
 
 
 @njit(**jit.SERIAL)
-def _given_pair(bg, x, lengths, group, select, means, out):
-    """Replace the valid rows of pair ``bg`` by the given per-position ``means[g]``
-    (``over="dataset"``), if it is selected; ``out`` may be ``x``."""
+def _given_pair(bg, x, lengths, group, select, given, out):
+    """Replace the valid rows of pair ``bg`` by given per-position vectors, if it is
+    selected; ``out`` may be ``x``. ``given`` ``(M, >= N, D)`` holds one set per pair
+    ``bg % M``: ``M = group`` shares them over the inputs (the dataset means, zeros),
+    ``M = B * group`` gives each input its own (resampled from another input)."""
     n_rows, dim = x.shape[1], x.shape[2]
-    g = bg % group
-    n = lengths[bg // group] if select[g] else 0
+    g = bg % given.shape[0]
+    n = lengths[bg // group] if select[bg % group] else 0
     for t in range(n):
         for d in range(dim):
-            out[bg, t, d] = means[g, t, d]
+            out[bg, t, d] = given[g, t, d]
     for t in range(n, n_rows):
         for d in range(dim):
             out[bg, t, d] = x[bg, t, d]
@@ -68,7 +86,7 @@ def _given_pair(bg, x, lengths, group, select, means, out):
 
 @njit(parallel=True, **jit.SERIAL)
 def given_substitute_kernel(x, lengths, group, select, means, out):
-    """:func:`_given_pair` for every pair; ``means`` ``(group, >= N, D)``."""
+    """:func:`_given_pair` for every pair; ``means`` ``(group or B * group, >= N, D)``."""
     for bg in prange(x.shape[0]):
         _given_pair(bg, x, lengths, group, select, means, out)
 
