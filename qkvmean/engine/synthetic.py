@@ -153,6 +153,7 @@ def build(seed: int = SEED):
         final_norm=(f32(np.ones(D_MODEL)), f32(np.zeros(D_MODEL))),
         name="synthetic",
     )
+    weights.unembed = weights.tok_emb  # a language model with a tied head, as GPT-2
     return weights, tokenizer()
 
 

@@ -249,6 +249,18 @@ class _Tensors:
                 "weights belong to the same model?"
             )
         self.used.add(key)
+        return self._checked(name, key, shape)
+
+    def head(self, name, shape):
+        """A language-model head outside the prefix (``lm_head.weight``,
+        ``embed_out.weight``), or None where the checkpoint has none."""
+        for key in (name, self.prefix + name):
+            if key in self.tensors:
+                self.used.add(key)
+                return self._checked(name, key, shape)
+        return None
+
+    def _checked(self, name, key, shape):
         t = self.tensors[key]
         if tuple(t.shape) != tuple(shape):
             raise InputError(
@@ -556,8 +568,20 @@ def _gpt2(cfg, tensors, path) -> Weights:
         layers=layers,
         final_norm=r.norm("ln_f", d),
     )
+    weights.unembed = weights.tok_emb  # GPT2LMHeadModel ties its head to wte
     t.check_all_used(f"n_layer = {n_layers}, n_embd = {d}")
     return weights
+
+
+def _head(weights, t, cfg, name):
+    """Give ``weights`` its language-model head: the embeddings where config.json ties
+    them (``tie_word_embeddings``, false unless given, as transformers has it for these
+    families), else the checkpoint's ``name`` tensor (None: a base model, no head)."""
+    if cfg.get("tie_word_embeddings", False) is True:
+        t.head(name, weights.tok_emb.shape)  # a stored copy is used, not refused
+        weights.unembed = weights.tok_emb
+    else:
+        weights.unembed = t.head(name, weights.tok_emb.shape)
 
 
 #: Llama-style checkpoints: the language-model head (often tied) and old rotary buffers.
@@ -647,6 +671,7 @@ def _llama_like(cfg, tensors, path) -> Weights:
         final_norm=r.norm("norm", d, bias=False),
         max_positions=max_positions,
     )
+    _head(weights, t, cfg, "lm_head.weight")
     t.check_all_used(
         f"num_hidden_layers = {n_layers}, hidden_size = {d}, {heads} heads, {kv_heads} KV heads"
     )
@@ -703,6 +728,7 @@ def _gpt_neox(cfg, tensors, path) -> Weights:
         final_norm=r.norm("final_layer_norm", d),
         max_positions=_int(cfg, "max_position_embeddings", path, 2048),
     )
+    _head(weights, t, cfg, "embed_out.weight")
     t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
     return weights
 
@@ -749,5 +775,6 @@ def _phi3(cfg, tensors, path) -> Weights:
         final_norm=r.norm("norm", d, bias=False),
         max_positions=_window(cfg, path, "phi3", _int(cfg, "max_position_embeddings", path)),
     )
+    _head(weights, t, cfg, "lm_head.weight")
     t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
     return weights
