@@ -94,11 +94,12 @@ def _check_ablate(got, want, args, case):
 
 
 def _check_conditions(got, want, args, case):
-    assert got.names == want.names == ["baseline"] + [f"mean_{t}" for t in args["targets"]]
+    word = {"zero": "zero", "resample": "resample"}.get(args["over"].partition(":")[0], "mean")
+    assert got.names == want.names == ["baseline"] + [f"{word}_{t}" for t in args["targets"]]
     deltas = {}
     for name in want.names:
         q2, k2 = args["q"], args["k"]
-        if name in ("mean_q", "mean_k"):
+        if name[-2:] in ("_q", "_k"):
             q2, k2, _ = _substituted(args, name[-1])
         assert_weights(got.weights[name], want.weights[name], q2, k2, case, name)
         deltas[name] = row_delta(q2, k2, case.scale, got.weights[name].dtype)

@@ -113,17 +113,19 @@ def test_model_run_of_each_kind_is_the_reference_whatever_the_batches(tmp_path, 
     assert attrs["over"] == over
     weights, tok = synthetic.build()
     ids, lens = padded_ids(tok, TEXTS)
+    word = over.partition(":")[0] if over != "window:2" else "mean"  # zero_q, resample_q
+    assert list(maps) == ["baseline"] + [f"{word}_{t}" for t in "qkv"]
     for target in "qkv":
         want, _ = ref.transformer_forward(
             weights, ids, lens, target=target, over=over, ablate_layers=(0, 2)
         )
         for layer, w in enumerate(want):
             for b, n in enumerate(lens):
-                got = maps[f"mean_{target}"][b, layer, :, :n, :n]
+                got = maps[f"{word}_{target}"][b, layer, :, :n, :n]
                 np.testing.assert_allclose(got, w[b, :, :n, :n], atol=1e-5)
     # and the kind made a difference where it substitutes
     base = maps["baseline"][:, 1]
-    assert np.abs(maps["mean_q"][:, 1] - base).max() > 1e-3
+    assert np.abs(maps[f"{word}_q"][:, 1] - base).max() > 1e-3
 
 
 def test_model_conditions_takes_given_partners(texts):

@@ -16,8 +16,9 @@ import numpy as np
 from .. import config
 from ..resources import check_memory, format_bytes
 from .backends import AUTO, BACKENDS, load
+from .condition import Condition
 from .kernels.finite import scan_finite
-from .names import CONDITIONS, DEVICES, METRICS, OVER, TARGETS, condition_name
+from .names import CONDITIONS, DEVICES, METRICS, OVER, TARGETS
 from .plan import Plan, means_from_sums, position_counts
 from .substitution import Substitution, resample_partners, resampled
 
@@ -643,6 +644,7 @@ class Conditions:
     weights: dict
     metrics: dict
     hidden: dict | None = None  # the model path's final hidden states, when asked for
+    effects: dict | None = None  # the model path's effects on the output, when asked for
 
 
 def conditions(
@@ -692,7 +694,8 @@ def conditions(
     Returns
     -------
     Conditions
-        ``names`` (``"baseline"``, then ``"mean_<target>"``), ``weights``, ``metrics``.
+        ``names`` (``"baseline"``, then ``"mean_<target>"``; ``"zero_<target>"``,
+        ``"resample_<target>"`` for those kinds), ``weights``, ``metrics``.
 
     Examples
     --------
@@ -739,7 +742,7 @@ def conditions(
 
     base = run(CONDITIONS[0], np.zeros(p.group, dtype=np.int8), None)  # (weights, rows)
     for target in targets:
-        name = condition_name(target)
+        name = Condition(target, substitution=over).label
         if Plan.weights_unchanged(target):
             # v never reaches the weights: mean-V maps and metrics are the baseline's
             names.append(name)

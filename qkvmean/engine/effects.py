@@ -24,13 +24,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .. import config
 from . import jit
-
-#: Every effect, in the store's order.
-EFFECTS = ("hidden_change", "kl_next_token", "ce_change", "embedding_cosine")
+from .kernels.vmath import exp
+from .names import EFFECTS
 
 
 def effects_of(model) -> tuple:
@@ -45,40 +44,138 @@ def effects_of(model) -> tuple:
 
 
 @njit(**jit.SERIAL)
-def _log_sum_exp(z):
-    m = -np.inf
-    for v in range(z.shape[0]):
-        m = max(m, np.float64(z[v]))
-    s = 0.0
-    for v in range(z.shape[0]):
-        s += math.exp(z[v] - m)
-    return m + math.log(s)
+def base_distribution(z, ids, n, p, stats):
+    """Per row ``t < n`` of the baseline's logits ``z`` ``(>= n, V)``, once per input:
+    ``p[t]`` = ``softmax(z[t])`` (float32) and ``stats[t]`` = (the cross-entropy of
+    token ``ids[t + 1]`` (0 in the last row), ``Σ p[t]``, ``Σ p[t] log p[t]``) in float64
+    (the sums over the float32 ``p`` as stored, so that :func:`next_token_kernel`'s
+    algebra is exact for them)."""
+    for t in range(n):
+        m = -np.inf
+        for v in range(z.shape[1]):
+            m = max(m, np.float64(z[t, v]))
+        total = 0.0
+        for v in range(z.shape[1]):
+            total += math.exp(z[t, v] - m)
+        lse = m + math.log(total)
+        mass = 0.0
+        plogp = 0.0
+        for v in range(z.shape[1]):
+            log_p = z[t, v] - lse
+            pv = np.float32(math.exp(log_p))
+            p[t, v] = pv
+            mass += pv
+            plogp += pv * log_p
+        stats[t, 0] = lse - z[t, ids[t + 1]] if t < n - 1 else 0.0
+        stats[t, 1] = mass
+        stats[t, 2] = plogp
 
 
-@njit(parallel=True, **jit.SERIAL)
-def next_token_kernel(base, cond, ids, n, out):
-    """Per valid row ``t < n`` of the logits ``base`` and ``cond`` ``(>= n, V)``:
-    ``out[t, 0]`` = ``KL(softmax(base_t) || softmax(cond_t))``, ``out[t, 1]`` and
-    ``out[t, 2]`` the cross-entropies of token ``ids[t + 1]`` (rows ``t < n - 1``), all
-    in float64."""
-    for t in prange(n):
-        lse_b = _log_sum_exp(base[t])
-        lse_c = _log_sum_exp(cond[t])
-        kl = 0.0
-        for v in range(base.shape[1]):
-            log_p = base[t, v] - lse_b
-            kl += math.exp(log_p) * (log_p - (cond[t, v] - lse_c))
-        out[t, 0] = max(kl, 0.0)
+@njit(**jit.HOT)
+def next_token_kernel(p, stats, cond, ids, n, out):
+    """Per valid row ``t < n`` of a condition's logits ``cond`` ``(>= n, V)``, against the
+    baseline's :func:`base_distribution` ``p``, ``stats``: ``out[t, 0]`` =
+    ``KL(p_t || softmax(cond_t))``, ``out[t, 1]`` and ``out[t, 2]`` the cross-entropies
+    of token ``ids[t + 1]`` under the baseline and the condition (rows ``t < n - 1``).
+
+    ``KL = Σ p log p - Σ p cond + lse(cond) Σ p``: two passes over the row, one of them
+    a dot product and the other one ``exp`` per entry (the vectorised float32
+    :func:`~qkvmean.engine.kernels.vmath.exp`, relative error below 5e-7, summed in
+    float64), instead of three ``exp`` per entry."""
+    vocab = cond.shape[1]
+    for t in range(n):
+        m = cond[t, 0]
+        dot = 0.0
+        for v in range(vocab):
+            m = max(m, cond[t, v])
+            dot += np.float64(p[t, v]) * np.float64(cond[t, v])
+        total = 0.0
+        for v in range(vocab):
+            total += np.float64(exp(cond[t, v] - m))
+        lse = np.float64(m) + math.log(total)
+        out[t, 0] = max(stats[t, 2] - dot + lse * stats[t, 1], 0.0)
         if t < n - 1:
-            out[t, 1] = lse_b - base[t, ids[t + 1]]
-            out[t, 2] = lse_c - cond[t, ids[t + 1]]
+            out[t, 1] = stats[t, 0]
+            out[t, 2] = lse - cond[t, ids[t + 1]]
+
+
+#: About how many rows of logits one product computes (``n`` tokens a condition: the
+#: conditions of a stack go through the head ``LOGIT_ROWS // n`` at a time).
+LOGIT_ROWS = 512
+
+
+class InputEffects:
+    """The effects of one input's conditions: the baseline's part computed once (its
+    norm, pooled embedding and logits, the costly part), then :meth:`of` each
+    condition's final hidden states."""
+
+    def __init__(self, model, names, ids, base):
+        """``base``: the baseline's final hidden states ``(n, D)`` (``n >= 1``) of the
+        input with token ids ``ids`` (at least ``n`` of them)."""
+        self.model, self.names, self.n = model, names, base.shape[0]
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.h0 = np.asarray(base, dtype=np.float64)
+        self.norm0 = np.linalg.norm(self.h0)
+        self.pooled0 = self.h0.mean(axis=0)
+        self.p = None  # the baseline's next-token distributions, where the model has a head
+        if EFFECTS[1] in names:
+            z = _logits(model, np.asarray(base, np.float32))
+            self.p, self.stats = np.empty_like(z), np.empty((self.n, 3))
+            with config.kernel_guard():
+                base_distribution(z, self.ids, self.n, self.p, self.stats)
+        self.rows = np.zeros((self.n, 3))
+
+    def of(self, hidden) -> dict:
+        """``{effect: value}`` of a condition's final hidden states ``(n, D)``."""
+        return self.of_stack(hidden, 1)[0]
+
+    def of_stack(self, hidden, count) -> list:
+        """:meth:`of` each of ``count`` conditions whose final hidden states are stacked
+        ``(count * n, D)``; their logits in products of :data:`LOGIT_ROWS` rows or so
+        (a product of a few rows by the head is bound by reading the head, not by its
+        arithmetic)."""
+        n = self.n
+        hidden = np.asarray(hidden, np.float32)
+        found = []
+        per = max(1, LOGIT_ROWS // n)
+        for first in range(0, count, per):
+            last = min(count, first + per)
+            z = _logits(self.model, hidden[first * n : last * n]) if self.p is not None else None
+            for c in range(first, last):
+                rows = hidden[c * n : (c + 1) * n]
+                found.append(self._effects(rows, None if z is None else z[(c - first) * n :]))
+        return found
+
+    def _effects(self, hidden, cond) -> dict:
+        n = self.n
+        hc = np.asarray(hidden, dtype=np.float64)
+        found = {EFFECTS[0]: np.linalg.norm(hc - self.h0) / self.norm0 if self.norm0 else 0.0}
+        if cond is not None:
+            rows = self.rows
+            rows[:] = 0.0
+            with config.kernel_guard():
+                next_token_kernel(self.p, self.stats, cond, self.ids, n, rows)
+            found[EFFECTS[1]] = rows[:, 0].mean()
+            found[EFFECTS[2]] = (rows[: n - 1, 2] - rows[: n - 1, 1]).mean() if n > 1 else 0.0
+        if EFFECTS[3] in self.names:
+            pooled = hc.mean(axis=0)
+            denom = np.linalg.norm(pooled) * np.linalg.norm(self.pooled0)
+            found[EFFECTS[3]] = pooled @ self.pooled0 / denom if denom else 0.0
+        return found
+
+
+def no_effect(names) -> dict:
+    """The baseline's own values (and an empty input's: 0 everywhere)."""
+    return {name: 1.0 if name == EFFECTS[3] else 0.0 for name in names}
 
 
 def output_effects(model, hidden, ids, lengths) -> dict:
     """``{effect: (C, B) float32}`` of :func:`effects_of` ``model``, from each condition's
     final hidden states ``hidden`` ``(C, B, S, D)`` (condition 0 the baseline, as
     :func:`~qkvmean.engine.transformer.model_conditions` gives them with ``hidden=True``),
-    the token ids ``(B, >= n)`` and the valid ``lengths``."""
+    the token ids ``(B, >= n)`` and the valid ``lengths``. (``model_conditions(...,
+    effects=True)`` computes the same in each input's pass, without keeping the hidden
+    states.)"""
     hidden = np.asarray(hidden, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -89,33 +186,16 @@ def output_effects(model, hidden, ids, lengths) -> dict:
         )
     names = effects_of(model)
     out = {name: np.zeros((n_cond, batch), np.float32) for name in names}
-    if EFFECTS[3] in out:
-        out[EFFECTS[3]][0] = 1.0
     for b in range(batch):
         n = int(lengths[b])
-        if n == 0:
-            for name in names:
-                out[name][:, b] = 0.0
+        if n == 0:  # no distribution, no embedding: 0 everywhere
             continue
-        h0 = hidden[0, b, :n].astype(np.float64)
-        norm0 = np.linalg.norm(h0)
-        pooled0 = h0.mean(axis=0)
-        base = _logits(model, hidden[0, b, :n]) if EFFECTS[1] in out else None
-        rows = np.zeros((n, 3))
+        for name, value in no_effect(names).items():
+            out[name][0, b] = value
+        effects = InputEffects(model, names, ids[b], hidden[0, b, :n])
         for c in range(1, n_cond):
-            hc = hidden[c, b, :n].astype(np.float64)
-            out[EFFECTS[0]][c, b] = np.linalg.norm(hc - h0) / norm0 if norm0 else 0.0
-            if base is not None:
-                rows[:] = 0.0
-                with config.kernel_guard():
-                    next_token_kernel(base, _logits(model, hidden[c, b, :n]), ids[b], n, rows)
-                out[EFFECTS[1]][c, b] = rows[:, 0].mean()
-                if n > 1:
-                    out[EFFECTS[2]][c, b] = (rows[: n - 1, 2] - rows[: n - 1, 1]).mean()
-            if EFFECTS[3] in out:
-                pooled = hc.mean(axis=0)
-                denom = np.linalg.norm(pooled) * np.linalg.norm(pooled0)
-                out[EFFECTS[3]][c, b] = pooled @ pooled0 / denom if denom else 0.0
+            for name, value in effects.of(hidden[c, b, :n]).items():
+                out[name][c, b] = value
     return out
 
 

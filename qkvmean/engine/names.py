@@ -28,6 +28,10 @@ def substitution_phrase(spec: str) -> str:
     return f"mean over {spec}"
 
 
+#: The effects of a condition on the model's output, in the store's order (their
+#: definitions: :mod:`qkvmean.engine.effects`).
+EFFECTS = ("hidden_change", "kl_next_token", "ce_change", "embedding_cosine")
+
 BASELINE = "baseline"
 #: Per-(condition, input, layer, head) metrics, in the store's order.
 METRICS = ("entropy", "kl_from_baseline", "top_key_mass", "top_key_index")

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import config
+from . import condition
 from .modes import MODE_GENERAL, MODE_SHARED_ROW, MODE_UNIFORM
-from .names import TARGETS, condition_names
+from .names import BASELINE, TARGETS
 from .substitution import Substitution
 
 
@@ -59,19 +60,56 @@ class Step:
     mode: int
 
 
+#: The most rows (stacked copies x tokens) one input's pass computes together: a chunk of
+#: conditions that branch at the same layer holds at most ``STACK_ROWS // n - 1`` of them
+#: (and at least 3, the plain run's), beside the baseline's copy. A constant: an input's
+#: bits depend on its chunks, never on the batch or the threads.
+STACK_ROWS = 4096
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Conditions: the baseline, then one per target (each alone, from the same inputs)."""
+    """What the model path computes: the baseline, then each :class:`Condition` (each
+    alone, from the same inputs), all with one substitution (the given vectors of a run
+    come from one producer)."""
 
-    targets: tuple = TARGETS
+    conditions: tuple = ()
     substitution: Substitution = field(default_factory=Substitution)
-    heads: np.ndarray | None = None  # boolean mask over (query) heads; None: every head
-    layers: frozenset = frozenset({0})  # the model path's substituted layers
     means: DatasetMeans | None = None  # over="dataset": what replaces each position
+
+    def __post_init__(self):
+        object.__setattr__(self, "substitution", Substitution.parse(self.substitution))
+        for c in self.conditions:
+            if c.substitution != self.substitution:
+                raise ValueError(
+                    f"condition {c.label} substitutes {c.substitution.spec}, the run "
+                    f"{self.substitution.spec}: a run has one substitution"
+                )
+        names = self.names
+        if len(set(names)) != len(names):
+            twice = next(x for x in names if names.count(x) > 1)
+            raise ValueError(f"two conditions are named {twice!r}; give each its own label")
+
+    @classmethod
+    def of(cls, targets=TARGETS, substitution="tokens", heads=None, layers=(0,), means=None):
+        """The plain run's plan: each target alone at ``layers`` in ``heads``."""
+        sub = Substitution.parse(substitution)
+        return cls(condition.plain(targets, sub, layers, heads), sub, means)
 
     @property
     def names(self) -> list:
-        return condition_names(self.targets)
+        return [BASELINE] + [c.label for c in self.conditions]
+
+    @property
+    def targets(self) -> tuple:
+        """The targets substituted somewhere, in the store's order."""
+        found = {c.target for c in self.conditions}
+        return tuple(t for t in TARGETS if t in found)
+
+    @property
+    def layers(self) -> tuple:
+        """Every layer where some condition substitutes, ascending."""
+        return tuple(sorted({layer for c in self.conditions for layer in c.layers}))
 
     @property
     def dataset(self) -> bool:
@@ -88,15 +126,28 @@ class Plan:
         """The running-mean kernel's window length (0: every valid token)."""
         return self.substitution.window_length(seq)
 
-    def first(self, n_layers) -> int:
-        """The first layer where a condition differs from the baseline."""
-        return min(self.layers) if self.targets and self.layers else n_layers
+    def chunks(self, n, n_layers) -> list:
+        """How one input of ``n`` tokens is computed: ``[(layer, members), ...]``, each a
+        stack of the baseline's copy and the conditions ``members`` (indices into
+        :attr:`names`) that branch from it at ``layer``, their first substituted layer.
 
-    def select(self, n_heads) -> np.ndarray:
-        """The selected heads as a boolean ``(n_heads,)`` mask."""
-        if self.heads is None:
-            return np.ones(n_heads, np.bool_)
-        return self.heads
+        The first chunk starts at the embeddings (a stack of one up to its layer) and
+        its baseline is the one recorded; every later chunk starts from the baseline's
+        rows at its layer, which the first one keeps. The layers before a condition's
+        first are computed once, for all of them. Without conditions: one chunk that
+        never branches (``layer = n_layers``).
+        """
+        if not self.conditions:
+            return [(n_layers, ())]
+        size = max(3, STACK_ROWS // max(n, 1) - 1)
+        by_layer = {}
+        for index, c in enumerate(self.conditions, start=1):
+            by_layer.setdefault(c.first, []).append(index)
+        return [
+            (layer, tuple(members[i : i + size]))
+            for layer, members in sorted(by_layer.items())
+            for i in range(0, len(members), size)
+        ]
 
     def step(self, target, *, causal, exact_fast=True) -> Step:
         """How ``target`` is substituted for attention with this mask.

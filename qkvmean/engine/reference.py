@@ -239,7 +239,8 @@ def conditions(
         q2, k2, _ = substitute(
             q, k, v, target=target, over=over, heads=heads, lengths=lengths, means=given
         )
-        logs[f"mean_{target}"] = log_attention_weights(q2, k2, **kw)
+        # named as the API names them: mean_<target>, or zero_<target>, resample_<target>
+        logs[f"{Substitution.parse(over).word}_{target}"] = log_attention_weights(q2, k2, **kw)
     names = list(logs)
     dtype = _result_dtype(q, k)
     weights = {name: np.exp(log).astype(dtype) for name, log in logs.items()}

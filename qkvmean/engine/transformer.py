@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .arch import ACTIVATION_CODES, Arch
+from .condition import plain
+from .effects import InputEffects, effects_of, no_effect
 from .kernels.means import position_sums
 from .names import METRICS
 from .plan import DatasetMeans, Plan, means_from_sums, position_counts
@@ -196,34 +198,44 @@ def _check_logits(ops, q, k, head_dim, index):
 
 
 class _Outputs:
-    """A batch's maps ``(B, L, H, S, S)`` per condition (None: not wanted) and metrics
-    ``(C, B, L, H)``, on the host."""
+    """A batch's results, on the host: maps ``(B, len(map_layers), H, S, S)`` per
+    condition (None: no maps wanted) at the layers ``map_layers``, metrics ``(C, B, L,
+    H)``, and (when wanted) each condition's final hidden states ``(C, B, S, D)`` and its
+    effects on the output ``{effect: (C, B)}``."""
 
-    def __init__(self, model: Weights, plan: Plan, batch, seq, hidden, maps):
+    def __init__(self, model: Weights, plan: Plan, batch, seq, hidden, map_layers, effects):
         self.seq = seq
-        shape = (batch, model.n_layers, model.n_heads, seq, seq)
+        self.map_layers = {layer: i for i, layer in enumerate(map_layers)}
+        names = plan.names
+        shape = (batch, len(map_layers), model.n_heads, seq, seq)
         # zero pages, lazily
-        self.maps = [np.zeros(shape, np.float32) for _ in plan.names] if maps else None
-        mshape = (len(plan.names), batch, model.n_layers, model.n_heads)
+        self.maps = [np.zeros(shape, np.float32) for _ in names] if map_layers else None
+        mshape = (len(names), batch, model.n_layers, model.n_heads)
         self.metrics = {name: np.zeros(mshape) for name in METRICS[:3]}
         self.metrics[METRICS[3]] = np.full(mshape, -1, dtype=np.int64)  # no top key
         self.hidden = (
-            np.zeros((len(plan.names), batch, seq, model.d_model), np.float32) if hidden else None
+            np.zeros((len(names), batch, seq, model.d_model), np.float32) if hidden else None
         )
+        self.effect_names = effects_of(model) if effects else ()
+        self.effects = {name: np.zeros((len(names), batch), np.float32) for name in
+                        self.effect_names} if effects else None  # fmt: skip
 
     def reduced(self, c, b, layer):
         return tuple(self.metrics[name][c, b, layer] for name in METRICS)
 
     def map(self, c, b, layer):
-        return None if self.maps is None else self.maps[c][b, layer]
+        """Where condition ``c``'s map of input ``b`` at ``layer`` goes (None: not kept)."""
+        if self.maps is None or layer not in self.map_layers:
+            return None
+        return self.maps[c][b, self.map_layers[layer]]
 
 
 def _same_as_baseline(out: _Outputs, b, c, layers):
     """Condition ``c`` equals the baseline at ``layers`` of input ``b``: its maps and
     metrics are the baseline's, with a KL of exactly 0."""
     for layer in layers:
-        if out.maps is not None:
-            out.maps[c][b, layer] = out.maps[0][b, layer]
+        if out.map(c, b, layer) is not None:
+            out.map(c, b, layer)[...] = out.map(0, b, layer)
         for name in METRICS:
             out.metrics[name][c, b, layer] = out.metrics[name][0, b, layer]
         out.metrics[METRICS[1]][c, b, layer] = 0.0  # the KL from the baseline
@@ -270,19 +282,21 @@ def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, giv
     n = ids.shape[0]
     if n == 0:  # no tokens: empty maps, metrics 0 and no top key (as initialised)
         return
-    first = plan.first(model.n_layers)
-    stack = len(plan.names) if first < model.n_layers else 1
+    chunks = plan.chunks(n, model.n_layers)
+    stack = 1 + max(len(members) for _, members in chunks)
     buf = _Input(model, ops, n, out.seq, stack, out.maps is not None)
     try:
-        _Pass(ops, model, plan, b, n, out, rope, buf, given, taps).run(ids)
+        _Pass(ops, model, plan, b, n, out, rope, buf, given, taps).run(ids, chunks)
     except BaseException:
         buf.scratch.abort()  # no copy may still write into buffers about to be freed
         raise
 
 
 class _Pass:
-    """One input's stacked forward pass: embeddings, then per layer the Q/K/V projection
-    with the substitution, the attention, and the residual/norm steps of the placement.
+    """One input's forward passes: embeddings, then per layer the Q/K/V projection with
+    the substitution, the attention, and the residual/norm steps of the placement, for
+    each chunk of :meth:`Plan.chunks` (a stack of the baseline and the conditions that
+    branch at the same layer; a later chunk starts from the baseline's rows there).
 
     ``given(b, target, layer)``: the vectors that replace ``target`` of input ``b`` at
     ``layer`` (``(M, >= n, dh)``, where the backend computes) for the given kinds
@@ -295,30 +309,64 @@ class _Pass:
         self.out, self.rope, self.buf, self.given, self.taps = out, rope, buf, given, taps
         arch = model.arch
         self.arch, self.heads = arch, arch.n_heads
-        self.stack = len(plan.names)
-        self.first = plan.first(model.n_layers)
         self.post, self.parallel = arch.placement == "post", arch.placement == "parallel"
         self.scale = 1.0 / np.sqrt(arch.head_dim)
-        self.select = plan.select(arch.n_heads)
         self.reused = []  # (condition, layer) whose weights are the baseline's
+        self.members = (0,)  # per stacked copy: its condition (None: an unrecorded baseline)
+        self.snapshots = {}  # layer: the baseline's rows there, for the later chunks
+        self.effects = None  # the baseline's part of the effects (effects.InputEffects)
+        # the metrics of a baseline copy that is not recorded go here
+        self.spare = tuple(np.zeros(self.heads) for _ in METRICS[:3])
+        self.spare += (np.zeros(self.heads, np.int64),)
 
-    def run(self, ids):
-        model, buf, n, taps = self.model, self.buf, self.n, self.taps
+    def run(self, ids, chunks):
+        self.ids = ids
+        layer, members = chunks[0]
         self._embed(ids)
-        for index in range(model.n_layers):
-            live = 1 if index < self.first else self.stack  # conditions computed here
-            if index == self.first and live > 1:  # from here on each has its own rows
+        self._layers(0, layer, (0, *members), {start for start, _ in chunks[1:]})
+        for start, members in chunks[1:]:
+            self._restore(start)
+            self._layers(start, start, (None, *members), ())
+        self.buf.scratch.finish()  # the maps and metrics are in `out` from here on
+        self._finish()
+
+    def _layers(self, begin, branch, members, keep):
+        """The layers from ``begin`` on of the stack ``members``, which branches at
+        layer ``branch`` (a stack of one before it); keeps the baseline's rows at the
+        layers ``keep``; then each member's final results."""
+        model, n, taps = self.model, self.n, self.taps
+        self.members = members
+        live = 1
+        for index in range(begin, model.n_layers):
+            if index in keep:
+                self._keep(index)
+            if index == branch and len(members) > 1:  # from here on each has its own rows
+                live = len(members)
                 self._fork(live)
             rows, pairs = live * n, live * self.heads
             q, k, v, modes = self._qkv(index, live, rows, pairs)
             if taps is not None:
                 taps(self.ops, index, self.b, n, "attention", *(x[: self.heads] for x in (q, k, v)))
                 if index == taps.last:
-                    break  # nothing later is wanted
+                    return  # nothing later is wanted
             a = self._attention(index, live, rows, pairs, q, k, v, modes)
             self._residual(index, rows, a)
-        buf.scratch.finish()  # the maps and metrics are in `out` from here on
-        self._finish()
+        self._final(live)
+
+    def _state(self):
+        """The buffers that carry one layer's input: ``h``, and ``x`` and ``y`` where
+        they are not ``h`` itself."""
+        buf = self.buf
+        return [x for x in (buf.h, None if self.post else buf.x, buf.y) if x is not None]
+
+    def _keep(self, index):
+        """Keep the baseline's rows at the start of layer ``index`` (a later chunk's)."""
+        self.snapshots[index] = [x[: self.n].copy() for x in self._state()]
+
+    def _restore(self, index):
+        """The baseline's rows at the start of layer ``index``, as kept."""
+        for x, kept in zip(self._state(), self.snapshots[index], strict=True):
+            x[: self.n] = kept
 
     def _embed(self, ids):
         """``h`` = the embeddings (and their norm); ``x`` (and ``y``) = the first layer's
@@ -340,11 +388,10 @@ class _Pass:
 
     def _fork(self, live):
         """Copy the baseline's rows to every condition's (at the first substituted layer)."""
-        buf, n = self.buf, self.n
+        n = self.n
         for c in range(1, live):
-            for rows_of in (buf.h, None if self.post else buf.x, buf.y):
-                if rows_of is not None:
-                    rows_of[c * n : (c + 1) * n] = rows_of[:n]
+            for rows_of in self._state():
+                rows_of[c * n : (c + 1) * n] = rows_of[:n]
 
     def _qkv(self, index, live, rows, pairs):
         """Q, K, V of every live condition at layer ``index``, substituted at the projection
@@ -358,19 +405,19 @@ class _Pass:
             self.taps(ops, index, self.b, self.n, "projection", q[:heads], k[:heads], v[:heads])
         modes = np.zeros((live, heads), np.int8)
         for c in range(1, live):
-            target = plan.targets[c - 1]
-            if index not in plan.layers:
+            cond = plan.conditions[self.members[c] - 1]
+            if index not in cond.layers:
                 continue
-            step = plan.step(target, causal=arch.causal, exact_fast=arch.exact_fast_paths)
-            modes[c, self.select] = step.mode
+            step = plan.step(cond.target, causal=arch.causal, exact_fast=arch.exact_fast_paths)
+            select = cond.select(heads)
+            modes[c, select] = step.mode
             if step.substitute:
-                tensor = {"q": q, "k": k, "v": v}[target]
+                tensor = {"q": q, "k": k, "v": v}[cond.target]
                 part = tensor[c * heads : (c + 1) * heads]
-                given = None if self.given is None else self.given(self.b, target, index)
+                given = None if self.given is None else self.given(self.b, cond.target, index)
                 ops.substitute(
-                    part, buf.scratch.length, heads, self.select, plan.window(self.n), buf.acc,
-                    given,
-                )  # fmt: skip
+                    part, buf.scratch.length, heads, select, plan.window(self.n), buf.acc, given
+                )
         if layer.q_norm is not None:
             ops.head_norm(q, layer.q_norm, float(arch.norm.eps), buf.zero_head)
             ops.head_norm(k, layer.k_norm, float(arch.norm.eps), buf.zero_head)
@@ -385,17 +432,20 @@ class _Pass:
         ops, plan, arch, buf, heads = self.ops, self.plan, self.arch, self.buf, self.heads
         _check_logits(ops, q, k, arch.head_dim, index)
         for c in range(live):
-            target = plan.targets[c - 1] if c else None
+            member = self.members[c]
+            cond = plan.conditions[member - 1] if c else None
             # where only V differs from the baseline, the weights are the baseline's
-            reuse = target is not None and plan.weights_unchanged(target) and index == self.first
+            reuse = cond is not None and plan.weights_unchanged(cond.target) and index == cond.first
             part = slice(c * heads, (c + 1) * heads)
+            recorded = member is not None
             ops.attention_one(
                 q[part], k[part], v[part], modes[c], arch.causal, self.scale, c,
-                self.out.map(c, self.b, index), buf.o[part], buf.scratch, not reuse,
-                self.out.reduced(c, self.b, index),
+                self.out.map(member, self.b, index) if recorded else None, buf.o[part],
+                buf.scratch, not reuse,
+                self.out.reduced(member, self.b, index) if recorded else self.spare,
             )  # fmt: skip
             if reuse:
-                self.reused.append((c, index))
+                self.reused.append((member, index))
         ops.merge_heads(buf.o[:pairs], heads, buf.ctx[:rows])
         a = buf.a[:rows]
         ops.matmul(buf.ctx[:rows], self.model.layers[index].wo, a)
@@ -438,19 +488,41 @@ class _Pass:
                 "are too large or damaged"
             )
 
+    def _final(self, live):
+        """Each recorded member's final hidden states (after the final norm, where the
+        family has one) and effects on the output (the baseline's first)."""
+        out, n, b, model = self.out, self.n, self.b, self.model
+        if out.hidden is None and out.effects is None:
+            return
+        final = self.buf.x if not self.post and model.final_norm is not None else self.buf.h
+        rows = self.ops.to_host(final[: live * n])
+        if self.members[0] == 0:  # the recorded baseline: the effects are against it
+            if out.hidden is not None:
+                out.hidden[0, b, :n] = rows[:n]
+            if out.effects is not None:
+                self.effects = InputEffects(model, out.effect_names, self.ids, rows[:n])
+                for name, value in no_effect(out.effect_names).items():
+                    out.effects[name][0, b] = value
+        if live == 1:
+            return
+        members = self.members[1:live]
+        if out.hidden is not None:
+            for c, member in enumerate(members, start=1):
+                out.hidden[member, b, :n] = rows[c * n : (c + 1) * n]
+        if out.effects is not None:
+            found = self.effects.of_stack(rows[n : live * n], live - 1)
+            for member, values in zip(members, found, strict=True):
+                for name, value in values.items():
+                    out.effects[name][member, b] = value
+
     def _finish(self):
-        """The conditions' results that are the baseline's, and the final hidden states."""
-        model, out, buf, n, b = self.model, self.out, self.buf, self.n, self.b
-        n_layers, first = model.n_layers, self.first
+        """The conditions' results that are the baseline's: before each one's first
+        substituted layer, and mean-V's weights at that layer."""
+        out, b = self.out, self.b
         for c, index in self.reused:
             _same_as_baseline(out, b, c, [index])
-        for c in range(1, self.stack):
-            _same_as_baseline(out, b, c, range(min(first, n_layers)))
-        if out.hidden is not None:
-            final = buf.x if not self.post and model.final_norm is not None else buf.h
-            for c in range(self.stack):
-                src = c * n if first < n_layers else 0
-                out.hidden[c, b, :n] = self.ops.to_host(final[src : src + n])
+        for c, cond in enumerate(self.plan.conditions, start=1):
+            _same_as_baseline(out, b, c, range(cond.first))
 
 
 def _checked_ids(model: Weights, ids, lengths, seq):
@@ -514,8 +586,8 @@ def model_projections(model: Weights, ids, lengths, *, layers, at="projection", 
     if not layers:
         raise ValueError("layers is empty: name at least one layer")
     _check_layer_numbers(model, layers)
-    plan = Plan(targets=())
-    out = _Outputs(model, plan, ids.shape[0], seq, False, False)
+    plan = Plan()
+    out = _Outputs(model, plan, ids.shape[0], seq, False, (), False)
     taps = _Taps(model, layers, at, ids.shape[0], seq)
     _run_inputs(ops, model, plan, ids, lengths, out, None, taps)
     return taps.values
@@ -536,6 +608,9 @@ def model_conditions(
     maps=True,
     means=None,
     partners=None,
+    conditions=None,
+    map_layers=None,
+    effects=False,
 ):
     """Baseline and mean-substituted forward passes: every layer's maps and metrics.
 
@@ -543,21 +618,43 @@ def model_conditions(
     names query heads. Returns :class:`~qkvmean.engine.api.Conditions` with weights
     ``(B, L, H, S, S)`` (``S = seq``, default ``N``; maps are zero-padded to it) and
     metrics ``(C, B, L, H)``; with ``hidden``, also each condition's final hidden states
-    ``(B, S, D)`` (after the final norm, where the family has one; zeros at padding).
+    ``(B, S, D)`` (after the final norm, where the family has one; zeros at padding);
+    with ``effects``, each condition's effects on the output ``{effect: (C, B)}``
+    (:mod:`qkvmean.engine.effects`, computed in each input's pass).
     ``device`` as in :func:`qkvmean.attention`; ``maps`` False: metrics only (empty
-    ``weights``), and on a GPU the maps never leave it. ``over="dataset"`` substitutes
+    ``weights``), and on a GPU the maps never leave it; ``map_layers``: the layers whose
+    maps are kept (default every layer; the maps are then ``(B, len(map_layers), H, S,
+    S)``). ``over="dataset"`` substitutes
     ``means`` (a :class:`~qkvmean.engine.plan.DatasetMeans` of every target at every
     ablated layer, e.g. :func:`dataset_means` of a data set's inputs). ``over`` is any
     :class:`~qkvmean.engine.substitution.Substitution` spelling; ``"resample"`` draws each
     input's partner among ``ids``, unless ``partners`` gives their ``(ids, lengths)``, one
     per input (a run draws them over all of its inputs).
+
+    ``conditions``: :class:`~qkvmean.engine.condition.Condition` values (each with its
+    own layers and heads, e.g. :func:`~qkvmean.engine.condition.sweep`'s) in place of
+    ``targets``, ``heads`` and ``ablate_layers``; their substitution must be ``over``.
+    The layers before a condition's first substituted layer are computed once for all
+    conditions that branch there.
     """
     from .api import Conditions, backend
 
     ops = backend(device)
     ids, lengths, seq = _checked_ids(model, ids, lengths, seq)
-    _check_layer_numbers(model, ablate_layers)
     sub = Substitution.parse(over)
+    if conditions is None:
+        if not len(ablate_layers):
+            raise ValueError("ablate_layers is empty: name at least one layer")
+        conditions = plain(targets, sub, ablate_layers, heads)
+    plan = Plan(tuple(conditions), sub, means)
+    for c in plan.conditions:
+        if not c.layers:
+            raise ValueError(f"condition {c.label} substitutes at no layer: name at least one")
+        _check_layer_numbers(model, c.layers)
+        if c.heads is not None and not all(0 <= h < model.n_heads for h in c.heads):
+            raise ValueError(
+                f"condition {c.label}: heads {list(c.heads)} out of range for {model.n_heads}"
+            )
     if (sub.kind == "dataset") != (means is not None):
         raise ValueError(
             "over='dataset' substitutes the means of a data set: pass means= (see "
@@ -567,13 +664,12 @@ def model_conditions(
         )
     if partners is not None and sub.kind != "resample":
         raise ValueError(f"partners apply to over='resample' only, not over={sub.spec!r}")
-    given = _given(ops, model, sub, means, targets, ablate_layers, ids, lengths, seq, partners)
-    head_mask = None
-    if heads is not None:
-        head_mask = np.zeros(model.n_heads, np.bool_)
-        head_mask[list(heads)] = True
-    plan = Plan(tuple(targets), sub, head_mask, frozenset(ablate_layers), means)
-    out = _Outputs(model, plan, ids.shape[0], seq, hidden, bool(maps))
+    if map_layers is None:
+        map_layers = range(model.n_layers)
+    map_layers = sorted({int(x) for x in map_layers}) if maps else []
+    _check_layer_numbers(model, map_layers)
+    given = _given(ops, model, sub, means, plan.targets, plan.layers, ids, lengths, seq, partners)
+    out = _Outputs(model, plan, ids.shape[0], seq, hidden, map_layers, bool(effects))
     _run_inputs(ops, model, plan, ids, lengths, out, given, taps=None)
     names = plan.names
     return Conditions(
@@ -581,6 +677,7 @@ def model_conditions(
         weights={} if out.maps is None else dict(zip(names, out.maps, strict=True)),
         metrics=out.metrics,
         hidden=None if out.hidden is None else dict(zip(names, out.hidden, strict=True)),
+        effects=out.effects,
     )
 
 
@@ -590,7 +687,7 @@ def _given(ops, model: Weights, sub, means, targets, layers, ids, lengths, seq, 
     each input's partner's projections of the baseline pass (positions past the
     partner's length keep the input's own; ``partners``: their ``(ids, lengths)``, one per
     input, or None to draw them among these inputs)."""
-    if sub.running:
+    if sub.running or not layers:  # (no condition substitutes anything)
         return None
     if sub.kind == "dataset":
         longest = int(lengths.max(initial=0))

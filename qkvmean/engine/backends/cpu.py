@@ -230,9 +230,17 @@ class InputScratch:
         self.no_ent = np.empty((0, 0))
         self.logits = np.empty(n, np.float32)
         self.kt = np.empty((0, 0), np.float32)  # the kernel reads no keys: scores are given
-        # without maps to return: the baseline's and the current condition's, here
-        self.own = None if maps else np.zeros((min(stack, 2), n_heads, n, n), np.float32)
+        self.stack = stack
+        self._own = None  # where the maps that are not kept go (made when first needed)
         self.base_map = None
+
+    def own(self, c):
+        """Where condition ``c``'s map goes when it is not kept: the baseline's (which the
+        other conditions' KL reads) or the current condition's."""
+        if self._own is None:
+            shape = (min(self.stack, 2), *self.row_ent.shape, self.row_ent.shape[1])
+            self._own = np.zeros(shape, np.float32)
+        return self._own[min(c, 1)]
 
     def finish(self):
         """Every result of this input is in place (they are written as computed here)."""
@@ -255,7 +263,7 @@ def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, redu
     heads = q.shape[0]
     n = scratch.length[0]
     if w is None:
-        w = scratch.own[min(c, 1)]
+        w = scratch.own(c)
     if c == 0:
         scratch.base_map = w
     valid = w[:, :n, :n]
