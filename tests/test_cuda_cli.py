@@ -126,3 +126,17 @@ def test_figure_takes_the_device(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "device: cpu (" in err if cuda_backend.SIMULATOR else "device: cuda (" in err
     assert out.exists() and out.with_suffix(".h5").exists()
+
+
+def test_a_sweep_on_cuda_writes_the_cpu_store(tmp_path):
+    """The branching pass on the CUDA backend: chunks from the baseline's kept rows (a
+    later chunk's baseline copy goes to no map), maps at one layer, the effects."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("mean keys\nthe quick fox\n")
+    for device in ("cpu", "cuda"):  # two chunks: at layer 1, and at 3 from the kept rows
+        argv = ["run", "--model", "synthetic", "--text", str(texts), "--sweep", "layers",
+                "--targets", "k", "--ablate-layers", "1,3", "--maps-layers", "2", "--quiet"]  # fmt: skip
+        assert main([*argv, "-o", str(tmp_path / f"{device}.h5"), "--device", device]) == 0
+    _same_store(tmp_path / "cpu.h5", tmp_path / "cuda.h5")
+    with h5py.File(tmp_path / "cuda.h5") as f:
+        assert f["attention/mean_k@L1"].shape[1] == 1 and "effects/kl_next_token" in f

@@ -90,6 +90,20 @@ def test_qkv_and_model_stores_are_those_of_a_local_run(tmp_path, cluster, monkey
     assert made["workers"] == 2 and made["scheduler"] == addr
 
 
+def test_a_sweep_on_a_cluster_is_the_local_store(tmp_path, cluster):
+    """--sweep heads with maps at one layer and the effects: the workers compute the
+    batches, the store is the local run's bit for bit."""
+    addr = cluster[0].scheduler_address
+    text = _texts(tmp_path / "t.txt", n=4)
+    argv = ["run", "--model", "synthetic", "--text", str(text), "--sweep", "heads",
+            "--targets", "q,v", "--maps-layers", "3", "--batch-size", "2", "--quiet"]  # fmt: skip
+    assert main([*argv, "-o", str(tmp_path / "local.h5")]) == 0
+    assert main([*argv, "-o", str(tmp_path / "dist.h5"), "--scheduler", addr]) == 0
+    assert_identical(tmp_path / "local.h5", tmp_path / "dist.h5")
+    with h5py.File(tmp_path / "dist.h5") as f:
+        assert f["effects/kl_next_token"].shape == (33, 4) and len(f["attention"]) == 33
+
+
 def test_dataset_means_on_a_cluster_are_those_of_a_local_run(tmp_path, cluster, monkeypatch):
     """--over dataset: both passes run on the workers (the driver adds the first pass's
     sums up in batch order), the means travel with each task of the second; the store

@@ -338,7 +338,7 @@ DAMAGE = {
             "metrics/condition",
             np.array(["baseline", "mean_q", "mean_x", "mean_v"], dtype=h5py.string_dtype()),
         ),
-        r"unknown condition 'mean_x'",
+        r"condition 'mean_x' does not match its row of the condition table",
     ),
     "maps shorter than metrics": (
         _replace("attention/mean_v", np.zeros((4, 2, 2, 6, 6), np.float32)),

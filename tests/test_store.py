@@ -163,7 +163,17 @@ def test_schema_paths_dtypes_shapes_and_attributes(rank5_store):
             assert d.compression == "gzip" and d.shuffle
             assert d.chunks[:2] == (1, 1) and d.chunks[3:] == (seq, seq)
             dims = [dim.label or next(iter(dim.keys())) for dim in d.dims]
-            assert dims == ["batch", "layer", "head", "query", "key"]
+            assert dims == ["batch", "map_layer", "head", "query", "key"]
+        np.testing.assert_array_equal(f["map_layer"][...], f["layer"][...])  # maps at every layer
+        # the condition table, on the condition scale: raw Q/K/V substitutes every layer
+        table = {k: [x.decode() for x in f["conditions"][k][...]] for k in f["conditions"]}
+        assert table == {
+            "target": ["", "q", "k", "v"],
+            "layers": ["[]"] + ["[0, 1]"] * 3,
+            "heads": ["[]"] + ["all"] * 3,
+            "substitution": [""] + ["tokens"] * 3,
+        }
+        assert "effects" not in f  # raw Q/K/V: no model output
         for metric in ("entropy", "kl_from_baseline", "top_key_mass", "top_key_index"):
             assert f["metrics"][metric].shape == (4, n, layers, heads)
             assert [next(iter(dim.keys())) for dim in f["metrics"][metric].dims] == [
@@ -180,7 +190,7 @@ def test_xarray_reads_named_dimensions(rank5_store):
 
     out, data, _ = rank5_store
     with xr.open_dataset(out, engine="h5netcdf", group="attention") as ds:
-        assert ds["mean_k"].dims == ("batch", "layer", "head", "query", "key")
+        assert ds["mean_k"].dims == ("batch", "map_layer", "head", "query", "key")
         np.testing.assert_array_equal(ds["mean_k"].values, h5py.File(out)["attention/mean_k"][...])
     with xr.open_dataset(out, engine="h5netcdf", group="metrics") as ds:
         assert ds["entropy"].dims == ("condition", "batch", "layer", "head")
@@ -355,8 +365,8 @@ def test_reader_refuses_unknown_version_and_non_stores(tmp_path, rank5_store):
     copy = tmp_path / "future.h5"
     shutil.copy(rank5_store[0], copy)
     with h5py.File(copy, "a") as f:
-        f.attrs["format_version"] = np.int32(2)
-    with pytest.raises(ValueError, match=r"format_version 2 is not one this qkvmean .* reads"):
+        f.attrs["format_version"] = np.int32(3)
+    with pytest.raises(ValueError, match=r"format_version 3 is not one this qkvmean .* reads"):
         qkvmean.open_store(copy)
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:

@@ -34,6 +34,13 @@ def resolve_device(args) -> str:
     return name
 
 
+def _ablate_layers(args):
+    """``--ablate-layers``, by default 0 (a sweep's: every layer)."""
+    if args.ablate_layers is not None:
+        return args.ablate_layers
+    return "all" if getattr(args, "sweep", None) else [0]
+
+
 def make_source(args, options, notes=True):
     """The source a ``run`` reads: raw Q/K/V, a model, or the built-in demo (``notes``:
     say on stderr which model and texts were taken when none was named)."""
@@ -46,6 +53,8 @@ def make_source(args, options, notes=True):
             ("--text", args.text),
             ("--ablate-layers", args.ablate_layers),
             ("--max-tokens", args.max_tokens),
+            ("--sweep", getattr(args, "sweep", None)),
+            ("--maps-layers", getattr(args, "maps_layers", None)),
         ):
             if value is not None:
                 raise UsageError(f"{flag} applies to --model runs, not to --qkv")
@@ -72,7 +81,7 @@ def make_source(args, options, notes=True):
         model,
         texts,
         options,
-        ablate_layers=[0] if args.ablate_layers is None else args.ablate_layers,
+        ablate_layers=_ablate_layers(args),
         max_tokens=args.max_tokens,
         texts_label=label,
     )

@@ -32,6 +32,16 @@ def parse_layers(text):
     return "all" if text.strip().lower() == "all" else comma_separated(int)(text)
 
 
+def parse_maps_layers(text):
+    """``--maps-layers``: layer numbers, ``all``, or ``none`` (an empty list)."""
+    if text.strip().lower() == "none":
+        return []
+    layers = parse_layers(text)
+    if not layers:
+        raise argparse.ArgumentTypeError("--maps-layers is empty; give layers, 'all' or 'none'")
+    return layers
+
+
 def positive_int(text):
     try:
         value = int(text)

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..engine.condition import SWEEPS
 from ..engine.names import OVER, TARGETS
 from ..store.schema import MAP_DTYPES
 from .common import UsageError, make_source, note, resolve_device
@@ -17,6 +18,7 @@ from .options import (
     add_over,
     add_text,
     comma_separated,
+    parse_maps_layers,
     positive_float,
     positive_int,
 )
@@ -77,6 +79,23 @@ def add_parser(sub):
     )
     add_heads(what)
     what.add_argument(
+        "--sweep",
+        choices=list(SWEEPS),
+        default=None,
+        help="--model: one condition per target and layer (layers: every head of that "
+        "layer) or per target, layer and head (heads: each head alone), at --ablate-layers "
+        "(default for a sweep: every layer) and --heads; metrics and effects for every "
+        "condition, maps only at --maps-layers",
+    )
+    what.add_argument(
+        "--effects",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--model: store each condition's effect on the output at /effects (the change "
+        "of the final hidden state; next-token KL and cross-entropy change with a "
+        "language-model head; embedding cosine for encoders) (default: --effects)",
+    )
+    what.add_argument(
         "--causal",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -107,6 +126,13 @@ def add_parser(sub):
         action=argparse.BooleanOptionalAction,
         default=True,
         help="store the maps; --no-maps stores metrics only (default: --maps)",
+    )
+    out.add_argument(
+        "--maps-layers",
+        type=parse_maps_layers,
+        default=None,
+        metavar="L[,L...]|all|none",
+        help="--model: the layers whose maps are stored (default: all; with --sweep: none)",
     )
     runp = p.add_argument_group("running")
     runp.add_argument(
@@ -207,6 +233,9 @@ def cmd_run(args) -> int:
         map_dtype=args.dtype,
         compression=args.compression,
         maps=args.maps,
+        sweep=args.sweep,
+        maps_layers=args.maps_layers,
+        effects=args.effects,
     )
     if not args.out:
         raise UsageError("--out is empty; give a file name for the store")

@@ -25,7 +25,8 @@ import numpy as np
 from .. import engine
 from .._version import __version__
 from ..config import task_pool
-from ..engine.names import OVER
+from ..engine import condition
+from ..engine.names import BASELINE, OVER
 from ..files import (
     InputError,
     ReadFailed,
@@ -134,12 +135,15 @@ def _layout(source, options: Options) -> schema.Layout:
         n_layers=source.n_layers,
         n_heads=source.n_heads,
         seq=source.seq,
-        conditions=options.conditions,
+        conditions=[BASELINE] + [c.label for c in source.conditions],
         map_dtype=options.map_dtype,
         compression=options.compression,
-        maps=options.maps,
+        maps=bool(source.map_layers),
         layer_ids=source.layer_ids,
         digests=source.digests,
+        map_layers=list(source.map_layers),
+        effects=tuple(source.effects),
+        table=condition.table(source.conditions),
     )
 
 
@@ -387,7 +391,7 @@ def _complete(job: _Job, config, resume) -> bool:
         differs = differences(existing.config, config)
     if differs:
         raise InputError(f"{out}: exists, made with {differs}; pass --overwrite to replace it")
-    size = auto_batch_size(source, len(job.options.conditions))
+    size = auto_batch_size(source, 1 + len(source.conditions))
     _verify_complete(source, out, batches(source.n_inputs, size, source.align()))
     return True
 
@@ -511,7 +515,9 @@ def _compute_on_cluster(job: _Job, means, todo, bar, assembly):
             f"{exc}; the finished batches are kept in {assembly.work.name}/: rerun with "
             "--resume (on a cluster or here)"
         ) from None
-    per_input = layout.n_layers * layout.n_heads * layout.seq**2 * np.dtype("float32").itemsize
+    per_input = (
+        len(layout.map_layers) * layout.n_heads * layout.seq**2 * np.dtype("float32").itemsize
+    )
     maps = computed * per_input * len(layout.conditions) if layout.maps else 0
     return computed, seconds, maps
 

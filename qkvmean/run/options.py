@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import config as _config
-from ..engine.names import OVER, TARGETS, condition_names
+from ..engine.condition import SWEEPS
+from ..engine.names import BASELINE, OVER, TARGETS
 from ..engine.substitution import Substitution
 from ..files import InputError
 from ..store.codec import canonical_compression
@@ -35,6 +36,9 @@ class Options:
     compression: str = "deflate"
     maps: bool = True
     mean_from: str | None = None  # over="dataset": a reference run's store with the means
+    sweep: str | None = None  # "layers" or "heads": one condition per target x layer (x head)
+    maps_layers: list | str | None = None  # layers whose maps are kept; None: the default
+    effects: bool = True  # the effects on the model's output (model runs)
 
     def __post_init__(self):
         self.check()  # an Options is valid from the start, however it is made
@@ -61,6 +65,16 @@ class Options:
                 )
             if not str(self.mean_from).strip():
                 raise InputError("--mean-from is empty; give the store of a --over dataset run")
+        if self.sweep is not None and self.sweep not in SWEEPS:
+            raise InputError(f"--sweep must be {' or '.join(SWEEPS)}, got {self.sweep!r}")
+        if self.maps_layers is not None:
+            if not self.maps:
+                raise InputError(
+                    "--maps-layers names the layers whose maps are kept, and --no-maps keeps "
+                    "none; drop one of them"
+                )
+            if self.maps_layers != "all":
+                self.maps_layers = sorted(set(int(x) for x in self.maps_layers))
         if self.map_dtype not in MAP_DTYPES:
             raise InputError(f"--dtype must be {' or '.join(MAP_DTYPES)}, got {self.map_dtype!r}")
         if self.scale is not None and not (np.isfinite(self.scale) and self.scale > 0):
@@ -81,10 +95,6 @@ class Options:
     @property
     def substitution(self) -> Substitution:
         return Substitution.parse(self.over)
-
-    @property
-    def conditions(self):
-        return condition_names(self.targets)
 
 
 def reason(exc: BaseException) -> str:
@@ -150,7 +160,7 @@ def run_config(source, options: Options, batch_size) -> dict:
         **source.describe(),
         **asdict(options),
         "causal": source.causal,
-        "conditions": options.conditions,
+        "conditions": [BASELINE] + [c.label for c in source.conditions],
         "ablate_layers": source.ablate_layers,
         "row_block": _config.ROW_BLOCK,
         "batch_size": batch_size,

@@ -14,6 +14,8 @@ from typing import Protocol
 import numpy as np
 
 from .. import engine
+from ..engine import condition
+from ..engine.effects import effects_of
 from ..engine.kernels.means import position_sums
 from ..engine.names import METRICS
 from ..engine.substitution import resample_partners
@@ -78,6 +80,17 @@ class QKVSource:
         _check_heads(options, self.n_heads)
         self.options = options
         self.ablate_layers = self.layer_ids  # every layer's own Q/K/V is substituted
+        if options.sweep is not None or options.maps_layers is not None:
+            flag = "--sweep" if options.sweep is not None else "--maps-layers"
+            raise InputError(
+                f"{flag} applies to --model runs: raw Q/K/V has no forward pass to branch, "
+                "and each of its layers is substituted on its own"
+            )
+        self.conditions = condition.plain(
+            options.targets, options.substitution, self.layer_ids, options.heads
+        )
+        self.map_layers = list(self.layer_ids) if options.maps else []
+        self.effects = ()  # no model: no output
         _check_partners(self)
 
     def describe(self):
@@ -276,6 +289,17 @@ class ModelSource:
         self.layer_ids = list(range(self.n_layers))
         self.ablate_layers = _check_layers(ablate_layers, self.n_layers)
         _check_heads(options, self.n_heads)
+        sub = options.substitution
+        if options.sweep is None:
+            self.conditions = condition.plain(
+                options.targets, sub, self.ablate_layers, options.heads
+            )
+        else:
+            self.conditions = condition.sweep(
+                options.sweep, options.targets, self.ablate_layers, self.n_heads, sub, options.heads
+            )
+        self.map_layers = _map_layers(options, self.n_layers)
+        self.effects = effects_of(w) if options.effects else ()
         self.causal = w.causal
         self.options = options
         self.texts = [_text(t, i) for i, t in enumerate(texts)]
@@ -353,9 +377,10 @@ class ModelSource:
         return 1
 
     def bytes_per_input(self) -> int:
-        # the maps of every layer, per condition (the baseline's, which the KL reads, is
-        # one of them); an input's working buffers are small beside them
-        return self.n_layers * self.n_heads * self.seq * self.seq * 4
+        # per condition: the maps kept (the baseline's, which the KL reads, is one of
+        # them) and the metrics; an input's working buffers are small beside them
+        maps = len(self.map_layers) * self.n_heads * self.seq * self.seq * 4
+        return maps + self.n_layers * self.n_heads * 16
 
     def inputs_record(self) -> dict:
         tokens = [t + [""] * (self.seq - len(t)) for t in self.tokens]
@@ -414,9 +439,12 @@ class ModelSource:
                 ablate_layers=self.ablate_layers,
                 seq=self.seq,
                 device=device,
-                maps=o.maps,
+                maps=bool(self.map_layers),
                 means=means,
                 partners=partners,
+                conditions=self.conditions,
+                map_layers=self.map_layers,
+                effects=bool(self.effects),
             )
         except ValueError as exc:
             raise InputError(f"{self.model.name}: inputs {start}..{stop - 1}: {exc}") from None
@@ -499,6 +527,25 @@ def _check_layers(layers, n_layers):
     return layers
 
 
+def _map_layers(options, n_layers) -> list:
+    """The layers whose maps a model run keeps: ``--maps-layers``, by default every layer
+    (none for a sweep, whose conditions are many), none with ``--no-maps``."""
+    spec = options.maps_layers
+    if not options.maps:
+        return []
+    if spec is None:
+        spec = "all" if options.sweep is None else []
+    if spec == "all":
+        return list(range(n_layers))
+    for layer in spec:
+        if not 0 <= layer < n_layers:
+            raise InputError(
+                f"--maps-layers: layer {layer} is out of range for {n_layers} layers "
+                f"(0..{n_layers - 1})"
+            )
+    return sorted(set(spec))
+
+
 def _check_heads(options, n_heads):
     """Check ``options.heads`` against the model; all heads listed is the same as None."""
     for h in options.heads or ():
@@ -513,5 +560,6 @@ def _check_heads(options, n_heads):
 def batch_results(c, layout, options) -> tuple:
     """One batch's :class:`~qkvmean.engine.api.Conditions` as the store takes them:
     ``(maps per condition in the stored dtype, or None without maps; metrics)``."""
-    maps = batch_maps(c, layout, options) if options.maps else None
-    return maps, {name: c.metrics[name] for name in METRICS}
+    maps = batch_maps(c, layout, options) if layout.maps else None
+    effects = {name: c.effects[name] for name in layout.effects}
+    return maps, {**{name: c.metrics[name] for name in METRICS}, **effects}

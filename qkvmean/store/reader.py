@@ -3,33 +3,43 @@ metrics and inputs read back by name (:func:`open_store`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..engine.names import BASELINE, CONDITIONS, METRICS
+from ..engine.condition import BASELINE_RECORD, Condition, from_record
+from ..engine.names import BASELINE, CONDITIONS, EFFECTS, METRICS, target_of
 from ..files import InputError, hdf5_reason, lexists, load_json, open_hdf5, parse_causal
 from .schema import (
     ATTENTION,
     CONDITION,
-    CONDITION_ORDER,
+    CONDITION_FIELDS,
+    CONDITIONS_GROUP,
     CRC32,
+    EFFECTS_GROUP,
     FORMAT,
-    FORMAT_VERSION,
     LENGTHS,
+    MAP_LAYER,
     MEANS_COUNT,
     MEANS_GROUP,
     MEANS_LAYER,
     METRIC_NAMES,
     METRICS_GROUP,
+    READ_VERSIONS,
     TEXT,
     TOKENS,
+    condition_field_path,
+    effect_path,
     map_path,
     means_path,
     metric_path,
 )
 from .workdir import interrupted_message, partial_dir
+
+#: A version 1 store's conditions, in its order.
+V1_CONDITIONS = CONDITIONS
 
 
 class Store:
@@ -129,19 +139,25 @@ class Store:
             raise self._damaged("no /metrics group")
         names = self._dataset(CONDITION, kind="OSU", ndim=1)[...]
         self.conditions = self._text(names, "/" + CONDITION)
-        unknown = [c for c in self.conditions if c not in CONDITION_ORDER]
-        if unknown:
-            raise self._damaged(
-                f"unknown condition {unknown[0]!r} in /metrics/condition (qkvmean knows "
-                f"{', '.join(CONDITION_ORDER)})"
+        if self.format_version == 1:  # the plain run's conditions, in their order
+            unknown = [c for c in self.conditions if c not in V1_CONDITIONS]
+            if unknown:
+                raise self._damaged(
+                    f"unknown condition {unknown[0]!r} in /metrics/condition (qkvmean knows "
+                    f"{', '.join(V1_CONDITIONS)})"
+                )
+            in_order = sorted(set(self.conditions), key=V1_CONDITIONS.index)
+        else:
+            in_order = [BASELINE] + sorted(
+                set(self.conditions) - {BASELINE}, key=self.conditions.index
             )
-        if self.conditions != sorted(set(self.conditions), key=CONDITION_ORDER.index) or (
-            self.conditions[:1] != [BASELINE]
-        ):
+        if self.conditions != in_order or self.conditions[:1] != [BASELINE]:
             raise self._damaged(
                 f"/metrics/condition lists {', '.join(self.conditions)}: baseline first, each "
-                f"condition once, in the order {', '.join(CONDITIONS)}"
-            )
+                f"condition once" + (f", in the order {', '.join(V1_CONDITIONS)}"
+                                     if self.format_version == 1 else "")
+            )  # fmt: skip
+        self._read_table()
         entropy = self._dataset(metric_path("entropy"), kind="f", ndim=4)
         shape = entropy.shape
         if shape[0] != len(self.conditions):
@@ -174,8 +190,15 @@ class Store:
         if TOKENS in f:
             self._dataset(TOKENS, kind="OSU", ndim=2, shape=(self.n_inputs, self.seq))
         self._check_means()
+        self.map_layer_ids = list(self.layer_ids)  # version 1: maps at every layer
+        if self.format_version > 1:
+            scale = self._dataset(MAP_LAYER, kind="iu", ndim=1)
+            self.map_layer_ids = [int(x) for x in scale[...]]
+            if not set(self.map_layer_ids) <= set(self.layer_ids):
+                raise self._damaged(f"/{MAP_LAYER} names layers that /layer does not have")
+        self._check_effects()
         self.has_maps = ATTENTION in f
-        if not self.has_maps and self.config.get("maps", True):
+        if not self.has_maps and self.config.get("maps", True) and self.map_layer_ids:
             raise self._damaged("no /attention, though its config says the maps were stored")
         if self.has_maps:
             if not isinstance(f[ATTENTION], h5py.Group):
@@ -185,9 +208,104 @@ class Store:
                 raise self._damaged(
                     f"/attention/{extra[0]} is not one of the conditions in /metrics/condition"
                 )
-            full = (self.n_inputs, self.n_layers, self.n_heads, self.seq, self.seq)
+            full = (self.n_inputs, len(self.map_layer_ids), self.n_heads, self.seq, self.seq)
             for cond in self.conditions:
                 self._dataset(map_path(cond), kind="f", ndim=5, shape=full)
+
+    def _read_table(self):
+        """The condition table (:attr:`condition_table`): stored (version 2), or what a
+        version 1 store's attributes say (each target alone, at ``ablate_layers``, in
+        ``ablate_heads``, by ``over``)."""
+        f = self._f
+        if self.format_version == 1:
+            over = str(self.attrs.get("over", "tokens"))
+            layers = [int(x) for x in np.atleast_1d(self.attrs.get("ablate_layers", [0]))]
+            heads = [int(x) for x in np.atleast_1d(self.attrs.get("ablate_heads", []))]
+            rows = [dict(BASELINE_RECORD)] + [
+                {"target": target_of(c), "layers": json.dumps(layers),
+                 "heads": json.dumps(heads), "substitution": over}
+                for c in self.conditions[1:]
+            ]  # fmt: skip
+        else:
+            if not isinstance(f.get(CONDITIONS_GROUP), h5py.Group):
+                raise self._damaged("no /conditions group (the condition table)")
+            columns = {}
+            for name in CONDITION_FIELDS:
+                d = self._dataset(
+                    condition_field_path(name), kind="OSU", ndim=1, shape=(len(self.conditions),)
+                )
+                columns[name] = self._text(d[...], "/" + condition_field_path(name))
+            rows = [
+                {k: columns[k][i] for k in CONDITION_FIELDS} for i in range(len(self.conditions))
+            ]
+        self.condition_table = []
+        for label, row in zip(self.conditions, rows, strict=True):
+            try:
+                condition = from_record(label, row)
+            except (ValueError, TypeError, KeyError):
+                raise self._damaged(f"/conditions holds a bad row for {label!r}: {row}") from None
+            # (version 1 named every kind mean_<target>)
+            if (
+                self.format_version > 1
+                and condition is not None
+                and label.split("@")[0]
+                != Condition(condition.target, substitution=condition.substitution).label
+            ):
+                raise self._damaged(
+                    f"condition {label!r} does not match its row of the condition table "
+                    f"(target {condition.target}, {condition.substitution.spec})"
+                )
+            entry = {"label": label, **row}
+            if condition is not None:
+                entry["layers"] = list(condition.layers)
+                entry["heads"] = "all" if condition.heads is None else list(condition.heads)
+            else:
+                entry["layers"], entry["heads"] = [], []
+            self.condition_table.append(entry)
+
+    def _check_effects(self):
+        """``/effects`` (model runs, version 2): ``(condition, batch)`` float datasets."""
+        group = self._f.get(EFFECTS_GROUP)
+        self.effects = []
+        if group is None:
+            return
+        if not isinstance(group, h5py.Group):
+            raise self._damaged("/effects is a dataset, not a group")
+        for name in group:
+            if name not in EFFECTS:
+                raise self._damaged(f"/effects/{name} is not an effect qkvmean knows")
+            self._dataset(effect_path(name), kind="f", ndim=2,
+                          shape=(len(self.conditions), self.n_inputs))  # fmt: skip
+        self.effects = [name for name in EFFECTS if name in group]
+
+    def effect(self, name) -> np.ndarray:
+        """``/effects/<name>``: ``(condition, input)`` float32."""
+        if name not in self.effects:
+            have = (
+                ", ".join(self.effects) if self.effects else "none (a raw Q/K/V or version 1 store)"
+            )
+            raise InputError(f"{self.path.name} has no effect {name!r} (it has {have})")
+        try:
+            return self._f[effect_path(name)][...]
+        except (OSError, RuntimeError) as exc:
+            raise self._unreadable(exc) from None
+
+    @property
+    def sweep(self):
+        """``"heads"`` or ``"layers"`` for a ``--sweep`` run's store, else None."""
+        return self.config.get("sweep")
+
+    def map_layer_index(self, layer) -> int:
+        """The position on the maps' layer axis of layer index ``layer`` (as
+        :meth:`layer_index` takes it), or an InputError where no maps were kept."""
+        number = self.layer_ids[self.layer_index(layer)]
+        if number not in self.map_layer_ids:
+            kept = ", ".join(map(str, self.map_layer_ids)) or "none"
+            raise InputError(
+                f"{self.path.name} keeps no maps at layer {number} (maps at layers: {kept}; "
+                "rerun with --maps-layers to keep them)"
+            )
+        return self.map_layer_ids.index(number)
 
     def _check_means(self):
         """``/means`` (stores of ``--over dataset`` runs): the datasets the reader needs,
@@ -241,13 +359,15 @@ class Store:
             version = version[0]
         if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
             raise self._damaged(f"its format_version {version!r} is not an integer")
-        if int(version) != FORMAT_VERSION:
+        if int(version) not in READ_VERSIONS:
             from .._version import __version__
 
             raise InputError(
                 f"{self.path}: store format_version {version} is not one this qkvmean "
-                f"({__version__}) reads (version {FORMAT_VERSION}); use a matching qkvmean"
+                f"({__version__}) reads (versions {', '.join(map(str, READ_VERSIONS))}); use "
+                "a matching qkvmean"
             )
+        self.format_version = int(version)
 
     # -- context manager
     def close(self):
@@ -386,13 +506,14 @@ class Store:
         dset = self._f[ATTENTION][condition]
         b = self.input_index(index)
         layer = self.layer_index(layer)
+        at = self.map_layer_index(layer)
         if isinstance(head, str):
             if head != "mean":
                 raise InputError(f"head must be an index or 'mean', got {head!r}")
             heads = slice(None)
         else:
             heads = self.head_index(head)
-        m = self._checked(dset, condition, b, layer, heads)
+        m = self._checked(dset, condition, b, layer, heads, at)
         m = m.astype(np.float64).mean(axis=0) if heads == slice(None) else m
         m = m.astype(np.float32)
         if trim:
@@ -407,11 +528,12 @@ class Store:
         b, layer = self.input_index(index), self.layer_index(layer)
         n = self.lengths[b]
         dset = self._f[ATTENTION][condition]
-        return self._checked(dset, condition, b, layer, slice(None))[:, :n, :n]
+        at = self.map_layer_index(layer)
+        return self._checked(dset, condition, b, layer, slice(None), at)[:, :n, :n]
 
-    def _checked(self, dset, condition, b, layer, heads):
+    def _checked(self, dset, condition, b, layer, heads, at):
         where = f"input {b}, condition {condition}, layer {self.layer_ids[layer]}"
-        m = self._read(dset, (b, layer, heads), where)
+        m = self._read(dset, (b, at, heads), where)
         check_weights(m, self.path, where)
         return m
 
@@ -427,7 +549,8 @@ class Store:
             ) from None
 
     def maps(self, condition, inputs=slice(None), layer=slice(None), head=slice(None)):
-        """A slice of ``/attention/<condition>``, as stored (numpy indexing)."""
+        """A slice of ``/attention/<condition>``, as stored (numpy indexing; ``layer``
+        indexes the maps' own layer axis, :attr:`map_layer_ids`)."""
         condition = self._condition(condition)
         where = f"inputs {inputs}, condition {condition}, layers {layer}"
         return self._read(self._f[ATTENTION][condition], (inputs, layer, head), where)
@@ -502,7 +625,7 @@ class Store:
         return {
             "store": str(self.path),
             "complete": True,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "qkvmean_version": self.attrs.get("qkvmean_version"),
             "created_utc": self.attrs.get("created_utc"),
             "source": self.source,
@@ -519,6 +642,10 @@ class Store:
                 "max": int(self.lengths.max()) if self.n_inputs else 0,
             },
             "conditions": self.conditions,
+            "condition_table": self.condition_table,
+            "sweep": self.sweep,
+            "effects": self.effects,
+            "map_layers": self.map_layer_ids,
             "over": self.attrs.get("over"),
             "causal": self.causal,
             "ablate_layers": self.attrs.get("ablate_layers"),

@@ -1,4 +1,4 @@
-"""The store's schema (version 1): its datasets, their paths, shapes, chunks and named axes.
+"""The store's schema (version 2): its datasets, their paths, shapes, chunks and named axes.
 
 The paths of its groups and datasets, and the axes each kind of dataset has, are spelled
 here once; the writer and the reader take them from here.
@@ -13,15 +13,17 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from ..engine.names import CONDITIONS, METRICS
+from ..engine.names import METRICS
 from ..files import InputError
 from ..resources import format_bytes
 from .codec import parse_compression
 
 FORMAT = "qkvmean-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The versions the reader reads: 1 (the plain run's conditions only, maps at every layer,
+#: no condition table and no effects) and 2.
+READ_VERSIONS = (1, 2)
 METRIC_NAMES = METRICS[:3]  # the float metrics; top_key_index is stored apart
-CONDITION_ORDER = CONDITIONS
 
 #: The largest chunk HDF5 can store (its chunk sizes are 32-bit).
 MAX_CHUNK_BYTES = 2**32 - 1
@@ -52,16 +54,25 @@ TENSOR = "input/tensor"
 MEANS_GROUP = "means"
 MEANS_COUNT = "means/count"
 MEANS_LAYER = "means/layer"
+#: The condition table (version 2): one string dataset per field of
+#: :meth:`qkvmean.engine.condition.Condition.record`, on the condition scale.
+CONDITIONS_GROUP = "conditions"
+CONDITION_FIELDS = ("target", "layers", "heads", "substitution")
+#: The effects on the model's output (version 2, model runs): EFFECTS/<effect>
+#: (condition, batch), float32 (:mod:`qkvmean.engine.effects`).
+EFFECTS_GROUP = "effects"
+MAP_LAYER = "map_layer"  # the maps' layer axis: the layers whose maps are kept
 
 
 #: The named axes (dimension scales at the root, and the condition scale) of each kind
 #: of dataset.
-MAP_AXES = ("batch", "layer", "head", "query", "key")
+MAP_AXES = ("batch", MAP_LAYER, "head", "query", "key")
+EFFECT_AXES = ("condition", "batch")
 METRIC_AXES = ("condition", "batch", "layer", "head")
 INPUT_AXES = ("batch",)  # lengths, text, crc32 (and its tensor axis)
 TOKEN_AXES = ("batch", "seq")
 #: The root's dimension scales: every axis name above but the condition's.
-ROOT_SCALES = ("batch", "layer", "head", "query", "key", "seq")
+ROOT_SCALES = ("batch", "layer", "head", "query", "key", "seq", MAP_LAYER)
 
 
 def map_path(condition: str) -> str:
@@ -70,6 +81,14 @@ def map_path(condition: str) -> str:
 
 def metric_path(name: str) -> str:
     return f"{METRICS_GROUP}/{name}"
+
+
+def effect_path(name: str) -> str:
+    return f"{EFFECTS_GROUP}/{name}"
+
+
+def condition_field_path(name: str) -> str:
+    return f"{CONDITIONS_GROUP}/{name}"
 
 
 def means_path(target: str) -> str:
@@ -98,10 +117,23 @@ class Layout:
     maps: bool = True
     layer_ids: list = field(default_factory=list)  # layer numbers for the layer scale
     digests: tuple = ()  # tensors with a CRC-32 per input in /input/crc32 (raw Q/K/V)
+    map_layers: list | None = None  # the layer numbers whose maps are kept (None: all)
+    effects: tuple = ()  # the effects on the output stored (model runs)
+    table: dict | None = None  # the condition table (qkvmean.engine.condition.table)
 
     def __post_init__(self):
         if not self.layer_ids:
             self.layer_ids = list(range(self.n_layers))
+        if self.map_layers is None:
+            self.map_layers = list(self.layer_ids) if self.maps else []
+        if not self.map_layers:
+            self.maps = False  # nothing to keep
+
+    @property
+    def results(self) -> tuple:
+        """The per-condition arrays of a batch besides the maps: the metrics, then the
+        effects."""
+        return (*METRICS, *self.effects)
 
     def map_chunk_bytes(self) -> int:
         return int(np.prod(self.map_chunks(), dtype=np.int64)) * np.dtype(self.map_dtype).itemsize
@@ -110,6 +142,7 @@ class Layout:
         """Bytes of the store that do not depend on how well the maps compress: the
         metrics, lengths, digests and dimension scales (a lower bound of its size)."""
         metrics = 4 * len(self.conditions) * self.n_inputs * self.n_layers * self.n_heads * 4
+        metrics += 4 * len(self.conditions) * self.n_inputs * len(self.effects)
         per_input = 4 + 4 + 4 * len(self.digests)  # lengths, batch scale, CRCs
         return metrics + self.n_inputs * per_input
 
@@ -138,7 +171,7 @@ class Layout:
             for cond in self.conditions:
                 group.create_dataset(
                     cond,
-                    shape=(n_inputs, self.n_layers, self.n_heads, self.seq, self.seq),
+                    shape=(n_inputs, len(self.map_layers), self.n_heads, self.seq, self.seq),
                     dtype=self.map_dtype,
                     chunks=self.map_chunks() if n_inputs else None,
                     **(filters if n_inputs else {}),
@@ -148,6 +181,10 @@ class Layout:
         for name in METRIC_NAMES:
             group.create_dataset(name, shape=shape, dtype="float32")
         group.create_dataset(METRICS[3], shape=shape, dtype="int32")  # top_key_index
+        if self.effects:
+            group = f.require_group(EFFECTS_GROUP)
+            for name in self.effects:
+                group.create_dataset(name, shape=(len(self.conditions), n_inputs), dtype="float32")
 
 
 def dimension_scales(f: h5py.File, layout: Layout):
@@ -156,6 +193,7 @@ def dimension_scales(f: h5py.File, layout: Layout):
         "batch": np.arange(layout.n_inputs, dtype=np.int32),
         "layer": np.asarray(layout.layer_ids, dtype=np.int32),
         "head": np.arange(layout.n_heads, dtype=np.int32),
+        MAP_LAYER: np.asarray(layout.map_layers, dtype=np.int32),
     }
     scales = {name: values.get(name, positions) for name in ROOT_SCALES}
     for name, values in scales.items():
@@ -164,6 +202,11 @@ def dimension_scales(f: h5py.File, layout: Layout):
         basename(CONDITION), data=np.array(layout.conditions, dtype=STR)
     )
     cond.make_scale(basename(CONDITION))
+    if layout.table is not None:
+        group = f.create_group(CONDITIONS_GROUP)
+        for name in CONDITION_FIELDS:
+            d = group.create_dataset(name, data=np.array(layout.table[name], dtype=STR))
+            d.dims[0].attach_scale(cond)
 
 
 def attach(dset: h5py.Dataset, f: h5py.File, names):

@@ -18,6 +18,7 @@ from ..files import ReadFailed
 from .codec import crc32, encodable, encode_batch, parse_compression
 from .schema import (
     CRC32,
+    EFFECT_AXES,
     INPUT,
     INPUT_AXES,
     LENGTHS,
@@ -33,6 +34,7 @@ from .schema import (
     attach,
     basename,
     dimension_scales,
+    effect_path,
     map_path,
     metric_path,
     write_means,
@@ -112,6 +114,8 @@ class Assembly:
             attach(group.create_dataset(basename(TOKENS), data=tokens), f, TOKEN_AXES)
         for name in METRICS:
             attach(f[metric_path(name)], f, METRIC_AXES)
+        for name in layout.effects:
+            attach(f[effect_path(name)], f, EFFECT_AXES)
         if self.means is not None:
             write_means(f, self.means)
         if layout.maps:
@@ -123,9 +127,10 @@ class Assembly:
     def add(self, start, stop, maps, metrics, pool=None, digests=None):
         """Write inputs ``start:stop`` and journal them.
 
-        ``maps[condition]``: ``(n, layer, head, seq, seq)`` (a condition whose map is
-        another's array — mean-V of raw Q/K/V is the baseline — is encoded once);
-        ``metrics[name]``: ``(condition, n, layer, head)``; ``digests``: ``(n, tensor)``
+        ``maps[condition]``: ``(n, map layer, head, seq, seq)`` (a condition whose map
+        is another's array — mean-V of raw Q/K/V is the baseline — is encoded once);
+        ``metrics[name]``: ``(condition, n, layer, head)`` for each metric, and
+        ``(condition, n)`` for each of the layout's effects; ``digests``: ``(n, tensor)``
         CRC-32 of each input as read (for a layout with ``digests``). With a thread
         ``pool``, the chunks are encoded on its threads (ISA-L and zlib release the GIL).
         """
@@ -158,14 +163,17 @@ class Assembly:
         return [
             (i, layer, head, 0, 0)
             for i in range(start, stop)
-            for layer in range(self.layout.n_layers)
+            for layer in range(len(self.layout.map_layers))
             for head in range(0, self.layout.n_heads, per)
         ]
 
     def _put(self, start, stop, rows, metrics, digests):
-        """Metrics into the store; flush; the journal entry (atomically); writeback."""
+        """Metrics and effects into the store; flush; the journal entry (atomically);
+        writeback."""
         for name in METRICS:
             self.f[metric_path(name)][:, start:stop] = metrics[name]
+        for name in self.layout.effects:
+            self.f[effect_path(name)][:, start:stop] = metrics[name]
         digests = self._digests(start, stop, digests)
         if self.layout.digests:
             self.f[CRC32][start:stop] = digests
@@ -179,7 +187,7 @@ class Assembly:
             "stop": np.int64(stop),
             "chunks": np.asarray(rows, dtype=np.int64).reshape(-1, 7),
             "inputs_crc32": digests,
-            **{name: np.asarray(metrics[name]) for name in METRICS},
+            **{name: np.asarray(metrics[name]) for name in self.layout.results},
         }
         with open(tmp, "wb") as fh:
             np.savez(fh, checksum=np.uint32(entry_checksum(fields)), **fields)
@@ -300,12 +308,14 @@ class Assembly:
             name = str(fields["store_file"])
             table = fields["chunks"]
             digests = fields["inputs_crc32"]
-            metrics = {m: fields[m] for m in METRICS}
+            metrics = {m: fields[m] for m in self.layout.results}
         except (KeyError, TypeError, ValueError):
             return None
-        shape = (len(self.layout.conditions), stop - start, self.layout.n_layers)
-        shape += (self.layout.n_heads,)
-        if any(v.shape != shape for v in metrics.values()):
+        per_condition = (len(self.layout.conditions), stop - start)
+        shape = (*per_condition, self.layout.n_layers, self.layout.n_heads)
+        if any(metrics[m].shape != shape for m in METRICS):
+            return None
+        if any(metrics[e].shape != per_condition for e in self.layout.effects):
             return None
         if digests.shape != (stop - start, len(self.layout.digests)):
             return None
