@@ -135,7 +135,8 @@ def test_a_sweep_on_cuda_writes_the_cpu_store(tmp_path):
     texts.write_text("mean keys\nthe quick fox\n")
     for device in ("cpu", "cuda"):  # two chunks: at layer 1, and at 3 from the kept rows
         argv = ["run", "--model", "synthetic", "--text", str(texts), "--sweep", "layers",
-                "--targets", "k", "--ablate-layers", "1,3", "--maps-layers", "2", "--quiet"]  # fmt: skip
+                "--targets", "k", "--ablate-layers", "1,3", "--maps-layers", "2",
+                "--quiet"]  # fmt: skip
         assert main([*argv, "-o", str(tmp_path / f"{device}.h5"), "--device", device]) == 0
     _same_store(tmp_path / "cpu.h5", tmp_path / "cuda.h5")
     with h5py.File(tmp_path / "cuda.h5") as f:

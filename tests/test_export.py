@@ -17,7 +17,7 @@ import qkvmean
 from qkvmean.cli import main
 from qkvmean.files import InputError
 from qkvmean.render import metrics as kl_figure
-from qkvmean.store.export import COLUMNS, MissingExtra, export_metrics
+from qkvmean.store.export import COLUMNS, MissingExtra, columns, export_metrics
 
 CONDITIONS = ["baseline", "mean_q", "mean_k", "mean_v"]
 FLOATS = ("entropy", "kl_from_baseline", "top_key_mass")
@@ -50,6 +50,7 @@ def qkv_store(tmp_path_factory):
     assert main(["run", "--qkv", str(tmp / "in.h5"), "--out", str(out), "--quiet"]) == 0
     with h5py.File(out, "r+") as f:
         f["layer"][...] = [3, 7]
+        f["map_layer"][...] = [3, 7]  # the maps are at every layer
         f.attrs["ablate_layers"] = np.array([7], dtype=np.int32)
     return out
 
@@ -107,7 +108,7 @@ def test_to_xarray_opens_lazily_and_holds_the_store(model_store, reads):
         assert "/attention/mean_k" in reads and "/attention/mean_q" not in reads
         for cond in CONDITIONS:
             var = ds[f"attention_{cond}"]
-            assert var.dims == ("batch", "layer", "head", "query", "key")
+            assert var.dims == ("batch", "map_layer", "head", "query", "key")
             np.testing.assert_array_equal(var.values, expected["maps"][cond])
         for name, values in expected["metrics"].items():
             assert ds[name].dims == ("condition", "batch", "layer", "head")
@@ -190,13 +191,16 @@ def test_export_csv_has_every_row_and_round_trips_exactly(which, request, tmp_pa
     with qkvmean.open_store(path) as store:
         expected = _expected_rows(store)
         shape = store.n_inputs, store.n_layers, store.n_heads
+        header = columns(store)
+        effects = {name: store.effect(name) for name in store.effects}
+    assert (which == "model_store") == bool(effects)  # a model run stores its effects
     assert capsys.readouterr().out.strip() == (
         f"wrote {out}: {len(expected)} rows (4 conditions x {shape[0]} inputs x "
         f"{shape[1]} layers x {shape[2]} heads)"
     )
     with open(out, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
-        assert tuple(next(reader)) == COLUMNS
+        assert tuple(next(reader)) == header == (*COLUMNS, *effects)
         rows = list(reader)
     assert len(rows) == len(expected) == 4 * np.prod(shape)
     for row, want in zip(rows, expected, strict=True):
@@ -205,6 +209,9 @@ def test_export_csv_has_every_row_and_round_trips_exactly(which, request, tmp_pa
         for text, value in zip(row[5:8], want[5:8], strict=True):
             assert float(text) == float(value) and np.float32(float(text)) == value
         assert int(row[8]) == want[8]
+        c, b = CONDITIONS.index(row[0]), int(row[1])
+        for text, name in zip(row[9:], effects, strict=True):  # per condition and input
+            assert np.float32(float(text)) == effects[name][c, b], name
     if which == "qkv_store":  # the layer column holds the store's numbers, not 0, 1
         assert {int(r[3]) for r in rows} == {3, 7}
         assert {r[8] for r in rows if r[1] == "4"} == {"-1"}  # the input with no token
@@ -229,7 +236,13 @@ def test_export_parquet_keeps_the_dtypes_and_values(model_store, tmp_path, capsy
         table = fastparquet.ParquetFile(fh)
         assert len(table.row_groups) == 4 * 4  # blocks of one input (16 rows)
         frame = table.to_pandas()
-    assert tuple(frame.columns) == COLUMNS and len(frame) == len(expected)
+    with qkvmean.open_store(model_store) as store:
+        header, effects = columns(store), {n: store.effect(n) for n in store.effects}
+    assert tuple(frame.columns) == header == (*COLUMNS, *effects) and len(frame) == len(expected)
+    for name, value in effects.items():  # one value per condition and input, float32
+        assert frame[name].dtype == np.float32
+        c = frame["condition"].astype(str).map(CONDITIONS.index).to_numpy()
+        np.testing.assert_array_equal(frame[name].to_numpy(), value[c, frame["input"].to_numpy()])
     assert list(frame["condition"].cat.categories) == CONDITIONS
     for name in FLOATS:
         assert frame[name].dtype == np.float32

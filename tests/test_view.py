@@ -72,6 +72,7 @@ def qkv_store(tmp_path_factory):
     assert main(["run", "--qkv", str(tmp / "in.h5"), "--out", str(out), "--quiet"]) == 0
     with h5py.File(out, "r+") as f:
         f["layer"][...] = [3, 7]
+        f["map_layer"][...] = [3, 7]  # the maps are at every layer
     return out
 
 
@@ -699,7 +700,7 @@ def test_every_file_of_the_page_is_package_data_of_the_wheel():
     line = re.search(r'^"qkvmean\.render" = \[(.*)\]$', (root / "pyproject.toml").read_text(), re.M)
     globs = re.findall(r'"([^"]+)"', line[1])
     files = sorted(p.name for p in (root / "qkvmean" / "render" / "static").iterdir())
-    assert files == ["view.css", "view.html", "view.js"]
+    assert files == ["sweep.css", "sweep.html", "sweep.js", "view.css", "view.html", "view.js"]
     assert all(any(fnmatch.fnmatch(f"static/{f}", g) for g in globs) for f in files)
 
 

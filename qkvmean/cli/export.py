@@ -17,7 +17,7 @@ def add_parser(sub):
 Write the metrics of a store as one table: a row per condition, input, layer and
 head, in that order, with the columns
 
-  condition         baseline, mean_q, mean_k, mean_v (those in the store)
+  condition         baseline, mean_q, mean_k, mean_v, ... (the store's labels)
   input             the input's number, from 0
   length            its valid tokens
   layer             the store's layer number (/layer)
@@ -26,6 +26,21 @@ head, in that order, with the columns
   kl_from_baseline  mean over valid rows of KL(baseline || condition) (nats)
   top_key_mass      the largest column mean over valid rows
   top_key_index     the key column that has it (-1: an input without tokens)
+
+then, in the table of a sweep store (qkvmean run --sweep heads|layers), what the
+row's condition substitutes ("" and -1 for the baseline):
+
+  target            q, k or v
+  substituted_layer the layer number it substitutes at
+  substituted_head  the head it substitutes (--sweep heads)
+
+then the store's effects on the output, one value per condition and input (the
+same on each of its layer and head rows), those the store has:
+
+  hidden_change     relative L2 change of the final hidden state
+  kl_next_token     mean KL(baseline || condition) of the next-token distribution
+  ce_change         change in the mean next-token cross-entropy (nats)
+  embedding_cosine  cosine of the mean-pooled embedding to the baseline's
 
 The texts are not repeated in every row: they are in the store (/input/text; in
 Python, store.texts or store.to_xarray()), to join on input.

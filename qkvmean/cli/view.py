@@ -26,7 +26,14 @@ the chosen inputs (default: the first 12, or fewer where more would not fit),
 quantised to --bits bits (default 12: steps of 1/4095, a weight shown within
 0.00013 of the store's) and deflated. 12 inputs x 6 layers x 12 heads x 4
 conditions at 64 tokens stay under 20 MB. Stores written with --no-maps hold
-no maps and are refused.""",
+no maps and are refused.
+
+A sweep store (qkvmean run --sweep heads|layers) gets the heatmaps of render
+--sweep instead: per tensor a layer x head grid (--sweep layers: tensor x
+layer), a selector of the metric (the store's effects on the output, and the
+attention metrics of the substituted head), and the condition label and value
+of a cell on hover (click to keep it); --inputs picks the inputs averaged
+(default: every input with a token). It needs no maps.""",
         epilog="""\
 examples:
   qkvmean view run1.h5 -o run1.html
@@ -42,7 +49,8 @@ examples:
         default=None,
         metavar="I[,I...]",
         help="inputs to embed, counting from 0 (default: the first 12, or fewer); the "
-        "page opens showing the first 3 of them",
+        "page opens showing the first 3 of them (a sweep store: the inputs averaged, "
+        "default every input with a token)",
     )
     p.add_argument(
         "--bits",
@@ -63,9 +71,24 @@ def cmd_view(args) -> int:
     out = view.check_output(args.out, args.overwrite, inputs=[args.store])
     with open_store(args.store) as store:
         page = view.build_page(store, args.inputs, bits=args.bits)
-        shape = f"{store.n_layers} layers x {store.n_heads} heads, {', '.join(store.conditions)}"
+        if page.kind == "sweep":
+            shape = f"the --sweep {store.sweep} heatmaps of {len(store.conditions) - 1} conditions"
+        else:
+            layers = store.map_layer_ids
+            kept = (
+                f"{store.n_layers} layers"
+                if layers == store.layer_ids
+                else f"maps of layers {','.join(map(str, layers))}"
+            )
+            shape = f"{kept} x {store.n_heads} heads, {', '.join(store.conditions)}"
     view.save_page(page.html, out, overwrite=args.overwrite)
-    if not args.quiet:
+    if not args.quiet and page.kind == "sweep":
+        n = len(page.inputs)
+        print(
+            f"wrote {out} ({page.bytes / 1e6:.1f} MB): {shape} by {', '.join(page.metrics)}; "
+            f"mean over {n} of {page.total_inputs} inputs"
+        )
+    elif not args.quiet:
         chosen = view.input_spans(page.inputs)
         more = ""
         if page.limited:

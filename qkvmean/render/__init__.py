@@ -6,8 +6,11 @@ Uses matplotlib's object API (no pyplot, no GUI backend).
 
 The modules: :mod:`~qkvmean.render.figure` (the grid figure, :func:`draw`),
 :mod:`~qkvmean.render.choice` (which layer and head it shows),
-:mod:`~qkvmean.render.metrics` (the KL heatmaps), :mod:`~qkvmean.render.view` (the HTML
-page), :mod:`~qkvmean.render.image` (writing an image file) and
+:mod:`~qkvmean.render.metrics` (the KL heatmaps), :mod:`~qkvmean.render.sweep` (a sweep
+store's layer x head heatmaps of an effect or attention metric, ``render --sweep``),
+:mod:`~qkvmean.render.view` (the HTML page of the maps) and
+:mod:`~qkvmean.render.sweep_view` (a sweep store's page), :mod:`~qkvmean.render.page`
+(what the pages share), :mod:`~qkvmean.render.image` (writing an image file) and
 :mod:`~qkvmean.render.common` (what they share: names, colours, token labels, inputs).
 """
 

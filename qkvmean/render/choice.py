@@ -95,6 +95,29 @@ def named_indices(store: Store, key: str) -> list:
     return sorted(v for v in wanted if 0 <= v < store.n_heads)
 
 
+def map_layers(store: Store) -> list:
+    """The store's layer indices whose maps it keeps (every layer of a version 1 store;
+    those of ``--maps-layers`` of a version 2 one); [] without maps."""
+    if not store.has_maps:
+        return []
+    kept = {int(n) for n in store.map_layer_ids}
+    return [i for i, n in enumerate(store.layer_ids) if int(n) in kept]
+
+
+def check_maps(store: Store, layer) -> None:
+    """A one-line InputError where the maps to draw are not in the store: none at all
+    (``--no-maps``, or a run that kept none), or none at the layer asked for (an index,
+    or ``"auto"``: any)."""
+    if not map_layers(store):
+        if store.config.get("maps", True) is False or store.format_version == 1:
+            raise InputError(f"{store.path.name} was written with --no-maps: it holds metrics only")
+        raise InputError(
+            f"{store.path.name} keeps no maps (metrics only; rerun with --maps-layers to keep some)"
+        )
+    if layer != AUTO:
+        store.map_layer_index(layer)  # its one-line error names the layers that have maps
+
+
 def substituted_layers(store: Store) -> list:
     """The store's layer indices where the substitution happened; every layer where the
     store does not say."""
@@ -109,9 +132,12 @@ def choose(store: Store, rows, columns, layer=AUTO, head=AUTO) -> Choice:
     shown = [c for c in columns if c != BASELINE]
     compared = shown if len(shown) > 1 else [BASELINE, *shown]
     pairs = list(itertools.combinations(compared, 2))
-    if layer == AUTO:
+    if layer == AUTO:  # among the layers with maps, at or after the first substituted
         first = min(substituted_layers(store))
-        layers = list(range(first, store.n_layers))
+        kept = map_layers(store)
+        layers = [i for i in kept if i >= first] or kept
+        if not layers:
+            check_maps(store, layer)  # (raises: no maps at all)
     else:
         layers = [layer]
     per_layer = len(compared) * store.n_heads * sum(int(store.lengths[i]) ** 2 for i in rows)

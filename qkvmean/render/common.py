@@ -53,14 +53,63 @@ def pretty_tokens(tokens) -> list:
     return out
 
 
-def tensor_columns(store: Store, baseline: bool, diff: bool) -> list:
-    """The conditions drawn as columns: the substituted tensors the store holds (Query,
-    Key, Value order), after the baseline with ``baseline``; one-line InputErrors for a
-    store without any, and for ``baseline`` with ``diff``."""
-    present = [c for c in TENSORS if c in store.conditions]
+def substitution_of(store: Store) -> str:
+    """The spelling of the store's substitution (``tokens``, ``window:8``, ``zero``...):
+    its condition table's (every condition of a run has the same), else ``over``."""
+    for row in store.condition_table[1:]:
+        if row.get("substitution"):
+            return str(row["substitution"])
+    return str(store.attrs.get("over", "tokens"))
+
+
+def verb(spec: str) -> str:
+    """How a panel title says what a substitution does to a tensor: ``Taking the Mean
+    of`` (the means), ``Zeroing``, ``Resampling``."""
+    kind = str(spec).partition(":")[0]
+    return {"zero": "Zeroing", "resample": "Resampling"}.get(kind, "Taking the Mean of")
+
+
+def target_of(store: Store, condition: str) -> str | None:
+    """The target (q, k or v) a condition of ``store`` substitutes, from its condition
+    table (None for the baseline)."""
+    for row in store.condition_table:
+        if row["label"] == condition:
+            return row["target"] or None
+    raise InputError(
+        f"{store.path.name} has no condition {condition!r} (it has {', '.join(store.conditions)})"
+    )
+
+
+def condition_title(store: Store, condition: str) -> str:
+    r"""``Taking the Mean of $\it{Query}$`` (``Zeroing``, ``Resampling`` for those kinds);
+    ``Baseline`` for the baseline."""
+    target = target_of(store, condition)
+    if target is None:
+        return "Baseline"
+    return f"{verb(substitution_of(store))} {italic(TENSOR_LABELS[target])}"
+
+
+def sweep_refusal(store: Store, what: str) -> InputError:
+    """What drawing ``what`` (the figure, the KL heatmaps) says of a ``--sweep`` store."""
+    return InputError(
+        f"{store.path.name} was written with --sweep {store.sweep} ({len(store.conditions) - 1} "
+        f"conditions): it has no {what} of one condition per tensor; draw it with "
+        "render --sweep METRIC"
+    )
+
+
+def tensor_columns(store: Store, baseline: bool, diff: bool, what: str = "figure") -> list:
+    """The conditions drawn as columns: one per substituted tensor (Query, Key, Value
+    order, by the condition table), after the baseline with ``baseline``; one-line
+    InputErrors for a ``--sweep`` store, a store without any, and ``baseline`` with
+    ``diff``."""
+    if store.sweep:
+        raise sweep_refusal(store, what)
+    by_target = {row["target"]: row["label"] for row in store.condition_table[1:]}
+    present = [by_target[t] for t in TENSOR_LABELS if t in by_target]
     if not present:
         raise InputError(
-            f"{store.path.name} holds none of {', '.join(TENSORS)} (it has "
+            f"{store.path.name} holds no condition of {', '.join(TENSORS)} (it has "
             f"{', '.join(store.conditions)}); nothing to draw"
         )
     if diff and baseline:

@@ -26,11 +26,14 @@ from .common import (
     DIFF_LABEL,
     TENSORS,
     check_title,
+    condition_title,
     given_inputs,
     italic,
     nice_ceiling,
     pretty_tokens,
+    substitution_of,
     tensor_columns,
+    verb,
     wrap,
 )
 
@@ -45,10 +48,22 @@ CAPTION_HEIGHT, CAPTION_LINE = 0.3, 0.16
 MIN_WIDTH = 5.8
 
 
-def panel_title(condition: str, index: int) -> str:
-    """``Taking the Mean of Query (Input 1)``, the tensor in italics; inputs count from 1."""
+def figure_title(store: Store) -> str:
+    """The overall title: :data:`TITLE`, or for ``zero`` and ``resample`` stores what they
+    do (``Zeroing Query, Key and Value``)."""
+    word = verb(substitution_of(store))
+    if word.startswith("Taking"):
+        return TITLE
+    return rf"{word} $\it{{Query}}$, $\it{{Key}}$ and $\it{{Value}}$"
+
+
+def panel_title(condition: str, index: int, store: Store | None = None) -> str:
+    """``Taking the Mean of Query (Input 1)``, the tensor in italics; inputs count from 1.
+    With ``store``, the condition's own target and substitution (``Zeroing Key``...)."""
     if condition == BASELINE:
         return f"Baseline (Input {index + 1})"
+    if store is not None:
+        return f"{condition_title(store, condition)} (Input {index + 1})"
     return f"Taking the Mean of {italic(TENSORS[condition])} (Input {index + 1})"
 
 
@@ -142,7 +157,7 @@ def draw(
     )
     axes, image = _panels(grid, store, rows, columns, maps, scale, tokens)
     bar = _colorbar(grid, image, axes, scale)
-    heading = grid.supxlabel(TITLE if title is None else title, fontsize=14)
+    heading = grid.supxlabel(figure_title(store) if title is None else title, fontsize=14)
     line = _caption(below, layout.lines) if caption else None
     fig.qkvmean = {
         "rows": rows,
@@ -166,8 +181,9 @@ def _request(store: Store, inputs, layer, head, baseline, diff, tokens):
     checked (one-line InputErrors) before any map is read."""
     columns = tensor_columns(store, baseline, diff)
     rows = list(range(min(3, store.n_inputs))) if inputs is None else given_inputs(store, inputs)
-    choice.check_layer(store, layer)
+    layer = choice.check_layer(store, layer)
     choice.check_head(store, head)
+    choice.check_maps(store, layer)
     if tokens and not store.has_tokens:
         if store.source == "model":
             raise InputError(
@@ -231,7 +247,7 @@ def _panels(grid, store: Store, rows, columns, maps, scale: _Scale, tokens):
                 aspect="equal",
                 interpolation="nearest",
             )
-            ax.set_title(panel_title(cond, i), fontsize=11)
+            ax.set_title(panel_title(cond, i, store), fontsize=11)
             _ticks(ax, labels, len(maps[(i, cond)]))
     return axes, image
 

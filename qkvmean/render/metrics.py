@@ -19,7 +19,17 @@ from ..engine.names import substitution_phrase
 from ..files import InputError
 from ..store import Store, open_store
 from . import choice
-from .common import TENSORS, check_title, given_inputs, italic, nice_ceiling, tensor_columns, wrap
+from .common import (
+    TENSORS,
+    check_title,
+    condition_title,
+    given_inputs,
+    italic,
+    nice_ceiling,
+    substitution_of,
+    tensor_columns,
+    wrap,
+)
 
 TITLE = "KL Divergence From the Baseline, per Layer and Head"
 COLORBAR_LABEL = "KL(baseline ‖ condition), nats"
@@ -35,14 +45,18 @@ FIGURE_MIN_WIDTH = 6.2
 BLOCK = 4096
 
 
-def panel_title(condition: str) -> str:
-    """``KL from baseline: Taking the Mean of Query``, the tensor in italics."""
+def panel_title(condition: str, store: Store | None = None) -> str:
+    """``KL from baseline: Taking the Mean of Query``, the tensor in italics (with
+    ``store``: the condition's own target and substitution, ``Zeroing Key``...)."""
+    if store is not None:
+        return f"KL from baseline: {condition_title(store, condition)}"
     return f"KL from baseline: Taking the Mean of {italic(TENSORS[condition])}"
 
 
-def _inputs(store: Store, inputs) -> np.ndarray:
+def chosen_inputs(store: Store, inputs, what: str = "KL") -> np.ndarray:
     """The inputs averaged, as a sorted array of indices: by default every input with a
-    valid token (one without has KL 0 by convention, not by measurement)."""
+    valid token (one without has ``what``, its KL or effect, 0 by convention, not by
+    measurement)."""
     if inputs is None:
         chosen = np.flatnonzero(store.lengths > 0)
         if chosen.size == 0:
@@ -55,8 +69,8 @@ def _inputs(store: Store, inputs) -> np.ndarray:
     empty = [i for i in chosen if store.lengths[i] == 0]
     if empty:
         raise InputError(
-            f"input {empty[0]} of {store.path.name} has no valid token (length 0): its KL "
-            "is 0 by convention, not a measurement; leave it out of --inputs"
+            f"input {empty[0]} of {store.path.name} has no valid token (length 0): its "
+            f"{what} is 0 by convention, not a measurement; leave it out of --inputs"
         )
     return np.asarray(chosen)
 
@@ -105,8 +119,8 @@ def draw_metrics(store, *, inputs=None, title=None, caption=True) -> Figure:
             return draw_metrics(opened, inputs=inputs, title=title, caption=caption)
     if title is not None:
         check_title(title)
-    columns = tensor_columns(store, baseline=False, diff=False)
-    chosen = _inputs(store, inputs)
+    columns = tensor_columns(store, baseline=False, diff=False, what="KL heatmaps")
+    chosen = chosen_inputs(store, inputs)
     kl = kl_means(store, columns, chosen)
     n_layers, n_heads = store.n_layers, store.n_heads
     peak = max(float(m.max(initial=0.0)) for m in kl.values())
@@ -129,7 +143,7 @@ def draw_metrics(store, *, inputs=None, title=None, caption=True) -> Figure:
         image = ax.imshow(
             kl[cond], cmap=CMAP, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest"
         )
-        ax.set_title(panel_title(cond), fontsize=10)
+        ax.set_title(panel_title(cond, store), fontsize=10)
         ax.set_xticks(cols, [str(h) for h in cols], fontsize=8)
         ax.set_xlabel("Head", fontsize=10)
         for h, label in zip(cols, ax.get_xticklabels(), strict=True):
@@ -163,7 +177,7 @@ def draw_metrics(store, *, inputs=None, title=None, caption=True) -> Figure:
 
 def _caption(store: Store, chosen, layers, heads) -> str:
     n = len(chosen)
-    over = store.attrs.get("over", "tokens")
+    over = substitution_of(store)
     where = (
         "every layer"
         if len(layers) == store.n_layers

@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import zlib
-from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from ..engine.names import TENSOR_LABELS
 from ..files import (
     InputError,
     check_new_file,
@@ -42,7 +39,18 @@ from ..files import (
 )
 from ..store.reader import Store, check_weights, open_store
 from . import choice
-from .common import CMAP, COLORBAR_LABEL, DIFF_LABEL, TENSORS, given_inputs, pretty_tokens
+from .common import (
+    CMAP,
+    COLORBAR_LABEL,
+    DIFF_LABEL,
+    given_inputs,
+    pretty_tokens,
+    substitution_of,
+    target_of,
+    tensor_columns,
+    verb,
+)
+from .page import COLORBAR_LEVELS, Page, _json, asset
 
 #: Output extensions.
 FORMATS = (".html", ".htm")
@@ -61,20 +69,10 @@ DIGITS = 5
 #: Side of a panel the page aims at (CSS pixels); each cell is a whole, even number of
 #: pixels where it can be.
 PANEL_PX = 256
-COLORBAR_LEVELS = 256
 TITLE_HTML = "The Mean Operation For <i>Query</i>, <i>Key</i> and <i>Value</i>"
 TITLE_TEXT = "The Mean Operation For Query, Key and Value"
 #: zlib level: 6 is within 1 % of 9 on attention maps, and several times faster.
 LEVEL = 6
-
-
-@cache
-def asset(name: str) -> str:
-    """A file of the page, from the package data in ``qkvmean/render/static/``:
-    ``view.html`` (the document, with ``@NAME@`` slots filled in by :func:`build_page`),
-    ``view.css`` and ``view.js``."""
-    static = resources.files(__package__).joinpath("static")
-    return static.joinpath(name).read_text(encoding="utf-8")
 
 
 def quantum(bits: int = DEFAULT_BITS) -> float:
@@ -113,38 +111,19 @@ def _cell_px(n: int) -> int:
     return cell - 1 if cell > 2 and cell % 2 else cell
 
 
-@dataclass
-class Page:
-    """A built page: its HTML and what went into it."""
-
-    html: str
-    inputs: list  # the store's input numbers embedded, in order
-    total_inputs: int
-    bits: int
-    limited: bool  # the default choice stopped before DEFAULT_INPUTS at MAX_WEIGHTS
-    columns: list  # the conditions that can be columns
-    height: int  # about how tall the page is when it opens (CSS pixels)
-
-    @property
-    def bytes(self) -> int:
-        return len(self.html.encode("utf-8"))
-
-
 def _columns(store: Store) -> list:
-    present = [c for c in TENSORS if c in store.conditions]
-    if not present:
-        raise InputError(
-            f"{store.path.name} holds none of {', '.join(TENSORS)} (it has "
-            f"{', '.join(store.conditions)}); nothing to view"
-        )
-    return present
+    """The conditions that can be columns: one per substituted tensor (the table's)."""
+    try:
+        return tensor_columns(store, baseline=False, diff=False, what="maps' grid")
+    except InputError as exc:
+        raise InputError(str(exc).replace("nothing to draw", "nothing to view")) from None
 
 
 def choose_inputs(store: Store, inputs=None):
     """The inputs a page embeds, and whether the default choice stopped early at
     :data:`MAX_WEIGHTS`: ``(indices, limited)``. ``inputs``: input numbers (negative
     count from the end), or None for the first :data:`DEFAULT_INPUTS` (or fewer)."""
-    per_token2 = len(store.conditions) * store.n_layers * store.n_heads
+    per_token2 = len(store.conditions) * len(store.map_layer_ids) * store.n_heads
     if store.n_inputs == 0:
         raise InputError(f"{store.path.name} has no inputs; nothing to view")
     if inputs is None:
@@ -171,15 +150,17 @@ def choose_inputs(store: Store, inputs=None):
 
 
 def _quantised(store: Store, index: int, bits: int) -> bytes:
-    """One input's maps, ``(condition, layer, head, n, n)``, as ``bits``-bit integers:
-    the low bytes of every value, then (above 8 bits) the high bytes."""
+    """One input's maps, ``(condition, layer, head, n, n)`` (the layers whose maps the
+    store keeps), as ``bits``-bit integers: the low bytes of every value, then (above 8
+    bits) the high bytes."""
     n = int(store.lengths[index])
     levels = 2**bits - 1
     dtype = np.uint8 if bits <= 8 else np.uint16
-    out = np.empty((len(store.conditions), store.n_layers, store.n_heads, n, n), dtype)
+    layers = store.map_layer_ids
+    out = np.empty((len(store.conditions), len(layers), store.n_heads, n, n), dtype)
     for c, cond in enumerate(store.conditions):
-        for layer in range(store.n_layers):
-            where = f"input {index}, condition {cond}, layer {store.layer_ids[layer]}"
+        for layer, number in enumerate(layers):
+            where = f"input {index}, condition {cond}, layer {number}"
             m = np.asarray(store.maps(cond, index, layer)[:, :n, :n], dtype=np.float64)
             check_weights(m, store.path, where)
             out[c, layer] = np.rint(np.clip(m, 0.0, 1.0) * levels)
@@ -187,6 +168,15 @@ def _quantised(store: Store, index: int, bits: int) -> bytes:
         return out.tobytes()
     planes = out.astype("<u2").view(np.uint8).reshape(-1, 2)
     return planes.T.tobytes()  # all low bytes, then all high bytes
+
+
+def _heading(store: Store) -> str:
+    """The page's title: :data:`TITLE_HTML`, or what a ``zero`` or ``resample`` store
+    does (``Zeroing <i>Query</i>, ...``)."""
+    word = verb(substitution_of(store))
+    if word.startswith("Taking"):
+        return TITLE_HTML
+    return f"{word} <i>Query</i>, <i>Key</i> and <i>Value</i>"
 
 
 def input_spans(indices) -> str:
@@ -200,12 +190,6 @@ def input_spans(indices) -> str:
     return ",".join(str(a) if a == b else f"{a}..{b}" for a, b in spans)
 
 
-def _json(value) -> str:
-    """JSON that is safe inside a ``<script>`` element (no ``</script>``, no ``<!--``)."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
 def _labels(store: Store, index: int) -> list:
     n = int(store.lengths[index])
     if store.has_tokens:
@@ -216,10 +200,19 @@ def _labels(store: Store, index: int) -> list:
 def build_page(store: Store, inputs=None, *, bits: int = DEFAULT_BITS) -> Page:
     """The page of ``store`` (an open Store): see :func:`view_html`."""
     bits = _check_bits(bits)
+    if store.sweep:
+        from .sweep_view import build_sweep_page
+
+        return build_sweep_page(store, inputs)
     if not store.has_maps:
+        how = (
+            "was written with --no-maps"
+            if store.config.get("maps", True) is False or store.format_version == 1
+            else "keeps no maps (--maps-layers named none)"
+        )
         raise InputError(
-            f"{store.path.name} was written with --no-maps: it holds metrics only, and the "
-            "view draws maps (qkvmean render --metrics draws its metrics)"
+            f"{store.path.name} {how}: it holds metrics only, and the view draws maps "
+            "(qkvmean render --metrics draws its metrics)"
         )
     columns = _columns(store)
     indices, limited = choose_inputs(store, inputs)
@@ -250,14 +243,15 @@ def build_page(store: Store, inputs=None, *, bits: int = DEFAULT_BITS) -> Page:
         "model": None if model is None else str(model),
         "conditions": store.conditions,
         "columns": columns,
-        "tensors": {c: TENSORS[c] for c in columns},
-        "layers": store.layer_ids,
+        "tensors": {c: TENSOR_LABELS[target_of(store, c)] for c in columns},
+        "verb": verb(substitution_of(store)),
+        "layers": store.map_layer_ids,
         "heads": store.n_heads,
         "total_inputs": store.n_inputs,
         "inputs": entries,
         "shown": list(range(min(SHOWN_INPUTS, len(entries)))),
         # it opens where the figure would: the layer and head where the columns differ most
-        "start": {"layer": start.layer, "head": start.head},
+        "start": {"layer": store.map_layer_index(start.layer), "head": start.head},
         "bits": bits,
         "levels": 2**bits - 1,
         "planes": 1 if bits <= 8 else 2,
@@ -275,7 +269,7 @@ def build_page(store: Store, inputs=None, *, bits: int = DEFAULT_BITS) -> Page:
     page = (
         asset("view.html")
         .replace("@TITLE@", html.escape(f"qkvmean view: {store.path.name}"))
-        .replace("@HEADING@", TITLE_HTML)
+        .replace("@HEADING@", _heading(store))
         .replace("@CSS@", asset("view.css"))
         .replace("@META@", _json(meta))
         .replace("@MAPS@", "\n".join(blobs))

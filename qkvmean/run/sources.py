@@ -86,12 +86,15 @@ class QKVSource:
                 f"{flag} applies to --model runs: raw Q/K/V has no forward pass to branch, "
                 "and each of its layers is substituted on its own"
             )
-        self.conditions = condition.plain(
-            options.targets, options.substitution, self.layer_ids, options.heads
-        )
         self.map_layers = list(self.layer_ids) if options.maps else []
         self.effects = ()  # no model: no output
         _check_partners(self)
+
+    @property
+    def conditions(self) -> tuple:
+        """Each target alone at every layer (each layer's own Q/K/V is substituted)."""
+        o = self.options
+        return condition.plain(o.targets, o.substitution, self.layer_ids, o.heads)
 
     def describe(self):
         return {"source": "qkv", "input": self.input.spec, "input_identity": self.input.identity()}
@@ -289,15 +292,6 @@ class ModelSource:
         self.layer_ids = list(range(self.n_layers))
         self.ablate_layers = _check_layers(ablate_layers, self.n_layers)
         _check_heads(options, self.n_heads)
-        sub = options.substitution
-        if options.sweep is None:
-            self.conditions = condition.plain(
-                options.targets, sub, self.ablate_layers, options.heads
-            )
-        else:
-            self.conditions = condition.sweep(
-                options.sweep, options.targets, self.ablate_layers, self.n_heads, sub, options.heads
-            )
         self.map_layers = _map_layers(options, self.n_layers)
         self.effects = effects_of(w) if options.effects else ()
         self.causal = w.causal
@@ -342,6 +336,17 @@ class ModelSource:
         self.lengths = np.array([len(i) for i in self.ids], dtype=np.int64)
         self.n_inputs = len(self.ids)
         self.seq = max(1, int(self.lengths.max(initial=0)))
+
+    @property
+    def conditions(self) -> tuple:
+        """The run's conditions, from its options as they are now (``figure`` picks the
+        causal mean for a causal model once the model is loaded)."""
+        o = self.options
+        if o.sweep is None:
+            return condition.plain(o.targets, o.substitution, self.ablate_layers, o.heads)
+        return condition.sweep(
+            o.sweep, o.targets, self.ablate_layers, self.n_heads, o.substitution, o.heads
+        )
 
     def notes(self):
         if self.causal and self.options.over == "tokens":

@@ -157,7 +157,6 @@ class Store:
                 f"condition once" + (f", in the order {', '.join(V1_CONDITIONS)}"
                                      if self.format_version == 1 else "")
             )  # fmt: skip
-        self._read_table()
         entropy = self._dataset(metric_path("entropy"), kind="f", ndim=4)
         shape = entropy.shape
         if shape[0] != len(self.conditions):
@@ -169,6 +168,7 @@ class Store:
             self._dataset(metric_path(name), kind="f", ndim=4, shape=shape)
         self._dataset(metric_path("top_key_index"), kind="iu", ndim=4, shape=shape)
         self.n_inputs, self.n_layers, self.n_heads = shape[1:]
+        self._read_table()
         self.seq = self._dataset("seq", kind="iu", ndim=1).shape[0]
         layer = self._dataset("layer", kind="iu", ndim=1, shape=(self.n_layers,))
         self.layer_ids = [int(x) for x in layer[...]]
@@ -221,9 +221,11 @@ class Store:
             over = str(self.attrs.get("over", "tokens"))
             layers = [int(x) for x in np.atleast_1d(self.attrs.get("ablate_layers", [0]))]
             heads = [int(x) for x in np.atleast_1d(self.attrs.get("ablate_heads", []))]
+            # every head listed is every head, as version 2 says it
+            heads = "all" if heads == list(range(self.n_heads)) else json.dumps(heads)
             rows = [dict(BASELINE_RECORD)] + [
                 {"target": target_of(c), "layers": json.dumps(layers),
-                 "heads": json.dumps(heads), "substitution": over}
+                 "heads": heads, "substitution": over}
                 for c in self.conditions[1:]
             ]  # fmt: skip
         else:
@@ -382,7 +384,16 @@ class Store:
     def __repr__(self):
         return (
             f"<qkvmean Store {self.path.name}: {self.n_inputs} inputs, {self.n_layers} "
-            f"layers, {self.n_heads} heads, seq {self.seq}, {', '.join(self.conditions)}>"
+            f"layers, {self.n_heads} heads, seq {self.seq}, {self._conditions_line()}>"
+        )
+
+    def _conditions_line(self, most=8) -> str:
+        """The conditions, or (a sweep's hundreds) their count and the first and last."""
+        if len(self.conditions) <= most:
+            return ", ".join(self.conditions)
+        return (
+            f"{len(self.conditions)} conditions: {', '.join(self.conditions[:3])}, ..., "
+            f"{self.conditions[-1]}"
         )
 
     def _repr_html_(self) -> str:
@@ -409,7 +420,7 @@ class Store:
         rows = [
             ("file", str(self.path)),
             ("source", source),
-            ("conditions", ", ".join(self.conditions)),
+            ("conditions", self._conditions_line()),
             ("inputs", f"{self.n_inputs} ({lengths}; seq {self.seq})"),
             ("layers", f"{self.n_layers} ({', '.join(str(x) for x in self.layer_ids)})"),
             ("heads", str(self.n_heads)),
@@ -491,7 +502,14 @@ class Store:
                 f"(it has {', '.join(self.conditions)})"
             )
         if not self.has_maps:
-            raise InputError(f"{self.path.name} was written with --no-maps: it holds metrics only")
+            if self.config.get("maps", True) is False:
+                raise InputError(
+                    f"{self.path.name} was written with --no-maps: it holds metrics only"
+                )
+            raise InputError(
+                f"{self.path.name} keeps no maps (a sweep keeps none unless --maps-layers "
+                "names layers): it holds metrics and effects only"
+            )
         return condition
 
     def map(self, condition, index, layer=-1, head="mean", trim=True):
@@ -591,8 +609,11 @@ class Store:
         (``pip install 'qkvmean[xarray]'``).
 
         Variables: the metrics ``(condition, batch, layer, head)``, the maps as
-        ``attention_<condition>`` ``(batch, layer, head, query, key)`` (absent in
-        ``--no-maps`` stores), ``lengths``, ``text``/``tokens`` (model runs), and in
+        ``attention_<condition>`` ``(batch, map_layer, head, query, key)`` (absent in
+        stores without maps), the effects as ``effect_<name>`` ``(condition, batch)``,
+        the condition table as ``condition_target``, ``condition_layers``,
+        ``condition_heads`` and ``condition_substitution`` coordinates on ``condition``,
+        ``lengths``, ``text``/``tokens`` (model runs), and in
         ``--over dataset`` stores ``means_<target>`` ``(means_layer, head, position,
         dim)`` with ``means_count``. The root attributes are its ``attrs``.
 

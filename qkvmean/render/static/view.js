@@ -111,7 +111,7 @@
     if (cond === "baseline") {
       t.textContent = "Baseline (Input " + (index + 1) + ")";
     } else {
-      t.append("Taking the Mean of ");
+      t.append(meta.verb + " ");
       const i = document.createElement("i");
       i.textContent = meta.tensors[cond];
       t.append(i, " (Input " + (index + 1) + ")");
@@ -195,7 +195,7 @@
     mark.style.height = ch + "px";
     mark.hidden = false;
     const tip = $("tip");
-    const where = (cond === "baseline" ? "Baseline" : "Taking the Mean of " +
+    const where = (cond === "baseline" ? "Baseline" : meta.verb + " " +
       meta.tensors[cond]) + " (Input " + (inp.index + 1) + "), layer " +
       meta.layers[state.layer] + ", " + (state.head === "mean" ? "mean over heads" :
       "head " + state.head);
