@@ -15,6 +15,11 @@ BATCH_BYTES = 64 * 2**20
 #: threads' tasks (one input each) even out.
 TASKS_PER_THREAD = 3
 
+#: A model run's batches hold at most about this many (condition, input) passes, so that
+#: a sweep of hundreds of conditions journals a batch every few minutes, not once at the
+#: end (a kill loses one batch at most), while still giving every thread its tasks.
+CONDITION_INPUTS = 4096
+
 
 def aligned(size, align):
     """``size`` rounded down to a multiple of ``align`` (when it is at least that)."""
@@ -28,11 +33,14 @@ def batches(n, size, align=1):
 
 def auto_batch_size(source, n_conditions) -> int:
     """Inputs per batch: about ``BATCH_BYTES`` of results, and for a source that computes
-    one input per task (a model) at least ``TASKS_PER_THREAD`` tasks per compute thread
-    where three such batches take at most a quarter of the memory."""
+    one input per task (a model) at most about ``CONDITION_INPUTS`` condition passes, and
+    at least ``TASKS_PER_THREAD`` tasks per compute thread where three such batches take
+    at most a quarter of the memory."""
     per_input = max(1, source.bytes_per_input() * n_conditions)
     size = BATCH_BYTES // per_input
     if source.tasks_per_input:
         fits = int(memory_limit() / 4 / 3 // per_input)
-        size = max(size, min(TASKS_PER_THREAD * compute_threads(), fits))
+        tasks = TASKS_PER_THREAD * compute_threads()
+        size = min(size, max(tasks, CONDITION_INPUTS // n_conditions))
+        size = max(size, min(tasks, fits))
     return int(max(1, min(source.n_inputs, size)))

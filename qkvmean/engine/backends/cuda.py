@@ -51,7 +51,14 @@ from numba.cuda.core import config as _cuda_config
 
 from ..kernels.finite import scan_finite
 from ..kernels.means import position_sums as _host_position_sums
-from ..kernels.rows import merge_heads_row, norm_row, reduce_pair, rotary_vector, split_heads_row
+from ..kernels.rows import (
+    merge_heads_row,
+    norm_row,
+    reduce_pair,
+    rotary_vector,
+    split_heads_row,
+    window_mean_feature,
+)
 from ..modes import MODE_UNIFORM
 
 _cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = int(os.environ["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"])
@@ -405,15 +412,8 @@ def _mean_kernel(x, lengths, group, select, window, shrink, out):
         for t in range(n):
             acc += x[bg, t, d] * shrink
             out[bg, t, d] = acc / (t + 1) / shrink
-    elif window > 0:  # backwards, so that out may be x (as on the CPU)
-        for t in range(n - window, n):
-            acc += x[bg, t, d] * shrink
-        for t in range(n - 1, -1, -1):
-            own = x[bg, t, d]
-            out[bg, t, d] = acc / min(t + 1, window) / shrink
-            acc -= own * shrink
-            if t - window >= 0:
-                acc += x[bg, t - window, d] * shrink
+    elif window > 0:  # backwards, so that out may be x (the CPU's code)
+        window_mean_feature(x, bg, d, n, window, shrink, out)
     else:
         for t in range(n):
             acc += x[bg, t, d] * shrink

@@ -8,6 +8,7 @@ from numba import njit, prange
 
 from ... import config
 from .. import jit
+from .rows import window_mean_feature
 
 
 @njit(**jit.SERIAL)
@@ -28,19 +29,9 @@ def _mean_pair(bg, x, lengths, group, select, window, shrink, acc, out):
             for d in range(dim):
                 acc[d] += x[bg, t, d] * shrink
                 out[bg, t, d] = acc[d] / (t + 1) / shrink
-    elif window > 0:
-        # Backwards, feature by feature, so that ``out`` may be ``x``: row t's window
-        # reads rows t - W + 1 .. t, none of which is written before row t itself.
+    elif window > 0:  # feature by feature, in place (rows.window_mean_feature)
         for d in range(dim):
-            s = 0.0
-            for t in range(n - window, n):
-                s += x[bg, t, d] * shrink
-            for t in range(n - 1, -1, -1):
-                own = x[bg, t, d]
-                out[bg, t, d] = s / min(t + 1, window) / shrink
-                s -= own * shrink
-                if t - window >= 0:
-                    s += x[bg, t - window, d] * shrink
+            window_mean_feature(x, bg, d, n, window, shrink, out)
     else:
         for t in range(n):
             for d in range(dim):

@@ -112,3 +112,20 @@ def rotary_vector(x, p, t, cos, sin):
         b = x[p, t, i + half]
         x[p, t, i] = a * cos[t, i] - b * sin[t, i]
         x[p, t, i + half] = b * cos[t, i] + a * sin[t, i]
+
+
+@register_jitable
+def window_mean_feature(x, bg, d, n, window, shrink, out):
+    """Feature ``d`` of pair ``bg``'s first ``n`` rows replaced by its causal mean over the
+    last ``window`` tokens (``1 <= window < n``), summed in float64 times ``shrink``;
+    backwards, so that ``out`` may be ``x``: row t's window reads rows t - W + 1 .. t,
+    none of which is written before row t itself. (Shared with the CUDA backend.)"""
+    s = 0.0
+    for t in range(n - window, n):
+        s += x[bg, t, d] * shrink
+    for t in range(n - 1, -1, -1):
+        own = x[bg, t, d]
+        out[bg, t, d] = s / min(t + 1, window) / shrink
+        s -= own * shrink
+        if t - window >= 0:
+            s += x[bg, t - window, d] * shrink
