@@ -273,8 +273,9 @@ def test_a_killed_sweep_resumes_to_the_same_store(tmp_path, texts):
 
 def test_a_sweep_journals_in_batches_of_a_few_inputs(monkeypatch):
     """The automatic batch of a model run holds about CONDITION_INPUTS condition passes
-    (a 433-condition sweep: 9 inputs, so a kill loses minutes, not the run), never fewer
-    than its threads' tasks; a plain run's stays as large as memory allows."""
+    (a 433-condition sweep: 9 inputs, so a kill loses minutes, not the run), a multiple
+    of the threads, never fewer than their tasks; a plain run's stays as large as memory
+    allows."""
     from types import SimpleNamespace
 
     from qkvmean.run import batching
@@ -283,5 +284,7 @@ def test_a_sweep_journals_in_batches_of_a_few_inputs(monkeypatch):
     source = SimpleNamespace(n_inputs=100, tasks_per_input=True, bytes_per_input=lambda: 10)
     assert batching.auto_batch_size(source, 433) == 4096 // 433 == 9
     assert batching.auto_batch_size(source, 4) == 100
+    monkeypatch.setattr(batching, "compute_threads", lambda: 2)  # a multiple of the threads
+    assert batching.auto_batch_size(source, 433) == 10
     monkeypatch.setattr(batching, "compute_threads", lambda: 8)
     assert batching.auto_batch_size(source, 433) == batching.TASKS_PER_THREAD * 8

@@ -40,7 +40,9 @@ def auto_batch_size(source, n_conditions) -> int:
     size = BATCH_BYTES // per_input
     if source.tasks_per_input:
         fits = int(memory_limit() / 4 / 3 // per_input)
-        tasks = TASKS_PER_THREAD * compute_threads()
-        size = min(size, max(tasks, CONDITION_INPUTS // n_conditions))
+        threads = compute_threads()
+        tasks = TASKS_PER_THREAD * threads
+        most = -(-max(tasks, CONDITION_INPUTS // n_conditions) // threads) * threads
+        size = min(size, most)  # a multiple of the threads: none waits alone at the end
         size = max(size, min(tasks, fits))
     return int(max(1, min(source.n_inputs, size)))
