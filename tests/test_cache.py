@@ -21,7 +21,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_three_processes_compile_into_one_cache_then_a_fourth_reuses_it(tmp_path):
+def test_two_processes_compile_into_one_cache_then_a_third_reuses_it(tmp_path):
+    """Two writers at once (one per core of the 2-core CI machine: a third only queued
+    behind them and cost the suite 20 s), then a reader that finds everything."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     procs = [
         subprocess.Popen(
@@ -31,7 +33,7 @@ def test_three_processes_compile_into_one_cache_then_a_fourth_reuses_it(tmp_path
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(3)
+        for _ in range(2)
     ]
     for proc in procs:
         out, err = proc.communicate(timeout=600)
@@ -43,5 +45,5 @@ def test_three_processes_compile_into_one_cache_then_a_fourth_reuses_it(tmp_path
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-    # the fourth process found everything it needed: it wrote nothing new
+    # the third process found everything it needed: it wrote nothing new
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == mtimes
