@@ -381,3 +381,14 @@ def skip_or_fail(name, message):
     if os.environ.get(variable):
         pytest.fail(f"{message} (and {variable} says it must be there)")
     pytest.skip(message)
+
+
+def texts_file(path, texts):
+    """``texts`` written one per line to ``path`` (a ``--text`` file); the path."""
+    path.write_text("\n".join(texts) + "\n")
+    return path
+
+
+def store_maps(store) -> dict:
+    """Every condition's maps of an open store, as stored."""
+    return {c: store.maps(c) for c in store.conditions}

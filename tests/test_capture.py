@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 from model_support import write_family_dir
+from support import store_maps, texts_file
 
 import qkvmean
 from qkvmean.cli import main
@@ -17,14 +18,12 @@ TEXTS = ["the quick brown fox jumps", "mean keys and values", "a", "every row be
 
 @pytest.fixture
 def texts(tmp_path):
-    path = tmp_path / "texts.txt"
-    path.write_text("\n".join(TEXTS) + "\n")
-    return path
+    return texts_file(tmp_path / "texts.txt", TEXTS)
 
 
 def _maps(path):
     with qkvmean.open_store(path) as s:
-        return {c: s.maps(c) for c in s.conditions}, s.lengths
+        return store_maps(s), s.lengths
 
 
 def _round_trip(tmp_path, model, texts, at, extra=()):

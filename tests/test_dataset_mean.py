@@ -92,7 +92,7 @@ import sys  # noqa: E402
 
 import h5py  # noqa: E402
 from model_support import padded_ids  # noqa: E402
-from support import killed_at  # noqa: E402
+from support import killed_at, store_maps, texts_file  # noqa: E402
 from test_run import _assert_same_store  # noqa: E402
 from test_store import make_qkv  # noqa: E402
 
@@ -115,15 +115,12 @@ TEXTS = [
 
 @pytest.fixture
 def texts(tmp_path):
-    path = tmp_path / "texts.txt"
-    path.write_text("\n".join(TEXTS) + "\n")
-    return path
+    return texts_file(tmp_path / "texts.txt", TEXTS)
 
 
 def _store(path):
     with qkvmean.open_store(path) as s:
-        maps = {c: s.maps(c) for c in s.conditions}
-        return maps, s.dataset_means(), s.lengths, s.attrs
+        return store_maps(s), s.dataset_means(), s.lengths, s.attrs
 
 
 def test_model_run_substitutes_the_mean_over_every_input_of_the_run(tmp_path, texts):

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_support import padded_ids
+from support import store_maps, texts_file
 from test_store import make_qkv
 
 import qkvmean
@@ -91,14 +92,12 @@ def test_resample_draws_differ_by_seed():
 
 @pytest.fixture
 def texts(tmp_path):
-    path = tmp_path / "texts.txt"
-    path.write_text("\n".join(TEXTS) + "\n")
-    return path
+    return texts_file(tmp_path / "texts.txt", TEXTS)
 
 
 def _maps(path):
     with qkvmean.open_store(path) as s:
-        return {c: s.maps(c) for c in s.conditions}, s.attrs
+        return store_maps(s), s.attrs
 
 
 @pytest.mark.parametrize("over", ["window:2", "zero", "resample:3"])

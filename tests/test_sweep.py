@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_support import padded_ids
-from support import killed_at, store_datasets
+from support import killed_at, store_datasets, texts_file
 
 import qkvmean
 from qkvmean.cli import main
@@ -167,9 +167,7 @@ def test_bad_conditions_are_refused(model):
 
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("texts") / "t.txt"
-    path.write_text("\n".join(TEXTS) + "\n")
-    return path
+    return texts_file(tmp_path_factory.mktemp("texts") / "t.txt", TEXTS)
 
 
 def test_run_sweep_heads_writes_the_table_and_effects(tmp_path, texts, model):

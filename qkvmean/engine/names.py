@@ -46,11 +46,6 @@ def condition_name(target: str) -> str:
 CONDITIONS = (BASELINE, *(condition_name(t) for t in TARGETS))
 
 
-def condition_names(targets) -> list:
-    """The conditions of a run with these targets: the baseline first."""
-    return [BASELINE] + [condition_name(t) for t in targets]
-
-
 def target_of(condition: str) -> str | None:
     """The target of a condition (``"mean_k"`` → ``"k"``); None for the baseline."""
     return None if condition == BASELINE else condition.removeprefix("mean_")

@@ -111,17 +111,6 @@ class Plan:
         """Every layer where some condition substitutes, ascending."""
         return tuple(sorted({layer for c in self.conditions for layer in c.layers}))
 
-    @property
-    def dataset(self) -> bool:
-        """The per-position mean over a data set (``over="dataset"``), given as ``means``."""
-        return self.substitution.kind == "dataset"
-
-    @property
-    def given(self) -> bool:
-        """Given vectors per position replace the tensor (dataset, zero, resample), not a
-        running mean of its own values."""
-        return not self.substitution.running
-
     def window(self, seq) -> int:
         """The running-mean kernel's window length (0: every valid token)."""
         return self.substitution.window_length(seq)
