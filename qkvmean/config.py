@@ -26,8 +26,9 @@ import threading
 import numba
 
 #: Query rows per parallel task in the attention kernel; 0 (the default) chooses: a whole
-#: (input, head) pair per task when there are enough pairs to share out (each task then
-#: transposes its keys once), else 32 rows. Tests set small values to exercise blocks.
+#: (input, head) pair per task when there are enough pairs to share out, else blocks of
+#: :data:`qkvmean.engine.kernels.attention.BLOCK` rows. Tests set small values to exercise
+#: blocks (below 32 rows they also split the column sums).
 ROW_BLOCK = 0
 
 #: Use the algebraic shortcuts for mean-K (uniform rows) and mean-Q (one shared row).

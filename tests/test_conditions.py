@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from support import cases, patched
 
 import qkvmean
+from qkvmean.engine.kernels.attention import BLOCK
 
 TARGET_LISTS = st.sampled_from([["q", "k", "v"], ["k"], ["v", "q"], []])
 
@@ -57,12 +58,11 @@ def test_bad_targets(targets, exc, match):
 @settings(max_examples=30)
 @given(case=cases(dtypes=(np.float32, np.float64), head_axis=True, max_seq=70))
 def test_metrics_do_not_depend_on_how_rows_are_shared_out(case):
-    """Bit for bit: the rows of a pair are computed by one task or by one per 32 rows (the
-    split follows the batch size and the threads), and the metrics must not notice, the
-    mean-Q rows that copy a shared row included. (Smaller blocks, a test setting only,
-    also split the column sums.)"""
+    """Bit for bit: the rows of a pair are computed by one task or by one per BLOCK rows
+    (the split follows the batch size and the threads), and the metrics must not notice,
+    the mean-Q rows that copy a shared row included."""
     results = []
-    for row_block in (0, 32, 10**6):
+    for row_block in (0, BLOCK, 10**6):
         with patched(ROW_BLOCK=row_block):
             c = qkvmean.conditions(case.q, case.k, targets=["q", "k"], **case.kw)
         results.append(c)

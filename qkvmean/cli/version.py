@@ -40,10 +40,17 @@ def machine_lines() -> list:
         f"threads      {t['compute_threads']} compute threads ({t['available_cores']} cores "
         f"available; --threads to change); Numba: {t['threading_layer']} layer{tbb}, "
         f"{t['numba_threads']} threads",
-        f"BLAS         {blas_line(t['blas'])}; one thread per task in the model path",
+        f"BLAS         {blas_line(t['blas'])}; the kernels call {_gemm_line()}, one BLAS "
+        "thread per compute thread",
         f"cpu          {env['cpu']} ({env['machine']})",
         f"cuda         {_cuda_line()}",
     ]
+
+
+def _gemm_line() -> str:
+    from ..engine.kernels import blas
+
+    return blas.describe()
 
 
 def _cuda_line() -> str:

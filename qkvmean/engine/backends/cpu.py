@@ -8,8 +8,9 @@ import numba
 import numpy as np
 
 from ... import config
+from ..kernels import blas
 from ..kernels.activations import bias_gelu_serial, bias_swiglu_serial
-from ..kernels.attention import attention_kernel, attention_serial
+from ..kernels.attention import BLOCK, attention_kernel, attention_serial
 from ..kernels.finite import scan_finite
 from ..kernels.heads import merge_heads_serial, rotary_serial, split_heads_serial
 from ..kernels.means import (
@@ -27,7 +28,6 @@ from ..kernels.metrics import (
     reduce_metrics_serial,
 )
 from ..kernels.norms import add_norm_serial
-from ..modes import MODE_SHARED_ROW, MODE_UNIFORM
 
 name = "cpu"
 
@@ -61,11 +61,11 @@ def attention(
     metrics call without ``base``) adds the KL from the baseline. ``maps`` False: the
     caller will not read the weights (here they are computed all the same).
     """
-    n_pairs, n_rows, dim = q.shape
+    n_pairs, n_rows = q.shape[:2]
     threads = numba.config.NUMBA_NUM_THREADS
     if not row_block:  # whole pairs per task when there are enough pairs to share out
-        row_block = n_rows if n_pairs >= 4 * numba.get_num_threads() else COL_BLOCK
-    if row_block > COL_BLOCK:  # a task covers a whole pair, or whole column-sum blocks
+        row_block = n_rows if n_pairs >= 4 * numba.get_num_threads() else BLOCK
+    if row_block > BLOCK:  # a task covers a whole pair, or whole product blocks
         row_block = n_rows
     row_block = max(row_block, 1)
     w = np.empty((n_pairs, n_rows, n_rows), dtype=q.dtype)
@@ -76,8 +76,8 @@ def attention(
         o = np.empty((0, 0, 0), dtype=q.dtype)
     if metrics:
         # Column sums add up rows in blocks of COL_BLOCK whatever the task layout (a task
-        # covers whole blocks: all of its pair, or exactly one block), so top_key_mass
-        # does not depend on the number of threads or how the rows were split.
+        # covers whole blocks: all of its pair, or whole ones), so top_key_mass does not
+        # depend on the number of threads or how the rows were split.
         col_block = min(row_block, COL_BLOCK)
         n_blocks = (n_rows + col_block - 1) // col_block
         with_kl = base is not None
@@ -93,27 +93,13 @@ def attention(
         )
     else:
         mx = no_metrics(q.dtype)
-    # per thread: one row of logits (for MODE_SHARED_ROW) and one pair's keys, transposed
-    scratch = np.empty((threads, n_rows), dtype=q.dtype)
-    kt_scratch = np.empty((threads, dim, n_rows), dtype=q.dtype)
-    with config.kernel_guard():
+    scratch = np.empty((threads, n_rows), dtype=q.dtype)  # MODE_SHARED_ROW's logits
+    gemm = blas.gemm(q.dtype)
+    with config.kernel_guard(), config.blas_threads(1):
         attention_kernel(
-            q,
-            k,
-            v,
-            lengths,
-            group,
-            modes,
-            causal,
-            q.dtype.type(scale),
-            row_block,
-            w,
-            o,
-            with_output,
-            mx,
-            scratch,
-            kt_scratch,
-        )
+            gemm, q, k, v, lengths, group, modes, causal, q.dtype.type(scale), row_block, w, o,
+            with_output, mx, scratch,
+        )  # fmt: skip
     rows = (mx.row_ent, mx.row_kl, mx.colsum) if metrics else None
     return w, (o if with_output else None), rows
 
@@ -229,7 +215,7 @@ class InputScratch:
         self.no_base = np.zeros((1, 1, seq), np.float32)
         self.no_ent = np.empty((0, 0))
         self.logits = np.empty(n, np.float32)
-        self.kt = np.empty((0, 0), np.float32)  # the kernel reads no keys: scores are given
+        self.gemm = blas.gemm(np.float32)
         self.stack = stack
         self._own = None  # where the maps that are not kept go (made when first needed)
         self.base_map = None
@@ -256,9 +242,9 @@ def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, redu
     ``q``, ``k``, ``v`` ``(H, n, dh)``; the map is written into ``w`` ``(H, S, S)`` (its
     ``n x n`` corner; the rest stays zero), or kept in ``scratch`` when ``w`` is None (no
     maps wanted); the output into ``o``. With ``metrics``, the four metrics of each head
-    are written into ``reduced`` (four ``(H,)`` arrays). The products ``q·kᵀ`` and ``A·v``
-    are BLAS calls; scaling, mask, softmax, fast paths and metrics are
-    :func:`attention_serial` on the scores.
+    are written into ``reduced`` (four ``(H,)`` arrays). Everything is
+    :func:`attention_serial`: per block of query rows, a BLAS product for the scores, the
+    mask, softmax, fast paths and metrics on them in cache, a BLAS product for the output.
     """
     heads = q.shape[0]
     n = scratch.length[0]
@@ -266,11 +252,6 @@ def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, redu
         w = scratch.own(c)
     if c == 0:
         scratch.base_map = w
-    valid = w[:, :n, :n]
-    if np.all(modes == MODE_SHARED_ROW):  # one row of scores per head is read
-        np.matmul(q[:, :1], k.transpose(0, 2, 1), out=w[:, :1, :n])
-    elif not np.all(modes == MODE_UNIFORM):  # (uniform rows read no scores)
-        np.matmul(q, k.transpose(0, 2, 1), out=valid)
     with_kl = c > 0
     mx = Metrics(
         metrics,
@@ -283,10 +264,9 @@ def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, redu
         min(n, COL_BLOCK),
     )
     attention_serial(
-        q, k, v, scratch.length, heads, modes, causal, np.float32(scale), w, o, False, mx,
-        scratch.logits, scratch.kt, True,
+        scratch.gemm, q, k, v, scratch.length, heads, modes, causal, np.float32(scale), w, o,
+        True, mx, scratch.logits,
     )  # fmt: skip
-    np.matmul(valid, v, out=o)
     if metrics:
         reduce_metrics_serial(mx.row_ent, mx.row_kl, mx.colsum, scratch.length, heads, *reduced)
 

@@ -3,17 +3,19 @@
 Layout, after the wrappers in :mod:`qkvmean.engine.api` have validated and flattened
 the inputs (kernels see only flat arrays and scalars, never Python objects):
 
-- ``q``: ``(BG, N, D)`` C-contiguous, ``BG = batch * group`` (row ``bg`` belongs to
-  input ``bg // group``), ``k``: ``(BG, N, D)`` (each task transposes its pair's keys
-  into a per-thread ``kt`` ``(D, N)``, so that the innermost loop of the score
-  computation runs over contiguous keys and vectorises without reassociating the dot
-  product), ``v``: ``(BG, N, E)``.
+- ``q``: ``(BG, N, D)``, ``k``: ``(BG, N, D)``, ``v``: ``(BG, N, E)``, each pair's rows
+  contiguous (row ``bg`` belongs to input ``bg // group``).
 - ``lengths``: ``(batch,)`` int64, already checked to lie in ``[0, N]``.
 - ``modes``: ``(group,)`` int8, one of the ``MODE_*`` constants, per flattened group.
+- ``gemm``: the BLAS product of :mod:`qkvmean.engine.kernels.blas` for the dtype.
 
-Each parallel task handles one block of query rows of one ``(input, group)`` pair and
-writes only its own rows of the preallocated outputs: no allocation and no shared
-writes inside the parallel loop.
+Each pair's query rows go in blocks of :data:`BLOCK`: one ``gemm`` writes the block's
+scores ``scale q kᵀ`` into its rows of the output, the softmax and the metrics run on
+them while they are in cache, and (for outputs) a second ``gemm`` multiplies them by
+``v``. Each parallel task handles whole blocks of one ``(input, group)`` pair and writes
+only its own rows of the preallocated outputs: no allocation and no shared writes inside
+the parallel loop. The blocks start at multiples of :data:`BLOCK` whatever the task
+layout, so every product, and so every bit, is the same however the rows are shared out.
 """
 
 from __future__ import annotations
@@ -22,21 +24,49 @@ from numba import get_thread_id, njit, prange
 
 from .. import jit
 from ..modes import MODE_SHARED_ROW, MODE_UNIFORM
+from .blas import NO_TRANS, ROW_MAJOR, TRANS
 from .metrics import kl_sums, record_row
-from .products import ROWS, outputs1, outputs4, scores1, scores4, transpose_keys
 from .softmax import softmax_row, uniform_row
+
+#: Query rows per block: per product, and per task where a pair is split among threads.
+#: 64 rows of 2048 keys are 512 KB of scores, which stay in a core's L2 from the product
+#: through the softmax to the output product.
+BLOCK = 64
+
+
+@njit(**jit.HOT)
+def _ld(x):
+    """Elements between two rows of ``x``'s last two axes (its rows are contiguous)."""
+    return x.strides[x.ndim - 2] // x.itemsize
+
+
+@njit(**jit.HOT)
+def _scores(gemm, q, k, w, bg, i, rows, keys, scale):
+    """``w[bg, i:i + rows, :keys] = scale q[bg, i:i + rows] k[bg, :keys]ᵀ``."""
+    dim = q.shape[2]
+    gemm(
+        ROW_MAJOR, NO_TRANS, TRANS, rows, keys, dim, scale, q[bg, i:].ctypes.data, _ld(q),
+        k[bg].ctypes.data, _ld(k), 0.0, w[bg, i:].ctypes.data, _ld(w),
+    )  # fmt: skip
+
+
+@njit(**jit.HOT)
+def _outputs(gemm, w, v, o, bg, i, rows, keys):
+    """``o[bg, i:i + rows] = w[bg, i:i + rows, :keys] v[bg, :keys]``."""
+    gemm(
+        ROW_MAJOR, NO_TRANS, NO_TRANS, rows, v.shape[2], keys, 1.0, w[bg, i:].ctypes.data,
+        _ld(w), v[bg].ctypes.data, _ld(v), 0.0, o[bg, i:].ctypes.data, _ld(o),
+    )  # fmt: skip
 
 
 @njit(**jit.HOT)
 def _attention_block(
-    q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, scratch, scored
+    gemm, q, k, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, scratch
 ):  # fmt: skip
     """Serial worker: weights (and outputs, metrics) of query rows ``i0:i1`` of pair ``bg``.
 
     ``scratch`` is this thread's row of logits, kept for the rows that
-    ``MODE_SHARED_ROW`` copies. With ``scored``, ``w`` already holds the unscaled scores
-    ``q·k`` of the rows that need them (a BLAS product: the model path) and ``q``,
-    ``kt`` are not read.
+    ``MODE_SHARED_ROW`` copies.
     """
     n_keys = w.shape[2]
     p_row = mx.base[0, 0]  # zeros, unless there is a baseline (below)
@@ -49,22 +79,14 @@ def _attention_block(
     first = -1  # the row MODE_SHARED_ROW copies
     shared = (0.0, 0.0, 0.0, 0.0)
     top = min(i1, n)  # rows at or after n are padding
-    i = i0
-    while i < top:
-        rows = min(ROWS, top - i)
-        if mode == MODE_UNIFORM:
-            pass  # identical keys: nothing to compute (see uniform_row)
-        elif mode == MODE_SHARED_ROW:
-            if first < 0 and not scored:
-                scores1(q, kt, w, bg, i, n, scale)
-            rows = 1
-        elif scored:
-            pass  # scaled row by row below
-        elif rows == ROWS:
-            scores4(q, kt, w, bg, i, min(n, i + rows) if causal else n, scale)
-        else:
-            for r in range(rows):
-                scores1(q, kt, w, bg, i + r, min(n, i + r + 1) if causal else n, scale)
+    for i in range(i0, top, BLOCK):
+        rows = min(BLOCK, top - i)
+        keys = min(n, i + rows) if causal else n  # the keys any row of the block sees
+        if mode == MODE_SHARED_ROW:
+            if first < 0:
+                _scores(gemm, q, k, w, bg, i, 1, n, scale)
+        elif mode != MODE_UNIFORM:  # (uniform rows need no scores: see uniform_row)
+            _scores(gemm, q, k, w, bg, i, rows, keys, scale)
         for r in range(rows):
             row = w[bg, i + r]
             jmax = min(n, i + r + 1) if causal else n
@@ -79,9 +101,6 @@ def _attention_block(
             elif mode == MODE_UNIFORM:
                 entropy, spd, sp, log_z = uniform_row(row, jmax, n_keys, mx.with_kl, p_row)
             else:
-                if scored:
-                    for j in range(jmax):
-                        row[j] *= scale
                 logits = scratch if mode == MODE_SHARED_ROW else scratch[:0]
                 entropy, spd, sp, log_z = softmax_row(
                     row, jmax, n_keys, mx.with_metrics, p_row, logits
@@ -94,14 +113,8 @@ def _attention_block(
                     spd, sp = kl_sums(p_row, scratch, jmax, mx.with_kl)
             if mx.with_metrics:
                 record_row(mx, bg, (i + r) // col_block, i + r, row, jmax, entropy, spd, sp, log_z)
-        if with_output:  # weights beyond a row's own keys are 0: one jmax for the group
-            last = min(n, i + rows) if causal else n
-            if rows == ROWS:
-                outputs4(w, v, o, bg, i, last)
-            else:
-                for r in range(rows):
-                    outputs1(w, v, o, bg, i + r, min(n, i + r + 1) if causal else n)
-        i += rows
+        if with_output:  # weights beyond a row's own keys are 0: one product per block
+            _outputs(gemm, w, v, o, bg, i, rows, keys)
     for i in range(max(i0, n), i1):  # padded queries: the whole row is masked
         for j in range(n_keys):
             w[bg, i, j] = 0.0
@@ -112,54 +125,45 @@ def _attention_block(
 
 @njit(**jit.HOT)
 def _attention_task(
-    task, n_blocks, row_block, q, k, v, lengths, group, modes, causal, scale, w, o, with_output,
-    mx, scratch, kt, scored,
+    gemm, task, n_blocks, row_block, q, k, v, lengths, group, modes, causal, scale, w, o,
+    with_output, mx, scratch,
 ):  # fmt: skip
-    """One task of :func:`attention_kernel`: rows ``blk * row_block`` on of one pair.
-
-    It first transposes the pair's valid keys into ``kt`` (so that the score loop runs
-    over contiguous keys), unless its rows never read keys.
-    """
+    """One task of :func:`attention_kernel`: rows ``blk * row_block`` on of one pair."""
     bg = task // n_blocks
     blk = task - bg * n_blocks
     i0 = blk * row_block
     i1 = min(i0 + row_block, q.shape[1])
-    n = lengths[bg // group]
-    mode = modes[bg % group]
-    if mode != MODE_UNIFORM and i0 < n and not scored:
-        transpose_keys(k, bg, n, kt)
     _attention_block(
-        q, kt, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, scratch, scored
+        gemm, q, k, v, lengths[bg // group], modes[bg % group], causal, scale, w, o,
+        with_output, bg, i0, i1, mx, scratch,
     )  # fmt: skip
 
 
 @njit(parallel=True, **jit.HOT)
 def attention_kernel(
-    q, k, v, lengths, group, modes, causal, scale, row_block, w, o, with_output, mx, scratch,
-    kt_scratch,
+    gemm, q, k, v, lengths, group, modes, causal, scale, row_block, w, o, with_output, mx,
+    scratch,
 ):  # fmt: skip
     """Parallel driver: one task per ``(pair, block of row_block query rows)``, each with
-    this thread's rows of ``scratch`` and ``kt_scratch``."""
+    this thread's row of ``scratch``. ``gemm`` runs on the calling thread of each task:
+    the caller holds BLAS at one thread."""
     n_blocks = (q.shape[1] + row_block - 1) // row_block
     for task in prange(q.shape[0] * n_blocks):
-        tid = get_thread_id()
         _attention_task(
-            task, n_blocks, row_block, q, k, v, lengths, group, modes, causal, scale, w, o,
-            with_output, mx, scratch[tid], kt_scratch[tid], False,
+            gemm, task, n_blocks, row_block, q, k, v, lengths, group, modes, causal, scale,
+            w, o, with_output, mx, scratch[get_thread_id()],
         )  # fmt: skip
 
 
 @njit(**jit.HOT)
 def attention_serial(
-    q, k, v, lengths, group, modes, causal, scale, w, o, with_output, mx, scratch, kt, scored
+    gemm, q, k, v, lengths, group, modes, causal, scale, w, o, with_output, mx, scratch
 ):  # fmt: skip
     """Serial driver: whole pairs in order, on the calling thread (the model path, which
-    runs one input per task of its own pool, with ``scored``: see
-    :func:`_attention_block`). Without ``scored``, the same tasks as
-    :func:`attention_kernel` with ``row_block`` the whole pair, so the same bits."""
-    n_rows = q.shape[1]
+    runs one input per task of its own pool): the same blocks, so the same bits, as
+    :func:`attention_kernel`."""
     for task in range(q.shape[0]):
         _attention_task(
-            task, 1, n_rows, q, k, v, lengths, group, modes, causal, scale, w, o, with_output,
-            mx, scratch, kt, scored,
+            gemm, task, 1, q.shape[1], q, k, v, lengths, group, modes, causal, scale, w, o,
+            with_output, mx, scratch,
         )  # fmt: skip

@@ -47,38 +47,40 @@ def exp_row(row, jmax, m):
 
 @njit(**jit.HOT)
 def exp_row_stats(row, jmax, m, p_row):
-    """:func:`exp_row`, also summing ``e_j d_j``, ``p_j d_j`` and ``p_j``."""
+    """:func:`exp_row`, also summing ``e_j d_j``, ``p_j d_j`` and ``p_j``.
+
+    The same shape as :func:`exp_row`: whole chunks, then the tail in a loop of its own
+    (a tail branch inside the chunk loop kept LLVM from vectorising it: 7 ns an entry
+    instead of 1).
+    """
     total = sed = spd = sp = 0.0
     zero = row[0] - row[0]
     j0 = 0
-    while j0 < jmax:
+    while j0 + CHUNK <= jmax:
         part_total = part_sed = part_spd = part_sp = zero
-        if j0 + CHUNK <= jmax:
-            for jj in range(CHUNK):
-                j = j0 + jj
-                d = row[j] - m
-                e = exp(d)
-                row[j] = e
-                part_total += e
-                part_sed += e * d
-                part_spd += p_row[j] * d
-                part_sp += p_row[j]
-            j0 += CHUNK
-        else:
-            for j in range(j0, jmax):
-                d = row[j] - m
-                e = exp(d)
-                row[j] = e
-                part_total += e
-                part_sed += e * d
-                part_spd += p_row[j] * d
-                part_sp += p_row[j]
-            j0 = jmax
+        for jj in range(CHUNK):
+            d = row[j0 + jj] - m
+            e = exp(d)
+            row[j0 + jj] = e
+            part_total += e
+            part_sed += e * d
+            part_spd += p_row[j0 + jj] * d
+            part_sp += p_row[j0 + jj]
         total += part_total
         sed += part_sed
         spd += part_spd
         sp += part_sp
-    return total, sed, spd, sp
+        j0 += CHUNK
+    part_total = part_sed = part_spd = part_sp = zero
+    for j in range(j0, jmax):
+        d = row[j] - m
+        e = exp(d)
+        row[j] = e
+        part_total += e
+        part_sed += e * d
+        part_spd += p_row[j] * d
+        part_sp += p_row[j]
+    return total + part_total, sed + part_sed, spd + part_spd, sp + part_sp
 
 
 @njit(**jit.HOT)
