@@ -6,8 +6,9 @@
 
 All timings of one shape are interleaved (each repeat runs every contender once, in the
 same order) and the median is reported, so drift on a shared machine hits all of them
-alike; ratios are what to read. Inputs: float32 q, k, v of shape (8, 12, seq, 64), every
-token valid, no causal mask (the plain attention maps), as in issue 6.
+alike; ratios are what to read. Inputs: float32 q, k, v of shape (batch, 12, seq, 64) with
+batch 8 up to seq 512 and 2 beyond (issue 25's (8, 12, 512, 64) and (2, 12, 2048, 64)),
+every token valid, no causal mask (the plain attention maps).
 
 Reported:
 - per seq: ``attention_weights`` and ``ablate`` for q, k and v (maps only), the numpy
@@ -17,6 +18,11 @@ Reported:
   float64 reference;
 - the machine: float32 matrix-multiply rate (a large numpy matmul) and write bandwidth
   (filling a fresh large array), with the fraction of each the baseline kernel reaches;
+  per shape, the bound (the ``q kᵀ`` products at that matmul rate plus filling the fresh
+  output once, as measured) and the fraction of it ``attention_weights`` reaches;
+- the model path's attention (``cpu.attention_one``, one thread, 12 heads of 64, the
+  baseline and a condition with its KL, metrics on) per map entry at 512 and 2048 tokens,
+  and the part of it that is not the two products (the softmax and metrics);
 - 1 thread against all threads;
 - ``qkvmean run --qkv`` and ``qkvmean run --model minilm`` end to end (inputs/s, MB/s of
   maps, share of wall time outside the kernels);
@@ -87,11 +93,16 @@ def numpy_softmax(q, k, scale):
     return s
 
 
-def bench_shape(seq, repeat, torch, with_reference):
+def batch_of(seq):
+    return 8 if seq <= 512 else 2
+
+
+def bench_shape(seq, repeat, torch, with_reference, matmul_gflops):
+    batch = batch_of(seq)
     rng = np.random.default_rng(0)
-    q, k, v = rng.normal(size=(3, 8, 12, seq, 64)).astype(np.float32)
+    q, k, v = rng.normal(size=(3, batch, 12, seq, 64)).astype(np.float32)
     scale = 1 / 8
-    out_shape = (8, 12, seq, seq)
+    out_shape = (batch, 12, seq, seq)
     cases = {
         "attention_weights": lambda: qkvmean.attention_weights(q, k),
         "mean-Q maps": lambda: qkvmean.ablate(q, k, None, target="q"),
@@ -116,10 +127,14 @@ def bench_shape(seq, repeat, torch, with_reference):
     err = float(np.abs(w - ref.attention_weights(q[:1], k[:1])).max())
     wk = qkvmean.ablate(q[:1], k[:1], v[:1], target="k")[0]
     err_k = float(np.abs(wk - ref.ablate(q[:1], k[:1], v[:1], target="k")[0]).max())
-    flops = 2.0 * 8 * 12 * seq * seq * 64
+    flops = 2.0 * batch * 12 * seq * seq * 64
+    bound = flops / matmul_gflops / 1e6 + ms["fill output once"]
     return {
         "seq": seq,
+        "shape": [batch, 12, seq, 64],
         "ms": ms,
+        "bound_ms": bound,
+        "of_bound": bound / ms["attention_weights"],
         "max_error": err,
         "max_error_mean_k": err_k,
         "gflops_baseline": flops / ms["attention_weights"] / 1e6,
@@ -142,8 +157,41 @@ def machine_limits():
     }
 
 
+def model_attention(seq, repeat):
+    """ns per map entry of the model path's attention, one thread: ``(total, products)``
+    for the baseline and one condition with its KL (metrics on, maps kept)."""
+    from qkvmean import config
+    from qkvmean.engine.backends import cpu
+
+    heads, dim = 12, 64
+    rng = np.random.default_rng(5)
+    q, k, v = rng.normal(size=(3, heads, seq, dim)).astype(np.float32)
+    q1 = q * np.float32(1.001)
+    modes = np.zeros(heads, np.int8)
+    scratch = cpu.InputScratch(heads, seq, seq, 2, True)
+    w0, w1 = np.zeros((2, heads, seq, seq), np.float32)
+    o = np.empty((heads, seq, dim), np.float32)
+    reduced = [np.empty(heads) for _ in range(4)]
+
+    def both():
+        cpu.attention_one(q, k, v, modes, False, 0.125, 0, w0, o, scratch, True, reduced)
+        cpu.attention_one(q1, k, v, modes, False, 0.125, 1, w1, o, scratch, True, reduced)
+
+    def products():  # the same two products per condition, whole heads at once
+        for _ in range(2):
+            np.matmul(q, k.transpose(0, 2, 1), out=w0)
+            np.matmul(w0, v, out=o)
+
+    with config.blas_threads(1):
+        ms = interleaved({"attention": both, "products": products}, repeat)
+    entries = 2 * heads * seq * seq
+    total, prod = (1e6 * ms[name] / entries for name in ("attention", "products"))
+    return {"seq": seq, "ns_per_entry": total, "products_ns_per_entry": prod,
+            "softmax_metrics_ns_per_entry": total - prod}  # fmt: skip
+
+
 def threads_scaling(seq, repeat):
-    q, k = np.random.default_rng(2).normal(size=(2, 8, 12, seq, 64)).astype(np.float32)
+    q, k = np.random.default_rng(2).normal(size=(2, batch_of(seq), 12, seq, 64)).astype(np.float32)
     total = numba.get_num_threads()
     out = {}
     for n in (1, total):
@@ -274,12 +322,16 @@ def main(argv=None):
     )
     for seq in args.seq:
         r = bench_shape(
-            seq, max(3, repeat // (2 if seq >= 2048 else 1)), torch, with_reference=seq <= 512
+            seq,
+            max(3, repeat // (2 if seq >= 2048 else 1)),
+            torch,
+            with_reference=seq <= 512,
+            matmul_gflops=lim["matmul_gflops"],
         )
         report["shapes"].append(r)
         ms = r["ms"]
         base = ms["attention_weights"]
-        print(f"\nseq {seq}: (8, 12, {seq}, 64) float32, median of interleaved runs")
+        print(f"\nseq {seq}: {tuple(r['shape'])} float32, median of interleaved runs")
         print(f"  {'':<20}{'ms':>10}{'speed-up of attention_weights':>32}")
         for name, t in ms.items():
             print(f"  {name:<20}{t:>10.1f}{t / base:>31.2f}x")
@@ -290,11 +342,24 @@ def main(argv=None):
             f"({r['output_gb_per_s'] / lim['write_gb_per_s_fresh']:.0%} of fresh-memory "
             f"bandwidth); max error {r['max_error']:.2g} (mean-K {r['max_error_mean_k']:.2g})"
         )
+        print(
+            f"  bound (q kT at {lim['matmul_gflops']:.0f} GFLOP/s + one fresh output write): "
+            f"{r['bound_ms']:.1f} ms; attention_weights at {r['of_bound']:.0%} of it; "
+            f"{ms['numpy float32'] / base:.2f}x numpy float32"
+            + (f", {ms['pytorch'] / base:.2f}x PyTorch" if "pytorch" in ms else "")
+        )
         for name in ("mean-K maps", "mean-Q maps"):
             print(
                 f"  {name}: {ms[name] / ms['fill output once']:.2f}x the time to fill the "
                 "output once"
             )
+    report["model_attention"] = [model_attention(seq, repeat) for seq in (512, 2048)]
+    for m in report["model_attention"]:
+        print(
+            f"\nmodel path attention, {m['seq']} tokens, one thread: {m['ns_per_entry']:.2f} ns "
+            f"per map entry, of which the products {m['products_ns_per_entry']:.2f} and the "
+            f"softmax and metrics {m['softmax_metrics_ns_per_entry']:.2f}"
+        )
     report["threads"] = threads_scaling(512, repeat)
     t = report["threads"]
     print(

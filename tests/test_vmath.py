@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qkvmean.engine.kernels import activations, vmath
+from qkvmean.engine.kernels import activations, finite, vmath
 
 f32 = st.floats(-12, 12, width=32, allow_nan=False)
 
@@ -77,3 +77,27 @@ def test_exp_is_accurate_on_the_softmax_range(x):
     vmath.exp_array(x, got)
     want = np.exp(x.astype(np.float64))
     assert np.all(np.abs(got - want) <= 5e-7 * want + 1e-38)
+
+
+@settings(max_examples=60)
+@given(
+    data=st.data(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    size=st.integers(1, 3 * finite.SCAN_BLOCK),
+    parallel=st.booleans(),
+)
+def test_finite_scan_finds_the_first_bad_value_and_the_largest_magnitude(
+    data, dtype, size, parallel
+):
+    """The one-pass scan (fmax of |x| and a sum of x * 0) against numpy, with NaN and
+    infinities of either sign at drawn places, in any block of the parallel scan."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    x = (rng.normal(size=size) * data.draw(st.sampled_from([1e-30, 1.0, 1e30]))).astype(dtype)
+    bad = data.draw(st.lists(st.integers(0, size - 1), max_size=3, unique=True), label="bad")
+    for i in bad:
+        x[i] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    index, top = finite.scan_finite(x, parallel=parallel)
+    if bad:
+        assert index == min(bad) and top == math.inf
+    else:
+        assert index == -1 and top == float(np.abs(x).max())

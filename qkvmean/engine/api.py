@@ -181,7 +181,7 @@ def _check_heads(heads, shape):
 def _contiguous(arr, dtype, name, shape):
     """C-contiguous copy (or view) of ``arr`` in ``dtype``, with every value finite."""
     out = np.ascontiguousarray(arr, dtype=dtype)
-    bad, biggest = scan_finite(out.reshape(-1))
+    bad, biggest = scan_finite(out.reshape(-1), parallel=True)
     if bad >= 0:
         index = tuple(int(i) for i in np.unravel_index(bad, shape))
         value = out.reshape(-1)[bad]

@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit
 
 from .. import jit
-from .vmath import exp
+from .vmath import exp, fmax
 
 #: Keys per partial sum in the softmax (see :func:`_softmax_row`).
 CHUNK = 64
@@ -96,7 +96,7 @@ def softmax_row(row, jmax, n_keys, with_metrics, p_row, logits):
     """
     m = row[0]
     for j in range(1, jmax):
-        m = max(m, row[j])
+        m = fmax(m, row[j])
     if logits.shape[0] >= jmax:  # keep d = logits - max for the rows that copy this one
         for j in range(jmax):
             logits[j] = row[j] - m
