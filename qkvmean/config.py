@@ -44,7 +44,7 @@ _SAFE_LAYERS = ("tbb", "omp")
 if not os.environ.get("NUMBA_THREADING_LAYER"):
     numba.config.THREADING_LAYER = "threadsafe"
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a spread input holds it around kernels that take it
 _state = {"serialise": None, "tbb": None}
 
 

@@ -21,6 +21,7 @@ from model_support import (
 
 from qkvmean.engine import reference as R
 from qkvmean.engine import transformer as T
+from qkvmean.engine.kernels import products
 from qkvmean.engine.plan import Plan
 from qkvmean.files import InputError
 from qkvmean.io import models as M
@@ -112,6 +113,28 @@ def test_forward_pass_matches_reference(loaded, name, layers, heads, over):
                 )
         for b, n in enumerate(lengths):
             np.testing.assert_allclose(got.hidden[cond][b, :n], hidden[b, :n], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FAMILY_DIRS))
+def test_an_input_alone_on_every_thread_has_its_bits_in_a_batch(loaded, name):
+    """One input has the compute threads to itself (``cpu.spread``: products, attention,
+    norms, activations, head layout and rotary on every thread, in the same blocks), two
+    inputs run one per thread: the same bits, maps, metrics, hidden states and effects,
+    for every family's vocabulary (rotary, SwiGLU, q/k norm, GQA, parallel residual)."""
+    model = loaded[name]
+    # long enough that the stacked conditions' products take two blocks of rows
+    ids, lengths = padded_ids(model.tokenizer, ["a model reads every word " * 12, "mean keys"])
+    assert 3 * lengths[0] > products.ROWS
+    kw = dict(ablate_layers=(0, 2), heads=[1], hidden=True, effects=True)
+    batch = T.model_conditions(model.weights, ids, lengths, **kw)
+    alone = T.model_conditions(model.weights, ids[:1], lengths[:1], seq=ids.shape[1], **kw)
+    for cond in batch.names:
+        np.testing.assert_array_equal(alone.weights[cond][0], batch.weights[cond][0])
+        np.testing.assert_array_equal(alone.hidden[cond][0], batch.hidden[cond][0])
+    for metric, values in batch.metrics.items():
+        np.testing.assert_array_equal(alone.metrics[metric][:, :1], values[:, :1])
+    for effect, values in batch.effects.items():
+        np.testing.assert_array_equal(alone.effects[effect][:, :1], values[:, :1])
 
 
 def test_gqa_substitution_is_per_query_head(loaded):

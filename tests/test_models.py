@@ -682,8 +682,9 @@ def test_empty_text_and_too_small_max_tokens(tmp_path, gpt2_dir, capsys):
 
 
 def test_model_results_do_not_depend_on_batch_or_threads(minilm):
-    """Each input is its own task, BLAS at one thread: the bits of an input's maps and
-    metrics are the same whatever batch it is in and however many threads run."""
+    """Each input is its own task, BLAS at one thread, or (alone: fewer inputs than
+    threads) on every thread in the same blocks: the bits of an input's maps and metrics
+    are the same whatever batch it is in and however many threads run."""
     ids, lengths = padded_ids(minilm.tokenizer, TEXTS)
     seq = ids.shape[1]
     whole = T.model_conditions(minilm.weights, ids, lengths, ablate_layers=(1,))

@@ -10,10 +10,12 @@ arrays of the backend's array module (``ops.xp``).
 How the work is laid out, for speed on every core and under foreign load:
 
 - **One input per task.** A batch's inputs are independent, so each is one task
-  (``ops.run_tasks``: on the CPU, the process's pool of compute threads with BLAS held to
+  (``ops.run_inputs``: on the CPU, the process's pool of compute threads with BLAS held to
   one thread and the engine's serial kernels): one pool does everything, nothing waits at
   a barrier for a thread that another process holds off its core, and an input is
-  computed at its own length (no padding work).
+  computed at its own length (no padding work). A batch with fewer inputs than threads
+  runs them one after another, each on every thread (``cpu.spread``: the same products,
+  cut into the same blocks, so the same bits).
 - **Conditions stacked.** Up to the first substituted layer every condition is the
   baseline, computed once. From there on the baseline and each substitution run as one
   stack of ``C`` copies of the input: every projection is one matrix product of
@@ -558,9 +560,9 @@ def _run_inputs(ops, model: Weights, plan: Plan, ids, lengths, out: _Outputs, gi
     rope = None if rotary is None else tuple(map(ops.xp.asarray, rotary.tables(max(n, 1))))
     inputs = [np.ascontiguousarray(ids[b, : lengths[b]]) for b in range(ids.shape[0])]
     here = ops.upload(model)  # the weights where the backend computes
-    ops.run_tasks(
+    ops.run_inputs(
         [
-            lambda b=b: _one_input(ops, here, plan, inputs[b], b, out, rope, given, taps)
+            lambda ops_b, b=b: _one_input(ops_b, here, plan, inputs[b], b, out, rope, given, taps)
             for b in range(ids.shape[0])
         ]
     )

@@ -27,12 +27,13 @@ DEVICE_OPS = ("unavailable", "describe", "skip_auto")
 #: What the raw API (qkvmean.attention, ablate, conditions, mean_substitute) calls, on
 #: whole flattened batches.
 BATCH_OPS = ("attention", "reduce_metrics", "mean_substitute", "position_sums")
-#: What the model path calls, one input at a time (inside ``run_tasks``).
+#: What the model path calls, one input at a time (inside ``run_inputs``, on the
+#: operations it hands each input).
 MODEL_OPS = (
     "xp",
     "upload",
     "to_host",
-    "run_tasks",
+    "run_inputs",
     "matmul",
     "add",
     "add_norm",
@@ -72,7 +73,7 @@ class Backend(Protocol):
 
     def upload(self, model): ...  # the Weights where this backend computes
     def to_host(self, x): ...  # a buffer as a numpy array
-    def run_tasks(self, tasks): ...
+    def run_inputs(self, tasks): ...  # calls each task(ops): the operations for its input
     def matmul(self, a, b, out): ...
     def add(self, a, b, out): ...
     def add_norm(self, x, bias, residual, norm, out, store_sum=False): ...

@@ -4,15 +4,30 @@ calling thread for the model path, whose products are BLAS calls)."""
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import numba
 import numpy as np
 
 from ... import config
 from ..kernels import blas
-from ..kernels.activations import bias_gelu_serial, bias_swiglu_serial
+from ..kernels.activations import (
+    bias_gelu_kernel,
+    bias_gelu_serial,
+    bias_swiglu_kernel,
+    bias_swiglu_serial,
+)
 from ..kernels.attention import BLOCK, attention_kernel, attention_serial
 from ..kernels.finite import scan_finite
-from ..kernels.heads import merge_heads_serial, rotary_serial, split_heads_serial
+from ..kernels.heads import (
+    merge_heads_kernel,
+    merge_heads_serial,
+    rotary_kernel,
+    rotary_serial,
+    split_heads_kernel,
+    split_heads_serial,
+)
 from ..kernels.means import (
     given_substitute_kernel,
     given_substitute_serial,
@@ -27,7 +42,8 @@ from ..kernels.metrics import (
     reduce_metrics_kernel,
     reduce_metrics_serial,
 )
-from ..kernels.norms import add_norm_serial
+from ..kernels.norms import add_norm_kernel, add_norm_serial
+from ..kernels.products import matmul_kernel, matmul_serial
 
 name = "cpu"
 
@@ -135,61 +151,149 @@ def mean_substitute(x, lengths, group, select, window, shrink=1.0, means=None):
 
 
 # --------------------------------------------------------------------------------------
-# Model-path interface: one input on the calling thread (qkvmean.engine.transformer runs
-# one input per task of run_tasks).
+# Model-path interface: the operations on one input, as this module's functions (serial
+# kernels: one input per task of the pool) or as :data:`spread`'s (the same work cut into
+# the same blocks, shared out among the compute threads: an input with the cores to
+# itself). Either way the same bits (tests/test_threads.py).
 # --------------------------------------------------------------------------------------
 
 
-def run_tasks(tasks):
-    """Run independent per-input tasks (here: on the pool of compute threads, BLAS at one
-    thread each)."""
-    return config.run_tasks(tasks)
+def run_inputs(tasks):
+    """Run the per-input tasks, each called with the operations to use.
+
+    With at least as many inputs as compute threads (or one thread), one input per task
+    on the pool of compute threads, BLAS at one thread each: ``task(cpu)``. With fewer,
+    one input after another on the calling thread, each on every compute thread:
+    ``task(spread)``.
+    """
+    threads = config.compute_threads()
+    if len(tasks) >= threads or threads == 1:
+        return config.run_tasks([functools.partial(task, _serial) for task in tasks])
+    before = numba.get_num_threads()
+    with config.kernel_guard(), config.blas_threads(1):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        try:
+            for task in tasks:
+                task(spread)
+        finally:
+            numba.set_num_threads(before)
 
 
-def matmul(a, b, out):
-    """``out = a @ b`` (BLAS)."""
-    np.matmul(a, b, out=out)
+class _Kernels(NamedTuple):
+    """The kernels behind :class:`ModelOps`: serial, or parallel over the same blocks."""
+
+    matmul: object
+    add_norm: object
+    gelu: object
+    swiglu: object
+    split_heads: object
+    merge_heads: object
+    rotary: object
+    attention: object  # attention_serial, or attention_kernel (which takes row_block)
+    parallel: bool
+
+
+class ModelOps:
+    """The model path's operations on one input (the protocol's MODEL_OPS, with the
+    module's own functions for the rest)."""
+
+    def __init__(self, kernels: _Kernels):
+        self.k = kernels
+
+    def __getattr__(self, name):  # xp, upload, to_host, add, substitute, InputScratch, ...
+        try:
+            return globals()[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def matmul(self, a, b, out):
+        """``out = a @ b`` (BLAS, in blocks of rows: kernels/products.py)."""
+        self.k.matmul(blas.gemm(np.float32), a, b, out)
+
+    def add_norm(self, x, bias, residual, norm, out, store_sum=False):
+        """``out = N(x + bias (+ residual))``; with ``store_sum`` also ``residual = x +
+        bias + residual``. ``norm`` is ``(gamma, beta, rms, eps)``; ``residual`` None: no
+        residual."""
+        gamma, beta, rms, eps = norm
+        self.k.add_norm(
+            x, bias, x if residual is None else residual, residual is not None, store_sum, rms,
+            gamma, beta, eps, out,
+        )  # fmt: skip
+
+    def head_norm(self, x, gamma, eps, zero):
+        """In place, RMSNorm of every ``head_dim`` vector of ``x`` ``(P, n, dh)`` (Qwen3's
+        q/k norm); ``zero`` is a ``(dh,)`` array of zeros."""
+        flat = x.reshape(-1, x.shape[2])
+        self.k.add_norm(flat, zero, flat, False, False, True, gamma, zero, eps, flat)
+
+    def bias_activation(self, m, bias, code, out):
+        """``out = act(m + bias)``: GELU in place (``out`` is ``m``), or SwiGLU from the
+        gate and up halves of ``m`` into ``out``; ``code`` from
+        :data:`qkvmean.engine.arch.ACTIVATION_CODES`."""
+        if code == 2:
+            self.k.swiglu(m, bias, out)
+        else:
+            self.k.gelu(m, bias, code == 1)
+
+    def split_heads(self, qkv, bias, n_heads, n_kv_heads, q, k, v):
+        self.k.split_heads(qkv, bias, n_heads, n_kv_heads, q, k, v)
+
+    def merge_heads(self, o, n_heads, ctx):
+        self.k.merge_heads(o, n_heads, ctx)
+
+    def rotary(self, x, cos, sin):
+        self.k.rotary(x, cos, sin)
+
+    def attention_one(self, q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
+        """Condition ``c``'s attention for every head of one input (``c = 0``: the
+        baseline, which the KL of the later conditions of the same layer reads).
+
+        ``q``, ``k``, ``v`` ``(H, n, dh)``; the map is written into ``w`` ``(H, S, S)``
+        (its ``n x n`` corner; the rest stays zero), or kept in ``scratch`` when ``w`` is
+        None (no maps wanted); the output into ``o``. With ``metrics``, the four metrics
+        of each head are written into ``reduced`` (four ``(H,)`` arrays). Everything is
+        the attention kernel: per block of query rows, a BLAS product for the scores, the
+        mask, softmax, fast paths and metrics on them in cache, a BLAS product for the
+        output.
+        """
+        heads = q.shape[0]
+        n = scratch.length[0]
+        if w is None:
+            w = scratch.own(c)
+        if c == 0:
+            scratch.base_map = w
+        with_kl = c > 0
+        mx = Metrics(
+            metrics,
+            with_kl,
+            scratch.base_map if with_kl else scratch.no_base,
+            scratch.base_ent if with_kl else scratch.no_ent,
+            scratch.row_ent if with_kl else scratch.base_ent,
+            scratch.row_kl,
+            scratch.colsum,
+            min(n, COL_BLOCK),
+        )
+        args = (q, k, v, scratch.length, heads, modes, causal, np.float32(scale))
+        if self.k.parallel:  # whole heads per task, or blocks of rows (see attention())
+            row_block = n if heads >= 4 * numba.get_num_threads() else BLOCK
+            self.k.attention(
+                scratch.gemm, *args, row_block, w, o, True, mx, scratch.logits
+            )  # fmt: skip
+        else:
+            self.k.attention(scratch.gemm, *args, w, o, True, mx, scratch.logits[0])
+        if metrics:
+            reduce_metrics_serial(
+                mx.row_ent, mx.row_kl, mx.colsum, scratch.length, heads, *reduced
+            )  # fmt: skip
+
+    def check_finite(self, x):
+        """:func:`scan_finite` of any array."""
+        return scan_finite(x.reshape(-1), parallel=self.k.parallel)
 
 
 def add(a, b, out):
     """``out = a + b``, elementwise."""
     np.add(a, b, out=out)
-
-
-def add_norm(x, bias, residual, norm, out, store_sum=False):
-    """``out = N(x + bias (+ residual))``; with ``store_sum`` also ``residual = x + bias +
-    residual``. ``norm`` is ``(gamma, beta, rms, eps)``; ``residual`` None: no residual."""
-    gamma, beta, rms, eps = norm
-    add_norm_serial(
-        x, bias, x if residual is None else residual, residual is not None, store_sum, rms,
-        gamma, beta, eps, out,
-    )  # fmt: skip
-
-
-def head_norm(x, gamma, eps, zero):
-    """In place, RMSNorm of every ``head_dim`` vector of ``x`` ``(P, n, dh)`` (Qwen3's q/k
-    norm); ``zero`` is a ``(dh,)`` array of zeros."""
-    flat = x.reshape(-1, x.shape[2])
-    add_norm_serial(flat, zero, flat, False, False, True, gamma, zero, eps, flat)
-
-
-def bias_activation(m, bias, code, out):
-    """``out = act(m + bias)``: GELU in place (``out`` is ``m``), or SwiGLU from the gate
-    and up halves of ``m`` into ``out``; ``code`` from
-    :data:`qkvmean.engine.arch.ACTIVATION_CODES`."""
-    if code == 2:
-        bias_swiglu_serial(m, bias, out)
-    else:
-        bias_gelu_serial(m, bias, code == 1)
-
-
-split_heads = split_heads_serial
-
-
-merge_heads = merge_heads_serial
-
-
-rotary = rotary_serial
 
 
 def substitute(x, length, n_heads, select, window, acc, means=None):
@@ -202,8 +306,8 @@ def substitute(x, length, n_heads, select, window, acc, means=None):
 
 
 class InputScratch:
-    """Per-input buffers of :func:`attention_one` (row metrics, per-thread scratch, the
-    baseline's map of the current layer for the KL of the other conditions)."""
+    """Per-input buffers of :meth:`ModelOps.attention_one` (row metrics, per-thread
+    logits, the baseline's map of the current layer for the KL of the other conditions)."""
 
     def __init__(self, n_heads, n, seq, stack, maps):
         n_blocks = -(-n // COL_BLOCK)  # blocks of min(n, COL_BLOCK) rows (n >= 1)
@@ -214,7 +318,7 @@ class InputScratch:
         self.colsum = np.empty((n_heads, n_blocks, seq))
         self.no_base = np.zeros((1, 1, seq), np.float32)
         self.no_ent = np.empty((0, 0))
-        self.logits = np.empty(n, np.float32)
+        self.logits = np.empty((numba.config.NUMBA_NUM_THREADS, n), np.float32)
         self.gemm = blas.gemm(np.float32)
         self.stack = stack
         self._own = None  # where the maps that are not kept go (made when first needed)
@@ -235,45 +339,30 @@ class InputScratch:
         """After an error: nothing is in flight here."""
 
 
-def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
-    """Condition ``c``'s attention for every head of one input (``c = 0``: the baseline,
-    which the KL of the later conditions of the same layer reads).
-
-    ``q``, ``k``, ``v`` ``(H, n, dh)``; the map is written into ``w`` ``(H, S, S)`` (its
-    ``n x n`` corner; the rest stays zero), or kept in ``scratch`` when ``w`` is None (no
-    maps wanted); the output into ``o``. With ``metrics``, the four metrics of each head
-    are written into ``reduced`` (four ``(H,)`` arrays). Everything is
-    :func:`attention_serial`: per block of query rows, a BLAS product for the scores, the
-    mask, softmax, fast paths and metrics on them in cache, a BLAS product for the output.
-    """
-    heads = q.shape[0]
-    n = scratch.length[0]
-    if w is None:
-        w = scratch.own(c)
-    if c == 0:
-        scratch.base_map = w
-    with_kl = c > 0
-    mx = Metrics(
-        metrics,
-        with_kl,
-        scratch.base_map if with_kl else scratch.no_base,
-        scratch.base_ent if with_kl else scratch.no_ent,
-        scratch.row_ent if with_kl else scratch.base_ent,
-        scratch.row_kl,
-        scratch.colsum,
-        min(n, COL_BLOCK),
+_serial = ModelOps(
+    _Kernels(
+        matmul_serial, add_norm_serial, bias_gelu_serial, bias_swiglu_serial,
+        split_heads_serial, merge_heads_serial, rotary_serial, attention_serial, False,
     )
-    attention_serial(
-        scratch.gemm, q, k, v, scratch.length, heads, modes, causal, np.float32(scale), w, o,
-        True, mx, scratch.logits,
-    )  # fmt: skip
-    if metrics:
-        reduce_metrics_serial(mx.row_ent, mx.row_kl, mx.colsum, scratch.length, heads, *reduced)
+)  # fmt: skip
+#: The operations for an input that has the compute threads to itself (:func:`run_inputs`).
+spread = ModelOps(
+    _Kernels(
+        matmul_kernel, add_norm_kernel, bias_gelu_kernel, bias_swiglu_kernel,
+        split_heads_kernel, merge_heads_kernel, rotary_kernel, attention_kernel, True,
+    )
+)  # fmt: skip
 
-
-def check_finite(x):
-    """:func:`scan_finite` of any array."""
-    return scan_finite(x.reshape(-1))
+# this module as a backend: the serial operations
+matmul = _serial.matmul
+add_norm = _serial.add_norm
+head_norm = _serial.head_norm
+bias_activation = _serial.bias_activation
+split_heads = _serial.split_heads
+merge_heads = _serial.merge_heads
+rotary = _serial.rotary
+attention_one = _serial.attention_one
+check_finite = _serial.check_finite
 
 
 #: The model path's array module (allocation, slicing, indexing of the buffers).

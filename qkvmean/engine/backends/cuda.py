@@ -603,11 +603,12 @@ def position_sums(x, lengths, group, sums):
 # ----------------------------------------------------------------------------- model path
 
 
-def run_tasks(tasks):
-    """One input after another: they queue on the device in order (the device is the
-    parallel part)."""
+def run_inputs(tasks):
+    """One input after another, on this module's operations: they queue on the device in
+    order (the device is the parallel part)."""
+    this = sys.modules[__name__]
     for task in tasks:
-        task()
+        task(this)
 
 
 _uploaded: list = []  # [(weakref to the host model, its device copy)]

@@ -36,15 +36,27 @@ def bias_gelu_serial(x, bias, tanh_approx):
 
 
 @njit(**jit.VEC)
+def _swiglu_row(r, g, bias, out):
+    row = g[r]
+    dst = out[r]
+    f = out.shape[1]
+    for d in range(f):
+        dst[d] = silu(row[d] + bias[d]) * (row[f + d] + bias[f + d])
+
+
+@njit(**jit.VEC)
 def bias_swiglu_serial(g, bias, out):
     """``out = silu(g[:, :F] + bias[:F]) * (g[:, F:] + bias[F:])`` (SwiGLU: the gate and
     up projections side by side in ``g`` ``(rows, 2F)``)."""
-    f = out.shape[1]
     for r in range(g.shape[0]):
-        row = g[r]
-        dst = out[r]
-        for d in range(f):
-            dst[d] = silu(row[d] + bias[d]) * (row[f + d] + bias[f + d])
+        _swiglu_row(r, g, bias, out)
+
+
+@njit(parallel=True, **jit.VEC)
+def bias_swiglu_kernel(g, bias, out):
+    """:func:`bias_swiglu_serial`, rows on the compute threads."""
+    for r in prange(g.shape[0]):
+        _swiglu_row(r, g, bias, out)
 
 
 def bias_gelu(x, bias, tanh_approx):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ... import config
 from .. import jit
 from .vmath import fmax
 
@@ -49,7 +50,8 @@ def scan_finite(flat, xp=np, parallel=False):
         if parallel:
             n_tasks = -(-flat.size // SCAN_BLOCK)
             tops, flags = np.empty(n_tasks, flat.dtype), np.empty(n_tasks, flat.dtype)
-            _scan_kernel(flat, tops, flags)
+            with config.kernel_guard():
+                _scan_kernel(flat, tops, flags)
             top, flag = float(tops.max()), float(flags.sum())
         else:
             top, flag = (float(x) for x in _scan_block(flat, 0, flat.size))

@@ -3,7 +3,7 @@ merged back, and the rotary embedding of each head's vectors."""
 
 from __future__ import annotations
 
-from numba import njit
+from numba import njit, prange
 
 from .. import jit
 from .rows import merge_heads_row, rotary_vector, split_heads_row
@@ -21,10 +21,24 @@ def split_heads_serial(qkv, bias, n_heads, n_kv_heads, q, k, v):
         split_heads_row(r, qkv, bias, n_heads, n_kv_heads, q, k, v)
 
 
+@njit(parallel=True, **jit.SERIAL)
+def split_heads_kernel(qkv, bias, n_heads, n_kv_heads, q, k, v):
+    """:func:`split_heads_serial`, rows on the compute threads."""
+    for r in prange(qkv.shape[0]):
+        split_heads_row(r, qkv, bias, n_heads, n_kv_heads, q, k, v)
+
+
 @njit(**jit.SERIAL)
 def merge_heads_serial(o, n_heads, ctx):
     """Inverse of :func:`split_heads_serial` for the attention outputs ``(C*H, n, dh)``."""
     for r in range(ctx.shape[0]):
+        merge_heads_row(r, o, n_heads, ctx)
+
+
+@njit(parallel=True, **jit.SERIAL)
+def merge_heads_kernel(o, n_heads, ctx):
+    """:func:`merge_heads_serial`, rows on the compute threads."""
+    for r in prange(ctx.shape[0]):
         merge_heads_row(r, o, n_heads, ctx)
 
 
@@ -34,5 +48,13 @@ def rotary_serial(x, cos, sin):
     every vector of ``x`` ``(P, n, dh)`` (rotate-half layout: dimension ``i`` pairs with
     ``i + half``); ``cos``, ``sin`` ``(>= n, half)`` by position."""
     for p in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            rotary_vector(x, p, t, cos, sin)
+
+
+@njit(parallel=True, **jit.SERIAL)
+def rotary_kernel(x, cos, sin):
+    """:func:`rotary_serial`, heads on the compute threads."""
+    for p in prange(x.shape[0]):
         for t in range(x.shape[1]):
             rotary_vector(x, p, t, cos, sin)
