@@ -28,6 +28,8 @@ from numba import njit
 
 from .. import config
 from . import jit
+from .kernels import blas
+from .kernels.products import matmul_serial
 from .kernels.vmath import exp
 from .names import EFFECTS
 
@@ -109,17 +111,20 @@ class InputEffects:
     norm, pooled embedding and logits, the costly part), then :meth:`of` each
     condition's final hidden states."""
 
-    def __init__(self, model, names, ids, base):
+    def __init__(self, model, names, ids, base, matmul=None):
         """``base``: the baseline's final hidden states ``(n, D)`` (``n >= 1``) of the
-        input with token ids ``ids`` (at least ``n`` of them)."""
+        input with token ids ``ids`` (at least ``n`` of them); ``matmul(a, b, out)``: the
+        host product for the head's logits (the model path's, in its blocks: on every
+        thread for an input that has them to itself)."""
         self.model, self.names, self.n = model, names, base.shape[0]
+        self.matmul = matmul or host_matmul
         self.ids = np.asarray(ids, dtype=np.int64)
         self.h0 = np.asarray(base, dtype=np.float64)
         self.norm0 = np.linalg.norm(self.h0)
         self.pooled0 = self.h0.mean(axis=0)
         self.p = None  # the baseline's next-token distributions, where the model has a head
         if EFFECTS[1] in names:
-            z = _logits(model, np.asarray(base, np.float32))
+            z = _logits(model, np.asarray(base, np.float32), self.matmul)
             self.p, self.stats = np.empty_like(z), np.empty((self.n, 3))
             with config.kernel_guard():
                 base_distribution(z, self.ids, self.n, self.p, self.stats)
@@ -140,7 +145,8 @@ class InputEffects:
         per = max(1, LOGIT_ROWS // n)
         for first in range(0, count, per):
             last = min(count, first + per)
-            z = _logits(self.model, hidden[first * n : last * n]) if self.p is not None else None
+            rows = hidden[first * n : last * n]
+            z = _logits(self.model, rows, self.matmul) if self.p is not None else None
             for c in range(first, last):
                 rows = hidden[c * n : (c + 1) * n]
                 found.append(self._effects(rows, None if z is None else z[(c - first) * n :]))
@@ -199,9 +205,17 @@ def output_effects(model, hidden, ids, lengths) -> dict:
     return out
 
 
-def _logits(model, h):
+def host_matmul(a, b, out):
+    """The model path's serial product: the same blocks at one BLAS thread, so the same
+    bits as the effects of a model run."""
+    with config.blas_threads(1):
+        matmul_serial(blas.gemm(np.float32), a, b, out)
+
+
+def _logits(model, h, matmul):
     """``h @ W_U^T`` (+ the head's bias), float32 ``(n, V)``."""
-    z = np.matmul(h, model.unembed.T)
+    z = np.empty((h.shape[0], model.unembed.shape[0]), np.float32)
+    matmul(np.ascontiguousarray(h), model.unembed.T, z)
     if model.unembed_bias is not None:
         z += model.unembed_bias
     return z

@@ -502,7 +502,9 @@ class _Pass:
             if out.hidden is not None:
                 out.hidden[0, b, :n] = rows[:n]
             if out.effects is not None:
-                self.effects = InputEffects(model, out.effect_names, self.ids, rows[:n])
+                self.effects = InputEffects(
+                    model, out.effect_names, self.ids, rows[:n], self.ops.host_matmul
+                )
                 for name, value in no_effect(out.effect_names).items():
                     out.effects[name][0, b] = value
         if live == 1:

@@ -35,6 +35,7 @@ MODEL_OPS = (
     "to_host",
     "run_inputs",
     "matmul",
+    "host_matmul",
     "add",
     "add_norm",
     "head_norm",
@@ -75,6 +76,7 @@ class Backend(Protocol):
     def to_host(self, x): ...  # a buffer as a numpy array
     def run_inputs(self, tasks): ...  # calls each task(ops): the operations for its input
     def matmul(self, a, b, out): ...
+    def host_matmul(self, a, b, out): ...  # numpy arrays (the effects' logits)
     def add(self, a, b, out): ...
     def add_norm(self, x, bias, residual, norm, out, store_sum=False): ...
     def head_norm(self, x, gamma, eps, zero): ...

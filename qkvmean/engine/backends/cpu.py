@@ -210,6 +210,8 @@ class ModelOps:
         """``out = a @ b`` (BLAS, in blocks of rows: kernels/products.py)."""
         self.k.matmul(blas.gemm(np.float32), a, b, out)
 
+    host_matmul = matmul  # the buffers are on the host
+
     def add_norm(self, x, bias, residual, norm, out, store_sum=False):
         """``out = N(x + bias (+ residual))``; with ``store_sum`` also ``residual = x +
         bias + residual``. ``norm`` is ``(gamma, beta, rms, eps)``; ``residual`` None: no
@@ -355,6 +357,7 @@ spread = ModelOps(
 
 # this module as a backend: the serial operations
 matmul = _serial.matmul
+host_matmul = _serial.host_matmul
 add_norm = _serial.add_norm
 head_norm = _serial.head_norm
 bias_activation = _serial.bias_activation

@@ -648,6 +648,14 @@ def matmul(a, b, out):
     xp.matmul(a, b, out=out)
 
 
+def host_matmul(a, b, out):
+    """``out = a @ b`` of host arrays (the effects' logits, computed on the host): the
+    CPU's product, in its blocks."""
+    from .. import effects
+
+    effects.host_matmul(a, b, out)
+
+
 def add(a, b, out):
     xp.add(a, b, out=out)
 
