@@ -23,7 +23,9 @@ Reported:
 - the model path's attention (``cpu.attention_one``, one thread, 12 heads of 64, the
   baseline and a condition with its KL, metrics on) per map entry at 512 and 2048 tokens,
   and the part of it that is not the two products (the softmax and metrics);
-- 1 thread against all threads;
+- 1 thread against all threads: the raw kernel, and ``qkvmean run --model minilm`` on one
+  input of 512 tokens (``--threads 1`` against ``--threads N``, whole processes, with and
+  without ``--no-maps``: one input has to be split across the cores to use them);
 - ``qkvmean run --qkv`` and ``qkvmean run --model minilm`` end to end (inputs/s, MB/s of
   maps, share of wall time outside the kernels);
 - CLI start-up: cold (empty Numba cache: compilation included) and warm, on a tiny input.
@@ -207,13 +209,66 @@ def threads_scaling(seq, repeat):
     }
 
 
-def _run(args, env=None):
+def one_long_input(tmp: Path, rounds: int):
+    """``qkvmean run --model minilm`` on one text of 512 tokens at one thread and at all of
+    them, interleaved, medians: whole processes (start-up and loading included, as a user
+    runs it) and in process (``local.run``'s own seconds, the model loaded once)."""
+    from qkvmean import config
+    from qkvmean.run import local, sources
+    from qkvmean.run.options import Options
+
+    text = tmp / "long.txt"
+    text.write_text("Mean keys make every query look at all the words in the same way. " * 60)
+    total = numba.get_num_threads()
+    wall, inside = {}, {}
+    for r in range(rounds):
+        for extra in ([], ["--no-maps"]):
+            for threads in (1, total):
+                key = f"{threads} threads {' '.join(extra) or 'defaults'}"
+                out = tmp / f"long-{r}-{threads}-{len(extra)}.h5"
+                args = ["run", "--model", "minilm", "--text", text, "--max-tokens", 512,
+                        "--threads", threads, "-q", "--out", out, *extra]  # fmt: skip
+                wall.setdefault(key, []).append(_run(args, stderr=subprocess.DEVNULL))
+                opts = Options(maps=not extra)
+                opts.check()
+                source = sources.ModelSource(
+                    "minilm", [text.read_text()], opts, max_tokens=512, texts_label=str(text)
+                )
+                config.THREADS = threads
+                numba.set_num_threads(threads)
+                try:
+                    summary = local.run(source, tmp / f"in-{out.name}", opts, show_progress=False)
+                finally:
+                    config.THREADS = None
+                    numba.set_num_threads(total)
+                inside.setdefault(key, []).append(summary.seconds)
+    wall = {k: statistics.median(v) for k, v in wall.items()}
+    inside = {k: statistics.median(v) for k, v in inside.items()}
+
+    def speedups(t):
+        return {
+            mode: t[f"1 threads {mode}"] / t[f"{total} threads {mode}"]
+            for mode in ("defaults", "--no-maps")
+        }
+
+    return {
+        "threads": total,
+        "rounds": rounds,
+        "wall_seconds": wall,
+        "in_process_seconds": inside,
+        "speedup_wall": speedups(wall),
+        "speedup_in_process": speedups(inside),
+    }
+
+
+def _run(args, env=None, stderr=None):
     t0 = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "qkvmean", *map(str, args)],
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,
+        stderr=stderr,
     )
     return time.perf_counter() - t0
 
@@ -367,6 +422,18 @@ def main(argv=None):
         f"{t['threads']} threads {t['ms_all_threads']:.1f} ms: "
         f"{t['speedup']:.2f}x"
     )
+    with tempfile.TemporaryDirectory() as tmp:
+        report["one_input"] = one_long_input(Path(tmp), 3)
+    o = report["one_input"]
+    for how in ("in_process", "wall"):
+        print(
+            f"one input of 512 tokens (run --model minilm, {how.replace('_', ' ')}): "
+            f"{o['threads']} threads against 1: "
+            + ", ".join(f"{m} {x:.2f}x" for m, x in o[f"speedup_{how}"].items())
+            + " ("
+            + ", ".join(f"{k} {v:.2f} s" for k, v in o[f"{how}_seconds"].items())
+            + ")"
+        )
     if not args.quick:
         with tempfile.TemporaryDirectory() as tmp:
             report["end_to_end"] = end_to_end(Path(tmp), 2000)
