@@ -27,7 +27,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # kernels run as plain Python, so that their lines count) these tests would take far too
 # long; they are skipped in that mode only. Test id (without parameters) -> why.
 NO_JIT = {
-    "tests/test_cache.py::test_three_processes_compile_into_one_cache_then_a_fourth_reuses_it": (
+    "tests/test_cache.py::test_two_processes_compile_into_one_cache_then_a_third_reuses_it": (
         "it tests Numba's cache of compiled kernels, and nothing is compiled"
     ),
     "tests/test_engine_reference.py::test_acceptance_accuracy_on_typical_inputs": (

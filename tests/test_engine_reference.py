@@ -206,6 +206,13 @@ def test_raw_api_and_model_path_go_through_the_backend_seam(monkeypatch):
             return _f(*args, **kwargs)
 
         setattr(recorder, name, traced)
+
+    def run_inputs(tasks):  # a backend hands each input its own operations
+        calls.append("run_inputs")
+        for task in tasks:
+            task(recorder)
+
+    recorder.run_inputs = run_inputs
     model = load_model("synthetic")
     ids = np.array([[1, 5, 9, 2, 7], [1, 3, 3, 0, 0]])
     want = transformer.model_conditions(model.weights, ids, [5, 3], ablate_layers=(1,))
