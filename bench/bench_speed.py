@@ -64,15 +64,21 @@ PAUSE = 0.25
 
 
 def interleaved(cases, repeat):
-    """``{name: median ms}``: every case once per repeat, in turn, after one warm-up."""
+    """``{name: median ms}``: every case once per repeat, in turn, after one warm-up.
+
+    The order rotates from one repeat to the next: on this machine a fresh large array
+    right after another library freed its own (PyTorch's outputs at seq 2048) took up to
+    four times as long to fill, so whichever case came next would always pay for it.
+    """
     for fn in cases.values():
         fn()
     times = {name: [] for name in cases}
-    for _ in range(repeat):
-        for name, fn in cases.items():
+    names = list(cases)
+    for r in range(repeat):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(PAUSE)
             t0 = time.perf_counter()
-            fn()
+            cases[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: _median_ms(t) for name, t in times.items()}
 
@@ -378,7 +384,7 @@ def main(argv=None):
     for seq in args.seq:
         r = bench_shape(
             seq,
-            max(3, repeat // (2 if seq >= 2048 else 1)),
+            repeat,
             torch,
             with_reference=seq <= 512,
             matmul_gflops=lim["matmul_gflops"],
