@@ -128,7 +128,7 @@ def test_version_verbose_says_which_layer_and_threads():
     layer = "tbb" if _tbb_installed() else "omp"
     assert f"Numba: {layer} layer" in lines["threads"]
     assert "compute threads" in lines["threads"] and "BLAS" in lines
-    assert "the kernels call scipy_cblas_sgemm64_" in lines["BLAS"]  # numpy's wheel's
+    assert "the kernels call " in lines["BLAS"] and "compiled loops" not in lines["BLAS"]
     # no simulator here (NUMBA_ variables removed): a GPU, or why CUDA is not usable
     cuda = lines["cuda"].split(None, 1)[1]
     assert cuda.endswith("(--device cuda)") or cuda.startswith("not usable: ")
