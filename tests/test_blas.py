@@ -71,3 +71,16 @@ def test_attention_on_the_stand_in_loop_matches_the_reference(case):
     tol = 2e-5 if case.q.dtype == np.float32 else 1e-10
     np.testing.assert_allclose(w, ew, atol=tol)
     np.testing.assert_allclose(o, eo, atol=tol * max(1.0, float(np.abs(case.v).max())))
+
+
+def test_one_token_views_with_a_zero_stride_are_read_right():
+    """A one-token axis may have any stride (0 in a broadcast view, which
+    ``np.ascontiguousarray`` returns as it is): the products' leading dimensions are at
+    least a row long, as BLAS requires, so the output is ``v`` and no BLAS error."""
+    rng = np.random.default_rng(1)
+    base, vals = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    q, v = base[:, None, :], vals[:, None, :]  # (batch 3, 1 token, dim 8)
+    assert q.strides[1] == 0
+    w, o = qkvmean.attention(q, q, v)
+    np.testing.assert_array_equal(w, np.ones((3, 1, 1), np.float32))
+    np.testing.assert_allclose(o, v, rtol=1e-6)

@@ -130,8 +130,8 @@ def test_fast_paths_equal_general_path_in_a_model(minilm):
             )
     # The model path's scores are BLAS products, whose rows need not round alike: the fast
     # paths agree with the general path to float32 rounding, carried through three more
-    # layers (1.1e-6 with some BLAS kernels; the raw API's kernels agree bit for bit:
-    # tests/test_invariants.py).
+    # layers (1.1e-6 with some BLAS kernels; the raw API's agree bit for bit on the small
+    # shapes of tests/test_invariants.py, and to rounding beyond).
     for name in ("mean_q", "mean_k"):
         fast, slow = runs[True].weights[name], runs[False].weights[name]
         assert np.abs(fast - slow).max() < 5e-6

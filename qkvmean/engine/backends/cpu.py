@@ -1,6 +1,6 @@
 """CPU backend: the protocol of :mod:`qkvmean.engine.backends` on the Numba kernels of
-:mod:`qkvmean.engine.kernels` (all cores for the raw API's batches; one input on the
-calling thread for the model path, whose products are BLAS calls)."""
+:mod:`qkvmean.engine.kernels` (all cores for the raw API's batches; for the model path,
+one input per task of the pool, or an input alone on every core: ``run_inputs``)."""
 
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def attention(
     threads = numba.config.NUMBA_NUM_THREADS
     if not row_block:  # whole pairs per task when there are enough pairs to share out
         row_block = n_rows if n_pairs >= 4 * numba.get_num_threads() else BLOCK
-    if row_block > BLOCK:  # a task covers a whole pair, or whole product blocks
-        row_block = n_rows
+    if row_block > COL_BLOCK:  # a task covers a whole pair, or one whole product block
+        row_block = BLOCK if row_block <= BLOCK else n_rows
     row_block = max(row_block, 1)
     w = np.empty((n_pairs, n_rows, n_rows), dtype=q.dtype)
     if with_output:
@@ -162,7 +162,8 @@ def run_inputs(tasks):
     """Run the per-input tasks, each called with the operations to use.
 
     With at least as many inputs as compute threads (or one thread), one input per task
-    on the pool of compute threads, BLAS at one thread each: ``task(cpu)``. With fewer,
+    on the pool of compute threads, BLAS at one thread each, on the serial operations
+    (this module's own functions). With fewer,
     one input after another on the calling thread, each on every compute thread:
     ``task(spread)``.
     """

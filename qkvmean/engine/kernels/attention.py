@@ -37,8 +37,10 @@ BLOCK = 128
 
 @njit(**jit.HOT)
 def _ld(x):
-    """Elements between two rows of ``x``'s last two axes (its rows are contiguous)."""
-    return x.strides[x.ndim - 2] // x.itemsize
+    """Elements between two rows of ``x``'s last two axes (its rows are contiguous); at
+    least a row's length, as BLAS requires (a one-row axis may have any stride, 0 in a
+    broadcast view)."""
+    return max(x.strides[x.ndim - 2] // x.itemsize, x.shape[x.ndim - 1], 1)
 
 
 @njit(**jit.HOT)

@@ -91,6 +91,7 @@ def _fallback_gemm(nb_real):
 
 _lock = threading.Lock()
 _chosen: dict = {}
+_kept: list = []
 
 
 def _library_paths():
@@ -151,7 +152,9 @@ def call(function, transb, a, b, c, alpha):
 def fallback(dtype):
     """The compiled loop's ctypes function for ``dtype``."""
     nb_real = types.float32 if np.dtype(dtype) == np.float32 else types.float64
-    return _fallback_gemm(nb_real).ctypes
+    compiled = _fallback_gemm(nb_real)
+    _kept.append(compiled)  # the CFunc owns the code its ctypes address points into
+    return compiled.ctypes
 
 
 def gemm(dtype):

@@ -39,7 +39,8 @@ def _block(gemm, a, b, out, i):
     trans_b, ldb = _layout(b)
     gemm(
         ROW_MAJOR, trans_a, trans_b, rows, b.shape[1], a.shape[1], 1.0, a[i:].ctypes.data, lda,
-        b.ctypes.data, ldb, 0.0, out[i:].ctypes.data, max(out.strides[0] // out.itemsize, 1),
+        b.ctypes.data, ldb, 0.0, out[i:].ctypes.data,
+        max(out.strides[0] // out.itemsize, out.shape[1], 1),
     )  # fmt: skip
 
 
