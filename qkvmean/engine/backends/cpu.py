@@ -79,8 +79,8 @@ def attention(
     """
     n_pairs, n_rows = q.shape[:2]
     threads = numba.config.NUMBA_NUM_THREADS
-    if not row_block:  # whole pairs per task when there are enough pairs to share out
-        row_block = n_rows if n_pairs >= 4 * numba.get_num_threads() else BLOCK
+    if not row_block:
+        row_block = _auto_row_block(n_pairs, n_rows)
     if row_block > COL_BLOCK:  # a task covers a whole pair, or one whole product block
         row_block = BLOCK if row_block <= BLOCK else n_rows
     row_block = max(row_block, 1)
@@ -118,6 +118,12 @@ def attention(
         )  # fmt: skip
     rows = (mx.row_ent, mx.row_kl, mx.colsum) if metrics else None
     return w, (o if with_output else None), rows
+
+
+def _auto_row_block(n_pairs, n_rows):
+    """Rows per task of :func:`attention_kernel`: whole pairs when there are at least four
+    per thread to share out, else one product block (the same blocks either way)."""
+    return n_rows if n_pairs >= 4 * numba.get_num_threads() else BLOCK
 
 
 def reduce_metrics(rows, lengths, group):
@@ -278,7 +284,7 @@ class ModelOps:
         )
         args = (q, k, v, scratch.length, heads, modes, causal, np.float32(scale))
         if self.k.parallel:  # whole heads per task, or blocks of rows (see attention())
-            row_block = n if heads >= 4 * numba.get_num_threads() else BLOCK
+            row_block = _auto_row_block(heads, n)
             self.k.attention(
                 scratch.gemm, *args, row_block, w, o, True, mx, scratch.logits
             )  # fmt: skip
