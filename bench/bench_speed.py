@@ -190,7 +190,7 @@ def model_attention(seq, repeat):
             np.matmul(q, k.transpose(0, 2, 1), out=w0)
             np.matmul(w0, v, out=o)
 
-    with config.blas_threads(1):
+    with config.blas_single_thread():
         ms = interleaved({"attention": both, "products": products}, repeat)
     entries = 2 * heads * seq * seq
     total, prod = (1e6 * ms[name] / entries for name in ("attention", "products"))

@@ -187,9 +187,60 @@ def _blas_controller():
         return _pool["controller"]
 
 
-def blas_threads(n):
-    """Context manager: BLAS libraries at ``n`` threads (threadpoolctl), then back."""
-    return _blas_controller().limit(limits=n, user_api="blas")
+_hold_lock = threading.Lock()
+_hold = {"depth": 0, "saved": []}
+
+
+def _setter(library):
+    """``library``'s own call that sets its thread count for the whole process.
+
+    OpenBLAS's is called directly: threadpoolctl (3.8) lets only the first thread that
+    limits OpenBLAS change it and silently ignores the others, so a hold taken on a user's
+    thread or a Dask worker's would not hold. The other libraries go through threadpoolctl.
+    """
+    if library.internal_api == "openblas" and getattr(library, "threading_layer", "") != "openmp":
+        for prefix in ("", "scipy_"):
+            for suffix in ("", "64_", "_64"):
+                name = f"{prefix}openblas_set_num_threads{suffix}"
+                function = getattr(library.dynlib, name, None)
+                if function is not None:
+                    function.argtypes, function.restype = [ctypes.c_int], None
+                    return function
+    return library.set_num_threads
+
+
+@contextlib.contextmanager
+def blas_single_thread():
+    """BLAS libraries at one thread while any caller is inside; back as they were once the
+    last one leaves.
+
+    Reference-counted under a lock, so callers on several threads (user threads calling the
+    raw API at once, a spread input inside a batch, Dask's worker threads) may enter and
+    leave in any order: the first one in sets every BLAS to one thread and the last one out
+    restores what the first one saw. A threadpoolctl limit per caller restores what *it*
+    saw, so two overlapping callers leaving in the order they came put BLAS back to many
+    threads while the second still runs kernels, each Numba thread then starting BLAS
+    threads of its own (the cores oversubscribed, a product's bits depending on the thread
+    count).
+    """
+    with _hold_lock:
+        if _hold["depth"] == 0:
+            controllers = _blas_controller().lib_controllers
+            libraries = [lib for lib in controllers if lib.user_api == "blas"]
+            _hold["saved"] = [(_setter(lib), lib.get_num_threads()) for lib in libraries]
+            for set_threads, _ in _hold["saved"]:
+                set_threads(1)
+        _hold["depth"] += 1
+    try:
+        yield
+    finally:
+        with _hold_lock:
+            _hold["depth"] -= 1
+            if _hold["depth"] == 0:
+                for set_threads, threads in _hold.pop("saved"):
+                    if threads is not None:
+                        set_threads(threads)
+                _hold["saved"] = []
 
 
 def run_tasks(tasks):
@@ -202,7 +253,7 @@ def run_tasks(tasks):
     """
     if not tasks:
         return
-    with blas_threads(1):
+    with blas_single_thread():
         if len(tasks) == 1 or compute_threads() == 1:
             for task in tasks:
                 task()
@@ -214,14 +265,14 @@ def run_tasks(tasks):
             raise error
 
 
-def _numpy_blas(pools):
+def _numpy_blas(pools, strict=False):
     """The BLAS among ``pools`` (threadpoolctl's) that numpy's products call.
 
     Other libraries load their own (SciPy's OpenBLAS, when something imports SciPy); which
     of those a process happens to have loaded says nothing about how a store was computed,
     and would make two runs of the same job record different environments. numpy's is the
     one in numpy's wheel (``numpy.libs``/``numpy/.libs``), else the one of the version numpy
-    was built against; when neither can be told, all of them.
+    was built against; when neither can be told, all of them (``strict``: none).
     """
     import numpy as np
 
@@ -235,7 +286,7 @@ def _numpy_blas(pools):
     except Exception:  # an old or unusual numpy build: no config to read
         built = None
     same = [p for p in pools if built and p.get("version") == built]
-    return same or pools
+    return same or ([] if strict else pools)
 
 
 def describe_threads() -> dict:

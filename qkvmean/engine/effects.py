@@ -208,7 +208,7 @@ def output_effects(model, hidden, ids, lengths) -> dict:
 def host_matmul(a, b, out):
     """The model path's serial product: the same blocks at one BLAS thread, so the same
     bits as the effects of a model run."""
-    with config.blas_threads(1):
+    with config.blas_single_thread():
         matmul_serial(blas.gemm(np.float32), a, b, out)
 
 

@@ -111,7 +111,7 @@ def attention(
         mx = no_metrics(q.dtype)
     scratch = np.empty((threads, n_rows), dtype=q.dtype)  # MODE_SHARED_ROW's logits
     gemm = blas.gemm(q.dtype)
-    with config.kernel_guard(), config.blas_threads(1):
+    with config.kernel_guard(), config.blas_single_thread():
         attention_kernel(
             gemm, q, k, v, lengths, group, modes, causal, q.dtype.type(scale), row_block, w, o,
             with_output, mx, scratch,
@@ -177,7 +177,7 @@ def run_inputs(tasks):
     if len(tasks) >= threads or threads == 1:
         return config.run_tasks([functools.partial(task, _serial) for task in tasks])
     before = numba.get_num_threads()
-    with config.kernel_guard(), config.blas_threads(1):
+    with config.kernel_guard(), config.blas_single_thread():
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         try:
             for task in tasks:

@@ -7,18 +7,22 @@ itself calls (the OpenBLAS of its wheel, or the BLAS it was built against): foun
 threadpoolctl, bound with ctypes and handed to the kernels as an argument (a first-class
 function: the compiled code does not embed the library's address, so it caches).
 
-Where numpy's BLAS cannot be found or answers wrongly, :func:`gemm` returns a plain
-compiled loop with the same signature instead (correct, a few times slower); the CLI's
-``--version --verbose`` says which one runs (:func:`describe`).
+Where numpy's BLAS cannot be told apart from other loaded ones, has no known ``gemm`` or
+answers wrongly, :func:`gemm` returns a plain compiled loop with the same signature instead
+(correct, a few times slower); the CLI's ``--version --verbose`` says which one runs
+(:func:`describe`).
 
 Only what the kernels use is supported: row-major operands, ``A`` not transposed, ``B``
 transposed or not, strides (``lda``, ``ldb``, ``ldc``) in elements. Callers hold BLAS at
-one thread while the kernels run on their own threads (:func:`qkvmean.config.blas_threads`).
+one thread while the kernels run on their own threads
+(:func:`qkvmean.config.blas_single_thread`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import platform
+import sys
 import threading
 
 import numpy as np
@@ -29,13 +33,27 @@ ROW_MAJOR = 101
 NO_TRANS = 111
 TRANS = 112
 
+#: Where a C ``int`` argument is read from the low half of a 64-bit one (in a register, or
+#: an 8-byte stack slot, little-endian): the System V and Windows x64 conventions and Linux's
+#: AArch64 one. There a CBLAS whose integers are 32-bit (LP64) and one whose are 64-bit
+#: (ILP64) both read 64-bit integers right, so a ``cblas_?gemm`` without a suffix, which may
+#: be either (MKL's ILP64 layer, Debian's openblas64 in some builds), is bound with 64-bit
+#: integers. Elsewhere (Apple's arm64 packs stack arguments) it is bound with C ``int``.
+_WIDE_INT_ABI = platform.machine().lower() in ("x86_64", "amd64", "aarch64") and (
+    sys.platform.startswith("linux") or sys.platform == "win32"
+)
+_PLAIN = ctypes.c_int64 if _WIDE_INT_ABI else ctypes.c_int
+
 #: Symbol names of ``{s,d}gemm`` in the CBLAS builds numpy ships with or links against,
-#: with the width of their integers: numpy's wheels (scipy-openblas, 64-bit integers),
-#: OpenBLAS built with ILP64 suffixes, and the plain CBLAS of OpenBLAS, MKL and BLIS.
+#: with the width of their integers, in the order they are looked for: numpy's wheels
+#: (scipy-openblas64), scipy-openblas32, OpenBLAS built with ILP64 suffixes, oneMKL's
+#: ILP64 names, and the plain CBLAS of OpenBLAS, MKL and BLIS.
 SYMBOLS = (
     ("scipy_cblas_{}gemm64_", ctypes.c_int64),
+    ("scipy_cblas_{}gemm", _PLAIN),
     ("cblas_{}gemm64_", ctypes.c_int64),
-    ("cblas_{}gemm", ctypes.c_int),
+    ("cblas_{}gemm_64", ctypes.c_int64),
+    ("cblas_{}gemm", _PLAIN),
 )
 
 _CTYPES = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
@@ -95,30 +113,46 @@ _kept: list = []
 
 
 def _library_paths():
+    """The files of the BLAS that numpy itself calls: only one told apart positively (in
+    numpy's wheel, or of the version numpy was built against), never another library's
+    that happens to be loaded (SciPy's, PyTorch's MKL), whose bits and threads are not
+    numpy's."""
     from threadpoolctl import threadpool_info
 
     from ... import config
 
     pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
-    return [p["filepath"] for p in config._numpy_blas(pools) if p.get("filepath")]
+    return [p["filepath"] for p in config._numpy_blas(pools, strict=True) if p.get("filepath")]
+
+
+def from_library(path, dtype):
+    """The first of :data:`SYMBOLS` in the library at ``path`` that answers a small product
+    right, as a bound ctypes function, and its name; or ``(None, None)``."""
+    dtype = np.dtype(dtype)
+    try:
+        library = ctypes.CDLL(path)
+    except OSError:
+        return None, None
+    for pattern, integer in SYMBOLS:
+        name = pattern.format(_LETTER[dtype])
+        function = getattr(library, name, None)
+        if function is not None:
+            bound = _bind(function, _CTYPES[dtype], integer)
+            if _answers_right(bound, dtype):
+                return bound, f"{name} ({path.rsplit('/', 1)[-1]})"
+    return None, None
 
 
 def _numpy_gemm(dtype):
     """numpy's BLAS ``gemm`` for ``dtype`` as a bound ctypes function, and its name; or
     ``(None, why)``."""
-    real = _CTYPES[dtype]
-    for path in _library_paths():
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for pattern, integer in SYMBOLS:
-            name = pattern.format(_LETTER[dtype])
-            function = getattr(library, name, None)
-            if function is not None:
-                bound = _bind(function, real, integer)
-                if _answers_right(bound, dtype):
-                    return bound, f"{name} ({path.rsplit('/', 1)[-1]})"
+    paths = _library_paths()
+    if not paths:
+        return None, "numpy's BLAS not identified among the loaded ones"
+    for path in paths:
+        function, name = from_library(path, dtype)
+        if function is not None:
+            return function, name
     return None, "no CBLAS gemm found in numpy's BLAS"
 
 
