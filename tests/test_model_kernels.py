@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkvmean.engine import reference as R
-from qkvmean.engine.arch import Rotary
+from qkvmean.engine.arch import ACTIVATION_CODES, Rotary
 from qkvmean.engine.backends import cpu
 from qkvmean.engine.kernels import vmath
 
@@ -65,16 +65,17 @@ def test_llama3_frequencies_follow_the_published_rule():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 7), st.integers(1, 60), st.integers(0, 2), SEEDS)
-def test_bias_activation_matches_the_reference(rows, f, code, seed):
+@given(st.integers(1, 7), st.integers(1, 60), st.sampled_from(sorted(ACTIVATION_CODES)), SEEDS)
+def test_bias_activation_matches_the_reference(rows, f, kind, seed):
+    """Every activation, plain or gated, in place or into its own array."""
     rng = np.random.default_rng(seed)
-    gated = code == 2
+    code = ACTIVATION_CODES[kind]
+    gated = kind.endswith("_gated")
     m = (rng.normal(size=(rows, 2 * f if gated else f)) * 4).astype(np.float32)
     bias = rng.normal(size=m.shape[1]).astype(np.float32)
     out = np.empty((rows, f), np.float32) if gated else m.copy()
     src = m.copy()
     cpu.bias_activation(src if gated else out, bias, code, out)
-    kind = ("gelu", "gelu_tanh", "silu_gated")[code]
     want = R.activation(kind, m.astype(np.float64) + bias)
     np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-6)
 

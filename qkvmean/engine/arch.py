@@ -14,8 +14,9 @@ The pieces:
 - **placement**: ``post`` (BERT: ``h = N1(h + attn(h))``, ``h = N2(h + mlp(h))``), ``pre``
   (GPT-2, Llama: ``h += attn(N1(h))``, ``h += mlp(N2(h))``, a final norm) or ``parallel``
   (GPT-NeoX: ``h += attn(N1(h)) + mlp(N2(h))``, both from the same ``h``).
-- **activation**: ``gelu`` (exact, erf), ``gelu_tanh`` (GPT-2's ``gelu_new``) or
-  ``silu_gated`` (SwiGLU: ``silu(gate(x)) * up(x)``).
+- **activation**: ``gelu`` (exact, erf), ``gelu_tanh`` (GPT-2's ``gelu_new``), ``silu``
+  or ``relu`` (OPT), each also gated: ``silu_gated`` (SwiGLU: ``silu(gate(x)) * up(x)``),
+  ``gelu_tanh_gated`` (Gemma's GeGLU), ``gelu_gated`` (ModernBERT's).
 - **positions**: ``learned`` absolute embeddings added to the tokens, or ``rotary``
   (:class:`Rotary`: ``theta``, the rotated dimensions of a head, and the frequency scaling
   ``default``, ``linear`` or ``llama3``), applied to Q and K after the projection (and
@@ -38,12 +39,24 @@ import numpy as np
 
 NORMS = ("layer", "rms")
 PLACEMENTS = ("post", "pre", "parallel")
-ACTIVATIONS = ("gelu", "gelu_tanh", "silu_gated")
+#: The MLP's nonlinearities: a base function, plain or gated (``act(gate) * up``: SwiGLU,
+#: GeGLU). Append only: a code is an index here.
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu_gated", "relu", "gelu_gated", "gelu_tanh_gated", "silu")
+#: The base functions the kernels know, by code: exact GELU, tanh GELU, SiLU, ReLU.
+BASE_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rotary")
 ROPE_SCALINGS = ("default", "linear", "llama3")
 
 #: Kernel codes of the activations (the Numba kernels take an int, not a string).
 ACTIVATION_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+
+def activation_parts(code: int) -> tuple[int, bool]:
+    """An activation code as the kernels take it: the base function's code (an index of
+    :data:`BASE_ACTIVATIONS`) and whether it is gated."""
+    name = ACTIVATIONS[code]
+    gated = name.endswith("_gated")
+    return BASE_ACTIVATIONS.index(name.removesuffix("_gated")), gated
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,7 @@ class Arch:
 
     @property
     def gated(self) -> bool:
-        return self.activation == "silu_gated"
+        return self.activation.endswith("_gated")
 
     @property
     def exact_fast_paths(self) -> bool:

@@ -288,11 +288,17 @@ def silu(x):
 
 
 def activation(kind, x):
-    """The MLP's nonlinearity; ``silu_gated`` reads the gate and up halves of ``x``."""
-    if kind == "silu_gated":
+    """The MLP's nonlinearity; a gated one (``*_gated``) reads the gate and up halves of
+    ``x`` and returns ``act(gate) * up``."""
+    base = kind.removesuffix("_gated")
+    if base != kind:
         gate, up = np.split(x, 2, axis=-1)
-        return silu(gate) * up
-    return gelu(x, kind == "gelu_tanh")
+        return activation(base, gate) * up
+    if base == "silu":
+        return silu(x)
+    if base == "relu":
+        return np.maximum(x, 0.0)
+    return gelu(x, base == "gelu_tanh")
 
 
 def rotate(x, rotary, n):

@@ -11,13 +11,9 @@ import numba
 import numpy as np
 
 from ... import config
+from ..arch import activation_parts
 from ..kernels import blas
-from ..kernels.activations import (
-    bias_gelu_kernel,
-    bias_gelu_serial,
-    bias_swiglu_kernel,
-    bias_swiglu_serial,
-)
+from ..kernels.activations import bias_activation_kernel, bias_activation_serial
 from ..kernels.attention import BLOCK, attention_kernel, attention_serial
 from ..kernels.finite import scan_finite
 from ..kernels.heads import (
@@ -191,8 +187,7 @@ class _Kernels(NamedTuple):
 
     matmul: object
     add_norm: object
-    gelu: object
-    swiglu: object
+    activation: object
     split_heads: object
     merge_heads: object
     rotary: object
@@ -236,13 +231,10 @@ class ModelOps:
         self.k.add_norm(flat, zero, flat, False, False, True, gamma, zero, eps, flat)
 
     def bias_activation(self, m, bias, code, out):
-        """``out = act(m + bias)``: GELU in place (``out`` is ``m``), or SwiGLU from the
-        gate and up halves of ``m`` into ``out``; ``code`` from
+        """``out = act(m + bias)``: in place (``out`` is ``m``), or, gated, from the gate
+        and up halves of ``m`` into ``out``; ``code`` from
         :data:`qkvmean.engine.arch.ACTIVATION_CODES`."""
-        if code == 2:
-            self.k.swiglu(m, bias, out)
-        else:
-            self.k.gelu(m, bias, code == 1)
+        self.k.activation(m, bias, *activation_parts(code), out)
 
     def split_heads(self, qkv, bias, n_heads, n_kv_heads, q, k, v):
         self.k.split_heads(qkv, bias, n_heads, n_kv_heads, q, k, v)
@@ -350,14 +342,14 @@ class InputScratch:
 
 _serial = ModelOps(
     _Kernels(
-        matmul_serial, add_norm_serial, bias_gelu_serial, bias_swiglu_serial,
+        matmul_serial, add_norm_serial, bias_activation_serial,
         split_heads_serial, merge_heads_serial, rotary_serial, attention_serial, False,
     )
 )  # fmt: skip
 #: The operations for an input that has the compute threads to itself (:func:`run_inputs`).
 spread = ModelOps(
     _Kernels(
-        matmul_kernel, add_norm_kernel, bias_gelu_kernel, bias_swiglu_kernel,
+        matmul_kernel, add_norm_kernel, bias_activation_kernel,
         split_heads_kernel, merge_heads_kernel, rotary_kernel, attention_kernel, True,
     )
 )  # fmt: skip

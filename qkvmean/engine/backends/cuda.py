@@ -49,6 +49,7 @@ os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 from numba import cuda
 from numba.cuda.core import config as _cuda_config
 
+from ..arch import activation_parts
 from ..kernels.finite import scan_finite
 from ..kernels.means import position_sums as _host_position_sums
 from ..kernels.rows import (
@@ -447,21 +448,27 @@ def _norm_kernel(x, bias, residual, with_residual, store_sum, rms, gamma, beta, 
 
 
 @cuda.jit
-def _activation_kernel(m, bias, code, out):
-    """``out = act(m + bias)``: GELU (code 0, erf; 1, tanh) in place, or SwiGLU (2) from
-    the gate and up halves of ``m``. A grid-stride loop over the elements of ``out``."""
+def _activation_kernel(m, bias, code, gated, out):
+    """``out = act(m + bias)`` (base function ``code``: 0 exact GELU, 1 tanh GELU, 2 SiLU,
+    3 ReLU) in place, or gated (``act(gate) * up``) from the gate and up halves of ``m``. A
+    grid-stride loop over the elements of ``out``."""
     f = out.shape[1]
     for e in range(cuda.grid(1), out.shape[0] * f, cuda.gridsize(1)):
         r = e // f
         d = e - r * f
         x = m[r, d] + bias[d]
-        if code == 2:
-            out[r, d] = x / (1.0 + math.exp(-x)) * (m[r, f + d] + bias[f + d])
+        if code == 0:
+            y = 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
         elif code == 1:
             c = math.sqrt(2.0 / math.pi)
-            out[r, d] = 0.5 * x * (1.0 + math.tanh(c * (x + 0.044715 * x * x * x)))
+            y = 0.5 * x * (1.0 + math.tanh(c * (x + 0.044715 * x * x * x)))
+        elif code == 2:
+            y = x / (1.0 + math.exp(-x))
         else:
-            out[r, d] = 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
+            y = x if x > 0 else x * 0
+        if gated:
+            y *= m[r, f + d] + bias[f + d]
+        out[r, d] = y
 
 
 @cuda.jit
@@ -679,7 +686,7 @@ def head_norm(x, gamma, eps, zero):
 
 def bias_activation(m, bias, code, out):
     """See :func:`qkvmean.engine.backends.cpu.bias_activation`."""
-    _launch(_activation_kernel, _strided(out.size))(m, bias, code, out)
+    _launch(_activation_kernel, _strided(out.size))(m, bias, *activation_parts(code), out)
 
 
 def split_heads(qkv, bias, n_heads, n_kv_heads, q, k, v):
