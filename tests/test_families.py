@@ -253,6 +253,35 @@ def test_bad_configs_are_one_line(tmp_path):
     _refused(missing, r"no tensor 'layers.1.mlp.up_proj.weight'")
 
 
+def test_mixtures_of_experts_are_refused_in_one_line(tmp_path):
+    """A mixture of experts, by its model_type or by an experts key in a dense family's
+    config.json, is refused before any tensor is read, in one line that says so."""
+    base = write_llama_dir(tmp_path / "base")
+    for name, changes in {
+        "mixtral": dict(model_type="mixtral", num_local_experts=8),
+        "qwen_moe": dict(model_type="qwen2_moe"),
+        "llama_experts": dict(num_local_experts=4),
+    }.items():
+        d = tmp_path / name
+        shutil.copytree(base, d)
+        edit_config(d, **changes)
+        _refused(d, r"a mixture of experts, which qkvmean does not run .* use a dense model")
+
+
+def test_the_families_listed_are_the_registry(capsys):
+    """``--version --verbose`` and ``run --help`` name every registered model_type."""
+    from qkvmean.cli import main
+
+    assert main(["--version", "--verbose"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("families"))
+    assert line.split(None, 1)[1] == M.families_text()
+    assert [part.split(" (")[0] for part in M.families_text().split("), ")] == list(M.FAMILIES)
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"model_type {', '.join(M.FAMILIES)})" in text
+
+
 def test_cli_runs_a_family_and_warns_about_tokens_on_causal(family_dirs, tmp_path):
     def run(*args):
         return subprocess.run(

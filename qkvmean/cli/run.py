@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..engine.condition import SWEEPS
 from ..engine.names import OVER, TARGETS
+from ..io.models import FAMILIES
 from ..store.schema import MAP_DTYPES
 from .common import UsageError, make_source, note, resolve_device
 from .options import (
@@ -49,8 +50,8 @@ def add_parser(sub):
         "--model",
         metavar="MODEL",
         help="a Hugging Face-format directory (config.json, model.safetensors, "
-        "tokenizer.json; bert, gpt2, llama, mistral, qwen2, qwen3, phi3 or gpt_neox), "
-        "'minilm' or 'synthetic'",
+        f"tokenizer.json; model_type {', '.join(FAMILIES)}), 'minilm' or 'synthetic' "
+        "(qkvmean --version --verbose lists the models each covers)",
     )
     add_text(src, "texts for --model")
     add_ablate_layers(src, "--model: layers")

@@ -44,7 +44,14 @@ def machine_lines() -> list:
         "thread per compute thread",
         f"cpu          {env['cpu']} ({env['machine']})",
         f"cuda         {_cuda_line()}",
+        f"families     {_families_line()}",
     ]
+
+
+def _families_line() -> str:
+    from ..io.models import families_text
+
+    return families_text()
 
 
 def _gemm_line() -> str:

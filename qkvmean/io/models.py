@@ -4,8 +4,8 @@ A directory holds ``config.json``, ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``) and ``tokenizer.json``. A family is an entry of
 :data:`FAMILIES`, keyed by ``config.json``'s ``model_type``: a function that reads the
 configuration into an :class:`~qkvmean.engine.arch.Arch` and the tensors, by their
-Hugging Face names, into :class:`~qkvmean.engine.transformer.Weights`. Entries: ``bert``,
-``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gpt_neox``, ``phi3``. Weights are
+Hugging Face names, into :class:`~qkvmean.engine.transformer.Weights`; :func:`families_text`
+lists the entries (``qkvmean --version --verbose``). Mixtures of experts are refused. Weights are
 read with the ``safetensors`` package's numpy API (bfloat16 and float16 become float32);
 pickled checkpoints (``pytorch_model.bin`` and the like) are refused, never opened.
 
@@ -114,6 +114,13 @@ def _read_config(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise InputError(f"{file}: expected a JSON object")
     model_type = cfg.get("model_type")
+    experts = [key for key in EXPERT_KEYS if cfg.get(key)]
+    if model_type in MIXTURES or experts:
+        what = f"model_type {model_type!r}" if model_type in MIXTURES else f"{experts[0]}"
+        raise InputError(
+            f"{file}: {what}: a mixture of experts, which qkvmean does not run (each token's "
+            "MLP is routed among experts); use a dense model"
+        )
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise InputError(
             f"{file}: model_type {model_type!r} is not supported; qkvmean runs "
@@ -454,20 +461,36 @@ def _layer(wq, wk, wv, wo, norm1, mlp_in, mlp_out, norm2, q_norm=None, k_norm=No
 
 #: ``model_type`` → loader entry ``(config, tensors, path) → Weights``.
 FAMILIES = {}
+#: ``model_type`` → the models it covers, as people call them (``--version --verbose``).
+FAMILY_NAMES = {}
+
+#: Mixture-of-experts ``model_type`` values and config.json keys: refused in one line.
+MIXTURES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "dbrx",
+    "jamba", "granitemoe", "phimoe", "switch_transformers", "gpt_oss", "llama4",
+)  # fmt: skip
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
-def family(*model_types):
-    """Register a loader entry for these ``model_type`` values."""
+def family(*model_types, names):
+    """Register a loader entry for these ``model_type`` values (``names``: the models
+    they cover, for the listing)."""
 
     def register(loader):
         for model_type in model_types:
             FAMILIES[model_type] = loader
+            FAMILY_NAMES[model_type] = names[model_type] if isinstance(names, dict) else names
         return loader
 
     return register
 
 
-@family("bert")
+def families_text() -> str:
+    """What loads: every registered ``model_type`` and the models it covers."""
+    return ", ".join(f"{key} ({FAMILY_NAMES[key]})" for key in FAMILIES)
+
+
+@family("bert", names="BERT, MiniLM")
 def _bert(cfg, tensors, path) -> Weights:
     d, heads, n_layers, d_ff = _sizes(cfg, path)
     dh = _head_dim({}, path, d, heads)  # BERT: always hidden_size / heads
@@ -517,7 +540,7 @@ def _bert(cfg, tensors, path) -> Weights:
     return weights
 
 
-@family("gpt2")
+@family("gpt2", names="GPT-2")
 def _gpt2(cfg, tensors, path) -> Weights:
     d = _int(cfg, "n_embd", path)
     heads = _int(cfg, "n_head", path)
@@ -623,7 +646,10 @@ def _window(cfg, path, family, max_positions):
     return min(max_positions, window)
 
 
-@family(*LLAMA_LIKE)
+@family(*LLAMA_LIKE, names={
+    "llama": "Llama 2/3, TinyLlama, SmolLM", "mistral": "Mistral", "qwen2": "Qwen2, Qwen2.5",
+    "qwen3": "Qwen3",
+})  # fmt: skip
 def _llama_like(cfg, tensors, path) -> Weights:
     family_name = cfg["model_type"]
     rules = LLAMA_LIKE[family_name]
@@ -686,7 +712,7 @@ NEOX_UNUSED = (
 )
 
 
-@family("gpt_neox")
+@family("gpt_neox", names="GPT-NeoX, Pythia")
 def _gpt_neox(cfg, tensors, path) -> Weights:
     d, heads, n_layers, d_ff = _sizes(cfg, path)
     dh = _head_dim({}, path, d, heads)  # GPT-NeoX: always hidden_size / heads
@@ -733,7 +759,7 @@ def _gpt_neox(cfg, tensors, path) -> Weights:
     return weights
 
 
-@family("phi3")
+@family("phi3", names="Phi-3, Phi-3.5")
 def _phi3(cfg, tensors, path) -> Weights:
     """Phi-3: a Llama-style block with fused projections — ``self_attn.qkv_proj`` (query
     heads, then key heads, then value heads) and ``mlp.gate_up_proj`` ([gate | up])."""
