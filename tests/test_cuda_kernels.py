@@ -241,7 +241,8 @@ def test_model_ops_match_the_cpu_backend(rows, kv_heads, per_kv, rms, store_sum,
 
     half = 1 + seed % 2
     angle = rng.normal(size=(rows, half)).astype(f32)
-    close(both("rotary", hx, np.cos(angle), np.sin(angle)), atol=1e-6)
+    for interleaved in (False, True):
+        close(both("rotary", hx, np.cos(angle), np.sin(angle), interleaved), atol=1e-6)
 
     select = rng.random(heads) < 0.6
     length = np.array([max(rows - 1, 1)], np.int64)

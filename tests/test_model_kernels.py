@@ -38,15 +38,20 @@ def test_add_norm_rms_and_layer_match_the_reference(rows, dim, rms, seed):
     st.integers(1, 40),
     st.sampled_from([(8, 8), (8, 2), (16, 4), (6, 6)]),
     st.sampled_from(["default", "linear", "llama3"]),
+    st.booleans(),
     SEEDS,
 )
-def test_rotary_kernel_matches_the_reference(pairs, n, dims, scaling, seed):
+def test_rotary_kernel_matches_the_reference(pairs, n, dims, scaling, interleaved, seed):
+    """Both pair layouts (rotate-half and GPT-J's interleaved), full and partial."""
     head_dim, rot = dims
-    rotary = Rotary(theta=500.0, dim=rot, scaling=scaling, factor=4.0, original_max_positions=16)
+    rotary = Rotary(
+        theta=500.0, dim=rot, scaling=scaling, factor=4.0, original_max_positions=16,
+        interleaved=interleaved,
+    )  # fmt: skip
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(pairs, n, head_dim)).astype(np.float32)
     got = x.copy()
-    cpu.rotary(got, *rotary.tables(n + 3))  # tables longer than the input
+    cpu.rotary(got, *rotary.tables(n + 3), rotary.interleaved)  # tables longer than the input
     want = R.rotate(x.astype(np.float64), rotary, n)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
     np.testing.assert_array_equal(got[..., rot:], x[..., rot:])  # partial: the rest passes

@@ -80,6 +80,7 @@ class Rotary:
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     original_max_positions: int = 8192  # llama3
+    interleaved: bool = False  # pairs (2i, 2i + 1) as GPT-J, not (i, i + dim / 2)
 
     def __post_init__(self):
         _choice(self.scaling, ROPE_SCALINGS, "rope scaling")
@@ -180,6 +181,8 @@ class Arch:
         if self.rotary is not None:
             r = self.rotary
             out["rotary"] = {"theta": r.theta, "dim": r.dim, "scaling": r.scaling}
+            if r.interleaved:
+                out["rotary"]["interleaved"] = True
             if r.scaling != "default":
                 out["rotary"]["factor"] = r.factor
         return out

@@ -302,12 +302,18 @@ def activation(kind, x):
 
 
 def rotate(x, rotary, n):
-    """The rotary embedding (rotate-half layout) of ``x`` ``(..., n, dh)`` at positions
-    ``0 .. n - 1``: the first ``rotary.dim`` dimensions turn, the rest pass through."""
+    """The rotary embedding of ``x`` ``(..., n, dh)`` at positions ``0 .. n - 1``: the
+    first ``rotary.dim`` dimensions turn in pairs (rotate-half: ``i`` with ``i + dim/2``;
+    interleaved, GPT-J: ``2i`` with ``2i + 1``), the rest pass through."""
     angles = np.arange(n)[:, None] * rotary.inv_freq()[None, :]
     cos, sin = np.cos(angles), np.sin(angles)
+    turned, rest = x[..., : rotary.dim], x[..., rotary.dim :]
+    if rotary.interleaved:
+        x1, x2 = turned[..., 0::2], turned[..., 1::2]
+        pairs = np.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return np.concatenate([pairs.reshape(turned.shape), rest], axis=-1)
     half = rotary.dim // 2
-    x1, x2, rest = x[..., :half], x[..., half : rotary.dim], x[..., rotary.dim :]
+    x1, x2 = turned[..., :half], turned[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 

@@ -559,7 +559,9 @@ def _run_inputs(ops, model: Weights, plan: Plan, ids, lengths, out: _Outputs, gi
     """Each input's forward pass, one task per input."""
     n = ids.shape[1]
     rotary = model.arch.rotary
-    rope = None if rotary is None else tuple(map(ops.xp.asarray, rotary.tables(max(n, 1))))
+    rope = None
+    if rotary is not None:
+        rope = (*map(ops.xp.asarray, rotary.tables(max(n, 1))), rotary.interleaved)
     inputs = [np.ascontiguousarray(ids[b, : lengths[b]]) for b in range(ids.shape[0])]
     here = ops.upload(model)  # the weights where the backend computes
     ops.run_inputs(

@@ -242,8 +242,8 @@ class ModelOps:
     def merge_heads(self, o, n_heads, ctx):
         self.k.merge_heads(o, n_heads, ctx)
 
-    def rotary(self, x, cos, sin):
-        self.k.rotary(x, cos, sin)
+    def rotary(self, x, cos, sin, interleaved=False):
+        self.k.rotary(x, cos, sin, bool(interleaved))
 
     def attention_one(self, q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
         """Condition ``c``'s attention for every head of one input (``c = 0``: the

@@ -486,10 +486,10 @@ def _merge_kernel(o, n_heads, ctx):
 
 
 @cuda.jit
-def _rotary_kernel(x, cos, sin):
+def _rotary_kernel(x, cos, sin, interleaved):
     p, t = cuda.grid(2)
     if p < x.shape[0] and t < x.shape[1]:
-        rotary_vector(x, p, t, cos, sin)
+        rotary_vector(x, p, t, cos, sin, interleaved)
 
 
 # ----------------------------------------------------------------------------- raw API
@@ -697,8 +697,8 @@ def merge_heads(o, n_heads, ctx):
     _launch(_merge_kernel, _grid1(ctx.shape[0]))(o, n_heads, ctx)
 
 
-def rotary(x, cos, sin):
-    _launch(_rotary_kernel, _grid(x.shape[0], x.shape[1]), BLOCK)(x, cos, sin)
+def rotary(x, cos, sin, interleaved=False):
+    _launch(_rotary_kernel, _grid(x.shape[0], x.shape[1]), BLOCK)(x, cos, sin, bool(interleaved))
 
 
 def substitute(x, length, n_heads, select, window, acc, means=None):

@@ -43,18 +43,19 @@ def merge_heads_kernel(o, n_heads, ctx):
 
 
 @njit(**jit.SERIAL)
-def rotary_serial(x, cos, sin):
+def rotary_serial(x, cos, sin, interleaved):
     """In place, the rotary embedding of the first ``2 * cos.shape[1]`` dimensions of
     every vector of ``x`` ``(P, n, dh)`` (rotate-half layout: dimension ``i`` pairs with
-    ``i + half``); ``cos``, ``sin`` ``(>= n, half)`` by position."""
+    ``i + half``; ``interleaved``: ``2i`` with ``2i + 1``); ``cos``, ``sin`` ``(>= n,
+    half)`` by position."""
     for p in range(x.shape[0]):
         for t in range(x.shape[1]):
-            rotary_vector(x, p, t, cos, sin)
+            rotary_vector(x, p, t, cos, sin, interleaved)
 
 
 @njit(parallel=True, **jit.SERIAL)
-def rotary_kernel(x, cos, sin):
+def rotary_kernel(x, cos, sin, interleaved):
     """:func:`rotary_serial`, heads on the compute threads."""
     for p in prange(x.shape[0]):
         for t in range(x.shape[1]):
-            rotary_vector(x, p, t, cos, sin)
+            rotary_vector(x, p, t, cos, sin, interleaved)

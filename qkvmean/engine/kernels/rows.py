@@ -103,15 +103,18 @@ def merge_heads_row(r, o, n_heads, ctx):
 
 
 @register_jitable
-def rotary_vector(x, p, t, cos, sin):
+def rotary_vector(x, p, t, cos, sin, interleaved):
     """In place, the rotary embedding of vector ``x[p, t]`` (see :func:`rotary_serial`;
-    shared with the CUDA backend)."""
+    shared with the CUDA backend): dimension ``i`` of the rotated ones pairs with ``i +
+    half`` (rotate-half: Llama, GPT-NeoX) or, ``interleaved``, ``2i`` with ``2i + 1``
+    (GPT-J)."""
     half = cos.shape[1]
     for i in range(half):
-        a = x[p, t, i]
-        b = x[p, t, i + half]
-        x[p, t, i] = a * cos[t, i] - b * sin[t, i]
-        x[p, t, i + half] = b * cos[t, i] + a * sin[t, i]
+        j, m = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+        a = x[p, t, j]
+        b = x[p, t, m]
+        x[p, t, j] = a * cos[t, i] - b * sin[t, i]
+        x[p, t, m] = b * cos[t, i] + a * sin[t, i]
 
 
 @register_jitable
