@@ -110,14 +110,15 @@ def padded_ids(tokenizer, texts):
     return ids, lengths
 
 
-def special_tokenizer(path: Path, *, bos=None, eos=None, vocab_size=320):
+def special_tokenizer(path: Path, *, bos=None, eos=None, vocab_size=320, specials=()):
     """A byte-level BPE tokenizer whose post-processor adds ``bos`` (and ``eos``) the way
     the family's real tokenizer.json does (Llama: ``<s>`` or ``<|begin_of_text|>``; Qwen
-    and Pythia: nothing)."""
+    and Pythia: nothing); ``specials``: the special tokens in the order of their ids (the
+    family's own: RoBERTa's ``<s> <pad> </s> <unk>``), else ``bos`` and ``eos``."""
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import TemplateProcessing
 
-    specials = [t for t in (bos, eos) if t]
+    specials = list(specials) or [t for t in (bos, eos) if t]
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(
         CORPUS, vocab_size=vocab_size, min_frequency=1, show_progress=False,
@@ -317,6 +318,49 @@ def write_phi3_dir(path: Path, **kwargs):
     return path
 
 
+#: The families written from tests/data/family_layouts.json (make_family_layouts.py: the
+#: config.json and tensor names and shapes that transformers' save_pretrained writes), with
+#: their tokenizers' special tokens (in id order) and what the post-processor adds.
+LAYOUT_TOKENS = {
+    "roberta": (("<s>", "<pad>", "</s>", "<unk>"), "<s>", "</s>"),
+    "xlm_roberta": (("<s>", "<pad>", "</s>", "<unk>"), "<s>", "</s>"),
+    "distilbert": (("[PAD]", "[UNK]", "[CLS]", "[SEP]"), "[CLS]", "[SEP]"),
+    "opt": (("<s>", "<pad>", "</s>"), "</s>", None),  # OPT starts every text with </s>
+    "gptj": ((), None, None),
+    "stablelm": ((), None, None),
+    "gemma": (("<pad>", "<eos>", "<bos>"), "<bos>", None),
+}
+LAYOUTS = Path(__file__).parent / "data" / "family_layouts.json"
+#: Families whose RMSNorm weights are stored as ``gamma - 1`` (applied as ``1 + weight``):
+#: their random norm weights are about 0, as in real checkpoints.
+NORMS_AS_OFFSET = ("gemma",)
+
+
+def _is_norm_weight(name):
+    return name.endswith(".weight") and any(
+        part in name for part in ("norm", "LayerNorm", "ln_", "layer_norm")
+    )
+
+
+def write_layout_dir(path: Path, name, *, seed=0, scale=0.3, config=None):
+    """The checkpoint of family ``name`` as transformers writes it (its layout in
+    family_layouts.json): every tensor by its name and shape, small random weights (norm
+    weights about 1), the family's tokenizer specials; ``config``: keys to change."""
+    path.mkdir(parents=True, exist_ok=True)
+    layout = json.loads(LAYOUTS.read_text())[name]
+    specials, bos, eos = LAYOUT_TOKENS[name]
+    special_tokenizer(path, bos=bos, eos=eos, specials=specials)
+    r = _random(seed, scale)
+    tensors = {}
+    for key in sorted(layout["tensors"]):
+        shape = layout["tensors"][key]
+        about_one = _is_norm_weight(key) and name not in NORMS_AS_OFFSET
+        tensors[key] = (1 + r(*shape)) if about_one else r(*shape)
+    _save(path, tensors, 1)
+    (path / "config.json").write_text(json.dumps(layout["config"] | (config or {}), indent=2))
+    return path
+
+
 #: Every family's test directory, as the golden maps were made from (tests/data/
 #: make_golden.py): name → (writer, keyword arguments).
 FAMILY_DIRS = {
@@ -333,7 +377,7 @@ FAMILY_DIRS = {
         dict(rope={"partial_rotary_factor": 0.5}, extra_config={"pad_token_id": None}),
     ),
     "gpt_neox_sequential": (write_neox_dir, dict(parallel=False, rotary_pct=0.5)),
-}  # fmt: skip
+} | {name: (write_layout_dir, dict(name=name)) for name in LAYOUT_TOKENS}  # fmt: skip
 
 
 def write_family_dir(name: str, path: Path) -> Path:

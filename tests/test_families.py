@@ -1,5 +1,5 @@
-"""Llama, Mistral, Qwen2, Qwen3 and GPT-NeoX: loaders, the forward pass against
-transformers (golden maps) and the numpy reference, GQA semantics, bad configs."""
+"""The families beyond MiniLM's BERT and GPT-2 (test_models.py): loaders, the forward pass
+against transformers (golden maps) and the numpy reference, GQA semantics, bad configs."""
 
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ The pieces:
   attention when fewer: query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``),
   ``head_dim`` (not always ``d_model / n_heads``: Qwen3).
 - **qk_norm**: an RMSNorm over ``head_dim`` of every query and key vector (Qwen3).
+- **embedding_scale**: the token embeddings are multiplied by it (in float32) before the
+  positions are added (Gemma: ``sqrt(d_model)``).
 
 Mean substitution happens at the projection output (bias included), before the q/k norm
 and the rotary embedding: what a forward hook on ``q_proj``/``k_proj``/``v_proj`` changes.
@@ -129,6 +131,7 @@ class Arch:
     qk_norm: bool = False
     embedding_norm: bool = False  # a norm of the embeddings (BERT)
     final_norm: bool = False  # a norm after the last layer (pre-norm decoders)
+    embedding_scale: float = 1.0  # the token embeddings times this (Gemma: sqrt(d_model))
 
     def __post_init__(self):
         _choice(self.placement, PLACEMENTS, "norm placement")
@@ -178,6 +181,8 @@ class Arch:
             "positions": self.positions,
             "qk_norm": self.qk_norm,
         }
+        if self.embedding_scale != 1.0:
+            out["embedding_scale"] = self.embedding_scale
         if self.rotary is not None:
             r = self.rotary
             out["rotary"] = {"theta": r.theta, "dim": r.dim, "scaling": r.scaling}

@@ -368,7 +368,7 @@ def transformer_forward(
     def n(weights, x):
         return norm(arch.norm, weights, x)
 
-    h = model.tok_emb[ids].astype(np.float64)
+    h = model.tok_emb[ids].astype(np.float64) * np.float32(arch.embedding_scale)
     if model.pos_emb is not None:
         h = h + model.pos_emb[:seq]
     if model.type_emb is not None:

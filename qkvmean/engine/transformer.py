@@ -375,6 +375,8 @@ class _Pass:
         norms of ``h``, unless post-norm."""
         ops, model, buf, n, norm = self.ops, self.model, self.buf, self.n, self.model.norm
         emb = model.tok_emb[ops.xp.asarray(ids)]
+        if model.arch.embedding_scale != 1.0:
+            emb *= np.float32(model.arch.embedding_scale)
         if model.pos_emb is not None:
             emb += model.pos_emb[:n]
         if model.type_emb is not None:

@@ -490,22 +490,41 @@ def families_text() -> str:
     return ", ".join(f"{key} ({FAMILY_NAMES[key]})" for key in FAMILIES)
 
 
-@family("bert", names="BERT, MiniLM")
+#: RoBERTa's masked-LM head (its decoder tied to the embeddings) and buffers.
+ROBERTA_UNUSED = (*BERT_UNUSED, r"lm_head\..*", r"embeddings\.token_type_ids")
+
+#: The BERT-shaped encoders: ``model_type`` → (tensor prefix, unused tensors, name).
+BERT_LIKE = {
+    "bert": ("bert.", BERT_UNUSED, "BERT"),
+    "roberta": ("roberta.", ROBERTA_UNUSED, "RoBERTa"),
+    "xlm-roberta": ("roberta.", ROBERTA_UNUSED, "XLM-R"),
+}
+
+
+@family(*BERT_LIKE, names={
+    "bert": "BERT, MiniLM", "roberta": "RoBERTa", "xlm-roberta": "XLM-RoBERTa",
+})  # fmt: skip
 def _bert(cfg, tensors, path) -> Weights:
+    """BERT, and RoBERTa/XLM-R: the same block; RoBERTa's positions start after its
+    padding index (``padding_idx + 1``: rows before it are never used)."""
+    family_name = cfg["model_type"]
+    prefix, unused, what = BERT_LIKE[family_name]
     d, heads, n_layers, d_ff = _sizes(cfg, path)
     dh = _head_dim({}, path, d, heads)  # BERT: always hidden_size / heads
-    act = _choice(cfg, "hidden_act", "gelu", {"gelu": "gelu"}, path, "BERT")
+    act = _choice(cfg, "hidden_act", "gelu", {"gelu": "gelu"}, path, what)
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise InputError(
             f"{path}/config.json: position_embedding_type "
             f"{cfg['position_embedding_type']!r} is not supported (only absolute)"
         )
+    if cfg.get("is_decoder"):
+        raise InputError(f"{path}/config.json: is_decoder: qkvmean runs {what} as an encoder")
     arch = _arch(
-        path, family="bert", causal=False, placement="post",
+        path, family=family_name, causal=False, placement="post",
         norm=Norm("layer", _eps(cfg, "layer_norm_eps", 1e-12, path)), activation=act,
         n_heads=heads, n_kv_heads=heads, head_dim=dh, embedding_norm=True,
     )  # fmt: skip
-    t = _Tensors(tensors, path, "bert.", unused=BERT_UNUSED)
+    t = _Tensors(tensors, path, prefix, unused=unused)
     r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
     vocab = _int(cfg, "vocab_size", path)
     layers = []
@@ -524,12 +543,17 @@ def _bert(cfg, tensors, path) -> Weights:
             )
         )
     n_types = _int(cfg, "type_vocab_size", path, 2)
+    rows = _int(cfg, "max_position_embeddings", path)
+    first = 0  # RoBERTa: positions padding_idx + 1, padding_idx + 2, ...
+    if family_name != "bert":
+        first = cfg.get("pad_token_id", 1)
+        if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first < rows - 1:
+            raise InputError(f"{path}/config.json: pad_token_id must be an integer below {rows}")
+        first += 1
     weights = Weights(
         arch=arch,
         tok_emb=r.get("embeddings.word_embeddings.weight", (vocab, d)),
-        pos_emb=r.get(
-            "embeddings.position_embeddings.weight", (_int(cfg, "max_position_embeddings", path), d)
-        ),
+        pos_emb=r.get("embeddings.position_embeddings.weight", (rows, d))[first:],
         type_emb=r.get("embeddings.token_type_embeddings.weight", (n_types, d))[0].copy(),
         emb_norm=r.norm("embeddings.LayerNorm", d),
         layers=layers,
@@ -596,11 +620,11 @@ def _gpt2(cfg, tensors, path) -> Weights:
     return weights
 
 
-def _head(weights, t, cfg, name):
+def _head(weights, t, cfg, name, tied=False):
     """Give ``weights`` its language-model head: the embeddings where config.json ties
-    them (``tie_word_embeddings``, false unless given, as transformers has it for these
-    families), else the checkpoint's ``name`` tensor (None: a base model, no head)."""
-    if cfg.get("tie_word_embeddings", False) is True:
+    them (``tie_word_embeddings``; unless given, ``tied``: transformers' default for the
+    family), else the checkpoint's ``name`` tensor (None: a base model, no head)."""
+    if cfg.get("tie_word_embeddings", tied) is True:
         t.head(name, weights.tok_emb.shape)  # a stored copy is used, not refused
         weights.unembed = weights.tok_emb
     else:
@@ -802,5 +826,281 @@ def _phi3(cfg, tensors, path) -> Weights:
         max_positions=_window(cfg, path, "phi3", _int(cfg, "max_position_embeddings", path)),
     )
     _head(weights, t, cfg, "lm_head.weight")
+    t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
+    return weights
+
+
+#: DistilBERT's masked-LM head (tied projector) and buffers.
+DISTILBERT_UNUSED = (r"vocab_(transform|layer_norm|projector)\..*", r"embeddings\.position_ids")
+
+
+@family("distilbert", names="DistilBERT")
+def _distilbert(cfg, tensors, path) -> Weights:
+    """DistilBERT: BERT's post-norm block under other names (``q_lin``, ``sa_layer_norm``,
+    ``ffn.lin1``), no token types."""
+    d, heads, n_layers = (_int(cfg, key, path) for key in ("dim", "n_heads", "n_layers"))
+    d_ff = _int(cfg, "hidden_dim", path)
+    if d % heads:
+        raise InputError(f"{path}/config.json: dim {d} is not a multiple of n_heads {heads}")
+    act = _choice(cfg, "activation", "gelu", {"gelu": "gelu"}, path, "DistilBERT")
+    if cfg.get("sinusoidal_pos_embds"):
+        raise InputError(
+            f"{path}/config.json: sinusoidal_pos_embds is not supported (learned positions only)"
+        )
+    arch = _arch(
+        path, family="distilbert", causal=False, placement="post", norm=Norm("layer", 1e-12),
+        activation=act, n_heads=heads, n_kv_heads=heads, head_dim=d // heads,
+        embedding_norm=True,
+    )  # fmt: skip
+    t = _Tensors(tensors, path, "distilbert.", unused=DISTILBERT_UNUSED)
+    r = _Reader(t, f" (config.json: n_layers = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"transformer.layer.{i}"
+        layers.append(
+            _layer(
+                r.linear(f"{p}.attention.q_lin", d, d),
+                r.linear(f"{p}.attention.k_lin", d, d),
+                r.linear(f"{p}.attention.v_lin", d, d),
+                r.linear(f"{p}.attention.out_lin", d, d),
+                r.norm(f"{p}.sa_layer_norm", d),
+                r.linear(f"{p}.ffn.lin1", d, d_ff),
+                r.linear(f"{p}.ffn.lin2", d_ff, d),
+                r.norm(f"{p}.output_layer_norm", d),
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("embeddings.word_embeddings.weight", (_int(cfg, "vocab_size", path), d)),
+        pos_emb=r.get(
+            "embeddings.position_embeddings.weight", (_int(cfg, "max_position_embeddings", path), d)
+        ),
+        emb_norm=r.norm("embeddings.LayerNorm", d),
+        layers=layers,
+    )
+    t.check_all_used(f"n_layers = {n_layers}, dim = {d}")
+    return weights
+
+
+#: OPT's language-model head (tied) and the first two rows of its positions, which
+#: transformers never reads (positions start at 2: ``OPTLearnedPositionalEmbedding``).
+OPT_POSITION_OFFSET = 2
+
+
+@family("opt", names="OPT")
+def _opt(cfg, tensors, path) -> Weights:
+    """OPT: pre-norm LayerNorm decoder, ReLU, learned positions offset by 2."""
+    d, heads, n_layers = (
+        _int(cfg, key, path) for key in ("hidden_size", "num_attention_heads", "num_hidden_layers")
+    )
+    d_ff = _int(cfg, "ffn_dim", path)
+    if cfg.get("word_embed_proj_dim", d) != d:
+        raise InputError(
+            f"{path}/config.json: word_embed_proj_dim {cfg['word_embed_proj_dim']} differs "
+            f"from hidden_size {d} (OPT-350m's projections are not supported)"
+        )
+    if cfg.get("do_layer_norm_before", True) is not True or cfg.get("_remove_final_layer_norm"):
+        raise InputError(
+            f"{path}/config.json: only OPT's pre-norm block (do_layer_norm_before: true, "
+            "a final layer norm) is supported"
+        )
+    if cfg.get("enable_bias", True) is not True or cfg.get("layer_norm_elementwise_affine", True) \
+            is not True:  # fmt: skip
+        raise InputError(f"{path}/config.json: OPT without biases or norm weights is not supported")
+    _choice(cfg, "activation_function", "relu", {"relu": "relu"}, path, "OPT")
+    arch = _arch(
+        path, family="opt", causal=True, placement="pre", norm=Norm("layer", 1e-5),
+        activation="relu", n_heads=heads, n_kv_heads=heads, head_dim=_head_dim({}, path, d, heads),
+        final_norm=True,
+    )  # fmt: skip
+    t = _Tensors(tensors, path, "model.decoder.", unused=(r"lm_head\.weight",))
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        layers.append(
+            _layer(
+                r.linear(f"{p}.self_attn.q_proj", d, d),
+                r.linear(f"{p}.self_attn.k_proj", d, d),
+                r.linear(f"{p}.self_attn.v_proj", d, d),
+                r.linear(f"{p}.self_attn.out_proj", d, d),
+                r.norm(f"{p}.self_attn_layer_norm", d),
+                r.linear(f"{p}.fc1", d, d_ff),
+                r.linear(f"{p}.fc2", d_ff, d),
+                r.norm(f"{p}.final_layer_norm", d),
+            )
+        )
+    rows = _int(cfg, "max_position_embeddings", path) + OPT_POSITION_OFFSET
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
+        pos_emb=r.get("embed_positions.weight", (rows, d))[OPT_POSITION_OFFSET:],
+        layers=layers,
+        final_norm=r.norm("final_layer_norm", d),
+    )
+    _head(weights, t, cfg, "lm_head.weight", tied=True)
+    t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
+    return weights
+
+
+@family("gptj", names="GPT-J")
+def _gptj(cfg, tensors, path) -> Weights:
+    """GPT-J: a parallel block with one LayerNorm for both branches, interleaved partial
+    rotary (``rotary_dim``), no attention biases, a head with a bias."""
+    d = _int(cfg, "n_embd", path)
+    heads = _int(cfg, "n_head", path)
+    n_layers = _int(cfg, "n_layer", path)
+    d_ff = cfg.get("n_inner") or 4 * d
+    dh = _head_dim({}, path, d, heads, "n_embd", "n_head")
+    act = _choice(
+        cfg, "activation_function", "gelu_new",
+        {k: v for k, v in GELU_NAMES.items() if v == "gelu_tanh"}, path, "GPT-J",
+    )  # fmt: skip
+    rotary_dim = cfg.get("rotary_dim") or dh
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim > dh:
+        raise InputError(f"{path}/config.json: rotary_dim must be an integer up to {dh}")
+    try:
+        rotary = Rotary(theta=10000.0, dim=rotary_dim, interleaved=True)
+    except ValueError as exc:
+        raise InputError(f"{path}/config.json: {exc}") from None
+    arch = _arch(
+        path, family="gptj", causal=True, placement="parallel",
+        norm=Norm("layer", _eps(cfg, "layer_norm_epsilon", 1e-5, path)), activation=act,
+        n_heads=heads, n_kv_heads=heads, head_dim=dh, positions="rotary", rotary=rotary,
+        final_norm=True,
+    )  # fmt: skip
+    t = _Tensors(tensors, path, "transformer.", unused=(r"h\.\d+\.attn\.(masked_)?bias",))
+    r = _Reader(t, f" (config.json: n_layer = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"h.{i}"
+        ln = r.norm(f"{p}.ln_1", d)  # both branches read the same norm
+        layers.append(
+            _layer(
+                r.linear(f"{p}.attn.q_proj", d, d, bias=False),
+                r.linear(f"{p}.attn.k_proj", d, d, bias=False),
+                r.linear(f"{p}.attn.v_proj", d, d, bias=False),
+                r.linear(f"{p}.attn.out_proj", d, d, bias=False),
+                ln,
+                r.linear(f"{p}.mlp.fc_in", d, d_ff),
+                r.linear(f"{p}.mlp.fc_out", d_ff, d),
+                ln,
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("wte.weight", (_int(cfg, "vocab_size", path), d)),
+        layers=layers,
+        final_norm=r.norm("ln_f", d),
+        max_positions=_int(cfg, "n_positions", path, 2048),
+    )
+    _head(weights, t, cfg, "lm_head.weight")
+    if weights.unembed is not None and weights.unembed is not weights.tok_emb:
+        weights.unembed_bias = t.head("lm_head.bias", (weights.vocab_size,))
+    t.check_all_used(f"n_layer = {n_layers}, n_embd = {d}")
+    return weights
+
+
+@family("stablelm", names="StableLM 2, StableLM 3B")
+def _stablelm(cfg, tensors, path) -> Weights:
+    """StableLM: a Llama-style block with LayerNorms, partial rotary and optional q/k/v
+    biases."""
+    d, heads, n_layers, d_ff = _sizes(cfg, path)
+    kv_heads = _int(cfg, "num_key_value_heads", path, heads)
+    dh = _head_dim({}, path, d, heads)
+    _choice(cfg, "hidden_act", "silu", {"silu": "silu_gated"}, path, "stablelm")
+    for key, why in (("qk_layernorm", "per-head LayerNorms of queries and keys"),
+                     ("use_parallel_residual", "the parallel residual")):  # fmt: skip
+        if cfg.get(key):
+            raise InputError(f"{path}/config.json: {key}: {why} are not supported")
+    arch = _arch(
+        path, family="stablelm", causal=True, placement="pre",
+        norm=Norm("layer", _eps(cfg, "layer_norm_eps", 1e-5, path)), activation="silu_gated",
+        n_heads=heads, n_kv_heads=kv_heads, head_dim=dh, positions="rotary",
+        rotary=_rotary(cfg, path, dh, partial_default=0.25), final_norm=True,
+    )  # fmt: skip
+    bias = _flag(cfg, "use_qkv_bias", path)
+    t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        gate = r.linear(f"{p}.mlp.gate_proj", d, d_ff, bias=False)
+        up = r.linear(f"{p}.mlp.up_proj", d, d_ff, bias=False)
+        layers.append(
+            _layer(
+                r.linear(f"{p}.self_attn.q_proj", d, heads * dh, bias),
+                r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, bias),
+                r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, bias),
+                r.linear(f"{p}.self_attn.o_proj", heads * dh, d, bias=False),
+                r.norm(f"{p}.input_layernorm", d),
+                _fuse(gate, up),
+                r.linear(f"{p}.mlp.down_proj", d_ff, d, bias=False),
+                r.norm(f"{p}.post_attention_layernorm", d),
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
+        layers=layers,
+        final_norm=r.norm("norm", d),
+        max_positions=_int(cfg, "max_position_embeddings", path, 4096),
+    )
+    _head(weights, t, cfg, "lm_head.weight")
+    t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
+    return weights
+
+
+#: Gemma's activations: ``hidden_activation`` (else the older ``hidden_act``, which
+#: transformers overrides with the tanh GELU): GeGLU.
+GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh_gated", "gelu": "gelu_tanh_gated"}
+
+
+@family("gemma", names="Gemma")
+def _gemma(cfg, tensors, path) -> Weights:
+    """Gemma: a Llama-style block with GeGLU, RMSNorms stored as ``weight - 1`` (offset 1),
+    embeddings scaled by ``sqrt(hidden_size)`` and tied to the head."""
+    d, heads, n_layers, d_ff = _sizes(cfg, path)
+    kv_heads = _int(cfg, "num_key_value_heads", path, heads)
+    dh = _head_dim(cfg, path, d, heads)
+    key = "hidden_activation" if cfg.get("hidden_activation") else "hidden_act"
+    act = _choice(cfg, key, "gelu_pytorch_tanh", GEMMA_ACTIVATIONS, path, "gemma")
+    if cfg.get("use_bidirectional_attention"):
+        raise InputError(f"{path}/config.json: use_bidirectional_attention is not supported")
+    arch = _arch(
+        path, family="gemma", causal=True, placement="pre",
+        norm=Norm("rms", _eps(cfg, "rms_norm_eps", 1e-6, path), offset=1.0), activation=act,
+        n_heads=heads, n_kv_heads=kv_heads, head_dim=dh, positions="rotary",
+        rotary=_rotary(cfg, path, dh), final_norm=True,
+        embedding_scale=float(np.float32(d) ** np.float32(0.5)),
+    )  # fmt: skip
+    bias = _flag(cfg, "attention_bias", path)
+    t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        gate = r.linear(f"{p}.mlp.gate_proj", d, d_ff, bias=False)
+        up = r.linear(f"{p}.mlp.up_proj", d, d_ff, bias=False)
+        layers.append(
+            _layer(
+                r.linear(f"{p}.self_attn.q_proj", d, heads * dh, bias),
+                r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, bias),
+                r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, bias),
+                r.linear(f"{p}.self_attn.o_proj", heads * dh, d, bias),
+                r.norm(f"{p}.input_layernorm", d, bias=False),
+                _fuse(gate, up),
+                r.linear(f"{p}.mlp.down_proj", d_ff, d, bias=False),
+                r.norm(f"{p}.post_attention_layernorm", d, bias=False),
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
+        layers=layers,
+        final_norm=r.norm("norm", d, bias=False),
+        max_positions=_int(cfg, "max_position_embeddings", path, 8192),
+    )
+    _head(weights, t, cfg, "lm_head.weight", tied=True)
     t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
     return weights

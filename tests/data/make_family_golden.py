@@ -9,7 +9,9 @@ venv; qkvmean itself need not be installed there, only on the path):
 
 For each directory of tests/model_support.py's ``FAMILY_DIRS`` (real tensor names and
 layouts, small random weights, GQA, llama3 and linear rope scaling, Qwen3's q/k norm,
-GPT-NeoX's fused interleaved QKV with partial rotary, parallel and sequential residual)
+GPT-NeoX's fused interleaved QKV with partial rotary, parallel and sequential residual; and
+the families written from family_layouts.json: RoBERTa, XLM-R, DistilBERT, OPT, GPT-J,
+StableLM, Gemma)
 and each of ``TEXTS``, it records transformers' eager attention weights of every layer
 ``(L, H, n, n)`` for the baseline and mean-Q/K/V at layer 1:
 
@@ -41,6 +43,17 @@ LAYER = 1
 SETTINGS = {"causal": "causal", "tokens_heads": "tokens"}
 
 
+#: Where each family's separate q/k/v projections are (in its base model), and their names.
+DEFAULT_PROJECTIONS = (lambda m: m.layers[LAYER].self_attn, ("q_proj", "k_proj", "v_proj"))
+PROJECTIONS = {
+    "roberta": (lambda m: m.encoder.layer[LAYER].attention.self, ("query", "key", "value")),
+    "xlm-roberta": (lambda m: m.encoder.layer[LAYER].attention.self, ("query", "key", "value")),
+    "distilbert": (lambda m: m.transformer.layer[LAYER].attention, ("q_lin", "k_lin", "v_lin")),
+    "opt": (lambda m: m.decoder.layers[LAYER].self_attn, ("q_proj", "k_proj", "v_proj")),
+    "gptj": (lambda m: m.h[LAYER].attn, ("q_proj", "k_proj", "v_proj")),
+}
+
+
 def _mean(x, over):
     """x: (n, width) float64 → the mean over tokens, or the causal prefix mean."""
     if over == "tokens":
@@ -69,8 +82,8 @@ def hooks(model, family, target, over, heads):
             "v": [(n_heads + cfg.num_key_value_heads + g) * dh for g in kv],
         }[target]
     else:
-        attn = model.layers[LAYER].self_attn
-        module = getattr(attn, f"{target}_proj")
+        where, names = PROJECTIONS.get(family, DEFAULT_PROJECTIONS)
+        module = getattr(where(model), names["qkv".index(target)])
         if target == "q":
             cols = [h * dh for h in heads]
         else:  # a whole KV head per group of query heads
