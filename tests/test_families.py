@@ -253,6 +253,24 @@ def test_bad_configs_are_one_line(tmp_path):
     _refused(missing, r"no tensor 'layers.1.mlp.up_proj.weight'")
 
 
+def test_variants_the_new_families_do_not_run_are_refused_in_one_line(tmp_path):
+    """What a family's loader cannot run exactly is refused, never run as something else."""
+    for name, changes, rx in [
+        ("opt", {"word_embed_proj_dim": 16}, r"word_embed_proj_dim 16 differs from hidden_size"),
+        ("opt", {"do_layer_norm_before": False}, r"only OPT's pre-norm block"),
+        ("opt", {"activation_function": "gelu"}, r"activation_function 'gelu' is not supported"),
+        ("stablelm", {"qk_layernorm": True}, r"qk_layernorm: per-head LayerNorms"),
+        ("stablelm", {"use_parallel_residual": True}, r"use_parallel_residual: the parallel"),
+        ("gemma", {"use_bidirectional_attention": True}, r"use_bidirectional_attention is not"),
+        ("distilbert", {"sinusoidal_pos_embds": True}, r"sinusoidal_pos_embds is not supported"),
+        ("roberta", {"is_decoder": True}, r"is_decoder: qkvmean runs RoBERTa as an encoder"),
+        ("gptj", {"rotary_dim": 3}, r"rotary dimensions must be even"),
+    ]:
+        d = write_family_dir(name, tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}")
+        edit_config(d, **changes)
+        _refused(d, rx)
+
+
 def test_mixtures_of_experts_are_refused_in_one_line(tmp_path):
     """A mixture of experts, by its model_type or by an experts key in a dense family's
     config.json, is refused before any tensor is read, in one line that says so."""
