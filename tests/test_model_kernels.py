@@ -113,3 +113,54 @@ def test_split_heads_expands_grouped_kv(stack, n, heads_kv, seed):
         np.testing.assert_array_equal(
             v.reshape(stack, heads, n, dh)[:, h], full[:, heads + kv + h // group]
         )
+
+
+def _attention_one(ops, q, k, v, causal, scale, logits):
+    """One input's attention through ``ops.attention_one`` (the model path): weights,
+    outputs and the four metrics per head."""
+    heads, n, dh = q.shape
+    scratch = ops.InputScratch(heads, n, n, 1, True)
+    w = np.zeros((heads, n, n), np.float32)
+    o = np.empty((heads, n, dh), np.float32)
+    reduced = (*(np.zeros(heads) for _ in range(3)), np.zeros(heads, np.int64))
+    modes = np.zeros(heads, np.int8)
+    ops.attention_one(q, k, v, modes, causal, scale, logits, 0, w, o, scratch, True, reduced)
+    scratch.finish()
+    return w, o, reduced
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 40),
+    st.booleans(),
+    st.integers(0, 12),
+    st.sampled_from([0.0, 0.7, 5.0]),
+    st.booleans(),
+    SEEDS,
+)
+def test_windows_softcap_and_alibi_match_the_reference(heads, n, causal, window, cap, alibi,
+                                                       seed):  # fmt: skip
+    """The model path's attention with a sliding (causal) or local (bidirectional) window,
+    soft-capped logits and ALiBi slopes, against the reference; a key outside a query's
+    window has weight exactly 0, and every row sums to 1."""
+    from qkvmean.engine.kernels.attention import Logits
+    from qkvmean.engine.kernels.rows import key_range
+
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.normal(size=(heads, n, 8)).astype(np.float32) * 2 for _ in range(3))
+    slopes = (rng.random(heads) * 0.5).astype(np.float32) if alibi else np.zeros(0, np.float32)
+    logits = Logits(window, cap, slopes)
+    w, o, reduced = _attention_one(cpu, q, k, v, causal, 0.35, logits)
+    kw = dict(causal=causal, scale=0.35, window=window, softcap=cap, slopes=slopes)
+    want_w, want_o = (x[0] for x in R.attention(q[None].astype(np.float64), k[None], v[None], **kw))
+    np.testing.assert_allclose(w, want_w, atol=2e-6)
+    np.testing.assert_allclose(o, want_o, atol=2e-5)
+    allowed = R.allowed_mask(n, n, causal, window)
+    assert np.all(w[:, ~allowed] == 0.0)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+    for i in range(n):  # the kernels' key range is the reference's mask
+        lo, hi = key_range(i, n, causal, window)
+        np.testing.assert_array_equal(np.flatnonzero(allowed[i]), np.arange(lo, hi))
+    entropy = -(want_w * np.log(np.where(want_w > 0, want_w, 1))).sum(-1).mean(-1)
+    np.testing.assert_allclose(reduced[0], entropy, atol=1e-5)

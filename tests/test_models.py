@@ -286,7 +286,10 @@ def test_bad_model_directories(tmp_path, gpt2_dir):
     _expect(tmp_path / "none", "no such model directory")
     d = copy_model(gpt2_dir, tmp_path / "a")
     edit_config(d, model_type="t5")
-    _expect(d, r"model_type 't5' is not supported; qkvmean runs 'bert', 'gpt2', 'llama'")
+    _expect(
+        d,
+        r"model_type 't5' is not supported; qkvmean runs 'bert', 'roberta', 'xlm-roberta', 'gpt2'",
+    )
     d = copy_model(gpt2_dir, tmp_path / "b")
     edit_config(d, n_layer=4)
     _expect(d, r"no tensor 'h.3.attn.c_attn.weight' \(config.json: n_layer = 4\)")

@@ -27,6 +27,12 @@ The pieces:
 - **qk_norm**: an RMSNorm over ``head_dim`` of every query and key vector (Qwen3).
 - **embedding_scale**: the token embeddings are multiplied by it (in float32) before the
   positions are added (Gemma: ``sqrt(d_model)``).
+- **attention logits**: the scores ``scale q · k`` (``query_scale``, else ``1 /
+  sqrt(head_dim)``), plus ALiBi's ``slope_h * j`` (positions ``alibi``, BLOOM), then
+  soft-capped as ``c tanh(s / c)`` (``softcap``, Gemma 2), over the keys of the layer's
+  window (``windows``: Gemma 2/3's sliding layers, causal; ModernBERT's local layers, on
+  both sides), which use ``local_rotary`` where the family has one; ``final_softcap``
+  caps the output logits (the effects' next-token distributions).
 
 Mean substitution happens at the projection output (bias included), before the q/k norm
 and the rotary embedding: what a forward hook on ``q_proj``/``k_proj``/``v_proj`` changes.
@@ -46,7 +52,7 @@ PLACEMENTS = ("post", "pre", "parallel")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu_gated", "relu", "gelu_gated", "gelu_tanh_gated", "silu")
 #: The base functions the kernels know, by code: exact GELU, tanh GELU, SiLU, ReLU.
 BASE_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
-POSITIONS = ("learned", "rotary")
+POSITIONS = ("learned", "rotary", "alibi")
 ROPE_SCALINGS = ("default", "linear", "llama3")
 
 #: Kernel codes of the activations (the Numba kernels take an int, not a string).
@@ -132,6 +138,13 @@ class Arch:
     embedding_norm: bool = False  # a norm of the embeddings (BERT)
     final_norm: bool = False  # a norm after the last layer (pre-norm decoders)
     embedding_scale: float = 1.0  # the token embeddings times this (Gemma: sqrt(d_model))
+    #: per layer, the keys a query sees (0: all; W: the last W, i - W < j <= i, when
+    #: causal; |i - j| <= W // 2 otherwise); empty: every layer global
+    windows: tuple = ()
+    local_rotary: Rotary | None = None  # the rotary of the layers with a window, if its own
+    softcap: float = 0.0  # attention logits c * tanh(s / c) (Gemma 2); 0: none
+    final_softcap: float = 0.0  # the output logits likewise (Gemma 2); 0: none
+    query_scale: float = 0.0  # the scores' scale; 0: 1 / sqrt(head_dim)
 
     def __post_init__(self):
         _choice(self.placement, PLACEMENTS, "norm placement")
@@ -143,10 +156,19 @@ class Arch:
             )
         if (self.positions == "rotary") != (self.rotary is not None):
             raise ValueError("rotary positions need a Rotary description, and only they")
-        if self.rotary is not None and self.rotary.dim > self.head_dim:
-            raise ValueError(
-                f"rotary dimensions {self.rotary.dim} exceed the head dimension {self.head_dim}"
-            )
+        for rotary in (self.rotary, self.local_rotary):
+            if rotary is not None and rotary.dim > self.head_dim:
+                raise ValueError(
+                    f"rotary dimensions {rotary.dim} exceed the head dimension {self.head_dim}"
+                )
+        if self.local_rotary is not None and self.rotary is None:
+            raise ValueError("a local rotary embedding needs a global one")
+        if any(isinstance(w, bool) or not isinstance(w, int) or w < 0 for w in self.windows):
+            raise ValueError(f"attention windows must be integers >= 0, got {self.windows}")
+        for name in ("softcap", "final_softcap", "query_scale", "embedding_scale"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
     @property
     def group_size(self) -> int:
@@ -164,7 +186,36 @@ class Arch:
         Only when identical projections give identical keys or queries at the attention:
         a rotary embedding makes them differ by position.
         """
-        return self.positions != "rotary"
+        return self.positions == "learned" and not any(self.windows)
+
+    @property
+    def scale(self) -> float:
+        """The factor of the scores ``q · k``."""
+        return self.query_scale or 1.0 / math.sqrt(self.head_dim)
+
+    def window(self, layer: int) -> int:
+        """The window of ``layer`` (0: every key)."""
+        return self.windows[layer] if self.windows else 0
+
+    def rotary_of(self, layer: int):
+        """The rotary embedding of ``layer``: the local one where it has a window."""
+        local = self.local_rotary is not None and self.window(layer) > 0
+        return self.local_rotary if local else self.rotary
+
+    def alibi_slopes(self) -> np.ndarray:
+        """ALiBi's slope of each query head (float32 ``(H,)``): the geometric sequence of
+        Press et al. for the largest power of two of heads, the odd terms of the next one's
+        for the rest (BLOOM's ``build_alibi_tensor``); empty without ALiBi."""
+        if self.positions != "alibi":
+            return np.zeros(0, np.float32)
+        heads = self.n_heads
+        closest = 2 ** math.floor(math.log2(heads))
+        base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+        slopes = [base ** (i + 1) for i in range(closest)]
+        if closest != heads:
+            extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+            slopes += [extra ** (i + 1) for i in range(0, 2 * (heads - closest), 2)]
+        return np.array(slopes, np.float32)
 
     def describe(self) -> dict:
         """The architecture as plain JSON values (for the store's configuration)."""
@@ -183,6 +234,14 @@ class Arch:
         }
         if self.embedding_scale != 1.0:
             out["embedding_scale"] = self.embedding_scale
+        for name in ("softcap", "final_softcap", "query_scale"):
+            if getattr(self, name):
+                out[name] = getattr(self, name)
+        if any(self.windows):
+            out["windows"] = list(self.windows)
+        if self.local_rotary is not None:
+            r = self.local_rotary
+            out["local_rotary"] = {"theta": r.theta, "dim": r.dim, "scaling": r.scaling}
         if self.rotary is not None:
             r = self.rotary
             out["rotary"] = {"theta": r.theta, "dim": r.dim, "scaling": r.scaling}

@@ -33,18 +33,29 @@ def _batched(x, lengths):
     return x, np.asarray(lengths), bare
 
 
-def allowed_mask(n_valid, seq, causal):
-    """``allowed[i, j]``: may query ``i`` attend to key ``j``? (SPEC section 2)"""
+def allowed_mask(n_valid, seq, causal, window=0):
+    """``allowed[i, j]``: may query ``i`` attend to key ``j``? (SPEC section 2); with a
+    ``window`` W > 0, only the last W keys up to ``i`` (causal), or those within ``W // 2``
+    of ``i`` (bidirectional)."""
     i = np.arange(seq)[:, None]
     j = np.arange(seq)[None, :]
     allowed = (i < n_valid) & (j < n_valid)
     if causal:
         allowed &= j <= i
+        if window:
+            allowed &= j > i - window
+    elif window:
+        allowed &= np.abs(i - j) <= window // 2
     return allowed
 
 
-def log_attention_weights(q, k, *, lengths=None, causal=False, scale=None):
-    """``log A`` in float64: the stable log-softmax of the allowed logits, -inf elsewhere."""
+def log_attention_weights(q, k, *, lengths=None, causal=False, scale=None, window=0,
+                          softcap=0.0, slopes=None):  # fmt: skip
+    """``log A`` in float64: the stable log-softmax of the allowed logits, -inf elsewhere.
+
+    The logits are ``scale q · k``, plus ``slopes[h] * j`` (ALiBi; ``slopes`` per head,
+    the axis before the queries), then ``softcap * tanh(s / softcap)`` where ``softcap``
+    is set; the allowed keys as :func:`allowed_mask` with ``window``."""
     q, lengths, bare = _batched(q, lengths)
     k, _, _ = _batched(k, None)
     if scale is None:
@@ -52,8 +63,12 @@ def log_attention_weights(q, k, *, lengths=None, causal=False, scale=None):
     seq = q.shape[-2]
     log_weights = np.full(q.shape[:-1] + (seq,), -np.inf)
     for b in range(q.shape[0]):
-        allowed = allowed_mask(lengths[b], seq, causal)
+        allowed = allowed_mask(lengths[b], seq, causal, window)
         scores = scale * (q[b] @ np.swapaxes(k[b], -1, -2))
+        if slopes is not None and len(slopes):
+            scores = scores + np.asarray(slopes, np.float64)[:, None, None] * np.arange(seq)
+        if softcap:
+            scores = softcap * np.tanh(scores / softcap)
         scores = np.where(allowed, scores, -np.inf)
         row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
         row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # rows with nothing allowed
@@ -64,15 +79,19 @@ def log_attention_weights(q, k, *, lengths=None, causal=False, scale=None):
     return log_weights[0] if bare else log_weights
 
 
-def attention_weights(q, k, *, lengths=None, causal=False, scale=None):
+def attention_weights(q, k, *, lengths=None, causal=False, scale=None, **logits):
+    """The weights; ``logits``: ``window``, ``softcap``, ``slopes`` as
+    :func:`log_attention_weights` takes them."""
     dtype = _result_dtype(q, k)
-    log_weights = log_attention_weights(q, k, lengths=lengths, causal=causal, scale=scale)
+    log_weights = log_attention_weights(
+        q, k, lengths=lengths, causal=causal, scale=scale, **logits
+    )
     return np.exp(log_weights).astype(dtype)  # exp(-inf) = 0 where not allowed
 
 
-def attention(q, k, v, *, lengths=None, causal=False, scale=None):
+def attention(q, k, v, *, lengths=None, causal=False, scale=None, **logits):
     dtype = _result_dtype(q, k, v)
-    weights = attention_weights(q, k, lengths=lengths, causal=causal, scale=scale)
+    weights = attention_weights(q, k, lengths=lengths, causal=causal, scale=scale, **logits)
     output = weights.astype(np.float64) @ np.asarray(v, dtype=np.float64)
     return weights.astype(dtype), output.astype(dtype)
 
@@ -395,9 +414,13 @@ def transformer_forward(
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, arch.norm.eps)
             k = rms_norm(k, layer.k_norm, arch.norm.eps)
-        if arch.rotary is not None:
-            q, k = rotate(q, arch.rotary, seq), rotate(k, arch.rotary, seq)
-        weights, out = attention(q, k, v, lengths=lengths, causal=arch.causal)
+        rotary = arch.rotary_of(index)
+        if rotary is not None:
+            q, k = rotate(q, rotary, seq), rotate(k, rotary, seq)
+        weights, out = attention(
+            q, k, v, lengths=lengths, causal=arch.causal, scale=arch.scale,
+            window=arch.window(index), softcap=arch.softcap, slopes=arch.alibi_slopes(),
+        )  # fmt: skip
         all_weights.append(weights.astype(np.float64))
         a = out.astype(np.float64).transpose(0, 2, 1, 3).reshape(batch, seq, -1)
         a = a @ layer.wo + layer.bo

@@ -37,12 +37,14 @@ into it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .arch import ACTIVATION_CODES, Arch
 from .condition import plain
 from .effects import InputEffects, effects_of, no_effect
+from .kernels.attention import Logits
 from .kernels.means import position_sums
 from .names import METRICS
 from .plan import DatasetMeans, Plan, means_from_sums, position_counts
@@ -279,7 +281,7 @@ class _Taps:
         self.values["v"][b, i, :, :n] = ops.to_host(v[:: self.group])
 
 
-def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, given, taps):
+def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, layers, given, taps):
     """Every condition's forward pass of input ``b`` (token ids ``ids``), into ``out``."""
     n = ids.shape[0]
     if n == 0:  # no tokens: empty maps, metrics 0 and no top key (as initialised)
@@ -288,7 +290,7 @@ def _one_input(ops, model: Weights, plan: Plan, ids, b, out: _Outputs, rope, giv
     stack = 1 + max(len(members) for _, members in chunks)
     buf = _Input(model, ops, n, out.seq, stack, out.maps is not None)
     try:
-        _Pass(ops, model, plan, b, n, out, rope, buf, given, taps).run(ids, chunks)
+        _Pass(ops, model, plan, b, n, out, layers, buf, given, taps).run(ids, chunks)
     except BaseException:
         buf.scratch.abort()  # no copy may still write into buffers about to be freed
         raise
@@ -305,14 +307,14 @@ class _Pass:
     (dataset, zero, resample), else None; ``taps``: a :class:`_Taps` or None.
     """
 
-    def __init__(self, ops, model: Weights, plan: Plan, b, n, out: _Outputs, rope,
+    def __init__(self, ops, model: Weights, plan: Plan, b, n, out: _Outputs, layers,
                  buf: _Input, given, taps):  # fmt: skip
         self.ops, self.model, self.plan, self.b, self.n = ops, model, plan, b, n
-        self.out, self.rope, self.buf, self.given, self.taps = out, rope, buf, given, taps
+        self.out, self.layers, self.buf, self.given, self.taps = out, layers, buf, given, taps
         arch = model.arch
         self.arch, self.heads = arch, arch.n_heads
         self.post, self.parallel = arch.placement == "post", arch.placement == "parallel"
-        self.scale = 1.0 / np.sqrt(arch.head_dim)
+        self.scale = arch.scale
         self.reused = []  # (condition, layer) whose weights are the baseline's
         self.members = (0,)  # per stacked copy: its condition (None: an unrecorded baseline)
         self.snapshots = {}  # layer: the baseline's rows there, for the later chunks
@@ -425,9 +427,10 @@ class _Pass:
         if layer.q_norm is not None:
             ops.head_norm(q, layer.q_norm, float(arch.norm.eps), buf.zero_head)
             ops.head_norm(k, layer.k_norm, float(arch.norm.eps), buf.zero_head)
-        if self.rope is not None:
-            ops.rotary(q, *self.rope)
-            ops.rotary(k, *self.rope)
+        rope = self.layers[index].rope
+        if rope is not None:
+            ops.rotary(q, *rope)
+            ops.rotary(k, *rope)
         return q, k, v, modes
 
     def _attention(self, index, live, rows, pairs, q, k, v, modes):
@@ -443,7 +446,8 @@ class _Pass:
             part = slice(c * heads, (c + 1) * heads)
             recorded = member is not None
             ops.attention_one(
-                q[part], k[part], v[part], modes[c], arch.causal, self.scale, c,
+                q[part], k[part], v[part], modes[c], arch.causal, self.scale,
+                self.layers[index].logits, c,
                 self.out.map(member, self.b, index) if recorded else None, buf.o[part],
                 buf.scratch, not reuse,
                 self.out.reduced(member, self.b, index) if recorded else self.spare,
@@ -557,18 +561,41 @@ def _check_layer_numbers(model: Weights, layers):
         raise ValueError(f"layer {bad[0]} is out of range for {model.n_layers} layers")
 
 
+class _LayerAttention(NamedTuple):
+    """What one layer's attention needs besides Q, K, V: its rotary tables ``(cos, sin,
+    interleaved)`` where the backend computes (None without rotary) and its logits
+    (:class:`~qkvmean.engine.kernels.attention.Logits`: window, soft-cap, ALiBi)."""
+
+    rope: tuple | None
+    logits: Logits
+
+
+def _layer_attention(ops, arch: Arch, n_layers, n):
+    """Every layer's :class:`_LayerAttention` for inputs of up to ``n`` tokens (one set of
+    rotary tables per distinct embedding: global and local)."""
+    tables = {}
+    slopes = arch.alibi_slopes()
+    found = []
+    for index in range(n_layers):
+        rotary = arch.rotary_of(index)
+        if rotary is not None and rotary not in tables:
+            cos, sin = rotary.tables(max(n, 1))
+            tables[rotary] = (ops.xp.asarray(cos), ops.xp.asarray(sin), rotary.interleaved)
+        logits = Logits(int(arch.window(index)), float(arch.softcap), slopes)
+        found.append(_LayerAttention(tables.get(rotary), logits))
+    return found
+
+
 def _run_inputs(ops, model: Weights, plan: Plan, ids, lengths, out: _Outputs, given, taps):
     """Each input's forward pass, one task per input."""
-    n = ids.shape[1]
-    rotary = model.arch.rotary
-    rope = None
-    if rotary is not None:
-        rope = (*map(ops.xp.asarray, rotary.tables(max(n, 1))), rotary.interleaved)
+    layers = _layer_attention(ops, model.arch, model.n_layers, ids.shape[1])
     inputs = [np.ascontiguousarray(ids[b, : lengths[b]]) for b in range(ids.shape[0])]
     here = ops.upload(model)  # the weights where the backend computes
     ops.run_inputs(
         [
-            lambda ops_b, b=b: _one_input(ops_b, here, plan, inputs[b], b, out, rope, given, taps)
+            lambda ops_b, b=b: _one_input(
+                ops_b, here, plan, inputs[b], b, out, layers, given, taps
+            )
             for b in range(ids.shape[0])
         ]
     )

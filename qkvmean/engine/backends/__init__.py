@@ -86,8 +86,8 @@ class Backend(Protocol):
     def rotary(self, x, cos, sin, interleaved=False): ...
     def substitute(self, x, length, n_heads, select, window, acc, means=None): ...
     def InputScratch(self, n_heads, n, seq, stack, maps): ...  # with finish(), abort()
-    def attention_one(self, q, k, v, modes, causal, scale, c, w, o, scratch, metrics,
-                      reduced): ...  # fmt: skip
+    def attention_one(self, q, k, v, modes, causal, scale, logits, c, w, o, scratch,
+                      metrics, reduced): ...  # fmt: skip
     def check_finite(self, x): ...
 
 

@@ -14,7 +14,7 @@ from ... import config
 from ..arch import activation_parts
 from ..kernels import blas
 from ..kernels.activations import bias_activation_kernel, bias_activation_serial
-from ..kernels.attention import BLOCK, attention_kernel, attention_serial
+from ..kernels.attention import BLOCK, attention_kernel, attention_serial, plain
 from ..kernels.finite import scan_finite
 from ..kernels.heads import (
     merge_heads_kernel,
@@ -109,8 +109,8 @@ def attention(
     gemm = blas.gemm(q.dtype)
     with config.kernel_guard(), config.blas_single_thread():
         attention_kernel(
-            gemm, q, k, v, lengths, group, modes, causal, q.dtype.type(scale), row_block, w, o,
-            with_output, mx, scratch,
+            gemm, q, k, v, lengths, group, modes, causal, q.dtype.type(scale), plain(q.dtype),
+            row_block, w, o, with_output, mx, scratch,
         )  # fmt: skip
     rows = (mx.row_ent, mx.row_kl, mx.colsum) if metrics else None
     return w, (o if with_output else None), rows
@@ -245,7 +245,9 @@ class ModelOps:
     def rotary(self, x, cos, sin, interleaved=False):
         self.k.rotary(x, cos, sin, bool(interleaved))
 
-    def attention_one(self, q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
+    def attention_one(
+        self, q, k, v, modes, causal, scale, logits, c, w, o, scratch, metrics, reduced
+    ):  # fmt: skip
         """Condition ``c``'s attention for every head of one input (``c = 0``: the
         baseline, which the KL of the later conditions of the same layer reads).
 
@@ -274,7 +276,7 @@ class ModelOps:
             scratch.colsum,
             min(n, COL_BLOCK),
         )
-        args = (q, k, v, scratch.length, heads, modes, causal, np.float32(scale))
+        args = (q, k, v, scratch.length, heads, modes, causal, np.float32(scale), logits)
         if self.k.parallel:  # whole heads per task, or blocks of rows (see attention())
             row_block = _auto_row_block(heads, n)
             self.k.attention(

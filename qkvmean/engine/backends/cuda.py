@@ -53,6 +53,7 @@ from ..arch import activation_parts
 from ..kernels.finite import scan_finite
 from ..kernels.means import position_sums as _host_position_sums
 from ..kernels.rows import (
+    key_range,
     merge_heads_row,
     norm_row,
     reduce_pair,
@@ -286,12 +287,15 @@ class _Link:
 
 @cuda.jit
 def _softmax_kernel(
-    w, lengths, group, offset, modes, causal, scale, metrics, with_kl, base, base_ent,
-    row_ent, row_kl,
+    w, lengths, group, offset, modes, causal, scale, window, softcap, slopes, metrics, with_kl,
+    base, base_ent, row_ent, row_kl,
 ):  # fmt: skip
     """In place, the scores ``w`` (``q·kᵀ``, unscaled) of pairs ``offset + bg`` become the
     masked softmax weights; with ``metrics``, the row entropies (and the KL from ``base``,
-    the baseline's weights, with ``with_kl``). One block per row ``(bg, i)``: the threads
+    the baseline's weights, with ``with_kl``); ``window``, ``softcap`` and ``slopes`` as
+    :class:`~qkvmean.engine.kernels.attention.Logits` has them (the keys ``jmin <= j <
+    jmax`` of :func:`~qkvmean.engine.kernels.attention.key_range`; ALiBi's ``slope * j``,
+    then the cap). One block per row ``(bg, i)``: the threads
     stride over the keys and combine their maximum, then their four sums, in shared
     memory (written out here, not in device functions: the simulator's barriers are only
     sound in the kernel itself).
@@ -315,13 +319,18 @@ def _softmax_kernel(
             row_ent[bg, i] = 0.0
             row_kl[bg, i] = 0.0
         return
-    jmax = i + 1 if causal else n  # allowed keys: j < jmax
-    uniform = modes[pair % group] == MODE_UNIFORM
+    jmin, jmax = key_range(i, n, causal, window)  # allowed keys: jmin <= j < jmax
+    slope = slopes[pair % group] if slopes.shape[0] else 0.0
+    uniform = modes[pair % group] == MODE_UNIFORM and window == 0 and slope == 0.0
     top = 0.0
+    for j in range(lane, jmin, ROW_THREADS):
+        w[bg, i, j] = 0.0
     if not uniform:
         top = -math.inf
-        for j in range(lane, jmax, ROW_THREADS):
-            s = w[bg, i, j] * scale
+        for j in range(jmin + lane, jmax, ROW_THREADS):
+            s = w[bg, i, j] * scale + slope * j
+            if softcap > 0.0:
+                s = softcap * math.tanh(s / softcap)
             w[bg, i, j] = s
             top = max(top, s)
         red[0, lane] = top
@@ -338,7 +347,7 @@ def _softmax_kernel(
     sad = 0.0  # sum p d
     spd = 0.0  # sum base d
     sp = 0.0  # sum base
-    for j in range(lane, jmax, ROW_THREADS):
+    for j in range(jmin + lane, jmax, ROW_THREADS):
         if uniform:  # identical keys: d = 0 and p = 1
             w[bg, i, j] = 1.0
             total += 1.0
@@ -365,7 +374,7 @@ def _softmax_kernel(
         cuda.syncthreads()
         step //= 2
     total = red[0, 0]
-    for j in range(lane, jmax, ROW_THREADS):
+    for j in range(jmin + lane, jmax, ROW_THREADS):
         w[bg, i, j] = w[bg, i, j] / total
     for j in range(jmax + lane, n_rows, ROW_THREADS):
         w[bg, i, j] = 0.0
@@ -516,7 +525,9 @@ def _softmax(w, lengths, group, offset, modes, causal, scale, base, rows):
     row_kl = rows.row_kl[offset:stop] if metrics else none
     _launch(_softmax_kernel, n_pairs * n_rows, ROW_THREADS)(
         w, lengths, np.int64(group), np.int64(offset), modes, bool(causal),
-        w.dtype.type(scale), metrics, with_kl, base.weights[offset:stop] if with_kl else w,
+        w.dtype.type(scale), np.int64(0), 0.0, constant(np.zeros(0, np.float32)), metrics,
+        with_kl,
+        base.weights[offset:stop] if with_kl else w,
         base.row_ent[offset:stop] if with_kl else row_ent, row_ent, row_kl,
     )  # fmt: skip
 
@@ -753,7 +764,7 @@ class InputScratch:
         self.link.abort()
 
 
-def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, reduced):
+def attention_one(q, k, v, modes, causal, scale, logits, c, w, o, scratch, metrics, reduced):
     """See :func:`qkvmean.engine.backends.cpu.attention_one`; the maps and metrics are
     queued to go back (they are in ``w`` and ``reduced`` after ``scratch.finish()``)."""
     heads, n = q.shape[0], scratch.n
@@ -764,7 +775,8 @@ def attention_one(q, k, v, modes, causal, scale, c, w, o, scratch, metrics, redu
     with_kl = c > 0
     _launch(_softmax_kernel, heads * n, ROW_THREADS)(
         dev, scratch.length, np.int64(heads), np.int64(0), constant(modes), bool(causal),
-        np.float32(scale), bool(metrics), with_kl,
+        np.float32(scale), np.int64(logits.window), float(logits.softcap),
+        constant(np.asarray(logits.slopes, np.float32)), bool(metrics), with_kl,
         scratch.w[slot - c] if with_kl else dev, scratch.base_ent,
         scratch.row_ent if with_kl else scratch.base_ent, scratch.row_kl,
     )  # fmt: skip

@@ -20,12 +20,16 @@ layout, so every product, and so every bit, is the same however the rows are sha
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 from numba import get_thread_id, njit, prange
 
 from .. import jit
-from ..modes import MODE_SHARED_ROW, MODE_UNIFORM
+from ..modes import MODE_GENERAL, MODE_SHARED_ROW, MODE_UNIFORM
 from .blas import NO_TRANS, ROW_MAJOR, TRANS
 from .metrics import kl_sums, record_row
+from .rows import key_range
 from .softmax import softmax_row, uniform_row
 
 #: Query rows per block: per product, and per task where a pair is split among threads.
@@ -33,6 +37,32 @@ from .softmax import softmax_row, uniform_row
 #: through the softmax to the output product (64 and 256 rows measured no better, and
 #: fewer rows per product repack the keys more often).
 BLOCK = 128
+
+
+class Logits(NamedTuple):
+    """How a layer's scores become logits, and which keys each query sees (the kernels
+    take it as one argument; :func:`plain` is the default: none of it)."""
+
+    window: int  # 0: every key; W: the last W when causal (i - W < j <= i), else |i - j| <= W // 2
+    softcap: float  # 0: none; c: logits c * tanh(s / c)
+    slopes: np.ndarray  # (group,) ALiBi: slope_h * j added to head h's scores; empty: none
+
+
+def plain(dtype=np.float32) -> Logits:
+    """Scores as they are, every key (up to the query, when causal)."""
+    return Logits(0, 0.0, np.zeros(0, dtype))
+
+
+@njit(**jit.HOT)
+def _shape_row(row, jmin, jmax, slope, softcap):
+    """In place, the scores ``row[jmin:jmax]`` as logits: ALiBi's ``slope * j`` added,
+    then ``softcap * tanh(s / softcap)``."""
+    if slope != 0.0:
+        for j in range(jmin, jmax):
+            row[j] += slope * j
+    if softcap > 0.0:
+        for j in range(jmin, jmax):
+            row[j] = softcap * np.tanh(row[j] / softcap)
 
 
 @njit(**jit.HOT)
@@ -64,14 +94,21 @@ def _outputs(gemm, w, v, o, bg, i, rows, keys):
 
 @njit(**jit.HOT)
 def _attention_block(
-    gemm, q, k, v, n, mode, causal, scale, w, o, with_output, bg, i0, i1, mx, scratch
+    gemm, q, k, v, n, mode, causal, scale, lg, slope, w, o, with_output, bg, i0, i1, mx,
+    scratch,
 ):  # fmt: skip
     """Serial worker: weights (and outputs, metrics) of query rows ``i0:i1`` of pair ``bg``.
 
     ``scratch`` is this thread's row of logits, kept for the rows that
-    ``MODE_SHARED_ROW`` copies.
+    ``MODE_SHARED_ROW`` copies. ``lg`` (:class:`Logits`) and ``slope`` (this pair's ALiBi
+    slope): the logits and windows; rows then differ by position, so the fast paths,
+    which assume they do not, give way to the general one.
     """
     n_keys = w.shape[2]
+    window = lg.window
+    shaped = slope != 0.0 or lg.softcap > 0.0
+    if window > 0 or slope != 0.0:
+        mode = MODE_GENERAL
     p_row = mx.base[0, 0]  # zeros, unless there is a baseline (below)
     col_block = mx.col_block
     if mx.with_metrics:  # this task's column-sum blocks (whole ones: see attention())
@@ -92,7 +129,7 @@ def _attention_block(
             _scores(gemm, q, k, w, bg, i, rows, keys, scale)
         for r in range(rows):
             row = w[bg, i + r]
-            jmax = min(n, i + r + 1) if causal else n
+            jmin, jmax = key_range(i + r, n, causal, window)
             if mx.with_kl:
                 p_row = mx.base[bg, i + r]
             if mode == MODE_SHARED_ROW and first >= 0:
@@ -104,9 +141,13 @@ def _attention_block(
             elif mode == MODE_UNIFORM:
                 entropy, spd, sp, log_z = uniform_row(row, jmax, n_keys, mx.with_kl, p_row)
             else:
+                if shaped:
+                    _shape_row(row, jmin, jmax, slope, lg.softcap)
+                for j in range(jmin):  # (only with a window: jmin is 0 otherwise)
+                    row[j] = 0.0
                 logits = scratch if mode == MODE_SHARED_ROW else scratch[:0]
                 entropy, spd, sp, log_z = softmax_row(
-                    row, jmax, n_keys, mx.with_metrics, p_row, logits
+                    row[jmin:], jmax - jmin, n_keys - jmin, mx.with_metrics, p_row[jmin:], logits
                 )
                 if mode == MODE_SHARED_ROW:
                     first = i + r
@@ -128,7 +169,7 @@ def _attention_block(
 
 @njit(**jit.HOT)
 def _attention_task(
-    gemm, task, n_blocks, row_block, q, k, v, lengths, group, modes, causal, scale, w, o,
+    gemm, task, n_blocks, row_block, q, k, v, lengths, group, modes, causal, scale, lg, w, o,
     with_output, mx, scratch,
 ):  # fmt: skip
     """One task of :func:`attention_kernel`: rows ``blk * row_block`` on of one pair."""
@@ -136,15 +177,16 @@ def _attention_task(
     blk = task - bg * n_blocks
     i0 = blk * row_block
     i1 = min(i0 + row_block, q.shape[1])
+    slope = lg.slopes[bg % group] if lg.slopes.shape[0] else 0.0
     _attention_block(
-        gemm, q, k, v, lengths[bg // group], modes[bg % group], causal, scale, w, o,
-        with_output, bg, i0, i1, mx, scratch,
+        gemm, q, k, v, lengths[bg // group], modes[bg % group], causal, scale, lg, slope, w,
+        o, with_output, bg, i0, i1, mx, scratch,
     )  # fmt: skip
 
 
 @njit(parallel=True, **jit.HOT)
 def attention_kernel(
-    gemm, q, k, v, lengths, group, modes, causal, scale, row_block, w, o, with_output, mx,
+    gemm, q, k, v, lengths, group, modes, causal, scale, lg, row_block, w, o, with_output, mx,
     scratch,
 ):  # fmt: skip
     """Parallel driver: one task per ``(pair, block of row_block query rows)``, each with
@@ -154,19 +196,19 @@ def attention_kernel(
     for task in prange(q.shape[0] * n_blocks):
         _attention_task(
             gemm, task, n_blocks, row_block, q, k, v, lengths, group, modes, causal, scale,
-            w, o, with_output, mx, scratch[get_thread_id()],
+            lg, w, o, with_output, mx, scratch[get_thread_id()],
         )  # fmt: skip
 
 
 @njit(**jit.HOT)
 def attention_serial(
-    gemm, q, k, v, lengths, group, modes, causal, scale, w, o, with_output, mx, scratch
+    gemm, q, k, v, lengths, group, modes, causal, scale, lg, w, o, with_output, mx, scratch
 ):  # fmt: skip
     """Serial driver: whole pairs in order, on the calling thread (the model path, which
     runs one input per task of its own pool): the same blocks, so the same bits, as
     :func:`attention_kernel`."""
     for task in range(q.shape[0]):
         _attention_task(
-            gemm, task, 1, q.shape[1], q, k, v, lengths, group, modes, causal, scale, w, o,
-            with_output, mx, scratch,
+            gemm, task, 1, q.shape[1], q, k, v, lengths, group, modes, causal, scale, lg, w,
+            o, with_output, mx, scratch,
         )  # fmt: skip

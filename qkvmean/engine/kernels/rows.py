@@ -103,6 +103,20 @@ def merge_heads_row(r, o, n_heads, ctx):
 
 
 @register_jitable
+def key_range(i, n, causal, window):
+    """``(jmin, jmax)``: the keys ``jmin <= j < jmax`` that query ``i`` (of ``n``) sees:
+    with ``window`` W > 0, the last W up to ``i`` when ``causal``, else those within
+    ``W // 2`` of ``i`` on either side (shared with the CUDA backend)."""
+    if causal:
+        hi = min(n, i + 1)
+        return (max(0, hi - window) if window > 0 else 0), hi
+    if window > 0:
+        half = window // 2
+        return max(0, i - half), min(n, i + half + 1)
+    return 0, n
+
+
+@register_jitable
 def rotary_vector(x, p, t, cos, sin, interleaved):
     """In place, the rotary embedding of vector ``x[p, t]`` (see :func:`rotary_serial`;
     shared with the CUDA backend): dimension ``i`` of the rotated ones pairs with ``i +
