@@ -329,11 +329,14 @@ LAYOUT_TOKENS = {
     "gptj": ((), None, None),
     "stablelm": ((), None, None),
     "gemma": (("<pad>", "<eos>", "<bos>"), "<bos>", None),
+    "gemma2": (("<pad>", "<eos>", "<bos>"), "<bos>", None),
+    "gemma3": (("<pad>", "<eos>", "<bos>"), "<bos>", None),
+    "bloom": (("<unk>", "<s>", "</s>", "<pad>"), None, None),
 }
 LAYOUTS = Path(__file__).parent / "data" / "family_layouts.json"
 #: Families whose RMSNorm weights are stored as ``gamma - 1`` (applied as ``1 + weight``):
 #: their random norm weights are about 0, as in real checkpoints.
-NORMS_AS_OFFSET = ("gemma",)
+NORMS_AS_OFFSET = ("gemma", "gemma2", "gemma3")
 
 
 def _is_norm_weight(name):

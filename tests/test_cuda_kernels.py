@@ -306,12 +306,15 @@ def small_families(tmp_path_factory):
     from qkvmean.io.models import load_model
 
     root = tmp_path_factory.mktemp("cuda_families")
-    # GQA + llama3 rope + SwiGLU; q/k norm; partial rotary, parallel residual
-    names = ("llama", "qwen3", "gpt_neox")
+    # GQA + llama3 rope + SwiGLU; q/k norm; partial rotary, parallel residual; soft-caps,
+    # sliding windows, output norms; local rotary; ALiBi; interleaved rotary
+    names = ("llama", "qwen3", "gpt_neox", "gemma2", "gemma3", "bloom", "gptj")
     return {n: load_model(str(write_family_dir(n, root / n))) for n in names}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox"])
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen3", "gpt_neox", "gemma2", "gemma3", "bloom", "gptj"]
+)
 def test_decoder_families_agree_across_devices(small_families, family):
     from qkvmean.engine.transformer import model_conditions
 

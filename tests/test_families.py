@@ -137,6 +137,26 @@ def test_an_input_alone_on_every_thread_has_its_bits_in_a_batch(loaded, name):
         np.testing.assert_array_equal(alone.effects[effect][:, :1], values[:, :1])
 
 
+def test_a_sliding_window_gives_zero_weight_beyond_it(loaded):
+    """Gemma 2/3's sliding layers: a query's weights on keys W or more tokens back are
+    exactly 0 (and its window's sum to 1); the global layers see every earlier key."""
+    for name in ("gemma2", "gemma3"):
+        model = loaded[name]
+        arch = model.weights.arch
+        ids = np.array(model.tokenizer.encode("a model reads every word").ids)
+        n = len(ids)
+        got = T.model_conditions(model.weights, ids[None], [n], ablate_layers=(1,))
+        assert any(arch.windows) and not all(arch.windows) and n > 2 * max(arch.windows)
+        i, j = np.indices((n, n))
+        for layer, window in enumerate(arch.windows):
+            for cond in CONDITIONS:
+                w = got.weights[cond][0, layer]
+                seen = (j <= i) & (j > i - window) if window else j <= i
+                assert np.all(w[:, ~seen] == 0.0), (name, layer, cond)
+                assert np.all(w[:, seen] > 0.0), (name, layer, cond)
+                np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+
+
 def test_gqa_substitution_is_per_query_head(loaded):
     """K of query head 0 replaced: head 1, which shares its KV head, keeps the baseline's
     map at the substituted layer; selecting both heads of the group equals the whole-KV-

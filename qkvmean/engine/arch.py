@@ -13,7 +13,8 @@ The pieces:
   here; Gemma-style checkpoints store ``gamma - 1`` and use offset 1).
 - **placement**: ``post`` (BERT: ``h = N1(h + attn(h))``, ``h = N2(h + mlp(h))``), ``pre``
   (GPT-2, Llama: ``h += attn(N1(h))``, ``h += mlp(N2(h))``, a final norm) or ``parallel``
-  (GPT-NeoX: ``h += attn(N1(h)) + mlp(N2(h))``, both from the same ``h``).
+  (GPT-NeoX: ``h += attn(N1(h)) + mlp(N2(h))``, both from the same ``h``); pre with
+  ``output_norms`` (Gemma 2/3): ``h += N3(attn(N1(h)))``, ``h += N4(mlp(N2(h)))``.
 - **activation**: ``gelu`` (exact, erf), ``gelu_tanh`` (GPT-2's ``gelu_new``), ``silu``
   or ``relu`` (OPT), each also gated: ``silu_gated`` (SwiGLU: ``silu(gate(x)) * up(x)``),
   ``gelu_tanh_gated`` (Gemma's GeGLU), ``gelu_gated`` (ModernBERT's).
@@ -145,6 +146,7 @@ class Arch:
     softcap: float = 0.0  # attention logits c * tanh(s / c) (Gemma 2); 0: none
     final_softcap: float = 0.0  # the output logits likewise (Gemma 2); 0: none
     query_scale: float = 0.0  # the scores' scale; 0: 1 / sqrt(head_dim)
+    output_norms: bool = False  # pre-norm, and each sublayer's output normed (Gemma 2/3)
 
     def __post_init__(self):
         _choice(self.placement, PLACEMENTS, "norm placement")
@@ -154,6 +156,8 @@ class Arch:
             raise ValueError(
                 f"{self.n_heads} query heads cannot share {self.n_kv_heads} key/value heads equally"
             )
+        if self.output_norms and self.placement != "pre":
+            raise ValueError("output norms are supported in the pre-norm placement only")
         if (self.positions == "rotary") != (self.rotary is not None):
             raise ValueError("rotary positions need a Rotary description, and only they")
         for rotary in (self.rotary, self.local_rotary):
@@ -239,6 +243,8 @@ class Arch:
                 out[name] = getattr(self, name)
         if any(self.windows):
             out["windows"] = list(self.windows)
+        if self.output_norms:
+            out["output_norms"] = True
         if self.local_rotary is not None:
             r = self.local_rotary
             out["local_rotary"] = {"theta": r.theta, "dim": r.dim, "scaling": r.scaling}

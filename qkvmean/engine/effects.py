@@ -213,9 +213,15 @@ def host_matmul(a, b, out):
 
 
 def _logits(model, h, matmul):
-    """``h @ W_U^T`` (+ the head's bias), float32 ``(n, V)``."""
+    """``h @ W_U^T`` (+ the head's bias), float32 ``(n, V)``; soft-capped as ``c tanh(z /
+    c)`` where the family caps its output logits (Gemma 2)."""
     z = np.empty((h.shape[0], model.unembed.shape[0]), np.float32)
     matmul(np.ascontiguousarray(h), model.unembed.T, z)
     if model.unembed_bias is not None:
         z += model.unembed_bias
+    cap = model.arch.final_softcap
+    if cap:
+        z /= np.float32(cap)
+        np.tanh(z, out=z)
+        z *= np.float32(cap)
     return z

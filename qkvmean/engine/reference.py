@@ -83,9 +83,7 @@ def attention_weights(q, k, *, lengths=None, causal=False, scale=None, **logits)
     """The weights; ``logits``: ``window``, ``softcap``, ``slopes`` as
     :func:`log_attention_weights` takes them."""
     dtype = _result_dtype(q, k)
-    log_weights = log_attention_weights(
-        q, k, lengths=lengths, causal=causal, scale=scale, **logits
-    )
+    log_weights = log_attention_weights(q, k, lengths=lengths, causal=causal, scale=scale, **logits)
     return np.exp(log_weights).astype(dtype)  # exp(-inf) = 0 where not allowed
 
 
@@ -433,6 +431,9 @@ def transformer_forward(
             h = n(layer.norm2, h + mlp(h))
         elif arch.placement == "parallel":
             h = h + a + mlp(n(layer.norm2, h))
+        elif layer.norm3 is not None:  # norms of the sublayers' outputs too (Gemma 2/3)
+            h = h + n(layer.norm3, a)
+            h = h + n(layer.norm4, mlp(n(layer.norm2, h)))
         else:
             h = h + a
             h = h + mlp(n(layer.norm2, h))
@@ -459,6 +460,8 @@ def output_effects(model, hidden, ids, lengths):
         z = h @ model.unembed.astype(np.float64).T
         if model.unembed_bias is not None:
             z = z + model.unembed_bias
+        if model.arch.final_softcap:
+            z = model.arch.final_softcap * np.tanh(z / model.arch.final_softcap)
         z = z - z.max(axis=-1, keepdims=True)
         return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 

@@ -69,6 +69,10 @@ class Layer:
     norm2: tuple  # the MLP's norm (before it; post-norm: after it)
     q_norm: np.ndarray | None = None  # (dh,) RMSNorm weight of each query vector
     k_norm: np.ndarray | None = None
+    #: the norms of the attention's and the MLP's outputs before the residual adds them
+    #: (Gemma 2/3's post_attention / post_feedforward norms: Arch.output_norms)
+    norm3: tuple | None = None
+    norm4: tuple | None = None
 
 
 @dataclass
@@ -121,6 +125,12 @@ class Weights:
             if a.qk_norm:
                 got |= {"q_norm": np.shape(layer.q_norm), "k_norm": np.shape(layer.k_norm)}
                 want |= {"q_norm": (dh,), "k_norm": (dh,)}
+            if a.output_norms:
+                for j in (3, 4):
+                    pair = getattr(layer, f"norm{j}")
+                    for k in (0, 1):
+                        got[f"norm{j}[{k}]"] = np.shape(pair[k]) if pair is not None else ()
+                        want[f"norm{j}[{k}]"] = (d,)
             for name, shape in want.items():
                 if tuple(got[name]) != shape:
                     raise ValueError(
@@ -479,6 +489,12 @@ class _Pass:
             _mlp(ops, model, layer, buf, rows, buf.y[:rows], buf.a2[:rows])
             ops.add(a, buf.a2[:rows], a)
             bias = layer.bo + layer.b2
+        elif layer.norm3 is not None:  # h += N3(a + bo); x = N2(h); h += N4(mlp(x) + b2)
+            ops.add_norm(a, layer.bo, None, norm(layer.norm3), a)
+            ops.add_norm(a, buf.zero, h, norm(layer.norm2), x, store_sum=True)
+            _mlp(ops, model, layer, buf, rows, x, a)
+            ops.add_norm(a, layer.b2, None, norm(layer.norm4), a)
+            bias = buf.zero
         else:  # h += a + bo; x = N2(h); h += mlp(x) + b2
             ops.add_norm(a, layer.bo, h, norm(layer.norm2), x, store_sum=True)
             _mlp(ops, model, layer, buf, rows, x, a)
@@ -593,9 +609,7 @@ def _run_inputs(ops, model: Weights, plan: Plan, ids, lengths, out: _Outputs, gi
     here = ops.upload(model)  # the weights where the backend computes
     ops.run_inputs(
         [
-            lambda ops_b, b=b: _one_input(
-                ops_b, here, plan, inputs[b], b, out, layers, given, taps
-            )
+            lambda ops_b, b=b: _one_input(ops_b, here, plan, inputs[b], b, out, layers, given, taps)
             for b in range(ids.shape[0])
         ]
     )

@@ -1054,25 +1054,91 @@ def _stablelm(cfg, tensors, path) -> Weights:
 #: Gemma's activations: ``hidden_activation`` (else the older ``hidden_act``, which
 #: transformers overrides with the tanh GELU): GeGLU.
 GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh_gated", "gelu": "gelu_tanh_gated"}
+#: Gemma 3's sliding and global layers: every ``_sliding_window_pattern``-th is global.
+GEMMA3_PATTERN = 6
 
 
-@family("gemma", names="Gemma")
+def _positive(cfg, key, path):
+    """A positive number from config.json, or 0.0 where it is absent or null."""
+    value = cfg.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InputError(f"{path}/config.json: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _gemma_windows(cfg, path, n_layers, family_name):
+    """Each layer's sliding window (0: global), from ``layer_types`` (transformers 5), else
+    the family's rule: Gemma 2 alternates from a sliding first layer, Gemma 3 has one
+    global layer in every ``sliding_window_pattern``."""
+    if family_name == "gemma":
+        return ()
+    window = _int(cfg, "sliding_window", path, 4096)
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern = cfg.get("sliding_window_pattern", GEMMA3_PATTERN)
+        pattern = 2 if family_name == "gemma2" else pattern
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                 for i in range(n_layers)]  # fmt: skip
+    if (
+        not isinstance(types, list)
+        or len(types) != n_layers
+        or not set(types) <= {"sliding_attention", "full_attention"}
+    ):
+        raise InputError(
+            f"{path}/config.json: layer_types must list 'sliding_attention' or "
+            f"'full_attention' for each of the {n_layers} layers"
+        )
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
+
+
+def _gemma_rotaries(cfg, path, dh, family_name):
+    """``(global, local)`` rotary embeddings: Gemma 3's sliding layers turn at their own
+    base (``rope_parameters.sliding_attention``, or the older ``rope_local_base_freq``)."""
+    params = cfg.get("rope_parameters")
+    if family_name != "gemma3_text":
+        return _rotary(cfg, path, dh), None
+    if isinstance(params, dict) and "full_attention" in params:
+        full, local = params.get("full_attention"), params.get("sliding_attention")
+        return (_rotary({"rope_parameters": full}, path, dh),
+                _rotary({"rope_parameters": local}, path, dh))  # fmt: skip
+    local = Rotary(theta=_number(cfg, "rope_local_base_freq", path, 10000.0), dim=dh)
+    return _rotary(cfg, path, dh), local
+
+
+@family("gemma", "gemma2", "gemma3_text", names={
+    "gemma": "Gemma", "gemma2": "Gemma 2 (Gemma Scope's)", "gemma3_text": "Gemma 3 (text)",
+})  # fmt: skip
 def _gemma(cfg, tensors, path) -> Weights:
-    """Gemma: a Llama-style block with GeGLU, RMSNorms stored as ``weight - 1`` (offset 1),
-    embeddings scaled by ``sqrt(hidden_size)`` and tied to the head."""
+    """Gemma 1, 2 and 3 (text): a Llama-style block with GeGLU, RMSNorms stored as
+    ``weight - 1`` (offset 1), embeddings scaled by ``sqrt(hidden_size)`` and tied to the
+    head. Gemma 2 and 3 add norms of each sublayer's output, sliding-window layers between
+    global ones, a query scale (``query_pre_attn_scalar``); Gemma 2 soft-caps the
+    attention and output logits; Gemma 3 norms queries and keys and gives its sliding
+    layers their own rotary base."""
+    family_name = cfg["model_type"]
+    later = family_name != "gemma"
     d, heads, n_layers, d_ff = _sizes(cfg, path)
     kv_heads = _int(cfg, "num_key_value_heads", path, heads)
     dh = _head_dim(cfg, path, d, heads)
     key = "hidden_activation" if cfg.get("hidden_activation") else "hidden_act"
-    act = _choice(cfg, key, "gelu_pytorch_tanh", GEMMA_ACTIVATIONS, path, "gemma")
+    act = _choice(cfg, key, "gelu_pytorch_tanh", GEMMA_ACTIVATIONS, path, family_name)
     if cfg.get("use_bidirectional_attention"):
         raise InputError(f"{path}/config.json: use_bidirectional_attention is not supported")
+    rotary, local = _gemma_rotaries(cfg, path, dh, family_name)
+    qk_norm = family_name == "gemma3_text"
     arch = _arch(
-        path, family="gemma", causal=True, placement="pre",
+        path, family=family_name, causal=True, placement="pre",
         norm=Norm("rms", _eps(cfg, "rms_norm_eps", 1e-6, path), offset=1.0), activation=act,
         n_heads=heads, n_kv_heads=kv_heads, head_dim=dh, positions="rotary",
-        rotary=_rotary(cfg, path, dh), final_norm=True,
+        rotary=rotary, local_rotary=local, qk_norm=qk_norm, final_norm=True,
         embedding_scale=float(np.float32(d) ** np.float32(0.5)),
+        windows=_gemma_windows(cfg, path, n_layers, family_name),
+        softcap=_positive(cfg, "attn_logit_softcapping", path) if later else 0.0,
+        final_softcap=_positive(cfg, "final_logit_softcapping", path) if later else 0.0,
+        query_scale=_positive(cfg, "query_pre_attn_scalar", path) ** -0.5 if later else 0.0,
+        output_norms=later,
     )  # fmt: skip
     bias = _flag(cfg, "attention_bias", path)
     t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
@@ -1082,18 +1148,28 @@ def _gemma(cfg, tensors, path) -> Weights:
         p = f"layers.{i}"
         gate = r.linear(f"{p}.mlp.gate_proj", d, d_ff, bias=False)
         up = r.linear(f"{p}.mlp.up_proj", d, d_ff, bias=False)
-        layers.append(
-            _layer(
-                r.linear(f"{p}.self_attn.q_proj", d, heads * dh, bias),
-                r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, bias),
-                r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, bias),
-                r.linear(f"{p}.self_attn.o_proj", heads * dh, d, bias),
-                r.norm(f"{p}.input_layernorm", d, bias=False),
-                _fuse(gate, up),
-                r.linear(f"{p}.mlp.down_proj", d_ff, d, bias=False),
-                r.norm(f"{p}.post_attention_layernorm", d, bias=False),
-            )
+        # Gemma 2/3: post_attention_layernorm norms the attention's output, and the MLP's
+        # input norm is pre_feedforward_layernorm; Gemma 1: the MLP's input norm
+        mlp_norm = f"{p}.pre_feedforward_layernorm" if later else f"{p}.post_attention_layernorm"
+        # q/k norms (Gemma 3) are RMSNorms with offset 1 as well: applied as 1 + weight
+        q_norm = r.get(f"{p}.self_attn.q_norm.weight", (dh,)) + 1 if qk_norm else None
+        k_norm = r.get(f"{p}.self_attn.k_norm.weight", (dh,)) + 1 if qk_norm else None
+        layer = _layer(
+            r.linear(f"{p}.self_attn.q_proj", d, heads * dh, bias),
+            r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, bias),
+            r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, bias),
+            r.linear(f"{p}.self_attn.o_proj", heads * dh, d, bias),
+            r.norm(f"{p}.input_layernorm", d, bias=False),
+            _fuse(gate, up),
+            r.linear(f"{p}.mlp.down_proj", d_ff, d, bias=False),
+            r.norm(mlp_norm, d, bias=False),
+            q_norm=q_norm,
+            k_norm=k_norm,
         )
+        if later:
+            layer.norm3 = r.norm(f"{p}.post_attention_layernorm", d, bias=False)
+            layer.norm4 = r.norm(f"{p}.post_feedforward_layernorm", d, bias=False)
+        layers.append(layer)
     weights = Weights(
         arch=arch,
         tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
@@ -1103,4 +1179,61 @@ def _gemma(cfg, tensors, path) -> Weights:
     )
     _head(weights, t, cfg, "lm_head.weight", tied=True)
     t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
+    return weights
+
+
+#: BLOOM's language-model head (tied to the embeddings).
+BLOOM_UNUSED = (r"lm_head\.weight",)
+
+
+@family("bloom", names="BLOOM, BLOOMZ")
+def _bloom(cfg, tensors, path) -> Weights:
+    """BLOOM: pre-norm LayerNorm decoder with a norm of the embeddings, ALiBi instead of
+    positions, the fused ``query_key_value`` interleaved per head, tanh GELU."""
+    d = _int(cfg, "hidden_size", path, cfg.get("n_embed"))
+    heads = _int(cfg, "n_head", path, cfg.get("num_attention_heads"))
+    n_layers = _int(cfg, "n_layer", path, cfg.get("num_hidden_layers"))
+    dh = _head_dim({}, path, d, heads, "hidden_size", "n_head")
+    if cfg.get("apply_residual_connection_post_layernorm"):
+        raise InputError(
+            f"{path}/config.json: apply_residual_connection_post_layernorm is not supported"
+        )
+    arch = _arch(
+        path, family="bloom", causal=True, placement="pre",
+        norm=Norm("layer", _eps(cfg, "layer_norm_epsilon", 1e-5, path)), activation="gelu_tanh",
+        n_heads=heads, n_kv_heads=heads, head_dim=dh, positions="alibi", embedding_norm=True,
+        final_norm=True,
+    )  # fmt: skip
+    t = _Tensors(tensors, path, "transformer.", unused=BLOOM_UNUSED)
+    r = _Reader(t, f" (config.json: n_layer = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"h.{i}"
+        # query_key_value: rows (out) per head, [q_h | k_h | v_h] of dh each (as GPT-NeoX)
+        wqkv, bqkv = r.linear(f"{p}.self_attention.query_key_value", d, 3 * d)
+        w = wqkv.reshape(d, heads, 3, dh)
+        b = bqkv.reshape(heads, 3, dh)
+        q, k, v = ((w[:, :, j].reshape(d, d), b[:, j].reshape(d)) for j in range(3))
+        layers.append(
+            _layer(
+                q,
+                k,
+                v,
+                r.linear(f"{p}.self_attention.dense", d, d),
+                r.norm(f"{p}.input_layernorm", d),
+                r.linear(f"{p}.mlp.dense_h_to_4h", d, 4 * d),
+                r.linear(f"{p}.mlp.dense_4h_to_h", 4 * d, d),
+                r.norm(f"{p}.post_attention_layernorm", d),
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("word_embeddings.weight", (_int(cfg, "vocab_size", path), d)),
+        emb_norm=r.norm("word_embeddings_layernorm", d),
+        layers=layers,
+        final_norm=r.norm("ln_f", d),
+        max_positions=2**20,  # ALiBi: no table of positions to run out of
+    )
+    _head(weights, t, cfg, "lm_head.weight", tied=True)
+    t.check_all_used(f"n_layer = {n_layers}, hidden_size = {d}")
     return weights

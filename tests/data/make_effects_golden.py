@@ -65,6 +65,8 @@ TEXTS = (
 )
 #: The models: the GPT-2 directory, the family directories and MiniLM.
 MODELS = ("gpt2", *FAMILY_DIRS, "minilm")
+#: The families without a language-model head here: the embedding cosine instead.
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
 #: The query head of ``q_tokens_head``.
 HEAD = 1
 #: condition → (target, over, layer, heads: "all", "head" or "group").
@@ -115,12 +117,18 @@ def hook(model, family, target, over, layer, heads):
     if family == "gpt2":
         module = base.h[layer].attn.c_attn  # Conv1D output [q | k | v], d each
         cols = [("qkv".index(target) * d + h * dh) for h in heads]
-    elif family == "bert":
+    elif family in ("bert", "roberta", "xlm-roberta"):
         attn = base.encoder.layer[layer].attention.self
         module = getattr(attn, {"q": "query", "k": "key", "v": "value"}[target])
         cols = [h * dh for h in heads]
-    elif family == "gpt_neox":
-        module = base.layers[layer].attention.query_key_value  # per head [q | k | v]
+    elif family == "distilbert":
+        module = getattr(base.transformer.layer[layer].attention, f"{target}_lin")
+        cols = [h * dh for h in heads]
+    elif family in ("gpt_neox", "bloom"):  # per head [q | k | v]
+        fused = (
+            base.layers[layer].attention if family == "gpt_neox" else base.h[layer].self_attention
+        )
+        module = fused.query_key_value
         cols = [h * 3 * dh + "qkv".index(target) * dh for h in heads]
     elif family == "phi3":
         module = base.layers[layer].self_attn.qkv_proj  # query heads, key heads, value heads
@@ -130,7 +138,13 @@ def hook(model, family, target, over, layer, heads):
             "v": [(n_heads + n_kv + g) * dh for g in kv],
         }[target]
     else:
-        module = getattr(base.layers[layer].self_attn, f"{target}_proj")
+        if family == "opt":
+            attn = base.decoder.layers[layer].self_attn
+        elif family == "gptj":
+            attn = base.h[layer].attn
+        else:
+            attn = base.layers[layer].self_attn
+        module = getattr(attn, f"{target}_proj")
         cols = [h * dh for h in heads] if target == "q" else [g * dh for g in kv]
 
     def substitute(mod, inp, res):
@@ -164,7 +178,7 @@ def effects(base, cond, ids, causal):
 def run_model(name, path, out):
     """Record ``name``'s token ids and every condition's effects into ``out``."""
     family = json.loads((path / "config.json").read_text())["model_type"]
-    causal = family != "bert"
+    causal = family not in ENCODERS
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok.no_padding()  # as qkvmean reads it
     tok.no_truncation()
@@ -175,7 +189,9 @@ def run_model(name, path, out):
     model.eval()
     # every weight read from the checkpoint (none left at its random initialisation; the
     # GPT-2 head is tied to wte)
-    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    # (a pooler, which the masked-LM checkpoints have none of, is not on the path)
+    missing = [k for k in info["missing_keys"] if not k.startswith("pooler.")]
+    assert not missing and not info["mismatched_keys"], info
     if family == "gpt2":
         assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     cfg = model.config
@@ -187,7 +203,8 @@ def run_model(name, path, out):
     def last_hidden(mod, inp, res):
         captured["hidden"] = res.last_hidden_state[0].double().numpy()
 
-    model.base_model.register_forward_hook(last_hidden)
+    # (OPTForCausalLM calls its model's decoder, not the model: hook the decoder)
+    getattr(model.base_model, "decoder", model.base_model).register_forward_hook(last_hidden)
 
     def forward(ids, handle=None):
         with torch.no_grad():

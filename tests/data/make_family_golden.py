@@ -11,7 +11,7 @@ For each directory of tests/model_support.py's ``FAMILY_DIRS`` (real tensor name
 layouts, small random weights, GQA, llama3 and linear rope scaling, Qwen3's q/k norm,
 GPT-NeoX's fused interleaved QKV with partial rotary, parallel and sequential residual; and
 the families written from family_layouts.json: RoBERTa, XLM-R, DistilBERT, OPT, GPT-J,
-StableLM, Gemma)
+StableLM, Gemma 1/2/3 (soft-capping, sliding windows, local rotary, q/k norm), BLOOM (ALiBi))
 and each of ``TEXTS``, it records transformers' eager attention weights of every layer
 ``(L, H, n, n)`` for the baseline and mean-Q/K/V at layer 1:
 
@@ -68,8 +68,11 @@ def hooks(model, family, target, over, heads):
     n_heads = cfg.num_attention_heads
     dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     group = n_heads // getattr(cfg, "num_key_value_heads", n_heads)
-    if family == "gpt_neox":
-        module = model.layers[LAYER].attention.query_key_value
+    if family in ("gpt_neox", "bloom"):
+        fused = (
+            model.layers[LAYER].attention if family == "gpt_neox" else model.h[LAYER].self_attention
+        )
+        module = fused.query_key_value
         # fused output: per head [q | k | v], dh each
         cols = [h * 3 * dh + "qkv".index(target) * dh for h in heads]
     elif family == "phi3":

@@ -45,6 +45,16 @@ FAMILIES = {
     "gemma": (tr.GemmaForCausalLM, tr.GemmaConfig, dict(
         SMALL, num_key_value_heads=1, head_dim=16, intermediate_size=48,
         max_position_embeddings=128, hidden_activation="gelu_pytorch_tanh")),
+    "gemma2": (tr.Gemma2ForCausalLM, tr.Gemma2Config, dict(
+        SMALL, num_hidden_layers=4, num_key_value_heads=2, head_dim=16, intermediate_size=48,
+        max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+    "gemma3": (tr.Gemma3ForCausalLM, tr.Gemma3TextConfig, dict(
+        SMALL, num_hidden_layers=4, num_key_value_heads=2, head_dim=16, intermediate_size=48,
+        max_position_embeddings=128, sliding_window=4, query_pre_attn_scalar=24,
+        sliding_window_pattern=3, rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "bloom": (tr.BloomForCausalLM, tr.BloomConfig, dict(
+        vocab_size=320, hidden_size=32, n_head=4, n_layer=3)),
 }  # fmt: skip
 
 
