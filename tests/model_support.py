@@ -332,6 +332,8 @@ LAYOUT_TOKENS = {
     "gemma2": (("<pad>", "<eos>", "<bos>"), "<bos>", None),
     "gemma3": (("<pad>", "<eos>", "<bos>"), "<bos>", None),
     "bloom": (("<unk>", "<s>", "</s>", "<pad>"), None, None),
+    "olmo2": (("<|endoftext|>", "<|pad|>"), None, None),
+    "modernbert": (("[PAD]", "[UNK]", "[CLS]", "[SEP]"), "[CLS]", "[SEP]"),
 }
 LAYOUTS = Path(__file__).parent / "data" / "family_layouts.json"
 #: Families whose RMSNorm weights are stored as ``gamma - 1`` (applied as ``1 + weight``):

@@ -308,14 +308,25 @@ def small_families(tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda_families")
     # GQA + llama3 rope + SwiGLU; q/k norm; partial rotary, parallel residual; soft-caps,
     # sliding windows, output norms; local rotary; ALiBi; interleaved rotary
-    names = ("llama", "qwen3", "gpt_neox", "gemma2", "gemma3", "bloom", "gptj")
+    names = (
+        "llama",
+        "qwen3",
+        "gpt_neox",
+        "gemma2",
+        "gemma3",
+        "bloom",
+        "gptj",
+        "olmo2",
+        "modernbert",
+    )
     return {n: load_model(str(write_family_dir(n, root / n))) for n in names}
 
 
 @pytest.mark.parametrize(
-    "family", ["llama", "qwen3", "gpt_neox", "gemma2", "gemma3", "bloom", "gptj"]
+    "family",
+    ["llama", "qwen3", "gpt_neox", "gemma2", "gemma3", "bloom", "gptj", "olmo2", "modernbert"],
 )
-def test_decoder_families_agree_across_devices(small_families, family):
+def test_families_agree_across_devices(small_families, family):
     from qkvmean.engine.transformer import model_conditions
 
     model = small_families[family]

@@ -139,8 +139,9 @@ def test_an_input_alone_on_every_thread_has_its_bits_in_a_batch(loaded, name):
 
 def test_a_sliding_window_gives_zero_weight_beyond_it(loaded):
     """Gemma 2/3's sliding layers: a query's weights on keys W or more tokens back are
-    exactly 0 (and its window's sum to 1); the global layers see every earlier key."""
-    for name in ("gemma2", "gemma3"):
+    exactly 0 (and its window's sum to 1); ModernBERT's local layers: keys more than W // 2
+    away on either side; the global layers see every (earlier) key."""
+    for name in ("gemma2", "gemma3", "modernbert"):
         model = loaded[name]
         arch = model.weights.arch
         ids = np.array(model.tokenizer.encode("a model reads every word").ids)
@@ -151,7 +152,10 @@ def test_a_sliding_window_gives_zero_weight_beyond_it(loaded):
         for layer, window in enumerate(arch.windows):
             for cond in CONDITIONS:
                 w = got.weights[cond][0, layer]
-                seen = (j <= i) & (j > i - window) if window else j <= i
+                if arch.causal:
+                    seen = (j <= i) & (j > i - window) if window else j <= i
+                else:
+                    seen = np.abs(i - j) <= window // 2 if window else i >= 0
                 assert np.all(w[:, ~seen] == 0.0), (name, layer, cond)
                 assert np.all(w[:, seen] > 0.0), (name, layer, cond)
                 np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)

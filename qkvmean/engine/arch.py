@@ -25,7 +25,8 @@ The pieces:
 - **heads**: ``n_heads`` query heads, ``n_kv_heads`` key/value heads (grouped-query
   attention when fewer: query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``),
   ``head_dim`` (not always ``d_model / n_heads``: Qwen3).
-- **qk_norm**: an RMSNorm over ``head_dim`` of every query and key vector (Qwen3).
+- **qk_norm**: an RMSNorm over ``head_dim`` of every query and key vector (Qwen3), or
+  (``qk_norm_over="token"``, OLMo 2) over all heads' vectors of a token together.
 - **embedding_scale**: the token embeddings are multiplied by it (in float32) before the
   positions are added (Gemma: ``sqrt(d_model)``).
 - **attention logits**: the scores ``scale q · k`` (``query_scale``, else ``1 /
@@ -147,6 +148,7 @@ class Arch:
     final_softcap: float = 0.0  # the output logits likewise (Gemma 2); 0: none
     query_scale: float = 0.0  # the scores' scale; 0: 1 / sqrt(head_dim)
     output_norms: bool = False  # pre-norm, and each sublayer's output normed (Gemma 2/3)
+    qk_norm_over: str = "head"  # q/k norm of each head's vector, or "token": all heads' (OLMo 2)
 
     def __post_init__(self):
         _choice(self.placement, PLACEMENTS, "norm placement")
@@ -156,6 +158,7 @@ class Arch:
             raise ValueError(
                 f"{self.n_heads} query heads cannot share {self.n_kv_heads} key/value heads equally"
             )
+        _choice(self.qk_norm_over, ("head", "token"), "q/k norm")
         if self.output_norms and self.placement != "pre":
             raise ValueError("output norms are supported in the pre-norm placement only")
         if (self.positions == "rotary") != (self.rotary is not None):
@@ -245,6 +248,8 @@ class Arch:
             out["windows"] = list(self.windows)
         if self.output_norms:
             out["output_norms"] = True
+        if self.qk_norm and self.qk_norm_over != "head":
+            out["qk_norm_over"] = self.qk_norm_over
         if self.local_rotary is not None:
             r = self.local_rotary
             out["local_rotary"] = {"theta": r.theta, "dim": r.dim, "scaling": r.scaling}

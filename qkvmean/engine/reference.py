@@ -281,6 +281,14 @@ def rms_norm(x, gamma, eps):
     return x / np.sqrt((x**2).mean(axis=-1, keepdims=True) + eps) * gamma
 
 
+def token_rms_norm(x, gamma, eps):
+    """RMSNorm of ``x`` ``(B, H, S, dh)`` over each token's ``H * dh`` values together;
+    ``gamma`` ``(H * dh,)`` in head order."""
+    b, h, s, dh = x.shape
+    flat = np.asarray(x, np.float64).transpose(0, 2, 1, 3).reshape(b, s, h * dh)
+    return rms_norm(flat, gamma, eps).reshape(b, s, h, dh).transpose(0, 2, 1, 3)
+
+
 def norm(spec, weights, x):
     """The norm an :class:`~qkvmean.engine.arch.Norm` describes, with ``(gamma, beta)``."""
     gamma = np.asarray(weights[0], np.float64) + spec.offset
@@ -382,8 +390,8 @@ def transformer_forward(
     def heads_first(x, count):  # (B, N, count*dh) → (B, count, N, dh)
         return x.reshape(batch, seq, count, dh).transpose(0, 2, 1, 3)
 
-    def n(weights, x):
-        return norm(arch.norm, weights, x)
+    def n(weights, x):  # None: no norm there (ModernBERT's first layer, OLMo 2's inputs)
+        return x if weights is None else norm(arch.norm, weights, x)
 
     h = model.tok_emb[ids].astype(np.float64) * np.float32(arch.embedding_scale)
     if model.pos_emb is not None:
@@ -409,7 +417,11 @@ def transformer_forward(
             q, k, v = substitute(
                 q, k, v, target=target, over=over, heads=heads, lengths=lengths, means=given
             )
-        if layer.q_norm is not None:
+        if layer.q_norm is not None and arch.qk_norm_over == "token":  # all heads at once
+            kv_gamma = np.repeat(layer.k_norm.reshape(n_kv, dh), arch.group_size, axis=0)
+            q = token_rms_norm(q, layer.q_norm, arch.norm.eps)
+            k = token_rms_norm(k, kv_gamma.reshape(-1), arch.norm.eps)
+        elif layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, arch.norm.eps)
             k = rms_norm(k, layer.k_norm, arch.norm.eps)
         rotary = arch.rotary_of(index)

@@ -118,13 +118,18 @@ class Weights:
                 "w2": (f, d), "b2": (d,),
             }  # fmt: skip
             got = {name: getattr(layer, name).shape for name in want}
-            got |= {
-                f"norm{j}[{k}]": getattr(layer, f"norm{j}")[k].shape for j in (1, 2) for k in (0, 1)
-            }
-            want |= {f"norm{j}[{k}]": (d,) for j in (1, 2) for k in (0, 1)}
+            for j in (1, 2):  # a pre-norm block's input norm may be absent: none (identity)
+                pair = getattr(layer, f"norm{j}")
+                if pair is None and a.placement != "pre":
+                    raise ValueError(f"layer {i}: norm{j} is missing; only pre-norm may omit it")
+                for k in (0, 1):
+                    got[f"norm{j}[{k}]"] = np.shape(pair[k]) if pair is not None else (d,)
+                    want[f"norm{j}[{k}]"] = (d,)
             if a.qk_norm:
                 got |= {"q_norm": np.shape(layer.q_norm), "k_norm": np.shape(layer.k_norm)}
-                want |= {"q_norm": (dh,), "k_norm": (dh,)}
+                token = a.qk_norm_over == "token"
+                want |= {"q_norm": (a.n_heads * dh if token else dh,),
+                         "k_norm": (a.n_kv_heads * dh if token else dh,)}  # fmt: skip
             if a.output_norms:
                 for j in (3, 4):
                     pair = getattr(layer, f"norm{j}")
@@ -385,7 +390,7 @@ class _Pass:
     def _embed(self, ids):
         """``h`` = the embeddings (and their norm); ``x`` (and ``y``) = the first layer's
         norms of ``h``, unless post-norm."""
-        ops, model, buf, n, norm = self.ops, self.model, self.buf, self.n, self.model.norm
+        ops, model, buf, n = self.ops, self.model, self.buf, self.n
         emb = model.tok_emb[ops.xp.asarray(ids)]
         if model.arch.embedding_scale != 1.0:
             emb *= np.float32(model.arch.embedding_scale)
@@ -394,13 +399,13 @@ class _Pass:
         if model.type_emb is not None:
             emb += model.type_emb
         if model.emb_norm is not None:
-            ops.add_norm(emb, buf.zero, None, norm(model.emb_norm), buf.h[:n])
+            self._add_norm(emb, buf.zero, None, model.emb_norm, buf.h[:n])
         else:
             buf.h[:n] = emb
         if model.layers and not self.post:
-            ops.add_norm(buf.h[:n], buf.zero, None, norm(model.layers[0].norm1), buf.x[:n])
+            self._add_norm(buf.h[:n], buf.zero, None, model.layers[0].norm1, buf.x[:n])
             if self.parallel:
-                ops.add_norm(buf.h[:n], buf.zero, None, norm(model.layers[0].norm2), buf.y[:n])
+                self._add_norm(buf.h[:n], buf.zero, None, model.layers[0].norm2, buf.y[:n])
 
     def _fork(self, live):
         """Copy the baseline's rows to every condition's (at the first substituted layer)."""
@@ -435,8 +440,13 @@ class _Pass:
                     part, buf.scratch.length, heads, select, plan.window(self.n), buf.acc, given
                 )
         if layer.q_norm is not None:
-            ops.head_norm(q, layer.q_norm, float(arch.norm.eps), buf.zero_head)
-            ops.head_norm(k, layer.k_norm, float(arch.norm.eps), buf.zero_head)
+            eps = float(arch.norm.eps)
+            if arch.qk_norm_over == "token":  # all heads of a token together (OLMo 2)
+                ops.token_norm(q, heads, 1, layer.q_norm, eps)
+                ops.token_norm(k, heads, arch.group_size, layer.k_norm, eps)
+            else:
+                ops.head_norm(q, layer.q_norm, eps, buf.zero_head)
+                ops.head_norm(k, layer.k_norm, eps, buf.zero_head)
         rope = self.layers[index].rope
         if rope is not None:
             ops.rotary(q, *rope)
@@ -469,43 +479,59 @@ class _Pass:
         ops.matmul(buf.ctx[:rows], self.model.layers[index].wo, a)
         return a
 
+    def _add_norm(self, x, bias, residual, weights, out, store_sum=False):
+        """``ops.add_norm`` with a norm's ``(gamma, beta)``, or None: no norm (ModernBERT's
+        first layer, OLMo 2's inputs), ``out = x + bias (+ residual)`` as it is."""
+        ops = self.ops
+        if weights is not None:
+            ops.add_norm(x, bias, residual, self.model.norm(weights), out, store_sum=store_sum)
+        elif residual is None:
+            ops.add(x, bias, out)
+        elif store_sum:  # residual += x + bias; out = residual
+            ops.add(residual, x, residual)
+            ops.add(residual, bias, residual)
+            if out is not residual:
+                ops.add(residual, self.buf.zero, out)
+        else:
+            ops.add(residual, x, out)
+            ops.add(out, bias, out)
+
     def _residual(self, index, rows, a):
         """The residual and norm steps of the placement after the attention output ``a``
         of layer ``index``, the MLP among them; ``x`` (and ``y``) become the next layer's
         inputs."""
-        ops, model, buf, norm = self.ops, self.model, self.buf, self.model.norm
+        ops, model, buf, add_norm = self.ops, self.model, self.buf, self._add_norm
         layer = model.layers[index]
         h, x = buf.h[:rows], buf.x[:rows]
         following = model.layers[index + 1] if index + 1 < model.n_layers else None
-        after = norm(following.norm1) if following is not None else None
-        if after is None and model.final_norm is not None:
-            after = norm(model.final_norm)
+        last = following is None and model.final_norm is None  # no norm after this layer
+        after = following.norm1 if following is not None else model.final_norm
         if self.post:  # h = N1(a + bo + h); h = N2(mlp(h) + b2 + h)
-            ops.add_norm(a, layer.bo, h, norm(layer.norm1), h)
+            add_norm(a, layer.bo, h, layer.norm1, h)
             _mlp(ops, model, layer, buf, rows, h, a)
-            ops.add_norm(a, layer.b2, h, norm(layer.norm2), h)
+            add_norm(a, layer.b2, h, layer.norm2, h)
             return
         if self.parallel:  # h += attn + bo + mlp(N2(h_before)) + b2
             _mlp(ops, model, layer, buf, rows, buf.y[:rows], buf.a2[:rows])
             ops.add(a, buf.a2[:rows], a)
             bias = layer.bo + layer.b2
         elif layer.norm3 is not None:  # h += N3(a + bo); x = N2(h); h += N4(mlp(x) + b2)
-            ops.add_norm(a, layer.bo, None, norm(layer.norm3), a)
-            ops.add_norm(a, buf.zero, h, norm(layer.norm2), x, store_sum=True)
+            add_norm(a, layer.bo, None, layer.norm3, a)
+            add_norm(a, buf.zero, h, layer.norm2, x, store_sum=True)
             _mlp(ops, model, layer, buf, rows, x, a)
-            ops.add_norm(a, layer.b2, None, norm(layer.norm4), a)
+            add_norm(a, layer.b2, None, layer.norm4, a)
             bias = buf.zero
         else:  # h += a + bo; x = N2(h); h += mlp(x) + b2
-            ops.add_norm(a, layer.bo, h, norm(layer.norm2), x, store_sum=True)
+            add_norm(a, layer.bo, h, layer.norm2, x, store_sum=True)
             _mlp(ops, model, layer, buf, rows, x, a)
             bias = layer.b2
-        if after is None:  # the last layer, no final norm: h += a + bias
+        if last:  # the last layer, no final norm: h += a + bias
             ops.add(h, a, h)
             ops.add(h, bias, h)
         else:  # and x = the next norm of h
-            ops.add_norm(a, bias, h, after, x, store_sum=True)
+            add_norm(a, bias, h, after, x, store_sum=True)
         if self.parallel and following is not None:
-            ops.add_norm(h, buf.zero, None, norm(following.norm2), buf.y[:rows])
+            add_norm(h, buf.zero, None, following.norm2, buf.y[:rows])
         if ops.check_finite(h)[0] >= 0:
             raise ValueError(
                 f"the model's activations overflow float32 at layer {index}; its weights "

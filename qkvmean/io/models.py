@@ -1237,3 +1237,137 @@ def _bloom(cfg, tensors, path) -> Weights:
     _head(weights, t, cfg, "lm_head.weight", tied=True)
     t.check_all_used(f"n_layer = {n_layers}, hidden_size = {d}")
     return weights
+
+
+@family("olmo2", names="OLMo 2")
+def _olmo2(cfg, tensors, path) -> Weights:
+    """OLMo 2: a Llama-style block whose norms are on the sublayers' outputs only
+    (``post_attention_layernorm``, ``post_feedforward_layernorm``: the attention and the
+    MLP read the residual stream itself), with RMSNorms of the whole query and key
+    projections (``q_norm`` over all heads together)."""
+    d, heads, n_layers, d_ff = _sizes(cfg, path)
+    kv_heads = _int(cfg, "num_key_value_heads", path, heads)
+    dh = _head_dim(cfg, path, d, heads)
+    _choice(cfg, "hidden_act", "silu", {"silu": "silu_gated"}, path, "olmo2")
+    arch = _arch(
+        path, family="olmo2", causal=True, placement="pre",
+        norm=Norm("rms", _eps(cfg, "rms_norm_eps", 1e-5, path)), activation="silu_gated",
+        n_heads=heads, n_kv_heads=kv_heads, head_dim=dh, positions="rotary",
+        rotary=_rotary(cfg, path, dh), qk_norm=True, qk_norm_over="token", output_norms=True,
+        final_norm=True,
+    )  # fmt: skip
+    bias = _flag(cfg, "attention_bias", path)
+    t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        gate = r.linear(f"{p}.mlp.gate_proj", d, d_ff, bias=False)
+        up = r.linear(f"{p}.mlp.up_proj", d, d_ff, bias=False)
+        layer = _layer(
+            r.linear(f"{p}.self_attn.q_proj", d, heads * dh, bias),
+            r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, bias),
+            r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, bias),
+            r.linear(f"{p}.self_attn.o_proj", heads * dh, d, bias),
+            None,  # no input norms: the sublayers read h
+            _fuse(gate, up),
+            r.linear(f"{p}.mlp.down_proj", d_ff, d, bias=False),
+            None,
+            q_norm=r.get(f"{p}.self_attn.q_norm.weight", (heads * dh,)),
+            k_norm=r.get(f"{p}.self_attn.k_norm.weight", (kv_heads * dh,)),
+        )
+        layer.norm3 = r.norm(f"{p}.post_attention_layernorm", d, bias=False)
+        layer.norm4 = r.norm(f"{p}.post_feedforward_layernorm", d, bias=False)
+        layers.append(layer)
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
+        layers=layers,
+        final_norm=r.norm("norm", d, bias=False),
+        max_positions=_int(cfg, "max_position_embeddings", path, 4096),
+    )
+    _head(weights, t, cfg, "lm_head.weight")
+    t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
+    return weights
+
+
+#: ModernBERT's masked-LM head and classifiers: not on the path of the encoder.
+MODERNBERT_UNUSED = (r"head\..*", r"decoder\..*", r"classifier\..*", r"drop\..*")
+
+
+def _modernbert_windows(cfg, path, n_layers):
+    """Each layer's local window (``local_attention``: keys within half of it on either
+    side) or 0 (global): ``layer_types`` (transformers 5), else every
+    ``global_attn_every_n_layers``-th layer from the first is global."""
+    window = _int(cfg, "local_attention", path, 128)
+    types = cfg.get("layer_types")
+    if types is None:
+        every = _int(cfg, "global_attn_every_n_layers", path, 3)
+        types = ["full_attention" if i % every == 0 else "sliding_attention"
+                 for i in range(n_layers)]  # fmt: skip
+    if (
+        not isinstance(types, list)
+        or len(types) != n_layers
+        or not set(types) <= {"sliding_attention", "full_attention"}
+    ):
+        raise InputError(
+            f"{path}/config.json: layer_types must list 'sliding_attention' or "
+            f"'full_attention' for each of the {n_layers} layers"
+        )
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
+
+
+@family("modernbert", names="ModernBERT")
+def _modernbert(cfg, tensors, path) -> Weights:
+    """ModernBERT: a pre-norm encoder (the first layer's attention reads the normed
+    embeddings directly), LayerNorms without biases, fused ``Wqkv``, GeGLU, rotary at a
+    global and a local base, local layers attending within a window on both sides."""
+    d, heads, n_layers, d_ff = _sizes(cfg, path)
+    dh = _head_dim({}, path, d, heads)
+    act = _choice(cfg, "hidden_activation", "gelu", {"gelu": "gelu_gated"}, path, "ModernBERT")
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:
+        rotary = _rotary({"rope_parameters": params["full_attention"]}, path, dh)
+        local = _rotary({"rope_parameters": params.get("sliding_attention")}, path, dh)
+    else:
+        rotary = Rotary(theta=_number(cfg, "global_rope_theta", path, 160000.0), dim=dh)
+        local = Rotary(theta=_number(cfg, "local_rope_theta", path, 10000.0), dim=dh)
+    norm_bias = _flag(cfg, "norm_bias", path) if "norm_bias" in cfg else False
+    attn_bias = _flag(cfg, "attention_bias", path) if "attention_bias" in cfg else False
+    mlp_bias = _flag(cfg, "mlp_bias", path) if "mlp_bias" in cfg else False
+    arch = _arch(
+        path, family="modernbert", causal=False, placement="pre",
+        norm=Norm("layer", _eps(cfg, "norm_eps", 1e-5, path)), activation=act,
+        n_heads=heads, n_kv_heads=heads, head_dim=dh, positions="rotary", rotary=rotary,
+        local_rotary=local, windows=_modernbert_windows(cfg, path, n_layers),
+        embedding_norm=True, final_norm=True,
+    )  # fmt: skip
+    t = _Tensors(tensors, path, "model.", unused=MODERNBERT_UNUSED)
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
+    layers = []
+    for i in range(n_layers):
+        p = f"layers.{i}"
+        w, b = r.linear(f"{p}.attn.Wqkv", d, 3 * d, attn_bias)  # [q | k | v], d each
+        q, k, v = ((w[:, j * d : (j + 1) * d], b[j * d : (j + 1) * d]) for j in range(3))
+        layers.append(
+            _layer(
+                q,
+                k,
+                v,
+                r.linear(f"{p}.attn.Wo", d, d, attn_bias),
+                r.norm(f"{p}.attn_norm", d, norm_bias) if i else None,  # layer 0: none
+                r.linear(f"{p}.mlp.Wi", d, 2 * d_ff, mlp_bias),  # [input | gate]
+                r.linear(f"{p}.mlp.Wo", d_ff, d, mlp_bias),
+                r.norm(f"{p}.mlp_norm", d, norm_bias),
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("embeddings.tok_embeddings.weight", (_int(cfg, "vocab_size", path), d)),
+        emb_norm=r.norm("embeddings.norm", d, norm_bias),
+        layers=layers,
+        final_norm=r.norm("final_norm", d, norm_bias),
+        max_positions=_int(cfg, "max_position_embeddings", path, 8192),
+    )
+    t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
+    return weights

@@ -66,7 +66,7 @@ TEXTS = (
 #: The models: the GPT-2 directory, the family directories and MiniLM.
 MODELS = ("gpt2", *FAMILY_DIRS, "minilm")
 #: The families without a language-model head here: the embedding cosine instead.
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")
 #: The query head of ``q_tokens_head``.
 HEAD = 1
 #: condition → (target, over, layer, heads: "all", "head" or "group").
@@ -121,6 +121,9 @@ def hook(model, family, target, over, layer, heads):
         attn = base.encoder.layer[layer].attention.self
         module = getattr(attn, {"q": "query", "k": "key", "v": "value"}[target])
         cols = [h * dh for h in heads]
+    elif family == "modernbert":
+        module = base.layers[layer].attn.Wqkv  # [q | k | v], d each
+        cols = [("qkv".index(target) * d + h * dh) for h in heads]
     elif family == "distilbert":
         module = getattr(base.transformer.layer[layer].attention, f"{target}_lin")
         cols = [h * dh for h in heads]

@@ -11,7 +11,9 @@ For each directory of tests/model_support.py's ``FAMILY_DIRS`` (real tensor name
 layouts, small random weights, GQA, llama3 and linear rope scaling, Qwen3's q/k norm,
 GPT-NeoX's fused interleaved QKV with partial rotary, parallel and sequential residual; and
 the families written from family_layouts.json: RoBERTa, XLM-R, DistilBERT, OPT, GPT-J,
-StableLM, Gemma 1/2/3 (soft-capping, sliding windows, local rotary, q/k norm), BLOOM (ALiBi))
+StableLM, Gemma 1/2/3 (soft-capping, sliding windows, local rotary, q/k norm), BLOOM (ALiBi),
+OLMo 2 (norms on the sublayers' outputs, q/k norm over all heads), ModernBERT (local windows
+on both sides, no first attention norm))
 and each of ``TEXTS``, it records transformers' eager attention weights of every layer
 ``(L, H, n, n)`` for the baseline and mean-Q/K/V at layer 1:
 
@@ -75,6 +77,9 @@ def hooks(model, family, target, over, heads):
         module = fused.query_key_value
         # fused output: per head [q | k | v], dh each
         cols = [h * 3 * dh + "qkv".index(target) * dh for h in heads]
+    elif family == "modernbert":
+        module = model.layers[LAYER].attn.Wqkv  # [q | k | v], the heads in order in each
+        cols = [("qkv".index(target) * cfg.hidden_size + h * dh) for h in heads]
     elif family == "phi3":
         module = model.layers[LAYER].self_attn.qkv_proj
         # fused output: the query heads, then the key heads, then the value heads

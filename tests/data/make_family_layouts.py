@@ -55,6 +55,13 @@ FAMILIES = {
         sliding_window_pattern=3, rope_scaling={"rope_type": "linear", "factor": 4.0})),
     "bloom": (tr.BloomForCausalLM, tr.BloomConfig, dict(
         vocab_size=320, hidden_size=32, n_head=4, n_layer=3)),
+    "olmo2": (tr.Olmo2ForCausalLM, tr.Olmo2Config, dict(
+        SMALL, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
+        tie_word_embeddings=False, pad_token_id=1, bos_token_id=None, eos_token_id=0)),
+    "modernbert": (tr.ModernBertForMaskedLM, tr.ModernBertConfig, dict(
+        SMALL, num_hidden_layers=4, intermediate_size=48, max_position_embeddings=256,
+        local_attention=4, global_attn_every_n_layers=3, pad_token_id=0, cls_token_id=2,
+        sep_token_id=3, bos_token_id=2, eos_token_id=3)),
 }  # fmt: skip
 
 

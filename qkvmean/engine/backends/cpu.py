@@ -23,6 +23,8 @@ from ..kernels.heads import (
     rotary_serial,
     split_heads_kernel,
     split_heads_serial,
+    token_norm_kernel,
+    token_norm_serial,
 )
 from ..kernels.means import (
     given_substitute_kernel,
@@ -191,6 +193,7 @@ class _Kernels(NamedTuple):
     split_heads: object
     merge_heads: object
     rotary: object
+    token_norm: object
     attention: object  # attention_serial, or attention_kernel (which takes row_block)
     parallel: bool
 
@@ -229,6 +232,12 @@ class ModelOps:
         q/k norm); ``zero`` is a ``(dh,)`` array of zeros."""
         flat = x.reshape(-1, x.shape[2])
         self.k.add_norm(flat, zero, flat, False, False, True, gamma, zero, eps, flat)
+
+    def token_norm(self, x, heads, group, gamma, eps):
+        """In place, the RMSNorm of each token's vectors of all ``heads`` of every copy in
+        ``x`` ``(C * heads, n, dh)`` together (OLMo 2's q/k norm); ``gamma`` ``(heads /
+        group * dh,)``: keys expanded to query heads in groups of ``group`` share theirs."""
+        self.k.token_norm(x, heads, group, gamma, eps)
 
     def bias_activation(self, m, bias, code, out):
         """``out = act(m + bias)``: in place (``out`` is ``m``), or, gated, from the gate
@@ -345,14 +354,16 @@ class InputScratch:
 _serial = ModelOps(
     _Kernels(
         matmul_serial, add_norm_serial, bias_activation_serial,
-        split_heads_serial, merge_heads_serial, rotary_serial, attention_serial, False,
+        split_heads_serial, merge_heads_serial, rotary_serial, token_norm_serial,
+        attention_serial, False,
     )
 )  # fmt: skip
 #: The operations for an input that has the compute threads to itself (:func:`run_inputs`).
 spread = ModelOps(
     _Kernels(
         matmul_kernel, add_norm_kernel, bias_activation_kernel,
-        split_heads_kernel, merge_heads_kernel, rotary_kernel, attention_kernel, True,
+        split_heads_kernel, merge_heads_kernel, rotary_kernel, token_norm_kernel,
+        attention_kernel, True,
     )
 )  # fmt: skip
 
@@ -361,6 +372,7 @@ matmul = _serial.matmul
 host_matmul = _serial.host_matmul
 add_norm = _serial.add_norm
 head_norm = _serial.head_norm
+token_norm = _serial.token_norm
 bias_activation = _serial.bias_activation
 split_heads = _serial.split_heads
 merge_heads = _serial.merge_heads

@@ -59,6 +59,7 @@ from ..kernels.rows import (
     reduce_pair,
     rotary_vector,
     split_heads_row,
+    token_norm_vector,
     window_mean_feature,
 )
 from ..modes import MODE_UNIFORM
@@ -685,6 +686,20 @@ def add_norm(x, bias, residual, norm, out, store_sum=False):
         x, bias, x if residual is None else residual, residual is not None, store_sum, rms,
         gamma, beta, eps, out,
     )  # fmt: skip
+
+
+@cuda.jit
+def _token_norm_kernel(x, heads, group, gamma, eps):
+    task = cuda.grid(1)
+    n = x.shape[1]
+    if task < (x.shape[0] // heads) * n:
+        token_norm_vector(x, task // n, task % n, heads, group, gamma, eps)
+
+
+def token_norm(x, heads, group, gamma, eps):
+    """See :func:`qkvmean.engine.backends.cpu.token_norm`."""
+    tasks = (x.shape[0] // heads) * x.shape[1]
+    _launch(_token_norm_kernel, _grid1(tasks))(x, np.int64(heads), np.int64(group), gamma, eps)
 
 
 def head_norm(x, gamma, eps, zero):

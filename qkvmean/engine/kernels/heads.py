@@ -6,7 +6,7 @@ from __future__ import annotations
 from numba import njit, prange
 
 from .. import jit
-from .rows import merge_heads_row, rotary_vector, split_heads_row
+from .rows import merge_heads_row, rotary_vector, split_heads_row, token_norm_vector
 
 
 @njit(**jit.SERIAL)
@@ -59,3 +59,20 @@ def rotary_kernel(x, cos, sin, interleaved):
     for p in prange(x.shape[0]):
         for t in range(x.shape[1]):
             rotary_vector(x, p, t, cos, sin, interleaved)
+
+
+@njit(**jit.SERIAL)
+def token_norm_serial(x, heads, group, gamma, eps):
+    """In place, :func:`~qkvmean.engine.kernels.rows.token_norm_vector` of every token of
+    every copy of ``x`` ``(C * heads, n, dh)``."""
+    for c in range(x.shape[0] // heads):
+        for t in range(x.shape[1]):
+            token_norm_vector(x, c, t, heads, group, gamma, eps)
+
+
+@njit(parallel=True, **jit.SERIAL)
+def token_norm_kernel(x, heads, group, gamma, eps):
+    """:func:`token_norm_serial`, tokens on the compute threads."""
+    n = x.shape[1]
+    for task in prange((x.shape[0] // heads) * n):
+        token_norm_vector(x, task // n, task % n, heads, group, gamma, eps)

@@ -103,6 +103,26 @@ def merge_heads_row(r, o, n_heads, ctx):
 
 
 @register_jitable
+def token_norm_vector(x, c, t, heads, group, gamma, eps):
+    """In place, the RMSNorm of token ``t``'s vectors of every head of copy ``c`` of ``x``
+    ``(C * heads, n, dh)`` taken together (OLMo 2's q/k norm over the whole projection),
+    statistics in float64; head ``h`` is scaled by ``gamma[(h // group) * dh:]`` (keys
+    expanded to one per query head share their KV head's weights, and the mean of squares
+    of the expanded heads is the KV heads' own). Shared with the CUDA backend."""
+    dh = x.shape[2]
+    sq = 0.0
+    for h in range(heads):
+        for d in range(dh):
+            a = x[c * heads + h, t, d]
+            sq += a * a
+    inv = 1.0 / math.sqrt(sq / (heads * dh) + eps)
+    for h in range(heads):
+        g = (h // group) * dh
+        for d in range(dh):
+            x[c * heads + h, t, d] = x[c * heads + h, t, d] * inv * gamma[g + d]
+
+
+@register_jitable
 def key_range(i, n, causal, window):
     """``(jmin, jmax)``: the keys ``jmin <= j < jmax`` that query ``i`` (of ``n``) sees:
     with ``window`` W > 0, the last W up to ``i`` when ``causal``, else those within
