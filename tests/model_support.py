@@ -333,6 +333,8 @@ LAYOUT_TOKENS = {
     "gemma3": (("<pad>", "<eos>", "<bos>"), "<bos>", None),
     "bloom": (("<unk>", "<s>", "</s>", "<pad>"), None, None),
     "olmo2": (("<|endoftext|>", "<|pad|>"), None, None),
+    "falcon": ((), None, None),
+    "falcon_new": ((), None, None),
     "modernbert": (("[PAD]", "[UNK]", "[CLS]", "[SEP]"), "[CLS]", "[SEP]"),
 }
 LAYOUTS = Path(__file__).parent / "data" / "family_layouts.json"

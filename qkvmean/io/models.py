@@ -1371,3 +1371,87 @@ def _modernbert(cfg, tensors, path) -> Weights:
     )
     t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
     return weights
+
+
+#: Falcon's language-model head (tied) and old rotary buffers.
+FALCON_UNUSED = (r"lm_head\.weight", r"h\.\d+\.self_attention\.(maybe_)?rotary_emb\.inv_freq")
+
+
+@family("falcon", names="Falcon (7B, 40B, 180B, 2 11B)")
+def _falcon(cfg, tensors, path) -> Weights:
+    """Falcon with rotary positions: the 7B layout (one key/value head, ``parallel_attn``
+    with one LayerNorm, the fused ``query_key_value`` as the query heads then the key and
+    the value head) and the ``new_decoder_architecture`` one (40B, 180B, Falcon 2:
+    ``num_kv_heads`` groups, each ``[its query heads | key | value]``, with ``ln_attn`` and
+    ``ln_mlp``). ALiBi variants (Falcon-RW) are refused."""
+    d, heads, n_layers = (
+        _int(cfg, key, path) for key in ("hidden_size", "num_attention_heads", "num_hidden_layers")
+    )
+    dh = _head_dim({}, path, d, heads)
+    if cfg.get("alibi"):
+        raise InputError(f"{path}/config.json: alibi: Falcon with ALiBi is not supported")
+    new = _flag(cfg, "new_decoder_architecture", path)
+    if new:
+        kv_heads = _int(cfg, "num_kv_heads", path, heads)
+    else:
+        kv_heads = 1 if cfg.get("multi_query", True) else heads
+    parallel = cfg.get("parallel_attn", True) is not False
+    lns = cfg.get("num_ln_in_parallel_attn") or (2 if new else 1)
+    if new and not parallel:
+        raise InputError(f"{path}/config.json: the new decoder architecture is parallel only")
+    d_ff = cfg.get("ffn_hidden_size") or 4 * d
+    act = _choice(cfg, "activation", "gelu", {"gelu": "gelu"}, path, "Falcon")
+    bias = _flag(cfg, "bias", path)
+    arch = _arch(
+        path, family="falcon", causal=True, placement="parallel" if parallel else "pre",
+        norm=Norm("layer", _eps(cfg, "layer_norm_epsilon", 1e-5, path)), activation=act,
+        n_heads=heads, n_kv_heads=kv_heads, head_dim=dh, positions="rotary",
+        rotary=_rotary(cfg, path, dh), final_norm=True,
+    )  # fmt: skip
+    t = _Tensors(tensors, path, "transformer.", unused=FALCON_UNUSED)
+    r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
+    group = heads // kv_heads
+    layers = []
+    for i in range(n_layers):
+        p = f"h.{i}"
+        w, b = r.linear(f"{p}.self_attention.query_key_value", d, (heads + 2 * kv_heads) * dh, bias)
+        if new:  # per KV group: its query heads, then its key and its value
+            wg, bg = w.reshape(d, kv_heads, group + 2, dh), b.reshape(kv_heads, group + 2, dh)
+            q = (wg[:, :, :group].reshape(d, heads * dh), bg[:, :group].reshape(-1))
+            k = (wg[:, :, group].reshape(d, kv_heads * dh), bg[:, group].reshape(-1))
+            v = (wg[:, :, group + 1].reshape(d, kv_heads * dh), bg[:, group + 1].reshape(-1))
+        elif kv_heads == 1:  # the query heads, then the key head, then the value head
+            cuts = (0, heads * dh, (heads + 1) * dh, (heads + 2) * dh)
+            q, k, v = ((w[:, a:z], b[a:z]) for a, z in itertools.pairwise(cuts))
+        else:  # per head [q | k | v], as GPT-NeoX
+            wh, bh = w.reshape(d, heads, 3, dh), b.reshape(heads, 3, dh)
+            q, k, v = ((wh[:, :, j].reshape(d, d), bh[:, j].reshape(d)) for j in range(3))
+        if new and lns == 2:
+            norm1, norm2 = r.norm(f"{p}.ln_attn", d), r.norm(f"{p}.ln_mlp", d)
+        elif parallel:  # one norm read by both branches
+            norm1 = norm2 = r.norm(f"{p}.input_layernorm", d)
+        else:
+            norm1 = r.norm(f"{p}.input_layernorm", d)
+            norm2 = r.norm(f"{p}.post_attention_layernorm", d)
+        layers.append(
+            _layer(
+                q,
+                k,
+                v,
+                r.linear(f"{p}.self_attention.dense", heads * dh, d, bias),
+                norm1,
+                r.linear(f"{p}.mlp.dense_h_to_4h", d, d_ff, bias),
+                r.linear(f"{p}.mlp.dense_4h_to_h", d_ff, d, bias),
+                norm2,
+            )
+        )
+    weights = Weights(
+        arch=arch,
+        tok_emb=r.get("word_embeddings.weight", (_int(cfg, "vocab_size", path), d)),
+        layers=layers,
+        final_norm=r.norm("ln_f", d),
+        max_positions=_int(cfg, "max_position_embeddings", path, 2048),
+    )
+    _head(weights, t, cfg, "lm_head.weight", tied=True)
+    t.check_all_used(f"num_hidden_layers = {n_layers}, hidden_size = {d}")
+    return weights

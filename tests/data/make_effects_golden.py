@@ -121,6 +121,18 @@ def hook(model, family, target, over, layer, heads):
         attn = base.encoder.layer[layer].attention.self
         module = getattr(attn, {"q": "query", "k": "key", "v": "value"}[target])
         cols = [h * dh for h in heads]
+    elif family == "falcon":
+        module = base.h[layer].self_attention.query_key_value
+        if cfg.new_decoder_architecture:  # per KV group: [its query heads | k | v]
+            cols = {
+                "q": [((h // group) * (group + 2) + h % group) * dh for h in heads],
+                "k": [(x * (group + 2) + group) * dh for x in kv],
+                "v": [(x * (group + 2) + group + 1) * dh for x in kv],
+            }[target]
+        else:  # the query heads, then the one key head, then the value head
+            cols = {"q": [h * dh for h in heads], "k": [n_heads * dh], "v": [(n_heads + 1) * dh]}[
+                target
+            ]
     elif family == "modernbert":
         module = base.layers[layer].attn.Wqkv  # [q | k | v], d each
         cols = [("qkv".index(target) * d + h * dh) for h in heads]

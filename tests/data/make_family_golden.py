@@ -77,6 +77,21 @@ def hooks(model, family, target, over, heads):
         module = fused.query_key_value
         # fused output: per head [q | k | v], dh each
         cols = [h * 3 * dh + "qkv".index(target) * dh for h in heads]
+    elif family == "falcon":
+        module = model.h[LAYER].self_attention.query_key_value
+        kv_heads = 1 if not cfg.new_decoder_architecture else cfg.num_kv_heads
+        g = n_heads // kv_heads
+        if cfg.new_decoder_architecture:  # per KV group: [its query heads | k | v]
+            kv = sorted({h // g for h in heads})
+            cols = {
+                "q": [((h // g) * (g + 2) + h % g) * dh for h in heads],
+                "k": [(x * (g + 2) + g) * dh for x in kv],
+                "v": [(x * (g + 2) + g + 1) * dh for x in kv],
+            }[target]
+        else:  # the query heads, then the one key head, then the value head
+            cols = {"q": [h * dh for h in heads], "k": [n_heads * dh], "v": [(n_heads + 1) * dh]}[
+                target
+            ]
     elif family == "modernbert":
         module = model.layers[LAYER].attn.Wqkv  # [q | k | v], the heads in order in each
         cols = [("qkv".index(target) * cfg.hidden_size + h * dh) for h in heads]

@@ -55,6 +55,12 @@ FAMILIES = {
         sliding_window_pattern=3, rope_scaling={"rope_type": "linear", "factor": 4.0})),
     "bloom": (tr.BloomForCausalLM, tr.BloomConfig, dict(
         vocab_size=320, hidden_size=32, n_head=4, n_layer=3)),
+    "falcon": (tr.FalconForCausalLM, tr.FalconConfig, dict(
+        SMALL, max_position_embeddings=128, multi_query=True, parallel_attn=True,
+        new_decoder_architecture=False, bias=False)),
+    "falcon_new": (tr.FalconForCausalLM, tr.FalconConfig, dict(
+        SMALL, num_hidden_layers=3, max_position_embeddings=128, new_decoder_architecture=True,
+        num_kv_heads=2, bias=True)),
     "olmo2": (tr.Olmo2ForCausalLM, tr.Olmo2Config, dict(
         SMALL, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
         tie_word_embeddings=False, pad_token_id=1, bos_token_id=None, eos_token_id=0)),
