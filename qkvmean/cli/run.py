@@ -9,7 +9,6 @@ from pathlib import Path
 
 from ..engine.condition import SWEEPS
 from ..engine.names import OVER, TARGETS
-from ..io.models import FAMILIES
 from ..store.schema import MAP_DTYPES
 from .common import UsageError, make_source, note, resolve_device
 from .options import (
@@ -50,8 +49,8 @@ def add_parser(sub):
         "--model",
         metavar="MODEL",
         help="a Hugging Face-format directory (config.json, model.safetensors, "
-        f"tokenizer.json; model_type {', '.join(FAMILIES)}), 'minilm' or 'synthetic' "
-        "(qkvmean --version --verbose lists the models each covers)",
+        "tokenizer.json, of a family that 'qkvmean --version --verbose' lists), 'minilm' "
+        "or 'synthetic'",
     )
     add_text(src, "texts for --model")
     add_ablate_layers(src, "--model: layers")

@@ -1377,7 +1377,7 @@ def _modernbert(cfg, tensors, path) -> Weights:
 FALCON_UNUSED = (r"lm_head\.weight", r"h\.\d+\.self_attention\.(maybe_)?rotary_emb\.inv_freq")
 
 
-@family("falcon", names="Falcon (7B, 40B, 180B, 2 11B)")
+@family("falcon", names="Falcon 7B/40B/180B, Falcon 2")
 def _falcon(cfg, tensors, path) -> Weights:
     """Falcon with rotary positions: the 7B layout (one key/value head, ``parallel_attn``
     with one LayerNorm, the fused ``query_key_value`` as the query heads then the key and
