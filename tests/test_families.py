@@ -308,6 +308,13 @@ def test_mixtures_of_experts_are_refused_in_one_line(tmp_path):
         shutil.copytree(base, d)
         edit_config(d, **changes)
         _refused(d, r"a mixture of experts, which qkvmean does not run .* use a dense model")
+    d = tmp_path / "gemma3_multimodal"
+    shutil.copytree(base, d)
+    edit_config(d, model_type="gemma3")
+    _refused(
+        d,
+        r"'gemma3' is a multimodal checkpoint .* text-only checkpoint \(model_type 'gemma3_text'",
+    )
 
 
 def test_the_families_listed_are_the_registry(capsys):

@@ -121,6 +121,12 @@ def _read_config(path: Path) -> dict:
             f"{file}: {what}: a mixture of experts, which qkvmean does not run (each token's "
             "MLP is routed among experts); use a dense model"
         )
+    if model_type in MULTIMODAL:
+        raise InputError(
+            f"{file}: model_type {model_type!r} is a multimodal checkpoint (a vision tower "
+            f"beside the language model), which qkvmean does not run; use a text-only "
+            f"{MULTIMODAL[model_type]}"
+        )
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise InputError(
             f"{file}: model_type {model_type!r} is not supported; qkvmean runs "
@@ -463,6 +469,13 @@ def _layer(wq, wk, wv, wo, norm1, mlp_in, mlp_out, norm2, q_norm=None, k_norm=No
 FAMILIES = {}
 #: ``model_type`` → the models it covers, as people call them (``--version --verbose``).
 FAMILY_NAMES = {}
+
+#: Multimodal ``model_type`` values of the families here, and what to use instead.
+MULTIMODAL = {
+    "gemma3": "checkpoint (model_type 'gemma3_text', e.g. gemma-3-1b)",
+    "paligemma": "Gemma checkpoint",
+    "llava": "Llama or Mistral checkpoint",
+}
 
 #: Mixture-of-experts ``model_type`` values and config.json keys: refused in one line.
 MIXTURES = (
