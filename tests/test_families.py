@@ -289,10 +289,30 @@ def test_variants_the_new_families_do_not_run_are_refused_in_one_line(tmp_path):
         ("distilbert", {"sinusoidal_pos_embds": True}, r"sinusoidal_pos_embds is not supported"),
         ("roberta", {"is_decoder": True}, r"is_decoder: qkvmean runs RoBERTa as an encoder"),
         ("gptj", {"rotary_dim": 3}, r"rotary dimensions must be even"),
+        (
+            "gemma3",
+            {"sliding_window_pattern": 0, "layer_types": None},
+            r"sliding_window_pattern must be a positive integer, got 0",
+        ),
+        ("gemma2", {"query_pre_attn_scalar": 0}, r"query_pre_attn_scalar must be a positive"),
     ]:
         d = write_family_dir(name, tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}")
         edit_config(d, **changes)
         _refused(d, rx)
+
+
+def test_older_gemma2_configs_take_transformers_defaults(tmp_path):
+    """A Gemma 2 config.json without the soft-cap and query-scalar keys (written before
+    they were saved) gets transformers' defaults: caps 50 and 30, scalar 256."""
+    import json
+
+    d = write_family_dir("gemma2", tmp_path / "gemma2")
+    cfg = json.loads((d / "config.json").read_text())
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
+        del cfg[key]
+    (d / "config.json").write_text(json.dumps(cfg))
+    arch = M.load_model(str(d)).weights.arch
+    assert (arch.softcap, arch.final_softcap, arch.query_scale) == (50.0, 30.0, 256**-0.5)
 
 
 def test_mixtures_of_experts_are_refused_in_one_line(tmp_path):

@@ -115,13 +115,13 @@ def _read_config(path: Path) -> dict:
         raise InputError(f"{file}: expected a JSON object")
     model_type = cfg.get("model_type")
     experts = [key for key in EXPERT_KEYS if cfg.get(key)]
-    if model_type in MIXTURES or experts:
+    if (isinstance(model_type, str) and model_type in MIXTURES) or experts:
         what = f"model_type {model_type!r}" if model_type in MIXTURES else f"{experts[0]}"
         raise InputError(
             f"{file}: {what}: a mixture of experts, which qkvmean does not run (each token's "
             "MLP is routed among experts); use a dense model"
         )
-    if model_type in MULTIMODAL:
+    if isinstance(model_type, str) and model_type in MULTIMODAL:
         raise InputError(
             f"{file}: model_type {model_type!r} is a multimodal checkpoint (a vision tower "
             f"beside the language model), which qkvmean does not run; use a text-only "
@@ -1067,13 +1067,16 @@ def _stablelm(cfg, tensors, path) -> Weights:
 #: Gemma's activations: ``hidden_activation`` (else the older ``hidden_act``, which
 #: transformers overrides with the tanh GELU): GeGLU.
 GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh_gated", "gelu": "gelu_tanh_gated"}
+#: Gemma 2's soft-caps of the attention and output logits where config.json has no key.
+GEMMA_SOFTCAPS = {"gemma2": (50.0, 30.0)}
 #: Gemma 3's sliding and global layers: every ``_sliding_window_pattern``-th is global.
 GEMMA3_PATTERN = 6
 
 
-def _positive(cfg, key, path):
-    """A positive number from config.json, or 0.0 where it is absent or null."""
-    value = cfg.get(key)
+def _positive(cfg, key, path, default=None):
+    """A positive number from config.json; where the key is absent, ``default`` (the
+    family's in transformers); 0.0 where it is null (none)."""
+    value = cfg.get(key, default)
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -1090,7 +1093,7 @@ def _gemma_windows(cfg, path, n_layers, family_name):
     window = _int(cfg, "sliding_window", path, 4096)
     types = cfg.get("layer_types")
     if types is None:
-        pattern = cfg.get("sliding_window_pattern", GEMMA3_PATTERN)
+        pattern = _int(cfg, "sliding_window_pattern", path, GEMMA3_PATTERN)
         pattern = 2 if family_name == "gemma2" else pattern
         types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
                  for i in range(n_layers)]  # fmt: skip
@@ -1141,6 +1144,7 @@ def _gemma(cfg, tensors, path) -> Weights:
         raise InputError(f"{path}/config.json: use_bidirectional_attention is not supported")
     rotary, local = _gemma_rotaries(cfg, path, dh, family_name)
     qk_norm = family_name == "gemma3_text"
+    caps = GEMMA_SOFTCAPS.get(family_name, (None, None))  # transformers' defaults
     arch = _arch(
         path, family=family_name, causal=True, placement="pre",
         norm=Norm("rms", _eps(cfg, "rms_norm_eps", 1e-6, path), offset=1.0), activation=act,
@@ -1148,9 +1152,9 @@ def _gemma(cfg, tensors, path) -> Weights:
         rotary=rotary, local_rotary=local, qk_norm=qk_norm, final_norm=True,
         embedding_scale=float(np.float32(d) ** np.float32(0.5)),
         windows=_gemma_windows(cfg, path, n_layers, family_name),
-        softcap=_positive(cfg, "attn_logit_softcapping", path) if later else 0.0,
-        final_softcap=_positive(cfg, "final_logit_softcapping", path) if later else 0.0,
-        query_scale=_positive(cfg, "query_pre_attn_scalar", path) ** -0.5 if later else 0.0,
+        softcap=_positive(cfg, "attn_logit_softcapping", path, caps[0]) if later else 0.0,
+        final_softcap=_positive(cfg, "final_logit_softcapping", path, caps[1]) if later else 0.0,
+        query_scale=_int(cfg, "query_pre_attn_scalar", path, 256) ** -0.5 if later else 0.0,
         output_norms=later,
     )  # fmt: skip
     bias = _flag(cfg, "attention_bias", path)
