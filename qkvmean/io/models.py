@@ -430,6 +430,20 @@ class _Reader:
         b = self.get(f"{name}.bias", (n_out,)) if bias else np.zeros(n_out, np.float32)
         return w, b
 
+    def attention(self, p, d, heads, kv_heads, dh, qkv_bias, o_bias):
+        """The Llama-style ``{p}.self_attn.{q,k,v,o}_proj`` as four ``(w, b)`` pairs."""
+        q = self.linear(f"{p}.self_attn.q_proj", d, heads * dh, qkv_bias)
+        k = self.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, qkv_bias)
+        v = self.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, qkv_bias)
+        return q, k, v, self.linear(f"{p}.self_attn.o_proj", heads * dh, d, o_bias)
+
+    def gated_mlp(self, p, d, d_ff, bias):
+        """``{p}.mlp.{gate,up,down}_proj``: the gate and up projections side by side (the
+        gated activations' ``[gate | up]``), and the down projection."""
+        gate = self.linear(f"{p}.mlp.gate_proj", d, d_ff, bias)
+        up = self.linear(f"{p}.mlp.up_proj", d, d_ff, bias)
+        return _fuse(gate, up), self.linear(f"{p}.mlp.down_proj", d_ff, d, bias)
+
     def norm(self, name, d, bias=True):
         """``(gamma, beta)``; RMSNorm has no bias (zeros)."""
         gamma = self.get(f"{name}.weight", (d,))
@@ -711,17 +725,13 @@ def _llama_like(cfg, tensors, path) -> Weights:
     layers = []
     for i in range(n_layers):
         p = f"layers.{i}"
-        gate = r.linear(f"{p}.mlp.gate_proj", d, d_ff, mlp_bias)
-        up = r.linear(f"{p}.mlp.up_proj", d, d_ff, mlp_bias)
+        mlp_in, mlp_out = r.gated_mlp(p, d, d_ff, mlp_bias)
         layers.append(
             _layer(
-                r.linear(f"{p}.self_attn.q_proj", d, heads * dh, qkv_bias),
-                r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, qkv_bias),
-                r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, qkv_bias),
-                r.linear(f"{p}.self_attn.o_proj", heads * dh, d, o_bias),
+                *r.attention(p, d, heads, kv_heads, dh, qkv_bias, o_bias),
                 r.norm(f"{p}.input_layernorm", d, bias=False),
-                _fuse(gate, up),
-                r.linear(f"{p}.mlp.down_proj", d_ff, d, mlp_bias),
+                mlp_in,
+                mlp_out,
                 r.norm(f"{p}.post_attention_layernorm", d, bias=False),
                 q_norm=r.get(f"{p}.self_attn.q_norm.weight", (dh,)) if arch.qk_norm else None,
                 k_norm=r.get(f"{p}.self_attn.k_norm.weight", (dh,)) if arch.qk_norm else None,
@@ -1038,17 +1048,13 @@ def _stablelm(cfg, tensors, path) -> Weights:
     layers = []
     for i in range(n_layers):
         p = f"layers.{i}"
-        gate = r.linear(f"{p}.mlp.gate_proj", d, d_ff, bias=False)
-        up = r.linear(f"{p}.mlp.up_proj", d, d_ff, bias=False)
+        mlp_in, mlp_out = r.gated_mlp(p, d, d_ff, False)
         layers.append(
             _layer(
-                r.linear(f"{p}.self_attn.q_proj", d, heads * dh, bias),
-                r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, bias),
-                r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, bias),
-                r.linear(f"{p}.self_attn.o_proj", heads * dh, d, bias=False),
+                *r.attention(p, d, heads, kv_heads, dh, bias, False),
                 r.norm(f"{p}.input_layernorm", d),
-                _fuse(gate, up),
-                r.linear(f"{p}.mlp.down_proj", d_ff, d, bias=False),
+                mlp_in,
+                mlp_out,
                 r.norm(f"{p}.post_attention_layernorm", d),
             )
         )
@@ -1163,8 +1169,7 @@ def _gemma(cfg, tensors, path) -> Weights:
     layers = []
     for i in range(n_layers):
         p = f"layers.{i}"
-        gate = r.linear(f"{p}.mlp.gate_proj", d, d_ff, bias=False)
-        up = r.linear(f"{p}.mlp.up_proj", d, d_ff, bias=False)
+        mlp_in, mlp_out = r.gated_mlp(p, d, d_ff, False)
         # Gemma 2/3: post_attention_layernorm norms the attention's output, and the MLP's
         # input norm is pre_feedforward_layernorm; Gemma 1: the MLP's input norm
         mlp_norm = f"{p}.pre_feedforward_layernorm" if later else f"{p}.post_attention_layernorm"
@@ -1172,13 +1177,10 @@ def _gemma(cfg, tensors, path) -> Weights:
         q_norm = r.get(f"{p}.self_attn.q_norm.weight", (dh,)) + 1 if qk_norm else None
         k_norm = r.get(f"{p}.self_attn.k_norm.weight", (dh,)) + 1 if qk_norm else None
         layer = _layer(
-            r.linear(f"{p}.self_attn.q_proj", d, heads * dh, bias),
-            r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, bias),
-            r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, bias),
-            r.linear(f"{p}.self_attn.o_proj", heads * dh, d, bias),
+            *r.attention(p, d, heads, kv_heads, dh, bias, bias),
             r.norm(f"{p}.input_layernorm", d, bias=False),
-            _fuse(gate, up),
-            r.linear(f"{p}.mlp.down_proj", d_ff, d, bias=False),
+            mlp_in,
+            mlp_out,
             r.norm(mlp_norm, d, bias=False),
             q_norm=q_norm,
             k_norm=k_norm,
@@ -1279,16 +1281,12 @@ def _olmo2(cfg, tensors, path) -> Weights:
     layers = []
     for i in range(n_layers):
         p = f"layers.{i}"
-        gate = r.linear(f"{p}.mlp.gate_proj", d, d_ff, bias=False)
-        up = r.linear(f"{p}.mlp.up_proj", d, d_ff, bias=False)
+        mlp_in, mlp_out = r.gated_mlp(p, d, d_ff, False)
         layer = _layer(
-            r.linear(f"{p}.self_attn.q_proj", d, heads * dh, bias),
-            r.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, bias),
-            r.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, bias),
-            r.linear(f"{p}.self_attn.o_proj", heads * dh, d, bias),
+            *r.attention(p, d, heads, kv_heads, dh, bias, bias),
             None,  # no input norms: the sublayers read h
-            _fuse(gate, up),
-            r.linear(f"{p}.mlp.down_proj", d_ff, d, bias=False),
+            mlp_in,
+            mlp_out,
             None,
             q_norm=r.get(f"{p}.self_attn.q_norm.weight", (heads * dh,)),
             k_norm=r.get(f"{p}.self_attn.k_norm.weight", (kv_heads * dh,)),
