@@ -340,3 +340,21 @@ def test_families_agree_across_devices(small_families, family):
     want = model_conditions(model.weights, ids, lengths, **kw)
     got = model_conditions(model.weights, ids, lengths, device="cuda", **kw)
     _close(got, want)
+
+
+def test_fast_modes_with_a_window_are_refused_on_the_device():
+    """As on the CPU (test_model_kernels): a uniform row with a window is an error before
+    any kernel runs, not the general path on keys that were never substituted."""
+    from qkvmean.engine.kernels.attention import Logits
+
+    q = cuda_kernels.xp.asarray(np.ones((2, 5, 4), np.float32))
+    scratch = cuda_kernels.InputScratch(2, 5, 5, 1, True)
+    o = cuda_kernels.xp.asarray(np.empty((2, 5, 4), np.float32))
+    reduced = (*(np.zeros(2) for _ in range(3)), np.zeros(2, np.int64))
+    lg = Logits(4, 0.0, np.zeros(0, np.float32))
+    with pytest.raises(ValueError, match="fast modes"):
+        cuda_kernels.attention_one(
+            q, q, q, np.array([0, MODE_UNIFORM], np.int8), False, 0.5, lg, 0, None, o, scratch,
+            True, reduced,
+        )  # fmt: skip
+    scratch.abort()

@@ -4,6 +4,7 @@ SwiGLU, SiLU, grouped-query head splitting."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +12,7 @@ from qkvmean.engine import reference as R
 from qkvmean.engine.arch import ACTIVATION_CODES, Rotary
 from qkvmean.engine.backends import cpu
 from qkvmean.engine.kernels import vmath
+from qkvmean.engine.modes import MODE_SHARED_ROW, MODE_UNIFORM
 
 SEEDS = st.integers(0, 2**32 - 1)
 
@@ -115,52 +117,94 @@ def test_split_heads_expands_grouped_kv(stack, n, heads_kv, seed):
         )
 
 
-def _attention_one(ops, q, k, v, causal, scale, logits):
-    """One input's attention through ``ops.attention_one`` (the model path): weights,
-    outputs and the four metrics per head."""
+def _attention_pair(ops, q, q2, k, v, causal, scale, logits):
+    """One input's baseline (``q``) and a condition (``q2``) through ``ops.attention_one``
+    (the model path, the condition's KL read against the baseline): per condition the
+    weights, outputs and the four metrics per head."""
     heads, n, dh = q.shape
-    scratch = ops.InputScratch(heads, n, n, 1, True)
-    w = np.zeros((heads, n, n), np.float32)
-    o = np.empty((heads, n, dh), np.float32)
-    reduced = (*(np.zeros(heads) for _ in range(3)), np.zeros(heads, np.int64))
+    scratch = ops.InputScratch(heads, n, n, 2, True)
     modes = np.zeros(heads, np.int8)
-    ops.attention_one(q, k, v, modes, causal, scale, logits, 0, w, o, scratch, True, reduced)
+    results = []
+    for c, query in enumerate((q, q2)):
+        w = np.zeros((heads, n, n), np.float32)
+        o = np.empty((heads, n, dh), np.float32)
+        reduced = (*(np.zeros(heads) for _ in range(3)), np.zeros(heads, np.int64))
+        ops.attention_one(query, k, v, modes, causal, scale, logits, c, w, o, scratch, True,
+                          reduced)  # fmt: skip
+        results.append((w, o, reduced))
     scratch.finish()
-    return w, o, reduced
+    return results
+
+
+#: Query counts within one block of rows, and across two or three (the kernels' BLOCK).
+LENGTHS = st.one_of(st.integers(1, 40), st.integers(120, 300))
 
 
 @settings(max_examples=60, deadline=None)
 @given(
+    st.sampled_from(["serial", "spread"]),
     st.integers(1, 3),
-    st.integers(1, 40),
+    LENGTHS,
     st.booleans(),
-    st.integers(0, 12),
+    st.integers(0, 12) | st.integers(100, 200),
     st.sampled_from([0.0, 0.7, 5.0]),
     st.booleans(),
     SEEDS,
 )
-def test_windows_softcap_and_alibi_match_the_reference(heads, n, causal, window, cap, alibi,
-                                                       seed):  # fmt: skip
+def test_windows_softcap_and_alibi_match_the_reference(ops, heads, n, causal, window, cap,
+                                                       alibi, seed):  # fmt: skip
     """The model path's attention with a sliding (causal) or local (bidirectional) window,
-    soft-capped logits and ALiBi slopes, against the reference; a key outside a query's
-    window has weight exactly 0, and every row sums to 1."""
+    soft-capped logits and ALiBi slopes, serial and on every thread, against the
+    reference: weights, outputs and all four metrics, the KL of a condition against its
+    baseline included; a key outside a query's window has weight exactly 0, and every
+    row sums to 1."""
     from qkvmean.engine.kernels.attention import Logits
     from qkvmean.engine.kernels.rows import key_range
 
     rng = np.random.default_rng(seed)
-    q, k, v = (rng.normal(size=(heads, n, 8)).astype(np.float32) * 2 for _ in range(3))
+    q, q2, k, v = (rng.normal(size=(heads, n, 8)).astype(np.float32) * 2 for _ in range(4))
     slopes = (rng.random(heads) * 0.5).astype(np.float32) if alibi else np.zeros(0, np.float32)
     logits = Logits(window, cap, slopes)
-    w, o, reduced = _attention_one(cpu, q, k, v, causal, 0.35, logits)
+    ops = cpu if ops == "serial" else cpu.spread
+    (w, o, reduced), (w2, _, reduced2) = _attention_pair(ops, q, q2, k, v, causal, 0.35, logits)
     kw = dict(causal=causal, scale=0.35, window=window, softcap=cap, slopes=slopes)
     want_w, want_o = (x[0] for x in R.attention(q[None].astype(np.float64), k[None], v[None], **kw))
     np.testing.assert_allclose(w, want_w, atol=2e-6)
     np.testing.assert_allclose(o, want_o, atol=2e-5)
     allowed = R.allowed_mask(n, n, causal, window)
-    assert np.all(w[:, ~allowed] == 0.0)
+    assert np.all(w[:, ~allowed] == 0.0) and np.all(w2[:, ~allowed] == 0.0)
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
     for i in range(n):  # the kernels' key range is the reference's mask
         lo, hi = key_range(i, n, causal, window)
         np.testing.assert_array_equal(np.flatnonzero(allowed[i]), np.arange(lo, hi))
-    entropy = -(want_w * np.log(np.where(want_w > 0, want_w, 1))).sum(-1).mean(-1)
-    np.testing.assert_allclose(reduced[0], entropy, atol=1e-5)
+    log_p, log_a = (
+        R.log_attention_weights(x[None].astype(np.float64), k[None], **kw) for x in (q, q2)
+    )
+    for got, log_w, log_base in ((reduced, log_p, log_p), (reduced2, log_a, log_p)):
+        want = R.metrics(log_w, log_base, [n])
+        np.testing.assert_allclose(got[0], want["entropy"][0], atol=1e-5)
+        np.testing.assert_allclose(got[1], want["kl_from_baseline"][0], atol=1e-5)
+        np.testing.assert_allclose(got[2], want["top_key_mass"][0], atol=1e-6)
+    assert np.all(reduced[1] == 0.0)  # the baseline against itself
+    assert reduced2[1].max() > 0.0 or n == 1 or window == 1
+
+
+@pytest.mark.parametrize("mode", [MODE_UNIFORM, MODE_SHARED_ROW])
+@pytest.mark.parametrize("logits", [(4, 0.0, []), (0, 0.0, [0.25, 0.5])])
+def test_fast_modes_with_windows_or_alibi_are_refused(mode, logits):
+    """The fast modes read rows alike; with a window or ALiBi they are not, and the
+    caller never substituted the keys a uniform row stands for: an error, not the
+    baseline's map under the condition's name (as a quiet fall back to the general path
+    would give)."""
+    from qkvmean.engine.kernels.attention import Logits
+
+    window, cap, slopes = logits
+    q = np.ones((2, 5, 4), np.float32)
+    scratch = cpu.InputScratch(2, 5, 5, 1, True)
+    modes = np.array([0, mode], np.int8)
+    lg = Logits(window, cap, np.array(slopes, np.float32))
+    w, o = np.zeros((2, 5, 5), np.float32), np.empty((2, 5, 4), np.float32)
+    reduced = (*(np.zeros(2) for _ in range(3)), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="fast modes"):
+        cpu.attention_one(q, q, q, modes, False, 0.5, lg, 0, w, o, scratch, True, reduced)
+    assert np.all(w == 0.0)  # refused before any kernel ran

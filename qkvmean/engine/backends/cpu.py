@@ -14,7 +14,7 @@ from ... import config
 from ..arch import activation_parts
 from ..kernels import blas
 from ..kernels.activations import bias_activation_kernel, bias_activation_serial
-from ..kernels.attention import BLOCK, attention_kernel, attention_serial, plain
+from ..kernels.attention import BLOCK, attention_kernel, attention_serial, check_modes, plain
 from ..kernels.finite import scan_finite
 from ..kernels.heads import (
     merge_heads_kernel,
@@ -268,6 +268,7 @@ class ModelOps:
         mask, softmax, fast paths and metrics on them in cache, a BLAS product for the
         output.
         """
+        check_modes(modes, logits)
         heads = q.shape[0]
         n = scratch.length[0]
         if w is None:

@@ -50,6 +50,7 @@ from numba import cuda
 from numba.cuda.core import config as _cuda_config
 
 from ..arch import activation_parts
+from ..kernels.attention import check_modes
 from ..kernels.finite import scan_finite
 from ..kernels.means import position_sums as _host_position_sums
 from ..kernels.rows import (
@@ -322,7 +323,7 @@ def _softmax_kernel(
         return
     jmin, jmax = key_range(i, n, causal, window)  # allowed keys: jmin <= j < jmax
     slope = slopes[pair % group] if slopes.shape[0] else 0.0
-    uniform = modes[pair % group] == MODE_UNIFORM and window == 0 and slope == 0.0
+    uniform = modes[pair % group] == MODE_UNIFORM  # (never with a window or slopes: check_modes)
     top = 0.0
     for j in range(lane, jmin, ROW_THREADS):
         w[bg, i, j] = 0.0
@@ -782,6 +783,7 @@ class InputScratch:
 def attention_one(q, k, v, modes, causal, scale, logits, c, w, o, scratch, metrics, reduced):
     """See :func:`qkvmean.engine.backends.cpu.attention_one`; the maps and metrics are
     queued to go back (they are in ``w`` and ``reduced`` after ``scratch.finish()``)."""
+    check_modes(modes, logits)
     heads, n = q.shape[0], scratch.n
     slot = scratch.slot(c)
     dev = scratch.w[slot]

@@ -53,6 +53,22 @@ def plain(dtype=np.float32) -> Logits:
     return Logits(0, 0.0, np.zeros(0, dtype))
 
 
+def check_modes(modes, lg: Logits) -> None:
+    """Refuse the fast modes where rows differ by position (a window or ALiBi slopes).
+
+    Their callers never substitute the tensor a fast mode stands for (mean-K's keys), so
+    a kernel that quietly took the general path instead would give the baseline's map
+    under the condition's name. Every backend checks here before its kernel runs.
+    """
+    positional = lg.window > 0 or bool(np.any(np.asarray(lg.slopes) != 0.0))
+    if positional and bool(np.any(np.asarray(modes) != MODE_GENERAL)):
+        raise ValueError(
+            "the mean-K/mean-Q fast modes assume every row sees its keys alike, which a "
+            f"sliding window ({lg.window}) or ALiBi slopes break: plan the general mode "
+            "(Arch.exact_fast_paths is false for such models)"
+        )
+
+
 @njit(**jit.HOT)
 def _shape_row(row, jmin, jmax, slope, softcap):
     """In place, the scores ``row[jmin:jmax]`` as logits: ALiBi's ``slope * j`` added,
@@ -101,14 +117,12 @@ def _attention_block(
 
     ``scratch`` is this thread's row of logits, kept for the rows that
     ``MODE_SHARED_ROW`` copies. ``lg`` (:class:`Logits`) and ``slope`` (this pair's ALiBi
-    slope): the logits and windows; rows then differ by position, so the fast paths,
-    which assume they do not, give way to the general one.
+    slope): the logits and windows. Rows then differ by position, which the fast modes
+    assume they do not: :func:`check_modes` refuses that pairing before any kernel runs.
     """
     n_keys = w.shape[2]
     window = lg.window
     shaped = slope != 0.0 or lg.softcap > 0.0
-    if window > 0 or slope != 0.0:
-        mode = MODE_GENERAL
     p_row = mx.base[0, 0]  # zeros, unless there is a baseline (below)
     col_block = mx.col_block
     if mx.with_metrics:  # this task's column-sum blocks (whole ones: see attention())
