@@ -725,3 +725,24 @@ def test_model_metrics_are_those_of_its_maps(layers):
                     c.metrics[metric][ci, :, layer], want[metric], atol=2e-5,
                     err_msg=f"{name} layer {layer} {metric}",
                 )  # fmt: skip
+
+
+def test_architectures_that_would_crash_a_kernel_are_refused():
+    """Head counts below one (a division by zero), a window list that does not match the
+    layers (an index past it), and a query scale that overflows the logits: each a
+    one-line ValueError before any kernel runs."""
+    import dataclasses
+
+    weights, tok = synthetic.build()
+    arch = weights.arch
+    for name in ("n_kv_heads", "n_heads", "head_dim"):
+        with pytest.raises(ValueError, match=f"^{name} must be a positive integer, got 0$"):
+            dataclasses.replace(arch, **{name: 0})
+    short = dataclasses.replace(arch, windows=(0, 2))
+    with pytest.raises(ValueError, match="gives 2 attention windows for 4 layers: one per layer"):
+        dataclasses.replace(weights, arch=short)
+    ids, lengths = padded_ids(tok, TEXTS[:1])
+    T.model_conditions(weights, ids, lengths, targets=("q",))  # the unchanged model runs
+    scaled = dataclasses.replace(weights, arch=dataclasses.replace(arch, query_scale=1e37))
+    with pytest.raises(ValueError, match="the attention logits overflow float32 at layer 0"):
+        T.model_conditions(scaled, ids, lengths, targets=("q",))

@@ -154,6 +154,10 @@ class Arch:
         _choice(self.placement, PLACEMENTS, "norm placement")
         _choice(self.activation, ACTIVATIONS, "activation")
         _choice(self.positions, POSITIONS, "position scheme")
+        for name in ("n_heads", "n_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"{self.n_heads} query heads cannot share {self.n_kv_heads} key/value heads equally"

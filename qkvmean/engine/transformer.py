@@ -98,6 +98,12 @@ class Weights:
         if not self.max_positions and self.pos_emb is not None:
             self.max_positions = self.pos_emb.shape[0]
         self._check_shapes()
+        windows = self.arch.windows
+        if windows and len(windows) != self.n_layers:
+            raise ValueError(
+                f"the architecture gives {len(windows)} attention windows for "
+                f"{self.n_layers} layers: one per layer (0 for a global layer), or none"
+            )
         if self.unembed is not None and self.unembed.shape[1] != self.d_model:
             raise ValueError(
                 f"the language-model head has shape {self.unembed.shape}, the model needs "
@@ -206,10 +212,14 @@ class _Input:
         self.scratch = ops.InputScratch(heads, n, seq, stack, maps)
 
 
-def _check_logits(ops, q, k, head_dim, index):
-    """The guard of the public API: every logit must stay finite in float32."""
+def _check_logits(ops, q, k, head_dim, scale, logits, index):
+    """The guard of the public API: every logit must stay finite in float32: the
+    products ``q · k``, scaled (a ``query_scale`` may exceed 1), plus ALiBi's ``slope * j``
+    over the ``n`` keys."""
     q_max, k_max = ops.check_finite(q)[1], ops.check_finite(k)[1]
-    if not q_max * k_max * head_dim < _FLOAT32_MAX / 4:
+    slopes = np.asarray(logits.slopes)
+    alibi = float(np.abs(slopes).max()) * q.shape[-2] if slopes.size else 0.0
+    if not q_max * k_max * head_dim * max(scale, 1.0) + alibi < _FLOAT32_MAX / 4:
         raise ValueError(
             f"the attention logits overflow float32 at layer {index} (max|q| = {q_max:.3g}, "
             f"max|k| = {k_max:.3g}); the model's weights are too large or damaged"
@@ -457,7 +467,7 @@ class _Pass:
         """Each condition's attention at layer ``index`` (maps and metrics into ``out``),
         then the output projection; returns it (without its bias)."""
         ops, plan, arch, buf, heads = self.ops, self.plan, self.arch, self.buf, self.heads
-        _check_logits(ops, q, k, arch.head_dim, index)
+        _check_logits(ops, q, k, arch.head_dim, self.scale, self.layers[index].logits, index)
         for c in range(live):
             member = self.members[c]
             cond = plan.conditions[member - 1] if c else None
