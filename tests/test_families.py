@@ -70,6 +70,17 @@ def test_every_layer_matches_transformers(loaded, name, setting):
         assert np.abs(got.weights["mean_k"][0, 2] - got.weights["baseline"][0, 2]).max() > 1e-3
 
 
+def _splits_a_token_normed_group(arch, heads):
+    """Do ``heads`` take some but not all query heads of a KV group, with a key norm over
+    the whole projection (OLMo 2's)?"""
+    if heads is None or not arch.qk_norm or arch.qk_norm_over != "token":
+        return False
+    groups = {h // arch.group_size for h in heads}
+    return any(
+        not set(range(g * arch.group_size, (g + 1) * arch.group_size)) <= set(heads) for g in groups
+    )
+
+
 @pytest.mark.parametrize("name", list(FAMILY_DIRS))
 @pytest.mark.parametrize(
     ("layers", "heads", "over"),
@@ -90,17 +101,14 @@ def test_forward_pass_matches_reference(loaded, name, layers, heads, over):
     means = None
     if over == "dataset":
         means = T.dataset_means(model.weights, ids, lengths, layers=layers)
-    got = T.model_conditions(
-        model.weights,
-        ids,
-        lengths,
-        over=over,
-        heads=heads,
-        ablate_layers=layers,
-        hidden=True,
-        means=means,
-    )
-    for cond in CONDITIONS:
+    kw = dict(over=over, heads=heads, ablate_layers=layers, hidden=True, means=means)
+    targets = ("q", "k", "v")
+    if _splits_a_token_normed_group(model.weights.arch, heads):  # OLMo 2: K per KV head
+        with pytest.raises(ValueError, match=r"select all of query heads \d+\.\.\d+ \(KV head"):
+            T.model_conditions(model.weights, ids, lengths, targets=("k",), **kw)
+        targets = ("q", "v")
+    got = T.model_conditions(model.weights, ids, lengths, targets=targets, **kw)
+    for cond in ("baseline", *(f"mean_{t}" for t in targets)):
         target = None if cond == "baseline" else cond[-1]
         want, hidden = R.transformer_forward(
             model.weights, ids, lengths, target=target, over=over, heads=heads,
@@ -125,7 +133,9 @@ def test_an_input_alone_on_every_thread_has_its_bits_in_a_batch(loaded, name):
     # long enough that the stacked conditions' products take two blocks of rows
     ids, lengths = padded_ids(model.tokenizer, ["a model reads every word " * 12, "mean keys"])
     assert 3 * lengths[0] > products.ROWS
-    kw = dict(ablate_layers=(0, 2), heads=[1], hidden=True, effects=True)
+    arch = model.weights.arch  # (OLMo 2's keys go by whole KV groups)
+    heads = list(range(arch.group_size)) if _splits_a_token_normed_group(arch, [1]) else [1]
+    kw = dict(ablate_layers=(0, 2), heads=heads, hidden=True, effects=True)
     batch = T.model_conditions(model.weights, ids, lengths, **kw)
     alone = T.model_conditions(model.weights, ids[:1], lengths[:1], seq=ids.shape[1], **kw)
     for cond in batch.names:
@@ -175,6 +185,29 @@ def test_gqa_substitution_is_per_query_head(loaded):
     # differently, 2e-7), a thousandth of what the substitution does to head 0
     np.testing.assert_allclose(sub[:, 1:], base[:, 1:], atol=1e-6, rtol=0)
     assert np.abs(sub[:, 0] - base[:, 0]).max() > 1e-3
+
+
+def test_olmo2_token_norm_couples_the_heads_of_a_token(loaded):
+    """OLMo 2 norms each token's whole query (and key) projection, all heads together, as
+    transformers does: substituting Q of head 0 changes the norm's statistic, so every
+    other head's queries at that layer change too (by one factor per token), where a
+    per-head norm (Qwen3) leaves them as they were. Hooks on ``q_proj`` do the same."""
+    ids = None
+    for name, coupled in (("olmo2", True), ("qwen3", False)):
+        model = loaded[name]
+        arch = model.weights.arch
+        assert arch.qk_norm and (arch.qk_norm_over == "token") == coupled
+        ids, lengths = padded_ids(model.tokenizer, ["the quick brown fox jumps over"])
+        c = T.model_conditions(model.weights, ids, lengths, targets=("q",), heads=[0])
+        base, sub = c.weights["baseline"][:, 0], c.weights["mean_q"][:, 0]
+        assert np.abs(sub[:, 0] - base[:, 0]).max() > 1e-3  # the substituted head
+        others = np.abs(sub[:, 1:] - base[:, 1:]).max()
+        assert others > 1e-4 if coupled else others < 1e-6, (name, others)
+    # whole KV groups of keys are what a hook on k_proj can replace: they run
+    olmo = loaded["olmo2"].weights
+    group = olmo.arch.group_size
+    assert group > 1
+    T.model_conditions(olmo, ids, lengths, targets=("k",), heads=list(range(group)))
 
 
 def test_fast_paths_are_not_used_with_rotary(loaded):

@@ -607,6 +607,25 @@ def _checked_ids(model: Weights, ids, lengths, seq):
     return ids, lengths, seq
 
 
+def _check_whole_groups(arch: Arch, c):
+    """A key norm over the whole projection (OLMo 2) reads every KV head of a token, so
+    the query heads of a KV group cannot see different keys there: K is substituted per
+    KV head, all the heads of a group or none (a hook on ``k_proj`` can do no other)."""
+    group = arch.group_size
+    token_norm = arch.qk_norm and arch.qk_norm_over == "token"
+    if c.target != "k" or c.heads is None or group == 1 or not token_norm:
+        return
+    chosen = set(c.heads)
+    for g in range(arch.n_kv_heads):
+        members = set(range(g * group, (g + 1) * group))
+        if chosen & members and not members <= chosen:
+            raise ValueError(
+                f"condition {c.label}: {arch.family}'s key norm reads all key/value heads of "
+                f"a token together, so K is substituted per KV head: select all of query "
+                f"heads {g * group}..{(g + 1) * group - 1} (KV head {g}) or none of them"
+            )
+
+
 def _check_layer_numbers(model: Weights, layers):
     bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
     if bad:
@@ -740,6 +759,7 @@ def model_conditions(
             raise ValueError(
                 f"condition {c.label}: heads {list(c.heads)} out of range for {model.n_heads}"
             )
+        _check_whole_groups(model.arch, c)
     if (sub.kind == "dataset") != (means is not None):
         raise ValueError(
             "over='dataset' substitutes the means of a data set: pass means= (see "
