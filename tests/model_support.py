@@ -349,10 +349,13 @@ def _is_norm_weight(name):
     )
 
 
-def write_layout_dir(path: Path, name, *, seed=0, scale=0.3, config=None):
+def write_layout_dir(path: Path, name, *, seed=0, scale=0.3, config=None, drop=(), prefix=None):
     """The checkpoint of family ``name`` as transformers writes it (its layout in
     family_layouts.json): every tensor by its name and shape, small random weights (norm
-    weights about 1), the family's tokenizer specials; ``config``: keys to change."""
+    weights about 1), the family's tokenizer specials; ``config``: keys to change,
+    ``drop``: keys to leave out; ``prefix`` ``(old, new)``: the tensors under ``old``
+    renamed to ``new`` and the rest (the task head) left out, as the base model saves
+    them."""
     path.mkdir(parents=True, exist_ok=True)
     layout = json.loads(LAYOUTS.read_text())[name]
     specials, bos, eos = LAYOUT_TOKENS[name]
@@ -363,8 +366,12 @@ def write_layout_dir(path: Path, name, *, seed=0, scale=0.3, config=None):
         shape = layout["tensors"][key]
         about_one = _is_norm_weight(key) and name not in NORMS_AS_OFFSET
         tensors[key] = (1 + r(*shape)) if about_one else r(*shape)
+    if prefix is not None:
+        old, new = prefix
+        tensors = {new + k.removeprefix(old): t for k, t in tensors.items() if k.startswith(old)}
     _save(path, tensors, 1)
-    (path / "config.json").write_text(json.dumps(layout["config"] | (config or {}), indent=2))
+    cfg = {k: v for k, v in layout["config"].items() if k not in drop} | (config or {})
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
 
 
@@ -387,7 +394,32 @@ FAMILY_DIRS = {
 } | {name: (write_layout_dir, dict(name=name)) for name in LAYOUT_TOKENS}  # fmt: skip
 
 
+#: Checkpoints as older transformers (before 5) wrote them, and as base models save them:
+#: the loaders' fallbacks, checked against transformers 5's reading of the same files
+#: (golden maps, as FAMILY_DIRS'): name → (family_layouts.json entry, changes).
+LEGACY_DIRS = {
+    # no layer_types: sliding and global alternate from layer 0; the base in rope_theta
+    "gemma2_legacy": ("gemma2", dict(drop=("layer_types", "rope_parameters"),
+                                     config={"rope_theta": 10000.0})),
+    # no layer_types: every sliding_window_pattern-th layer global; the sliding layers'
+    # base in rope_local_base_freq, the global one's scaling in rope_scaling
+    "gemma3_legacy": ("gemma3", dict(
+        drop=("layer_types", "rope_parameters", "_sliding_window_pattern"),
+        config={"rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 4.0}})),
+    # global_attn_every_n_layers alone; global_rope_theta and local_rope_theta
+    "modernbert_legacy": ("modernbert", dict(drop=("layer_types", "rope_parameters"),
+                          config={"global_rope_theta": 160000.0, "local_rope_theta": 10000.0})),
+    # OPTModel's checkpoint (decoder.*, no head); word_embed_proj_dim null: hidden_size
+    "opt_base": ("opt", dict(prefix=("model.decoder.", "decoder."),
+                             config={"word_embed_proj_dim": None})),
+}  # fmt: skip
+
+
 def write_family_dir(name: str, path: Path) -> Path:
+    if name in LEGACY_DIRS:
+        layout, changes = LEGACY_DIRS[name]
+        return write_layout_dir(path, layout, **changes)
     writer, kwargs = FAMILY_DIRS[name]
     return writer(path, **kwargs)
 

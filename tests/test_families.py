@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from model_support import (
     FAMILY_DIRS,
+    LEGACY_DIRS,
     convert_to_bfloat16,
     edit_config,
     padded_ids,
     write_family_dir,
+    write_layout_dir,
     write_llama_dir,
 )
 
@@ -34,7 +36,7 @@ CONDITIONS = ("baseline", "mean_q", "mean_k", "mean_v")
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {name: write_family_dir(name, root / name) for name in FAMILY_DIRS}
+    return {name: write_family_dir(name, root / name) for name in (*FAMILY_DIRS, *LEGACY_DIRS)}
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +44,15 @@ def loaded(family_dirs):
     return {name: M.load_model(str(path)) for name, path in family_dirs.items()}
 
 
-@pytest.mark.parametrize("name", list(FAMILY_DIRS))
+@pytest.mark.parametrize("name", [*FAMILY_DIRS, *LEGACY_DIRS])
 @pytest.mark.parametrize("setting", ["causal", "tokens_heads"])
 def test_every_layer_matches_transformers(loaded, name, setting):
     """Every layer's baseline and mean-Q/K/V maps (substituted at layer 1) against
     transformers' eager attention with hooks on the projections: the loader's names and
     layouts (GPT-NeoX's interleaved QKV), RMSNorm, SwiGLU, rotary with llama3/linear
-    scaling and partial rotary, GQA, Qwen3's q/k norm, parallel residual."""
+    scaling and partial rotary, GQA, Qwen3's q/k norm, parallel residual; and the older
+    configs' keys and a base model's checkpoint (LEGACY_DIRS), as transformers 5 reads
+    them."""
     model = loaded[name]
     arch = model.weights.arch
     heads = None
@@ -346,6 +350,27 @@ def test_older_gemma2_configs_take_transformers_defaults(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     arch = M.load_model(str(d)).weights.arch
     assert (arch.softcap, arch.final_softcap, arch.query_scale) == (50.0, 30.0, 256**-0.5)
+
+
+@pytest.mark.parametrize(
+    ("layout", "changes", "activation"),
+    [
+        # Gemma 1 reads hidden_act, whose "gelu" transformers rewrites to the tanh GELU
+        ("gemma", {"hidden_act": "gelu", "hidden_activation": "gelu"}, "gelu_tanh_gated"),
+        ("gemma", {"hidden_act": "gelu_new", "hidden_activation": "gelu"}, "gelu_tanh_gated"),
+        # Gemma 2/3 read hidden_activation alone: an explicit "gelu" is the exact GELU
+        ("gemma2", {"hidden_activation": "gelu", "hidden_act": "gelu_pytorch_tanh"}, "gelu_gated"),
+        ("gemma3", {"hidden_activation": "gelu"}, "gelu_gated"),
+        ("gemma3", {"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu"},
+         "gelu_tanh_gated"),
+    ],
+)  # fmt: skip
+def test_gemma_activations_are_read_as_transformers_reads_them(tmp_path, layout, changes,
+                                                               activation):  # fmt: skip
+    """The GeGLU's GELU from the key each Gemma reads in transformers 5.25 (checked there:
+    the ``act_fn`` class of each of these configs), not from whichever key is present."""
+    d = write_layout_dir(tmp_path / layout, layout, config=changes)
+    assert M.load_model(str(d)).weights.arch.activation == activation
 
 
 def test_mixtures_of_experts_are_refused_in_one_line(tmp_path):

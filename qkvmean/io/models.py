@@ -245,9 +245,15 @@ class _Tensors:
     """
 
     def __init__(self, tensors, path, prefix, unused=()):
+        """``prefix``: where the model's own tensors are in a checkpoint with a task head
+        (``model.``), or several such places (OPT's ``model.decoder.``, or ``decoder.``
+        as its base model saves them), the first found taken; none: a base model's
+        checkpoint, its names as they are."""
         self.tensors = tensors
         self.where = f"{path}/model.safetensors"
-        self.prefix = prefix if any(k.startswith(prefix) for k in tensors) else ""
+        candidates = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+        found = [p for p in candidates if any(k.startswith(p) for k in tensors)]
+        self.prefix = found[0] if found else ""
         self.unused = [re.compile(pattern) for pattern in unused]
         self.used = set()
 
@@ -917,7 +923,7 @@ def _opt(cfg, tensors, path) -> Weights:
         _int(cfg, key, path) for key in ("hidden_size", "num_attention_heads", "num_hidden_layers")
     )
     d_ff = _int(cfg, "ffn_dim", path)
-    if cfg.get("word_embed_proj_dim", d) != d:
+    if cfg.get("word_embed_proj_dim") not in (None, d):  # (null: hidden_size, as transformers)
         raise InputError(
             f"{path}/config.json: word_embed_proj_dim {cfg['word_embed_proj_dim']} differs "
             f"from hidden_size {d} (OPT-350m's projections are not supported)"
@@ -936,7 +942,7 @@ def _opt(cfg, tensors, path) -> Weights:
         activation="relu", n_heads=heads, n_kv_heads=heads, head_dim=_head_dim({}, path, d, heads),
         final_norm=True,
     )  # fmt: skip
-    t = _Tensors(tensors, path, "model.decoder.", unused=(r"lm_head\.weight",))
+    t = _Tensors(tensors, path, ("model.decoder.", "decoder."), unused=(r"lm_head\.weight",))
     r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
     layers = []
     for i in range(n_layers):
@@ -1070,9 +1076,12 @@ def _stablelm(cfg, tensors, path) -> Weights:
     return weights
 
 
-#: Gemma's activations: ``hidden_activation`` (else the older ``hidden_act``, which
-#: transformers overrides with the tanh GELU): GeGLU.
-GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh_gated", "gelu": "gelu_tanh_gated"}
+#: Gemma 2/3's GeGLU, as transformers reads it: ``hidden_activation`` alone, where an
+#: explicit ``gelu`` is the exact GELU.
+GEMMA_ACTIVATIONS = {name: f"{base}_gated" for name, base in GELU_NAMES.items()}
+#: Gemma 1's: ``hidden_act`` alone, whose ``gelu`` (the official releases' value)
+#: transformers rewrites to the tanh GELU it was meant to be.
+GEMMA1_ACTIVATIONS = GEMMA_ACTIVATIONS | {"gelu": "gelu_tanh_gated"}
 #: Gemma 2's soft-caps of the attention and output logits where config.json has no key.
 GEMMA_SOFTCAPS = {"gemma2": (50.0, 30.0)}
 #: Gemma 3's sliding and global layers: every ``_sliding_window_pattern``-th is global.
@@ -1144,8 +1153,11 @@ def _gemma(cfg, tensors, path) -> Weights:
     d, heads, n_layers, d_ff = _sizes(cfg, path)
     kv_heads = _int(cfg, "num_key_value_heads", path, heads)
     dh = _head_dim(cfg, path, d, heads)
-    key = "hidden_activation" if cfg.get("hidden_activation") else "hidden_act"
-    act = _choice(cfg, key, "gelu_pytorch_tanh", GEMMA_ACTIVATIONS, path, family_name)
+    if later:
+        act = _choice(cfg, "hidden_activation", "gelu_pytorch_tanh", GEMMA_ACTIVATIONS, path,
+                      family_name)  # fmt: skip
+    else:
+        act = _choice(cfg, "hidden_act", "gelu_pytorch_tanh", GEMMA1_ACTIVATIONS, path, "gemma")
     if cfg.get("use_bidirectional_attention"):
         raise InputError(f"{path}/config.json: use_bidirectional_attention is not supported")
     rotary, local = _gemma_rotaries(cfg, path, dh, family_name)

@@ -13,9 +13,9 @@ GPT-NeoX's fused interleaved QKV with partial rotary, parallel and sequential re
 the families written from family_layouts.json: RoBERTa, XLM-R, DistilBERT, OPT, GPT-J,
 StableLM, Gemma 1/2/3 (soft-capping, sliding windows, local rotary, q/k norm), BLOOM (ALiBi),
 OLMo 2 (norms on the sublayers' outputs, q/k norm over all heads), ModernBERT (local windows
-on both sides, no first attention norm))
-and each of ``TEXTS``, it records transformers' eager attention weights of every layer
-``(L, H, n, n)`` for the baseline and mean-Q/K/V at layer 1:
+on both sides, no first attention norm)), and of ``LEGACY_DIRS`` (older configs'
+keys, OPT's base-model checkpoint), and each of ``TEXTS``, it records transformers' eager
+attention weights of every layer ``(L, H, n, n)`` for the baseline and mean-Q/K/V at layer 1:
 
 - ``causal``: the causal prefix mean, every head;
 - ``tokens_heads``: the mean over tokens, in the heads of the last KV group only (hooks on
@@ -38,7 +38,7 @@ from transformers import AutoModel
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from model_support import FAMILY_DIRS, write_family_dir  # noqa: E402
+from model_support import FAMILY_DIRS, LEGACY_DIRS, write_family_dir  # noqa: E402
 
 TEXTS = ("the quick brown fox jumps", "mean keys and values")
 LAYER = 1
@@ -125,7 +125,7 @@ def hooks(model, family, target, over, heads):
 def main():
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in FAMILY_DIRS:
+        for name in (*FAMILY_DIRS, *LEGACY_DIRS):
             path = write_family_dir(name, Path(tmp) / name)
             family = json.loads((path / "config.json").read_text())["model_type"]
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
