@@ -21,6 +21,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -436,20 +437,6 @@ class _Reader:
         b = self.get(f"{name}.bias", (n_out,)) if bias else np.zeros(n_out, np.float32)
         return w, b
 
-    def attention(self, p, d, heads, kv_heads, dh, qkv_bias, o_bias):
-        """The Llama-style ``{p}.self_attn.{q,k,v,o}_proj`` as four ``(w, b)`` pairs."""
-        q = self.linear(f"{p}.self_attn.q_proj", d, heads * dh, qkv_bias)
-        k = self.linear(f"{p}.self_attn.k_proj", d, kv_heads * dh, qkv_bias)
-        v = self.linear(f"{p}.self_attn.v_proj", d, kv_heads * dh, qkv_bias)
-        return q, k, v, self.linear(f"{p}.self_attn.o_proj", heads * dh, d, o_bias)
-
-    def gated_mlp(self, p, d, d_ff, bias):
-        """``{p}.mlp.{gate,up,down}_proj``: the gate and up projections side by side (the
-        gated activations' ``[gate | up]``), and the down projection."""
-        gate = self.linear(f"{p}.mlp.gate_proj", d, d_ff, bias)
-        up = self.linear(f"{p}.mlp.up_proj", d, d_ff, bias)
-        return _fuse(gate, up), self.linear(f"{p}.mlp.down_proj", d_ff, d, bias)
-
     def norm(self, name, d, bias=True):
         """``(gamma, beta)``; RMSNorm has no bias (zeros)."""
         gamma = self.get(f"{name}.weight", (d,))
@@ -464,7 +451,7 @@ def _fuse(*pairs):
     return w, np.concatenate([p[1] for p in pairs])
 
 
-def _layer(wq, wk, wv, wo, norm1, mlp_in, mlp_out, norm2, q_norm=None, k_norm=None):
+def _layer(wq, wk, wv, wo, norm1, mlp_in, mlp_out, norm2):
     """A :class:`Layer` from ``(w, b)`` pairs: Q, K and V fused column-wise."""
     wqkv, bqkv = _fuse(wq, wk, wv)
     return Layer(
@@ -478,9 +465,117 @@ def _layer(wq, wk, wv, wo, norm1, mlp_in, mlp_out, norm2, q_norm=None, k_norm=No
         w2=mlp_out[0],
         b2=mlp_out[1],
         norm2=norm2,
-        q_norm=q_norm,
-        k_norm=k_norm,
     )
+
+
+class Block(NamedTuple):
+    """Where a family with separate Q, K and V projections keeps one block's tensors,
+    under the layer's prefix ``layer.format(i)``: a family's names, as data, which
+    :func:`_blocks` reads for every such family."""
+
+    layer: str  # the layer's prefix, "{}" its index
+    q: str
+    k: str
+    v: str
+    o: str
+    mlp_in: str | tuple  # a Linear, or the (gate, up) Linears of a gated MLP
+    mlp_out: str
+    norm1: str | None  # the attention's norm (None: none, the attention reads h)
+    norm2: str | None  # the MLP's (norm1's name: one norm read by both, GPT-J)
+    norm3: str | None = None  # the attention's output norm (Arch.output_norms)
+    norm4: str | None = None  # the MLP's output norm
+    q_norm: str | None = None  # q/k norm weights (Arch.qk_norm)
+    k_norm: str | None = None
+
+
+class Biases(NamedTuple):
+    """Which Linears of a :class:`Block` have biases (config.json's flags, read)."""
+
+    qkv: bool = True
+    o: bool = True
+    mlp: bool = True
+
+
+ALL_BIASES = Biases()
+
+
+def _blocks(r: _Reader, names: Block, arch: Arch, d, d_ff, n_layers, biases=ALL_BIASES):
+    """Every layer of a :class:`Block` family as :class:`Layer` values, each tensor
+    checked against the shape ``arch`` gives it; the norms have biases where they are
+    LayerNorms; q/k norm weights are applied as ``offset + weight``, like the others."""
+    heads, kv, dh = arch.n_heads, arch.n_kv_heads, arch.head_dim
+    norm_bias = arch.norm.kind == "layer"
+    per_token = arch.qk_norm_over == "token"
+    layers = []
+    for i in range(n_layers):
+        p = names.layer.format(i)
+
+        def linear(name, n_in, n_out, bias, p=p):
+            return r.linear(f"{p}.{name}", n_in, n_out, bias)
+
+        def norm(name, p=p):
+            return None if name is None else r.norm(f"{p}.{name}", d, norm_bias)
+
+        if isinstance(names.mlp_in, str):
+            mlp_in = linear(names.mlp_in, d, d_ff, biases.mlp)
+        else:  # the gated activations' [gate | up]
+            mlp_in = _fuse(*(linear(name, d, d_ff, biases.mlp) for name in names.mlp_in))
+        norm1 = norm(names.norm1)
+        layer = _layer(
+            linear(names.q, d, heads * dh, biases.qkv),
+            linear(names.k, d, kv * dh, biases.qkv),
+            linear(names.v, d, kv * dh, biases.qkv),
+            linear(names.o, heads * dh, d, biases.o),
+            norm1,
+            mlp_in,
+            linear(names.mlp_out, d_ff, d, biases.mlp),
+            norm1 if names.norm2 == names.norm1 else norm(names.norm2),
+        )
+        if arch.qk_norm:
+            offset = np.float32(arch.norm.offset)  # (Gemma 3: 1; Qwen3, OLMo 2: 0)
+            for which, name, n in (("q", names.q_norm, heads), ("k", names.k_norm, kv)):
+                gamma = r.get(f"{p}.{name}.weight", ((n if per_token else 1) * dh,))
+                setattr(layer, f"{which}_norm", gamma + offset)
+        if arch.output_norms:
+            layer.norm3, layer.norm4 = norm(names.norm3), norm(names.norm4)
+        layers.append(layer)
+    return layers
+
+
+#: The blocks of the families with separate projections.
+BERT_BLOCK = Block(
+    "encoder.layer.{}", "attention.self.query", "attention.self.key", "attention.self.value",
+    "attention.output.dense", "intermediate.dense", "output.dense",
+    "attention.output.LayerNorm", "output.LayerNorm",
+)  # fmt: skip
+DISTILBERT_BLOCK = Block(
+    "transformer.layer.{}", "attention.q_lin", "attention.k_lin", "attention.v_lin",
+    "attention.out_lin", "ffn.lin1", "ffn.lin2", "sa_layer_norm", "output_layer_norm",
+)  # fmt: skip
+OPT_BLOCK = Block(
+    "layers.{}", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "self_attn.out_proj", "fc1", "fc2", "self_attn_layer_norm", "final_layer_norm",
+)  # fmt: skip
+GPTJ_BLOCK = Block(  # one norm for both branches of the parallel block
+    "h.{}", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.fc_in",
+    "mlp.fc_out", "ln_1", "ln_1",
+)  # fmt: skip
+LLAMA_BLOCK = Block(  # Llama, Mistral, Qwen2/3, StableLM, Gemma 1
+    "layers.{}", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj",
+    "input_layernorm", "post_attention_layernorm",
+    q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+)  # fmt: skip
+#: Gemma 2/3: post_attention_layernorm norms the attention's output, and the MLP's input
+#: norm is pre_feedforward_layernorm.
+GEMMA2_BLOCK = LLAMA_BLOCK._replace(
+    norm2="pre_feedforward_layernorm", norm3="post_attention_layernorm",
+    norm4="post_feedforward_layernorm",
+)  # fmt: skip
+#: OLMo 2: no input norms (the sublayers read h), norms of their outputs.
+OLMO2_BLOCK = LLAMA_BLOCK._replace(
+    norm1=None, norm2=None, norm3="post_attention_layernorm", norm4="post_feedforward_layernorm"
+)
 
 
 # ------------------------------------------------------------------------ family entries
@@ -560,21 +655,7 @@ def _bert(cfg, tensors, path) -> Weights:
     t = _Tensors(tensors, path, prefix, unused=unused)
     r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
     vocab = _int(cfg, "vocab_size", path)
-    layers = []
-    for i in range(n_layers):
-        p = f"encoder.layer.{i}"
-        layers.append(
-            _layer(
-                r.linear(f"{p}.attention.self.query", d, d),
-                r.linear(f"{p}.attention.self.key", d, d),
-                r.linear(f"{p}.attention.self.value", d, d),
-                r.linear(f"{p}.attention.output.dense", d, d),
-                r.norm(f"{p}.attention.output.LayerNorm", d),
-                r.linear(f"{p}.intermediate.dense", d, d_ff),
-                r.linear(f"{p}.output.dense", d_ff, d),
-                r.norm(f"{p}.output.LayerNorm", d),
-            )
-        )
+    layers = _blocks(r, BERT_BLOCK, arch, d, d_ff, n_layers)
     n_types = _int(cfg, "type_vocab_size", path, 2)
     rows = _int(cfg, "max_position_embeddings", path)
     first = 0  # RoBERTa: positions padding_idx + 1, padding_idx + 2, ...
@@ -728,21 +809,7 @@ def _llama_like(cfg, tensors, path) -> Weights:
     )
     t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
     r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
-    layers = []
-    for i in range(n_layers):
-        p = f"layers.{i}"
-        mlp_in, mlp_out = r.gated_mlp(p, d, d_ff, mlp_bias)
-        layers.append(
-            _layer(
-                *r.attention(p, d, heads, kv_heads, dh, qkv_bias, o_bias),
-                r.norm(f"{p}.input_layernorm", d, bias=False),
-                mlp_in,
-                mlp_out,
-                r.norm(f"{p}.post_attention_layernorm", d, bias=False),
-                q_norm=r.get(f"{p}.self_attn.q_norm.weight", (dh,)) if arch.qk_norm else None,
-                k_norm=r.get(f"{p}.self_attn.k_norm.weight", (dh,)) if arch.qk_norm else None,
-            )
-        )
+    layers = _blocks(r, LLAMA_BLOCK, arch, d, d_ff, n_layers, Biases(qkv_bias, o_bias, mlp_bias))
     weights = Weights(
         arch=arch,
         tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
@@ -883,21 +950,7 @@ def _distilbert(cfg, tensors, path) -> Weights:
     )  # fmt: skip
     t = _Tensors(tensors, path, "distilbert.", unused=DISTILBERT_UNUSED)
     r = _Reader(t, f" (config.json: n_layers = {n_layers})")
-    layers = []
-    for i in range(n_layers):
-        p = f"transformer.layer.{i}"
-        layers.append(
-            _layer(
-                r.linear(f"{p}.attention.q_lin", d, d),
-                r.linear(f"{p}.attention.k_lin", d, d),
-                r.linear(f"{p}.attention.v_lin", d, d),
-                r.linear(f"{p}.attention.out_lin", d, d),
-                r.norm(f"{p}.sa_layer_norm", d),
-                r.linear(f"{p}.ffn.lin1", d, d_ff),
-                r.linear(f"{p}.ffn.lin2", d_ff, d),
-                r.norm(f"{p}.output_layer_norm", d),
-            )
-        )
+    layers = _blocks(r, DISTILBERT_BLOCK, arch, d, d_ff, n_layers)
     weights = Weights(
         arch=arch,
         tok_emb=r.get("embeddings.word_embeddings.weight", (_int(cfg, "vocab_size", path), d)),
@@ -944,21 +997,7 @@ def _opt(cfg, tensors, path) -> Weights:
     )  # fmt: skip
     t = _Tensors(tensors, path, ("model.decoder.", "decoder."), unused=(r"lm_head\.weight",))
     r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
-    layers = []
-    for i in range(n_layers):
-        p = f"layers.{i}"
-        layers.append(
-            _layer(
-                r.linear(f"{p}.self_attn.q_proj", d, d),
-                r.linear(f"{p}.self_attn.k_proj", d, d),
-                r.linear(f"{p}.self_attn.v_proj", d, d),
-                r.linear(f"{p}.self_attn.out_proj", d, d),
-                r.norm(f"{p}.self_attn_layer_norm", d),
-                r.linear(f"{p}.fc1", d, d_ff),
-                r.linear(f"{p}.fc2", d_ff, d),
-                r.norm(f"{p}.final_layer_norm", d),
-            )
-        )
+    layers = _blocks(r, OPT_BLOCK, arch, d, d_ff, n_layers)
     rows = _int(cfg, "max_position_embeddings", path) + OPT_POSITION_OFFSET
     weights = Weights(
         arch=arch,
@@ -1000,22 +1039,7 @@ def _gptj(cfg, tensors, path) -> Weights:
     )  # fmt: skip
     t = _Tensors(tensors, path, "transformer.", unused=(r"h\.\d+\.attn\.(masked_)?bias",))
     r = _Reader(t, f" (config.json: n_layer = {n_layers})")
-    layers = []
-    for i in range(n_layers):
-        p = f"h.{i}"
-        ln = r.norm(f"{p}.ln_1", d)  # both branches read the same norm
-        layers.append(
-            _layer(
-                r.linear(f"{p}.attn.q_proj", d, d, bias=False),
-                r.linear(f"{p}.attn.k_proj", d, d, bias=False),
-                r.linear(f"{p}.attn.v_proj", d, d, bias=False),
-                r.linear(f"{p}.attn.out_proj", d, d, bias=False),
-                ln,
-                r.linear(f"{p}.mlp.fc_in", d, d_ff),
-                r.linear(f"{p}.mlp.fc_out", d_ff, d),
-                ln,
-            )
-        )
+    layers = _blocks(r, GPTJ_BLOCK, arch, d, d_ff, n_layers, Biases(qkv=False, o=False))
     weights = Weights(
         arch=arch,
         tok_emb=r.get("wte.weight", (_int(cfg, "vocab_size", path), d)),
@@ -1051,19 +1075,7 @@ def _stablelm(cfg, tensors, path) -> Weights:
     bias = _flag(cfg, "use_qkv_bias", path)
     t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
     r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
-    layers = []
-    for i in range(n_layers):
-        p = f"layers.{i}"
-        mlp_in, mlp_out = r.gated_mlp(p, d, d_ff, False)
-        layers.append(
-            _layer(
-                *r.attention(p, d, heads, kv_heads, dh, bias, False),
-                r.norm(f"{p}.input_layernorm", d),
-                mlp_in,
-                mlp_out,
-                r.norm(f"{p}.post_attention_layernorm", d),
-            )
-        )
+    layers = _blocks(r, LLAMA_BLOCK, arch, d, d_ff, n_layers, Biases(bias, False, False))
     weights = Weights(
         arch=arch,
         tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
@@ -1099,19 +1111,12 @@ def _positive(cfg, key, path, default=None):
     return float(value)
 
 
-def _gemma_windows(cfg, path, n_layers, family_name):
-    """Each layer's sliding window (0: global), from ``layer_types`` (transformers 5), else
-    the family's rule: Gemma 2 alternates from a sliding first layer, Gemma 3 has one
-    global layer in every ``sliding_window_pattern``."""
-    if family_name == "gemma":
-        return ()
-    window = _int(cfg, "sliding_window", path, 4096)
+def _layer_windows(cfg, path, default_types, window):
+    """Each layer's window (0: global) from config.json's ``layer_types`` (transformers
+    5), else ``default_types``: the family's rule, for configs written before."""
     types = cfg.get("layer_types")
-    if types is None:
-        pattern = _int(cfg, "sliding_window_pattern", path, GEMMA3_PATTERN)
-        pattern = 2 if family_name == "gemma2" else pattern
-        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                 for i in range(n_layers)]  # fmt: skip
+    types = default_types if types is None else types
+    n_layers = len(default_types)
     if (
         not isinstance(types, list)
         or len(types) != n_layers
@@ -1122,6 +1127,21 @@ def _gemma_windows(cfg, path, n_layers, family_name):
             f"'full_attention' for each of the {n_layers} layers"
         )
     return tuple(window if t == "sliding_attention" else 0 for t in types)
+
+
+def _gemma_windows(cfg, path, n_layers, family_name):
+    """Each layer's sliding window (0: global), from ``layer_types`` (transformers 5), else
+    the family's rule: Gemma 2 alternates from a sliding first layer, Gemma 3 has one
+    global layer in every ``sliding_window_pattern``."""
+    if family_name == "gemma":
+        return ()
+    window = _int(cfg, "sliding_window", path, 4096)
+    pattern = 2  # Gemma 2; Gemma 3's key is read (and checked) only without layer_types
+    if family_name != "gemma2" and cfg.get("layer_types") is None:
+        pattern = _int(cfg, "sliding_window_pattern", path, GEMMA3_PATTERN)
+    types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+             for i in range(n_layers)]  # fmt: skip
+    return _layer_windows(cfg, path, types, window)
 
 
 def _gemma_rotaries(cfg, path, dh, family_name):
@@ -1178,29 +1198,8 @@ def _gemma(cfg, tensors, path) -> Weights:
     bias = _flag(cfg, "attention_bias", path)
     t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
     r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
-    layers = []
-    for i in range(n_layers):
-        p = f"layers.{i}"
-        mlp_in, mlp_out = r.gated_mlp(p, d, d_ff, False)
-        # Gemma 2/3: post_attention_layernorm norms the attention's output, and the MLP's
-        # input norm is pre_feedforward_layernorm; Gemma 1: the MLP's input norm
-        mlp_norm = f"{p}.pre_feedforward_layernorm" if later else f"{p}.post_attention_layernorm"
-        # q/k norms (Gemma 3) are RMSNorms with offset 1 as well: applied as 1 + weight
-        q_norm = r.get(f"{p}.self_attn.q_norm.weight", (dh,)) + 1 if qk_norm else None
-        k_norm = r.get(f"{p}.self_attn.k_norm.weight", (dh,)) + 1 if qk_norm else None
-        layer = _layer(
-            *r.attention(p, d, heads, kv_heads, dh, bias, bias),
-            r.norm(f"{p}.input_layernorm", d, bias=False),
-            mlp_in,
-            mlp_out,
-            r.norm(mlp_norm, d, bias=False),
-            q_norm=q_norm,
-            k_norm=k_norm,
-        )
-        if later:
-            layer.norm3 = r.norm(f"{p}.post_attention_layernorm", d, bias=False)
-            layer.norm4 = r.norm(f"{p}.post_feedforward_layernorm", d, bias=False)
-        layers.append(layer)
+    block = GEMMA2_BLOCK if later else LLAMA_BLOCK
+    layers = _blocks(r, block, arch, d, d_ff, n_layers, Biases(bias, bias, False))
     weights = Weights(
         arch=arch,
         tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
@@ -1290,22 +1289,7 @@ def _olmo2(cfg, tensors, path) -> Weights:
     bias = _flag(cfg, "attention_bias", path)
     t = _Tensors(tensors, path, "model.", unused=LLAMA_UNUSED)
     r = _Reader(t, f" (config.json: num_hidden_layers = {n_layers})")
-    layers = []
-    for i in range(n_layers):
-        p = f"layers.{i}"
-        mlp_in, mlp_out = r.gated_mlp(p, d, d_ff, False)
-        layer = _layer(
-            *r.attention(p, d, heads, kv_heads, dh, bias, bias),
-            None,  # no input norms: the sublayers read h
-            mlp_in,
-            mlp_out,
-            None,
-            q_norm=r.get(f"{p}.self_attn.q_norm.weight", (heads * dh,)),
-            k_norm=r.get(f"{p}.self_attn.k_norm.weight", (kv_heads * dh,)),
-        )
-        layer.norm3 = r.norm(f"{p}.post_attention_layernorm", d, bias=False)
-        layer.norm4 = r.norm(f"{p}.post_feedforward_layernorm", d, bias=False)
-        layers.append(layer)
+    layers = _blocks(r, OLMO2_BLOCK, arch, d, d_ff, n_layers, Biases(bias, bias, False))
     weights = Weights(
         arch=arch,
         tok_emb=r.get("embed_tokens.weight", (_int(cfg, "vocab_size", path), d)),
@@ -1327,21 +1311,11 @@ def _modernbert_windows(cfg, path, n_layers):
     side) or 0 (global): ``layer_types`` (transformers 5), else every
     ``global_attn_every_n_layers``-th layer from the first is global."""
     window = _int(cfg, "local_attention", path, 128)
-    types = cfg.get("layer_types")
-    if types is None:
+    every = 1  # (the key is read, and checked, only without layer_types)
+    if cfg.get("layer_types") is None:
         every = _int(cfg, "global_attn_every_n_layers", path, 3)
-        types = ["full_attention" if i % every == 0 else "sliding_attention"
-                 for i in range(n_layers)]  # fmt: skip
-    if (
-        not isinstance(types, list)
-        or len(types) != n_layers
-        or not set(types) <= {"sliding_attention", "full_attention"}
-    ):
-        raise InputError(
-            f"{path}/config.json: layer_types must list 'sliding_attention' or "
-            f"'full_attention' for each of the {n_layers} layers"
-        )
-    return tuple(window if t == "sliding_attention" else 0 for t in types)
+    types = ["full_attention" if i % every == 0 else "sliding_attention" for i in range(n_layers)]
+    return _layer_windows(cfg, path, types, window)
 
 
 @family("modernbert", names="ModernBERT")
