@@ -57,6 +57,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from model_support import FAMILY_DIRS, write_family_dir, write_gpt2_dir  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+from hf_projections import projection  # noqa: E402
+
 #: Three lengths (the test runs them as one padded batch; here each runs alone).
 TEXTS = (
     "the quick brown fox jumps over the lazy dog",
@@ -106,61 +109,7 @@ def _substitute(x, over):
 def hook(model, family, target, over, layer, heads):
     """A forward hook on layer ``layer``'s projection that substitutes ``target`` of the
     query heads ``heads`` (for K and V: their KV heads, whole); returns its handle."""
-    cfg = model.config
-    base = model.base_model
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    d = cfg.hidden_size
-    dh = getattr(cfg, "head_dim", None) or d // n_heads
-    group = n_heads // n_kv
-    kv = sorted({h // group for h in heads})
-    if family == "gpt2":
-        module = base.h[layer].attn.c_attn  # Conv1D output [q | k | v], d each
-        cols = [("qkv".index(target) * d + h * dh) for h in heads]
-    elif family in ("bert", "roberta", "xlm-roberta"):
-        attn = base.encoder.layer[layer].attention.self
-        module = getattr(attn, {"q": "query", "k": "key", "v": "value"}[target])
-        cols = [h * dh for h in heads]
-    elif family == "falcon":
-        module = base.h[layer].self_attention.query_key_value
-        if cfg.new_decoder_architecture:  # per KV group: [its query heads | k | v]
-            cols = {
-                "q": [((h // group) * (group + 2) + h % group) * dh for h in heads],
-                "k": [(x * (group + 2) + group) * dh for x in kv],
-                "v": [(x * (group + 2) + group + 1) * dh for x in kv],
-            }[target]
-        else:  # the query heads, then the one key head, then the value head
-            cols = {"q": [h * dh for h in heads], "k": [n_heads * dh], "v": [(n_heads + 1) * dh]}[
-                target
-            ]
-    elif family == "modernbert":
-        module = base.layers[layer].attn.Wqkv  # [q | k | v], d each
-        cols = [("qkv".index(target) * d + h * dh) for h in heads]
-    elif family == "distilbert":
-        module = getattr(base.transformer.layer[layer].attention, f"{target}_lin")
-        cols = [h * dh for h in heads]
-    elif family in ("gpt_neox", "bloom"):  # per head [q | k | v]
-        fused = (
-            base.layers[layer].attention if family == "gpt_neox" else base.h[layer].self_attention
-        )
-        module = fused.query_key_value
-        cols = [h * 3 * dh + "qkv".index(target) * dh for h in heads]
-    elif family == "phi3":
-        module = base.layers[layer].self_attn.qkv_proj  # query heads, key heads, value heads
-        cols = {
-            "q": [h * dh for h in heads],
-            "k": [(n_heads + g) * dh for g in kv],
-            "v": [(n_heads + n_kv + g) * dh for g in kv],
-        }[target]
-    else:
-        if family == "opt":
-            attn = base.decoder.layers[layer].self_attn
-        elif family == "gptj":
-            attn = base.h[layer].attn
-        else:
-            attn = base.layers[layer].self_attn
-        module = getattr(attn, f"{target}_proj")
-        cols = [h * dh for h in heads] if target == "q" else [g * dh for g in kv]
+    module, cols, dh = projection(model, family, target, layer, heads)
 
     def substitute(mod, inp, res):
         res = res.clone()

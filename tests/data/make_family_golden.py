@@ -40,20 +40,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from model_support import FAMILY_DIRS, LEGACY_DIRS, write_family_dir  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+from hf_projections import projection  # noqa: E402
+
 TEXTS = ("the quick brown fox jumps", "mean keys and values")
 LAYER = 1
 SETTINGS = {"causal": "causal", "tokens_heads": "tokens"}
-
-
-#: Where each family's separate q/k/v projections are (in its base model), and their names.
-DEFAULT_PROJECTIONS = (lambda m: m.layers[LAYER].self_attn, ("q_proj", "k_proj", "v_proj"))
-PROJECTIONS = {
-    "roberta": (lambda m: m.encoder.layer[LAYER].attention.self, ("query", "key", "value")),
-    "xlm-roberta": (lambda m: m.encoder.layer[LAYER].attention.self, ("query", "key", "value")),
-    "distilbert": (lambda m: m.transformer.layer[LAYER].attention, ("q_lin", "k_lin", "v_lin")),
-    "opt": (lambda m: m.decoder.layers[LAYER].self_attn, ("q_proj", "k_proj", "v_proj")),
-    "gptj": (lambda m: m.h[LAYER].attn, ("q_proj", "k_proj", "v_proj")),
-}
 
 
 def _mean(x, over):
@@ -66,51 +58,7 @@ def _mean(x, over):
 def hooks(model, family, target, over, heads):
     """Forward hooks that substitute ``target`` of ``heads`` at layer LAYER's projection
     output; returns the handles."""
-    cfg = model.config
-    n_heads = cfg.num_attention_heads
-    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    group = n_heads // getattr(cfg, "num_key_value_heads", n_heads)
-    if family in ("gpt_neox", "bloom"):
-        fused = (
-            model.layers[LAYER].attention if family == "gpt_neox" else model.h[LAYER].self_attention
-        )
-        module = fused.query_key_value
-        # fused output: per head [q | k | v], dh each
-        cols = [h * 3 * dh + "qkv".index(target) * dh for h in heads]
-    elif family == "falcon":
-        module = model.h[LAYER].self_attention.query_key_value
-        kv_heads = 1 if not cfg.new_decoder_architecture else cfg.num_kv_heads
-        g = n_heads // kv_heads
-        if cfg.new_decoder_architecture:  # per KV group: [its query heads | k | v]
-            kv = sorted({h // g for h in heads})
-            cols = {
-                "q": [((h // g) * (g + 2) + h % g) * dh for h in heads],
-                "k": [(x * (g + 2) + g) * dh for x in kv],
-                "v": [(x * (g + 2) + g + 1) * dh for x in kv],
-            }[target]
-        else:  # the query heads, then the one key head, then the value head
-            cols = {"q": [h * dh for h in heads], "k": [n_heads * dh], "v": [(n_heads + 1) * dh]}[
-                target
-            ]
-    elif family == "modernbert":
-        module = model.layers[LAYER].attn.Wqkv  # [q | k | v], the heads in order in each
-        cols = [("qkv".index(target) * cfg.hidden_size + h * dh) for h in heads]
-    elif family == "phi3":
-        module = model.layers[LAYER].self_attn.qkv_proj
-        # fused output: the query heads, then the key heads, then the value heads
-        kv = sorted({h // group for h in heads})
-        cols = {
-            "q": [h * dh for h in heads],
-            "k": [(n_heads + g) * dh for g in kv],
-            "v": [(n_heads + cfg.num_key_value_heads + g) * dh for g in kv],
-        }[target]
-    else:
-        where, names = PROJECTIONS.get(family, DEFAULT_PROJECTIONS)
-        module = getattr(where(model), names["qkv".index(target)])
-        if target == "q":
-            cols = [h * dh for h in heads]
-        else:  # a whole KV head per group of query heads
-            cols = sorted({(h // group) * dh for h in heads})
+    module, cols, dh = projection(model, family, target, LAYER, heads)
 
     def hook(mod, inp, res):
         res = res.clone()
