@@ -170,6 +170,7 @@ def model_attention(seq, repeat):
     for the baseline and one condition with its KL (metrics on, maps kept)."""
     from qkvmean import config
     from qkvmean.engine.backends import cpu
+    from qkvmean.engine.kernels.attention import plain
 
     heads, dim = 12, 64
     rng = np.random.default_rng(5)
@@ -182,8 +183,9 @@ def model_attention(seq, repeat):
     reduced = [np.empty(heads) for _ in range(4)]
 
     def both():
-        cpu.attention_one(q, k, v, modes, False, 0.125, 0, w0, o, scratch, True, reduced)
-        cpu.attention_one(q1, k, v, modes, False, 0.125, 1, w1, o, scratch, True, reduced)
+        lg = plain()  # every key, no soft-cap or ALiBi: what issue 25 measured
+        cpu.attention_one(q, k, v, modes, False, 0.125, lg, 0, w0, o, scratch, True, reduced)
+        cpu.attention_one(q1, k, v, modes, False, 0.125, lg, 1, w1, o, scratch, True, reduced)
 
     def products():  # the same two products per condition, whole heads at once
         for _ in range(2):
