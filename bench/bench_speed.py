@@ -182,8 +182,9 @@ def model_attention(seq, repeat):
     o = np.empty((heads, seq, dim), np.float32)
     reduced = [np.empty(heads) for _ in range(4)]
 
+    lg = plain()  # every key, no soft-cap or ALiBi: what issue 25 measured
+
     def both():
-        lg = plain()  # every key, no soft-cap or ALiBi: what issue 25 measured
         cpu.attention_one(q, k, v, modes, False, 0.125, lg, 0, w0, o, scratch, True, reduced)
         cpu.attention_one(q1, k, v, modes, False, 0.125, lg, 1, w1, o, scratch, True, reduced)
 

@@ -398,6 +398,9 @@ FAMILY_DIRS = {
 #: the loaders' fallbacks, checked against transformers 5's reading of the same files
 #: (golden maps, as FAMILY_DIRS'): name → (family_layouts.json entry, changes).
 LEGACY_DIRS = {
+    # Gemma 1 as the official releases' config.json has it: hidden_act "gelu", which
+    # transformers reads as the tanh GELU (and no hidden_activation)
+    "gemma_gelu": ("gemma", dict(drop=("hidden_activation",), config={"hidden_act": "gelu"})),
     # no layer_types: sliding and global alternate from layer 0; the base in rope_theta
     "gemma2_legacy": ("gemma2", dict(drop=("layer_types", "rope_parameters"),
                                      config={"rope_theta": 10000.0})),

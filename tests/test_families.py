@@ -439,6 +439,16 @@ def test_cli_runs_a_family_and_warns_about_tokens_on_causal(family_dirs, tmp_pat
     refused = run("--model", str(bad), "--out", "c.h5")
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "rope type 'dynamic'" in refused.stderr
+    # OLMo 2's keys by whole KV groups: a split group refused before any work, in one
+    # line; a head sweep of K likewise; Q alone in the same heads runs
+    olmo = str(family_dirs["olmo2"])
+    for args in (("--heads", "1"), ("--sweep", "heads", "--targets", "k")):
+        split = run("--model", olmo, *args, "--out", "d.h5")
+        assert split.returncode == 2, split.stderr
+        assert split.stderr.count("\n") == 1, split.stderr
+        assert "select all of query heads 0..1 (KV head 0) or none" in split.stderr
+        assert not list(tmp_path.glob("d.h5*"))
+    assert run("--model", olmo, "--heads", "1", "--targets", "q", "--out", "e.h5").returncode == 0
 
 
 def test_model_conditions_refuses_what_the_kernels_cannot_take(loaded):

@@ -185,6 +185,9 @@ def test_windows_softcap_and_alibi_match_the_reference(ops, heads, n, causal, wi
         np.testing.assert_allclose(got[0], want["entropy"][0], atol=1e-5)
         np.testing.assert_allclose(got[1], want["kl_from_baseline"][0], atol=1e-5)
         np.testing.assert_allclose(got[2], want["top_key_mass"][0], atol=1e-6)
+        columns = np.sort(np.exp(log_w[0]).mean(-2), axis=-1)  # (heads, keys), ascending
+        clear = columns[:, -1] - (columns[:, -2] if n > 1 else 0.0) > 1e-5  # no near-tie
+        np.testing.assert_array_equal(got[3][clear], want["top_key_index"][0][clear])
     assert np.all(reduced[1] == 0.0)  # the baseline against itself
     assert reduced2[1].max() > 0.0 or n == 1 or window == 1
 
@@ -205,6 +208,7 @@ def test_fast_modes_with_windows_or_alibi_are_refused(mode, logits):
     lg = Logits(window, cap, np.array(slopes, np.float32))
     w, o = np.zeros((2, 5, 5), np.float32), np.empty((2, 5, 4), np.float32)
     reduced = (*(np.zeros(2) for _ in range(3)), np.zeros(2, np.int64))
-    with pytest.raises(ValueError, match="fast modes"):
+    cause = "a sliding window of 4" if window else "ALiBi slopes"
+    with pytest.raises(ValueError, match=f"fast modes .* which {cause} breaks"):
         cpu.attention_one(q, q, q, modes, False, 0.5, lg, 0, w, o, scratch, True, reduced)
     assert np.all(w == 0.0)  # refused before any kernel ran

@@ -220,9 +220,12 @@ def _check_logits(ops, q, k, head_dim, scale, logits, index):
     slopes = np.asarray(logits.slopes)
     alibi = float(np.abs(slopes).max()) * q.shape[-2] if slopes.size else 0.0
     if not q_max * k_max * head_dim * max(scale, 1.0) + alibi < _FLOAT32_MAX / 4:
+        extra = f", scale {scale:.3g}" if scale > 1.0 else ""
+        extra += f", ALiBi up to {alibi:.3g}" if alibi else ""
         raise ValueError(
             f"the attention logits overflow float32 at layer {index} (max|q| = {q_max:.3g}, "
-            f"max|k| = {k_max:.3g}); the model's weights are too large or damaged"
+            f"max|k| = {k_max:.3g}{extra}); the model's weights (or its query scale) are "
+            "too large or damaged"
         )
 
 
@@ -607,23 +610,26 @@ def _checked_ids(model: Weights, ids, lengths, seq):
     return ids, lengths, seq
 
 
-def _check_whole_groups(arch: Arch, c):
+def check_key_groups(arch: Arch, conditions) -> None:
     """A key norm over the whole projection (OLMo 2) reads every KV head of a token, so
     the query heads of a KV group cannot see different keys there: K is substituted per
-    KV head, all the heads of a group or none (a hook on ``k_proj`` can do no other)."""
+    KV head, all the heads of a group or none (a hook on ``k_proj`` can do no other).
+    Checked by :func:`model_conditions`, and by the CLI before any work starts."""
     group = arch.group_size
-    token_norm = arch.qk_norm and arch.qk_norm_over == "token"
-    if c.target != "k" or c.heads is None or group == 1 or not token_norm:
+    if group == 1 or not (arch.qk_norm and arch.qk_norm_over == "token"):
         return
-    chosen = set(c.heads)
-    for g in range(arch.n_kv_heads):
-        members = set(range(g * group, (g + 1) * group))
-        if chosen & members and not members <= chosen:
-            raise ValueError(
-                f"condition {c.label}: {arch.family}'s key norm reads all key/value heads of "
-                f"a token together, so K is substituted per KV head: select all of query "
-                f"heads {g * group}..{(g + 1) * group - 1} (KV head {g}) or none of them"
-            )
+    for c in conditions:
+        if c.target != "k" or c.heads is None:
+            continue
+        chosen = set(c.heads)
+        for g in range(arch.n_kv_heads):
+            members = set(range(g * group, (g + 1) * group))
+            if chosen & members and not members <= chosen:
+                raise ValueError(
+                    f"condition {c.label}: {arch.family}'s key norm reads all key/value heads "
+                    f"of a token together, so K is substituted per KV head: select all of "
+                    f"query heads {g * group}..{(g + 1) * group - 1} (KV head {g}) or none"
+                )
 
 
 def _check_layer_numbers(model: Weights, layers):
@@ -759,7 +765,7 @@ def model_conditions(
             raise ValueError(
                 f"condition {c.label}: heads {list(c.heads)} out of range for {model.n_heads}"
             )
-        _check_whole_groups(model.arch, c)
+    check_key_groups(model.arch, plan.conditions)
     if (sub.kind == "dataset") != (means is not None):
         raise ValueError(
             "over='dataset' substitutes the means of a data set: pass means= (see "

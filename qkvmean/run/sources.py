@@ -296,6 +296,9 @@ class ModelSource:
         self.effects = effects_of(w) if options.effects else ()
         self.causal = w.causal
         self.options = options
+        _check_key_groups(
+            w.arch, self.conditions, "--sweep heads" if options.sweep == "heads" else "--heads"
+        )
         self.texts = [_text(t, i) for i, t in enumerate(texts)]
         self.texts_label = texts_label
         self.paths = [texts_label] if Path(texts_label).exists() else []
@@ -549,6 +552,18 @@ def _map_layers(options, n_layers) -> list:
                 f"(0..{n_layers - 1})"
             )
     return sorted(set(spec))
+
+
+def _check_key_groups(arch, conditions, flag):
+    """The K conditions of a model whose key norm reads a token's KV heads together take
+    whole KV groups (see :func:`qkvmean.engine.transformer.check_key_groups`): refused
+    here, before any input is read, rather than at the first batch."""
+    from ..engine.transformer import check_key_groups
+
+    try:
+        check_key_groups(arch, conditions)
+    except ValueError as exc:
+        raise InputError(f"{flag}: {exc} (or leave K out of --targets)") from None
 
 
 def _check_heads(options, n_heads):

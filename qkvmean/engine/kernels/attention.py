@@ -56,16 +56,19 @@ def plain(dtype=np.float32) -> Logits:
 def check_modes(modes, lg: Logits) -> None:
     """Refuse the fast modes where rows differ by position (a window or ALiBi slopes).
 
-    Their callers never substitute the tensor a fast mode stands for (mean-K's keys), so
-    a kernel that quietly took the general path instead would give the baseline's map
-    under the condition's name. Every backend checks here before its kernel runs.
+    Mean-K's uniform rows stand for keys that were never substituted: a kernel that quietly
+    took the general path instead would give the baseline's map under the condition's
+    name. Mean-Q's shared row would copy one query's window or slopes to every row. The
+    plan never picks either for such a layer (``Arch.exact_fast_paths``); every backend
+    checks here before its kernel runs.
     """
-    positional = lg.window > 0 or bool(np.any(np.asarray(lg.slopes) != 0.0))
-    if positional and bool(np.any(np.asarray(modes) != MODE_GENERAL)):
+    alibi = bool(np.any(np.asarray(lg.slopes) != 0.0))
+    if (lg.window > 0 or alibi) and bool(np.any(np.asarray(modes) != MODE_GENERAL)):
+        cause = f"a sliding window of {lg.window}" if lg.window > 0 else "ALiBi slopes"
         raise ValueError(
-            "the mean-K/mean-Q fast modes assume every row sees its keys alike, which a "
-            f"sliding window ({lg.window}) or ALiBi slopes break: plan the general mode "
-            "(Arch.exact_fast_paths is false for such models)"
+            f"the mean-K/mean-Q fast modes assume every query sees its keys alike, which "
+            f"{cause} breaks: plan the general mode (Arch.exact_fast_paths is false for "
+            "such models)"
         )
 
 
