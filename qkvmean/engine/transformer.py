@@ -212,13 +212,12 @@ class _Input:
         self.scratch = ops.InputScratch(heads, n, seq, stack, maps)
 
 
-def _check_logits(ops, q, k, head_dim, scale, logits, index):
+def _check_logits(ops, q, k, head_dim, scale, max_slope, index):
     """The guard of the public API: every logit must stay finite in float32: the
     products ``q · k``, scaled (a ``query_scale`` may exceed 1), plus ALiBi's ``slope * j``
-    over the ``n`` keys."""
+    over the ``n`` keys (``max_slope``: the largest slope's size)."""
     q_max, k_max = ops.check_finite(q)[1], ops.check_finite(k)[1]
-    slopes = np.asarray(logits.slopes)
-    alibi = float(np.abs(slopes).max()) * q.shape[-2] if slopes.size else 0.0
+    alibi = max_slope * q.shape[-2]
     if not q_max * k_max * head_dim * max(scale, 1.0) + alibi < _FLOAT32_MAX / 4:
         extra = f", scale {scale:.3g}" if scale > 1.0 else ""
         extra += f", ALiBi up to {alibi:.3g}" if alibi else ""
@@ -470,7 +469,7 @@ class _Pass:
         """Each condition's attention at layer ``index`` (maps and metrics into ``out``),
         then the output projection; returns it (without its bias)."""
         ops, plan, arch, buf, heads = self.ops, self.plan, self.arch, self.buf, self.heads
-        _check_logits(ops, q, k, arch.head_dim, self.scale, self.layers[index].logits, index)
+        _check_logits(ops, q, k, arch.head_dim, self.scale, self.layers[index].max_slope, index)
         for c in range(live):
             member = self.members[c]
             cond = plan.conditions[member - 1] if c else None
@@ -645,6 +644,7 @@ class _LayerAttention(NamedTuple):
 
     rope: tuple | None
     logits: Logits
+    max_slope: float  # the largest |ALiBi slope| (0 without), for the overflow guard
 
 
 def _layer_attention(ops, arch: Arch, n_layers, n):
@@ -652,6 +652,7 @@ def _layer_attention(ops, arch: Arch, n_layers, n):
     rotary tables per distinct embedding: global and local)."""
     tables = {}
     slopes = arch.alibi_slopes()
+    max_slope = float(np.abs(slopes).max(initial=0.0))
     found = []
     for index in range(n_layers):
         rotary = arch.rotary_of(index)
@@ -659,7 +660,7 @@ def _layer_attention(ops, arch: Arch, n_layers, n):
             cos, sin = rotary.tables(max(n, 1))
             tables[rotary] = (ops.xp.asarray(cos), ops.xp.asarray(sin), rotary.interleaved)
         logits = Logits(int(arch.window(index)), float(arch.softcap), slopes)
-        found.append(_LayerAttention(tables.get(rotary), logits))
+        found.append(_LayerAttention(tables.get(rotary), logits, max_slope))
     return found
 
 

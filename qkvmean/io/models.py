@@ -506,6 +506,7 @@ def _blocks(r: _Reader, names: Block, arch: Arch, d, d_ff, n_layers, biases=ALL_
     heads, kv, dh = arch.n_heads, arch.n_kv_heads, arch.head_dim
     norm_bias = arch.norm.kind == "layer"
     per_token = arch.qk_norm_over == "token"
+    qk_offset = np.float32(arch.norm.offset)  # (Gemma 3: 1; Qwen3, OLMo 2: 0)
     layers = []
     for i in range(n_layers):
         p = names.layer.format(i)
@@ -532,10 +533,9 @@ def _blocks(r: _Reader, names: Block, arch: Arch, d, d_ff, n_layers, biases=ALL_
             norm1 if names.norm2 == names.norm1 else norm(names.norm2),
         )
         if arch.qk_norm:
-            offset = np.float32(arch.norm.offset)  # (Gemma 3: 1; Qwen3, OLMo 2: 0)
             for which, name, n in (("q", names.q_norm, heads), ("k", names.k_norm, kv)):
                 gamma = r.get(f"{p}.{name}.weight", ((n if per_token else 1) * dh,))
-                setattr(layer, f"{which}_norm", gamma + offset)
+                setattr(layer, f"{which}_norm", gamma + qk_offset)
         if arch.output_norms:
             layer.norm3, layer.norm4 = norm(names.norm3), norm(names.norm4)
         layers.append(layer)
@@ -1111,12 +1111,14 @@ def _positive(cfg, key, path, default=None):
     return float(value)
 
 
-def _layer_windows(cfg, path, default_types, window):
+def _layer_windows(cfg, path, n_layers, window, is_global):
     """Each layer's window (0: global) from config.json's ``layer_types`` (transformers
-    5), else ``default_types``: the family's rule, for configs written before."""
+    5), else the family's rule for configs written before: ``is_global()``, called only
+    then (it may read and check the older keys), gives a predicate of the layer index."""
     types = cfg.get("layer_types")
-    types = default_types if types is None else types
-    n_layers = len(default_types)
+    if types is None:
+        rule = is_global()
+        types = ["full_attention" if rule(i) else "sliding_attention" for i in range(n_layers)]
     if (
         not isinstance(types, list)
         or len(types) != n_layers
@@ -1135,13 +1137,15 @@ def _gemma_windows(cfg, path, n_layers, family_name):
     global layer in every ``sliding_window_pattern``."""
     if family_name == "gemma":
         return ()
+
+    def is_global():
+        pattern = 2
+        if family_name != "gemma2":
+            pattern = _int(cfg, "sliding_window_pattern", path, GEMMA3_PATTERN)
+        return lambda i: (i + 1) % pattern == 0
+
     window = _int(cfg, "sliding_window", path, 4096)
-    pattern = 2  # Gemma 2; Gemma 3's key is read (and checked) only without layer_types
-    if family_name != "gemma2" and cfg.get("layer_types") is None:
-        pattern = _int(cfg, "sliding_window_pattern", path, GEMMA3_PATTERN)
-    types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-             for i in range(n_layers)]  # fmt: skip
-    return _layer_windows(cfg, path, types, window)
+    return _layer_windows(cfg, path, n_layers, window, is_global)
 
 
 def _gemma_rotaries(cfg, path, dh, family_name):
@@ -1173,11 +1177,10 @@ def _gemma(cfg, tensors, path) -> Weights:
     d, heads, n_layers, d_ff = _sizes(cfg, path)
     kv_heads = _int(cfg, "num_key_value_heads", path, heads)
     dh = _head_dim(cfg, path, d, heads)
-    if later:
-        act = _choice(cfg, "hidden_activation", "gelu_pytorch_tanh", GEMMA_ACTIVATIONS, path,
-                      family_name)  # fmt: skip
-    else:
-        act = _choice(cfg, "hidden_act", "gelu_pytorch_tanh", GEMMA1_ACTIVATIONS, path, "gemma")
+    key, table = "hidden_act", GEMMA1_ACTIVATIONS
+    if later:  # Gemma 2/3 read hidden_activation alone
+        key, table = "hidden_activation", GEMMA_ACTIVATIONS
+    act = _choice(cfg, key, "gelu_pytorch_tanh", table, path, family_name)
     if cfg.get("use_bidirectional_attention"):
         raise InputError(f"{path}/config.json: use_bidirectional_attention is not supported")
     rotary, local = _gemma_rotaries(cfg, path, dh, family_name)
@@ -1310,12 +1313,12 @@ def _modernbert_windows(cfg, path, n_layers):
     """Each layer's local window (``local_attention``: keys within half of it on either
     side) or 0 (global): ``layer_types`` (transformers 5), else every
     ``global_attn_every_n_layers``-th layer from the first is global."""
-    window = _int(cfg, "local_attention", path, 128)
-    every = 1  # (the key is read, and checked, only without layer_types)
-    if cfg.get("layer_types") is None:
+
+    def is_global():
         every = _int(cfg, "global_attn_every_n_layers", path, 3)
-    types = ["full_attention" if i % every == 0 else "sliding_attention" for i in range(n_layers)]
-    return _layer_windows(cfg, path, types, window)
+        return lambda i: i % every == 0
+
+    return _layer_windows(cfg, path, n_layers, _int(cfg, "local_attention", path, 128), is_global)
 
 
 @family("modernbert", names="ModernBERT")
