@@ -326,3 +326,35 @@ def test_a_local_run_does_not_import_dask(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_batch_the_scheduler_forgets_is_submitted_again(tmp_path, cluster, monkeypatch):
+    """A batch cancelled by the scheduler while the cluster is up ("already forgotten":
+    a worker's death can race Dask's retry) is submitted once more, not taken for a lost
+    cluster: the store is identical to a local run's. A second cancellation of the same
+    batch is the cluster's failure, exit 1 with its work kept."""
+    local, _ = cluster
+    make_qkv(tmp_path / "in.h5", n=6, layers=1, heads=2, seq=8, dim=4)
+    args = ["run", "--qkv", str(tmp_path / "in.h5"), "--batch-size", "2", "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "local.h5")]) == 0
+    submit = distributed.Client.submit
+    cancelled = []
+
+    def cancelling(self, *a, key=None, limit=1, **kw):
+        future = submit(self, *a, key=key, **kw)
+        if "-2-4" in key and len(cancelled) < limit:  # the second batch
+            cancelled.append(key)
+            self.cancel(future)
+        return future
+
+    monkeypatch.setattr(distributed.Client, "submit", cancelling)
+    scheduler = ["--scheduler", local.scheduler_address]
+    assert main([*args, "-o", str(tmp_path / "dist.h5"), *scheduler]) == 0
+    assert len(cancelled) == 1
+    assert_identical(tmp_path / "local.h5", tmp_path / "dist.h5")
+    monkeypatch.setattr(
+        distributed.Client, "submit", lambda self, *a, **kw: cancelling(self, *a, limit=2, **kw)
+    )
+    cancelled.clear()
+    assert main([*args, "-o", str(tmp_path / "twice.h5"), *scheduler]) == 1
+    assert len(cancelled) == 2 and (tmp_path / "twice.h5.partial").is_dir()

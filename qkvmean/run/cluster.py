@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import threading
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 from .. import faults
@@ -275,24 +276,36 @@ def _on_cluster(cluster: Cluster, source, recipe, batches, task, name, *args):
         pending = list(batches)
         running = distributed.as_completed(loop=client.loop)
         futures = {}
+        again = set()  # the batches submitted a second time
 
-        def submit():
-            start, stop = pending.pop(0)
+        def submit(batch):
+            start, stop = batch
             inputs = source.read(start, stop) if send else None
+            retry = "-again" if batch in again else ""
             future = client.submit(
                 task, shared, start, stop, *args, inputs,
-                key=f"qkvmean-{name}-{recipe['key']}-{start}-{stop}", retries=2, pure=False,
+                key=f"qkvmean-{name}-{recipe['key']}-{start}-{stop}{retry}", retries=2,
+                pure=False,
             )  # fmt: skip
-            futures[future] = (start, stop)
+            futures[future] = batch
             running.add(future)
 
         while pending and len(futures) < width:
-            submit()
+            submit(pending.pop(0))
         for future in running:
             batch = futures.pop(future)
-            result = future.result()
+            try:
+                result = future.result()
+            except CancelledError:
+                # the scheduler, still up, forgot the batch (a worker's death can race its
+                # retry: "already forgotten"): submit it once more
+                if batch in again or client.status != "running":
+                    raise
+                again.add(batch)
+                submit(batch)
+                continue
             if pending:
-                submit()
+                submit(pending.pop(0))
             yield batch, result
     except Exception as exc:
         raise _cluster_error(exc) from None
